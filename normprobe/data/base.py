@@ -67,6 +67,8 @@ def standardize(
     if channel_dim is None:
         mean = train_x.mean()
         std = train_x.std()
+        if not std > 0:  # constant inputs: only centre them, as the per-channel branch does
+            std = torch.ones_like(std)
         stats = {"mean": [float(mean)], "std": [float(std)]}
         return (train_x - mean) / std, (test_x - mean) / std, stats
     dims = [d for d in range(train_x.dim()) if d != channel_dim]
