@@ -8,7 +8,13 @@ error as one line and exits with status 2; anything else is a bug.
 
 from __future__ import annotations
 
-__all__ = ["NormprobeError", "UnknownNameError", "NormalizerError", "DatasetError"]
+__all__ = [
+    "NormprobeError",
+    "UnknownNameError",
+    "NormalizerError",
+    "ModelError",
+    "DatasetError",
+]
 
 
 class NormprobeError(Exception):
@@ -28,3 +34,7 @@ class NormalizerError(NormprobeError, ValueError):
 
 class DatasetError(NormprobeError, ValueError):
     """A dataset that cannot be loaded: missing or malformed file, bad option."""
+
+
+class ModelError(NormprobeError, ValueError):
+    """A model that cannot be built with the given arguments."""

@@ -1,0 +1,273 @@
+"""Normalizers that use statistics over the batch axes in train mode.
+
+``batch`` and ``batch-train`` call ``torch.nn.functional.batch_norm`` so they
+match ``torch.nn.BatchNorm1d/2d`` to the last bit; the others follow the
+formulas of DESIGN.md (BMLV and LMBV from seed 003, Batch Renorm from seed
+002, mean-only batch norm from Salimans & Kingma via seed 004).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from normprobe.norms.base import EPS, Normalizer, batch_axes, channel_view, feature_axes
+
+__all__ = [
+    "BatchNorm",
+    "BatchTrainNorm",
+    "BMLVNorm",
+    "LMBVNorm",
+    "BatchRenorm",
+    "MeanOnlyBatchNorm",
+]
+
+
+def _ema_(running: torch.Tensor, value: torch.Tensor, momentum: float) -> None:
+    """``running <- (1 - momentum) * running + momentum * value``, torch's BN convention."""
+    with torch.no_grad():
+        running.mul_(1.0 - momentum).add_(value.detach(), alpha=momentum)
+
+
+def _count_per_channel(z: torch.Tensor) -> int:
+    return z.numel() // z.shape[1]
+
+
+class _RunningStats(Normalizer):
+    """A normalizer with torch-style running statistics and a step counter."""
+
+    uses_batch_stats = True
+
+    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps=eps)
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        self.momentum = momentum
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, momentum={self.momentum}"
+
+    def _step(self) -> None:
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+
+
+class BatchNorm(_RunningStats):
+    """``(z - mean_B z) / sqrt(var_B z + eps)``, running mean/var for eval; torch's BatchNorm exactly.
+
+    The buffers and parameters have torch's names (``running_mean``,
+    ``running_var``, ``num_batches_tracked``, ``weight``, ``bias``), so a
+    ``torch.nn.BatchNorm2d`` state dict loads into it and back.
+    """
+
+    norm_name = "batch"
+
+    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
+        if self.training:
+            self._step()
+        return F.batch_norm(
+            z,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+
+
+class BatchTrainNorm(BatchNorm):
+    """BatchNorm that also uses the batch's own statistics in eval mode ("Batch-Train" of 003).
+
+    Train mode is ``batch`` exactly (running statistics are still tracked, so
+    the two can be compared); eval mode normalizes with the eval batch's
+    statistics and leaves the running statistics alone.
+    """
+
+    norm_name = "batch-train"
+
+    def _batch_stats_now(self) -> bool:
+        return True
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(z)
+        self._check_input(z)
+        return F.batch_norm(z, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+class BMLVNorm(_RunningStats):
+    """Batch-Mean Layer-Variance (003): ``u = z - mean_B z``, then ``u / sqrt(var_F u + eps)``.
+
+    Eval mode subtracts the running mean instead of ``mean_B``; the variance is
+    always per example, so only the mean depends on the batch.
+    """
+
+    norm_name = "bmlv"
+
+    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
+        if self.training:
+            mean = z.mean(dim=batch_axes(z))
+            _ema_(self.running_mean, mean, self.momentum)
+            self._step()
+        else:
+            mean = self.running_mean
+        u = z - channel_view(mean, z)
+        var = u.var(dim=feature_axes(u), correction=0, keepdim=True)
+        return self._affine(u * torch.rsqrt(var + self.eps))
+
+
+class LMBVNorm(_RunningStats):
+    """Layer-Mean Batch-Variance (003): ``u = z - mean_F z``, then ``u / sqrt(var_B u + eps)``.
+
+    Eval mode divides by the running variance (tracked unbiased, as torch's
+    BatchNorm does); the mean is always per example.
+    """
+
+    norm_name = "lmbv"
+
+    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
+        u = z - z.mean(dim=feature_axes(z), keepdim=True)
+        if self.training:
+            var = u.var(dim=batch_axes(u), correction=0)
+            n = _count_per_channel(u)
+            _ema_(self.running_var, var * (n / (n - 1)), self.momentum)
+            self._step()
+        else:
+            var = self.running_var
+        return self._affine(u * channel_view(torch.rsqrt(var + self.eps), u))
+
+
+class MeanOnlyBatchNorm(_RunningStats):
+    """Mean-only batch norm (Salimans & Kingma): ``z - mean_B z + beta``; running mean in eval.
+
+    It has a shift ``bias`` but no scale: the scale is the weight norm's ``g``.
+    """
+
+    norm_name = "weight-meanbn"
+
+    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.register_parameter("weight", None)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
+        if self.training:
+            mean = z.mean(dim=batch_axes(z))
+            _ema_(self.running_mean, mean, self.momentum)
+            self._step()
+        else:
+            mean = self.running_mean
+        return z - channel_view(mean, z) + channel_view(self.bias, z)
+
+
+class BatchRenorm(_RunningStats):
+    """Batch Renormalization (Ioffe 2017, seed 002).
+
+    Train mode: ``(z - mean_B) / sigma_B * r + d`` with
+    ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and
+    ``d = clip((mean_B - mu) / sigma, -d_max, d_max)``, both treated as
+    constants by autograd, and ``sigma_B = sqrt(var_B + eps)``. The moving
+    ``mu`` (``running_mean``) and ``sigma`` (``running_std``) are updated after
+    use at rate ``momentum`` (002's alpha, default 0.01). Eval mode:
+    ``(z - mu) / sigma``.
+
+    ``r_max`` and ``d_max`` follow a schedule over the step counter
+    ``num_batches_tracked`` and the run length ``total_steps`` (a buffer, so a
+    reloaded model resumes the schedule): pure BatchNorm (``r_max = 1``,
+    ``d_max = 0``) for the first ``warmup`` fraction of steps, then relaxed
+    linearly to the final values at ``r_max_at`` and ``d_max_at`` of the run.
+    The training loop sets ``total_steps`` with :func:`set_total_steps`.
+    """
+
+    norm_name = "batch-renorm"
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = EPS,
+        momentum: float = 0.01,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        total_steps: int = 1000,
+        warmup: float = 0.1,
+        r_max_at: float = 0.5,
+        d_max_at: float = 0.8,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        if r_max < 1.0 or d_max < 0.0:
+            raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
+        if not 0.0 <= warmup <= min(r_max_at, d_max_at) <= max(r_max_at, d_max_at) <= 1.0:
+            raise ValueError(
+                "the Batch Renorm schedule needs 0 <= warmup <= r_max_at, d_max_at <= 1, got "
+                f"warmup={warmup}, r_max_at={r_max_at}, d_max_at={d_max_at}"
+            )
+        self.r_max_final = float(r_max)
+        self.d_max_final = float(d_max)
+        self.warmup = float(warmup)
+        self.r_max_at = float(r_max_at)
+        self.d_max_at = float(d_max_at)
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_std", torch.ones(num_features))
+        self.register_buffer("total_steps", torch.tensor(int(total_steps), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, r_max={self.r_max_final}, d_max={self.d_max_final}, "
+            f"total_steps={int(self.total_steps)}"
+        )
+
+    def clip_limits(self, step: int | None = None) -> tuple[float, float]:
+        """``(r_max, d_max)`` at ``step`` (default: the current step counter)."""
+        t = int(self.num_batches_tracked) if step is None else int(step)
+        total = max(int(self.total_steps), 1)
+
+        def ramp(start: float, end: float, at: float) -> float:
+            t0, t1 = self.warmup * total, at * total
+            if t < t0:
+                return start
+            if t >= t1 or t1 <= t0:
+                return end
+            return start + (end - start) * (t - t0) / (t1 - t0)
+
+        return ramp(1.0, self.r_max_final, self.r_max_at), ramp(
+            0.0, self.d_max_final, self.d_max_at
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
+        if not self.training:
+            u = (z - channel_view(self.running_mean, z)) / channel_view(self.running_std, z)
+            return self._affine(u)
+        var_b, mean_b = torch.var_mean(z, dim=batch_axes(z), correction=0)
+        sigma_b = torch.sqrt(var_b + self.eps)
+        r_max, d_max = self.clip_limits()
+        with torch.no_grad():
+            r = (sigma_b / self.running_std).clamp(1.0 / r_max, r_max)
+            d = ((mean_b - self.running_mean) / self.running_std).clamp(-d_max, d_max)
+        u = (z - channel_view(mean_b, z)) / channel_view(sigma_b, z)
+        u = u * channel_view(r, z) + channel_view(d, z)
+        _ema_(self.running_mean, mean_b, self.momentum)
+        _ema_(self.running_std, sigma_b, self.momentum)
+        self._step()
+        return self._affine(u)
