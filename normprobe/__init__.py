@@ -1,0 +1,45 @@
+"""normprobe: what does this normalization layer do to my network?
+
+Public API, grouped by topic:
+
+- normalizers: :func:`normalizers`, :data:`NORMS`, :func:`build_norm`
+- models: :func:`build_model`, :data:`MODELS`
+- data: :func:`load_dataset`, :data:`DATASETS`, :class:`Dataset`
+
+>>> import normprobe
+>>> "batch" in normprobe.normalizers()
+True
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from normprobe.data import DATASETS, Dataset, Split, load_dataset
+from normprobe.errors import NormprobeError
+from normprobe.models import MODELS, build_model
+from normprobe.norms import NORMS, normalizers
+from normprobe.norms import build as build_norm
+
+try:
+    __version__ = version("normprobe")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "__version__",
+    # normalizers
+    "normalizers",
+    "NORMS",
+    "build_norm",
+    # models
+    "build_model",
+    "MODELS",
+    # data
+    "load_dataset",
+    "DATASETS",
+    "Dataset",
+    "Split",
+    # errors
+    "NormprobeError",
+]

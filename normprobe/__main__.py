@@ -1,0 +1,5 @@
+"""``python -m normprobe`` runs the command-line interface."""
+
+from normprobe.cli import main
+
+raise SystemExit(main())

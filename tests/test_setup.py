@@ -1,0 +1,72 @@
+"""The README's set-up commands, CI script and command-line entry points agree and work."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import normprobe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    setup = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)\n```", setup, flags=re.S)
+
+
+def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one() -> None:
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    install_and_run, install_and_test = commands
+    assert install_and_run.startswith("pip install . && normprobe ")
+    assert "[test]" in install_and_test and "pytest" in install_and_test
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert install_and_test in ci.splitlines()
+
+
+def test_torch_is_pinned_to_the_cpu_build() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"torch==2.13.0"' in text
+    assert "torchvision" not in text
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "normprobe", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_list_prints_every_registered_name_grouped() -> None:
+    result = _cli("list")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    groups = [line for line in out.splitlines() if line and not line.startswith(" ")]
+    assert groups == ["normalizers:", "models:", "datasets:"]
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("  ")}
+    expected = set(normprobe.normalizers()) | set(normprobe.MODELS) | set(normprobe.DATASETS)
+    assert listed == expected
+
+
+def test_cli_list_one_group() -> None:
+    result = _cli("list", "models")
+    assert result.returncode == 0
+    assert result.stdout.splitlines()[0] == "models:"
+    assert "normalizers:" not in result.stdout
+
+
+def test_cli_help_and_version() -> None:
+    result = _cli("--help")
+    assert result.returncode == 0 and "normprobe list" in result.stdout
+    result = _cli("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"normprobe {normprobe.__version__}"
+
+
+def test_cli_bad_usage_exits_non_zero_with_one_message() -> None:
+    result = _cli("list", "normalisers")
+    assert result.returncode == 2
+    assert "invalid choice: 'normalisers'" in result.stderr
+    assert "Traceback" not in result.stderr
