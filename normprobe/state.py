@@ -1,0 +1,96 @@
+"""Leave a model exactly as it was found.
+
+Probes and the Hessian engine run forward and backward passes through a
+user's model. :func:`preserved` records everything such a pass can change
+(buffers such as running statistics and step counters, ``.grad`` including
+whether it is ``None``, ``training`` flags, ``requires_grad``) and puts it back
+on exit, also when an exception is raised. Parameters are not copied: nothing
+in normprobe writes to them, and :func:`preserved` raises if something did
+(their version counters moved), rather than silently hiding it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["preserved", "ModelSnapshot", "snapshot", "restore"]
+
+
+@dataclass
+class ModelSnapshot:
+    """What a probe may change in a model, recorded so it can be put back."""
+
+    training: list[tuple[nn.Module, bool]]
+    requires_grad: list[tuple[nn.Parameter, bool]]
+    grads: list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]]
+    buffers: list[tuple[nn.Module, str, torch.Tensor | None, torch.Tensor | None]]
+    versions: list[tuple[str, nn.Parameter, int]]
+
+
+def snapshot(model: nn.Module) -> ModelSnapshot:
+    """Record the mutable state of ``model`` (buffers and gradients are copied)."""
+    params = list(model.named_parameters(remove_duplicate=True))
+    buffers = []
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            buffers.append((module, name, buf, None if buf is None else buf.detach().clone()))
+    return ModelSnapshot(
+        training=[(m, m.training) for m in model.modules()],
+        requires_grad=[(p, p.requires_grad) for _, p in params],
+        grads=[
+            (p, p.grad, None if p.grad is None else p.grad.detach().clone()) for _, p in params
+        ],
+        buffers=buffers,
+        versions=[(name, p, p._version) for name, p in params],
+    )
+
+
+def restore(snap: ModelSnapshot) -> None:
+    """Put back what :func:`snapshot` recorded; the same tensor objects are kept where possible."""
+    for module, flag in snap.training:
+        module.training = flag
+    for p, flag in snap.requires_grad:
+        p.requires_grad_(flag)
+    with torch.no_grad():
+        for p, grad, saved in snap.grads:
+            if grad is None:
+                p.grad = None
+            else:
+                grad.copy_(saved)
+                p.grad = grad
+        for module, name, buf, saved in snap.buffers:
+            if buf is None:
+                module._buffers[name] = None
+            else:
+                buf.copy_(saved)
+                module._buffers[name] = buf
+    changed = [name for name, p, version in snap.versions if p._version != version]
+    if changed:
+        raise RuntimeError(
+            f"parameters {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} were "
+            f"modified in place while the model's state was preserved; this is a bug in the code "
+            f"that ran inside normprobe.state.preserved()"
+        )
+
+
+@contextmanager
+def preserved(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block and restore the model's buffers, grads, flags and ``requires_grad``.
+
+    >>> import torch
+    >>> bn = torch.nn.BatchNorm1d(3)
+    >>> with preserved(bn):
+    ...     _ = bn(torch.randn(8, 3) + 5)
+    >>> bool((bn.running_mean == 0).all()), int(bn.num_batches_tracked)
+    (True, 0)
+    """
+    snap = snapshot(model)
+    try:
+        yield model
+    finally:
+        restore(snap)

@@ -1,0 +1,64 @@
+"""normprobe.state.preserved puts back everything a probe can change, for every normalizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normprobe
+from normprobe.state import preserved
+
+
+def _state(model: torch.nn.Module) -> dict[str, object]:
+    return {
+        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "flags": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+    }
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["tensors"].keys() == b["tensors"].keys()
+    for k in a["tensors"]:
+        assert torch.equal(a["tensors"][k], b["tensors"][k]), k
+    for k in a["grads"]:
+        ga, gb = a["grads"][k], b["grads"][k]
+        assert (ga is None) == (gb is None), k
+        assert ga is None or torch.equal(ga, gb), k
+    assert a["flags"] == b["flags"] and a["requires_grad"] == b["requires_grad"]
+
+
+@pytest.mark.parametrize("norm", [n for n in normprobe.normalizers() if n != "instance"])
+def test_forward_backward_and_mode_changes_are_undone(norm: str) -> None:
+    model = normprobe.build_model("mlp", norm, seed=0, depth=3, width=16, input_shape=5)
+    x = torch.rand(8, 5)
+    model(x).sum().backward()  # some grads exist, ...
+    model.blocks[0].affine.zero_grad(set_to_none=True)  # ... some are None
+    model.blocks[1].eval()  # mixed train/eval flags
+    next(model.head.parameters()).requires_grad_(False)
+    before = _state(model)
+    with preserved(model):
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        for _ in range(3):
+            model(x * 3 + 1).square().sum().backward()
+    _assert_same(before, _state(model))
+
+
+def test_restored_even_when_the_block_raises() -> None:
+    bn = torch.nn.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="boom"):
+        with preserved(bn):
+            bn(torch.randn(4, 3) + 2)
+            raise ValueError("boom")
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and int(bn.num_batches_tracked) == 0
+
+
+def test_in_place_parameter_changes_are_reported_not_hidden() -> None:
+    lin = torch.nn.Linear(2, 2)
+    with pytest.raises(RuntimeError, match="weight .*modified in place"):
+        with preserved(lin):
+            with torch.no_grad():
+                lin.weight.add_(1.0)
