@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["preserved", "ModelSnapshot", "snapshot", "restore"]
+__all__ = ["preserved", "frozen_statistics", "ModelSnapshot", "snapshot", "restore"]
 
 
 @dataclass
@@ -42,9 +42,7 @@ def snapshot(model: nn.Module) -> ModelSnapshot:
     return ModelSnapshot(
         training=[(m, m.training) for m in model.modules()],
         requires_grad=[(p, p.requires_grad) for _, p in params],
-        grads=[
-            (p, p.grad, None if p.grad is None else p.grad.detach().clone()) for _, p in params
-        ],
+        grads=[(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for _, p in params],
         buffers=buffers,
         versions=[(name, p, p._version) for name, p in params],
     )
@@ -94,3 +92,34 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         restore(snap)
+
+
+@contextmanager
+def frozen_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Use batch statistics in train mode without updating running statistics or counters.
+
+    Sets ``track_running_stats = False`` on every module that has that flag
+    (torch's BatchNorm/InstanceNorm and normprobe's normalizers), restoring it
+    on exit. torch gives the flag exactly this meaning for a module that has
+    running buffers: train mode normalizes with the batch's statistics and
+    leaves the buffers alone.
+
+    >>> import torch
+    >>> bn = torch.nn.BatchNorm1d(3)
+    >>> with frozen_statistics(bn):
+    ...     _ = bn(torch.randn(8, 3) + 5)
+    >>> int(bn.num_batches_tracked), bn.track_running_stats
+    (0, True)
+    """
+    flagged = [
+        (m, m.track_running_stats)
+        for m in model.modules()
+        if isinstance(getattr(m, "track_running_stats", None), bool)
+    ]
+    try:
+        for m, _ in flagged:
+            m.track_running_stats = False
+        yield model
+    finally:
+        for m, flag in flagged:
+            m.track_running_stats = flag

@@ -12,7 +12,9 @@ from normprobe.state import preserved
 def _state(model: torch.nn.Module) -> dict[str, object]:
     return {
         "tensors": {k: v.clone() for k, v in model.state_dict().items()},
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "grads": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
         "flags": {n: m.training for n, m in model.named_modules()},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
     }
@@ -62,3 +64,20 @@ def test_in_place_parameter_changes_are_reported_not_hidden() -> None:
         with preserved(lin):
             with torch.no_grad():
                 lin.weight.add_(1.0)
+
+
+@pytest.mark.parametrize("norm", [n for n in normprobe.normalizers() if n != "instance"])
+def test_frozen_statistics_use_batch_statistics_and_touch_no_buffer(norm: str) -> None:
+    from normprobe.state import frozen_statistics
+
+    model = normprobe.build_model("mlp", norm, seed=0, depth=3, width=16, input_shape=5)
+    x = torch.rand(8, 5) + 0.5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with frozen_statistics(model):
+        frozen = model(x)
+        model(x * 2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(before[k], v), (norm, k)
+    # the frozen pass computed exactly what an ordinary train-mode pass computes
+    assert torch.equal(frozen, model(x))
+    assert all(m.track_running_stats for m in model.modules() if hasattr(m, "track_running_stats"))

@@ -100,7 +100,8 @@ class BalancedNorm(Normalizer):
 
     ``running_input_sum`` holds the running mean of ``v_c / N`` (the input sum
     per example), so eval mode uses ``v_c = N_eval * running_input_sum`` and
-    the result does not depend on the eval batch size.
+    the result does not depend on the eval batch size. With
+    ``track_running_stats = False`` train mode leaves them alone.
     """
 
     norm_name = "balanced"
@@ -117,6 +118,7 @@ class BalancedNorm(Normalizer):
         super().__init__(num_features, eps=eps)
         self.momentum = momentum
         self.single_pass = single_pass
+        self.track_running_stats = True
         self.register_buffer("running_input_sum", torch.ones(in_channels))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self._inputs_checked = False
@@ -146,9 +148,12 @@ class BalancedNorm(Normalizer):
         v = x.sum(dim=batch_axes(x))
         if not self._inputs_checked:
             self._check_sums(v.detach())
-        with torch.no_grad():
-            self.running_input_sum.mul_(1 - self.momentum).add_(v.detach() / n, alpha=self.momentum)
-            self.num_batches_tracked.add_(1)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_input_sum.mul_(1 - self.momentum).add_(
+                    v.detach() / n, alpha=self.momentum
+                )
+                self.num_batches_tracked.add_(1)
         return v
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -69,6 +69,9 @@ class Normalizer(nn.Module):
     errors can say which layer of a model is misused.
     """
 
+    #: marks normalization modules for code that must not import normprobe.norms
+    #: (probes select "every normalization module" by this flag or torch's norm types)
+    is_normalizer: bool = True
     #: registry name, set by the subclass
     norm_name: str = ""
     #: whether train mode normalizes with statistics over the batch axis

@@ -34,7 +34,13 @@ def _count_per_channel(z: torch.Tensor) -> int:
 
 
 class _RunningStats(Normalizer):
-    """A normalizer with torch-style running statistics and a step counter."""
+    """A normalizer with torch-style running statistics and a step counter.
+
+    ``track_running_stats`` works as torch's flag does on a module that has
+    running statistics: when False, train mode still normalizes with batch
+    statistics but updates neither the running statistics nor the step
+    counter (``normprobe.state.frozen_statistics`` sets it temporarily).
+    """
 
     uses_batch_stats = True
 
@@ -43,14 +49,25 @@ class _RunningStats(Normalizer):
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.momentum = momentum
+        self.track_running_stats = True
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, momentum={self.momentum}"
 
+    @property
+    def _updating(self) -> bool:
+        """Whether this forward pass updates the running statistics (train mode, tracking)."""
+        return self.training and self.track_running_stats
+
+    def _ema_(self, running: torch.Tensor, value: torch.Tensor) -> None:
+        if self._updating:
+            _ema_(running, value, self.momentum)
+
     def _step(self) -> None:
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
+        if self._updating:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
 
 
 class BatchNorm(_RunningStats):
@@ -70,12 +87,12 @@ class BatchNorm(_RunningStats):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self._check_input(z)
-        if self.training:
-            self._step()
+        self._step()
+        track = not self.training or self.track_running_stats
         return F.batch_norm(
             z,
-            self.running_mean,
-            self.running_var,
+            self.running_mean if track else None,
+            self.running_var if track else None,
             self.weight,
             self.bias,
             training=self.training,
@@ -121,7 +138,7 @@ class BMLVNorm(_RunningStats):
         self._check_input(z)
         if self.training:
             mean = z.mean(dim=batch_axes(z))
-            _ema_(self.running_mean, mean, self.momentum)
+            self._ema_(self.running_mean, mean)
             self._step()
         else:
             mean = self.running_mean
@@ -149,7 +166,7 @@ class LMBVNorm(_RunningStats):
         if self.training:
             var = u.var(dim=batch_axes(u), correction=0)
             n = _count_per_channel(u)
-            _ema_(self.running_var, var * (n / (n - 1)), self.momentum)
+            self._ema_(self.running_var, var * (n / (n - 1)))
             self._step()
         else:
             var = self.running_var
@@ -173,7 +190,7 @@ class MeanOnlyBatchNorm(_RunningStats):
         self._check_input(z)
         if self.training:
             mean = z.mean(dim=batch_axes(z))
-            _ema_(self.running_mean, mean, self.momentum)
+            self._ema_(self.running_mean, mean)
             self._step()
         else:
             mean = self.running_mean
@@ -267,7 +284,7 @@ class BatchRenorm(_RunningStats):
             d = ((mean_b - self.running_mean) / self.running_std).clamp(-d_max, d_max)
         u = (z - channel_view(mean_b, z)) / channel_view(sigma_b, z)
         u = u * channel_view(r, z) + channel_view(d, z)
-        _ema_(self.running_mean, mean_b, self.momentum)
-        _ema_(self.running_std, sigma_b, self.momentum)
+        self._ema_(self.running_mean, mean_b)
+        self._ema_(self.running_std, sigma_b)
         self._step()
         return self._affine(u)
