@@ -1,0 +1,591 @@
+"""The analysis config: one YAML file, validated before any work starts.
+
+Every mistake gets one :class:`ConfigError` naming the field path (e.g.
+``train.lr[2]``) and the fix: unknown keys (with the closest valid key),
+wrong types or values, unknown normalizers/models/datasets, factories that
+cannot be imported. The schema stores names, not classes, so a resolved
+config serializes back to YAML/JSON unchanged.
+
+>>> cfg = parse_config({"model": {"name": "mlp"}, "normalizers": ["batch", "layer"]})
+>>> cfg.normalizer_names(), cfg.train.steps
+(['batch', 'layer'], 300)
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import importlib
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from normprobe.errors import NormprobeError, UnknownNameError
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "ProbesConfig",
+    "HessianConfig",
+    "Schedule",
+    "load_config",
+    "parse_config",
+    "apply_overrides",
+    "config_hash",
+    "import_factory",
+]
+
+
+class ConfigError(NormprobeError, ValueError):
+    """A config that cannot be run; the message names the field path and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _suggest(key: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+class Schedule(_Strict):
+    """Training steps at which to measure; step 0 (initialization) is always included.
+
+    Give explicit ``steps``, or ``every`` k steps, or ``log`` points spaced
+    logarithmically up to the last step. ``every`` and ``log`` include the
+    last training step. In YAML a plain list means ``steps``.
+    """
+
+    steps: list[int] | None = None
+    every: int | None = Field(None, ge=1)
+    log: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return {"steps": list(value)}
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"steps": [value]}
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _non_negative(cls, steps: list[int] | None) -> list[int] | None:
+        if steps is not None:
+            for i, s in enumerate(steps):
+                if s < 0:
+                    raise ValueError(f"step {s} at position {i} is negative; steps count from 0")
+        return steps
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Schedule:
+        given = [k for k in ("steps", "every", "log") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of steps, every or log, not {' and '.join(given)}")
+        return self
+
+    def resolve(self, total_steps: int) -> list[int]:
+        """The sorted step list for a run of ``total_steps`` (0 always; beyond the end dropped)."""
+        points = {0}
+        if self.steps is not None:
+            points |= {s for s in self.steps if s <= total_steps}
+        elif self.every is not None:
+            points |= set(range(0, total_steps + 1, self.every)) | {total_steps}
+        elif self.log is not None and total_steps > 0:
+            n = self.log
+            for i in range(n):
+                points.add(round(total_steps ** (i / max(n - 1, 1))) if n > 1 else total_steps)
+            points.add(total_steps)
+        return sorted(points)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class ModelConfig(_Strict):
+    """A zoo model (``name``) or the user's own (``factory: package.module:function``).
+
+    The factory is called as ``factory(norm=<normalizer>, **options)``. With
+    ``swap_norms: true`` it is called as ``factory(**options)`` and its torch
+    BatchNorm/GroupNorm/LayerNorm layers are replaced by the normalizer.
+    """
+
+    name: str | None = None
+    factory: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    swap_norms: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"factory": value} if ":" in value else {"name": value}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError(
+                "give exactly one of name (a zoo model: "
+                f"{', '.join(_model_names())}) or factory (package.module:function)"
+            )
+        if self.name is not None:
+            from normprobe.models import MODELS, model_options
+
+            self.__dict__["name"] = _canonical(MODELS, self.name, "name")
+            if self.swap_norms:
+                raise ValueError(
+                    "swap_norms applies to a factory model; zoo models take norm directly"
+                )
+            valid = model_options(self.name)
+            for key in self.options:
+                if key not in valid:
+                    raise _PathError(
+                        ("options", key),
+                        f"model {self.name!r} has no option {key!r}; {_suggest(key, list(valid))}"
+                        f"its options are: {', '.join(valid)}",
+                    )
+        else:
+            try:
+                import_factory(self.factory)
+            except ValueError as err:
+                raise _PathError(("factory",), str(err)) from None
+        return self
+
+
+class DataConfig(_Strict):
+    """The dataset, its loader options, and the sizes of the probe batches."""
+
+    name: str = "digits"
+    options: dict[str, Any] = Field(default_factory=dict)
+    probe_batch: int = Field(128, ge=2)
+    hessian_samples: int = Field(512, ge=2)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        from normprobe.data import DATASETS, dataset_options
+
+        self.__dict__["name"] = _canonical(DATASETS, self.name, "name")
+        valid = dataset_options(self.name)
+        for key in self.options:
+            if key not in valid:
+                raise _PathError(
+                    ("options", key),
+                    f"dataset {self.name!r} has no option {key!r}; {_suggest(key, list(valid))}"
+                    f"its options are: {', '.join(valid)}",
+                )
+        return self
+
+
+LearningRates = float | list[float] | dict[str, float | list[float]]
+
+
+class TrainConfig(_Strict):
+    """Optimizer, learning rate(s), batch size, steps and seeds of every run."""
+
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: LearningRates = 0.1
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(128, ge=2)
+    steps: int = Field(300, ge=0)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    regnorm_lambda: float = Field(0.1, ge=0.0)
+    eval_batch_size: int = Field(512, ge=2)
+    eval_train_samples: int = Field(1024, ge=1)
+    device: str = "cpu"
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_ok(cls, seeds: list[int]) -> list[int]:
+        if not seeds:
+            raise ValueError("give at least one seed, e.g. seeds: [0]")
+        for i, s in enumerate(seeds):
+            if s < 0:
+                raise _PathError((i,), f"seed {s} is negative; seeds are integers >= 0")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat: {seeds}; each seed names one run")
+        return seeds
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_ok(cls, lr: LearningRates) -> LearningRates:
+        def check(values: float | list[float], path: tuple[Any, ...]) -> None:
+            items = values if isinstance(values, list) else [values]
+            if isinstance(values, list) and not values:
+                raise _PathError(path, "empty learning-rate list; give at least one rate")
+            for i, v in enumerate(items):
+                here = (*path, i) if isinstance(values, list) else path
+                if not (math.isfinite(v) and v > 0):
+                    raise _PathError(here, f"learning rate must be a positive number, got {v!r}")
+
+        if isinstance(lr, dict):
+            from normprobe.norms import NORMS
+
+            for key, values in lr.items():
+                if key != "default" and key not in NORMS:
+                    raise _PathError(
+                        (key,),
+                        f"{key!r} is not a normalizer; {_suggest(key, [*NORMS, 'default'])}"
+                        "keys are normalizer names or 'default'",
+                    )
+                check(values, (key,))
+        else:
+            check(lr, ())
+        return lr
+
+    @field_validator("device")
+    @classmethod
+    def _device_ok(cls, device: str) -> str:
+        import torch
+
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{device!r} is not a torch device; use cpu, cuda or cuda:0") from None
+        return device
+
+    def rates_for(self, normalizer: str) -> list[float]:
+        """The learning-rate grid of one normalizer."""
+        lr = self.lr
+        if isinstance(lr, dict):
+            from normprobe.norms import NORMS
+
+            by_name = {NORMS.canonical(k) if k != "default" else k: v for k, v in lr.items()}
+            if normalizer in by_name:
+                lr = by_name[normalizer]
+            elif "default" in by_name:
+                lr = by_name["default"]
+            else:
+                raise ConfigError(
+                    f"train.lr: no learning rate for normalizer {normalizer!r}; add "
+                    f"'{normalizer}: ...' or 'default: ...' under train.lr"
+                )
+        return [float(v) for v in (lr if isinstance(lr, list) else [lr])]
+
+
+LayerSpec = str | list[str] | None
+
+
+class RepresentationProbe(_Strict):
+    """Representation correlation (DESIGN.md probe 1)."""
+
+    enabled: bool = True
+    pairing: Literal["noise", "independent", "within"] = "noise"
+    noise_scale: float = Field(0.3, gt=0.0)
+    layers: LayerSpec = None
+    mode: Literal["train", "eval"] = "train"
+
+
+class GradientProbe(_Strict):
+    """Gradient correlation or gradient norms (DESIGN.md probes 2 and 3)."""
+
+    enabled: bool = True
+    layers: LayerSpec = None
+    mode: Literal["train", "eval"] = "train"
+
+
+def _probe_switch(value: Any) -> Any:
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
+class ProbesConfig(_Strict):
+    """Which probes run, their options, and when (``schedule``)."""
+
+    representation: RepresentationProbe = Field(default_factory=RepresentationProbe)
+    gradient_correlation: GradientProbe = Field(default_factory=GradientProbe)
+    gradient_norms: GradientProbe = Field(default_factory=GradientProbe)
+    schedule: Schedule = Field(default_factory=lambda: Schedule(every=50))
+
+    _switch = field_validator(
+        "representation", "gradient_correlation", "gradient_norms", mode="before"
+    )(_probe_switch)
+
+
+class HessianConfig(_Strict):
+    """The Hessian spectrum (DESIGN.md probe 4) and its own, sparser schedule."""
+
+    enabled: bool = True
+    schedule: Schedule = Field(default_factory=lambda: Schedule(steps=[0, 50]))
+    lanczos_steps: int = Field(80, ge=2)
+    start_vectors: int = Field(1, ge=1)
+    top_k: int = Field(10, ge=1)
+    norm_mode: Literal["train", "eval"] = "train"
+    chunk_size: int = Field(128, ge=2)
+    dtype: Literal["float32", "float64"] = "float64"
+
+
+class Config(_Strict):
+    """One analysis: a model, the normalizers to compare, data, training, probes, output."""
+
+    name: str = "analysis"
+    description: str = ""
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(name="mlp"))
+    normalizers: Literal["all"] | list[str] = "all"
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    probes: ProbesConfig = Field(default_factory=ProbesConfig)
+    hessian: HessianConfig = Field(default_factory=HessianConfig)
+    output: str | None = None
+
+    @field_validator("normalizers")
+    @classmethod
+    def _norms_ok(cls, value: Literal["all"] | list[str]) -> Literal["all"] | list[str]:
+        if value == "all":
+            return value
+        from normprobe.norms import NORMS
+
+        if not value:
+            raise ValueError("empty list; name at least one normalizer, or write: all")
+        names = []
+        for i, name in enumerate(value):
+            try:
+                names.append(NORMS.canonical(name))
+            except UnknownNameError as err:
+                raise _PathError((i,), str(err)) from None
+        if len(set(names)) != len(names):
+            raise ValueError(f"normalizers repeat: {value}")
+        return names
+
+    def normalizer_names(self) -> list[str]:
+        from normprobe.norms import normalizers
+
+        return normalizers() if self.normalizers == "all" else list(self.normalizers)
+
+    def output_dir(self) -> Path:
+        return Path(self.output if self.output is not None else f"runs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _model_names() -> list[str]:
+    from normprobe.models import MODELS
+
+    return MODELS.names()
+
+
+class _PathError(ValueError):
+    """A ValueError raised inside a validator that knows a deeper path than the field's."""
+
+    def __init__(self, path: tuple[Any, ...], message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+def _canonical(registry: Any, name: str, field: str) -> str:
+    try:
+        return registry.canonical(name)
+    except UnknownNameError as err:
+        raise _PathError((field,), str(err)) from None
+
+
+def import_factory(path: str) -> Callable[..., Any]:
+    """Import ``package.module:function``; a clear error if it cannot be imported."""
+    if not isinstance(path, str) or path.count(":") != 1:
+        raise ValueError(
+            f"{path!r} is not an import path; write package.module:function, "
+            "e.g. mymodels.resnets:make_resnet"
+        )
+    module_name, attr = path.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(
+            f"cannot import module {module_name!r} ({err}); make sure it is installed or on "
+            "PYTHONPATH (run normprobe from the folder that contains it)"
+        ) from None
+    try:
+        factory = getattr(module, attr)
+    except AttributeError:
+        names = [n for n in dir(module) if not n.startswith("_")]
+        raise ValueError(
+            f"module {module_name!r} has no attribute {attr!r}; {_suggest(attr, names)}"
+        ) from None
+    if not callable(factory):
+        raise ValueError(
+            f"{path} is a {type(factory).__name__}, not a callable that builds a model"
+        )
+    return factory
+
+
+_TYPE_TAG = re.compile(r"\[|^(float|int|str|bool|none|list|dict|tuple)$")
+
+
+def _format_path(loc: Sequence[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _explain(error: Mapping[str, Any], valid_keys: Callable[[tuple[Any, ...]], list[str]]) -> str:
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and _TYPE_TAG.search(p)))
+    ctx = error.get("ctx") or {}
+    inner = ctx.get("error")
+    if isinstance(inner, _PathError):
+        loc = (*loc, *inner.path)
+        return f"{_format_path(loc)}: {inner.message}"
+    kind = error["type"]
+    given = error.get("input")
+    if kind == "extra_forbidden":
+        *parent, key = loc
+        valid = valid_keys(tuple(parent))
+        return (
+            f"{_format_path(loc)}: unknown key {key!r}; {_suggest(str(key), valid)}"
+            f"valid keys here: {', '.join(valid)}"
+        )
+    message = str(inner) if isinstance(inner, Exception) else error["msg"]
+    message = re.sub(r"^(Value|Assertion) error, ", "", message)
+    if kind not in ("value_error", "assertion_error", "missing"):
+        message = f"{message}, got {given!r}"
+    return f"{_format_path(loc)}: {message}"
+
+
+def _section_keys(path: tuple[Any, ...]) -> list[str]:
+    """Valid keys of the schema section at ``path`` (for unknown-key suggestions)."""
+    model: type[BaseModel] | None = Config
+    for part in path:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return []
+        annotation = model.model_fields[part].annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,))]
+        model = next(
+            (a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
+    return list(model.model_fields) if model is not None else []
+
+
+def _most_specific(errors: list[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The error to report: the first field's deepest (most specific) union branch."""
+
+    def clean(e: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(p for p in e["loc"] if not (isinstance(p, str) and _TYPE_TAG.search(p)))
+
+    first = clean(errors[0])
+    same_field = [e for e in errors if clean(e)[: len(first)] == first]
+    return max(same_field, key=lambda e: (len(e["loc"]), e["type"] != "float_type"))
+
+
+def parse_config(raw: Mapping[str, Any], *, source: str = "config") -> Config:
+    """Validate a config mapping; raise :class:`ConfigError` naming the field and the fix."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections (model, normalizers, data, "
+            f"train, probes, hessian, output), got {type(raw).__name__}"
+        )
+    try:
+        return Config.model_validate(dict(raw))
+    except ValidationError as err:
+        errors = err.errors()
+        message = _explain(_most_specific(errors), _section_keys)
+        fields = {str(e["loc"][:1]) for e in errors}
+        more = f" (and problems in {len(fields) - 1} more field(s))" if len(fields) > 1 else ""
+        raise ConfigError(f"{source}: {message}{more}") from None
+
+
+def _load_yaml(path: Path) -> Any:
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist; check the path")
+    if path.is_dir():
+        raise ConfigError(f"{str(path)!r} is a folder; pass a YAML config file")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(
+            f"{path}:{where}: malformed YAML: {problem}; fix the syntax there"
+        ) from None
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(
+                f"--set {dotted}: {'.'.join(parts[: i + 1])} is a {type(child).__name__}, "
+                f"not a section with keys"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    result = copy.deepcopy(dict(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.steps=100")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
+            raise ConfigError(f"--set {item!r}: {key!r} is not a dotted key like train.steps")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(result, key, value)
+    return result
+
+
+def load_config(
+    source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
+) -> tuple[Config, dict[str, Any]]:
+    """Read and validate a config file (or mapping) with overrides; returns (config, raw mapping)."""
+    if isinstance(source, Mapping):
+        raw, name = dict(source), "config"
+    else:
+        path = Path(source)
+        raw, name = _load_yaml(path), str(path)
+        if raw is None:
+            raise ConfigError(f"{name}: the file is empty; see analyses/quickstart.yaml")
+        if isinstance(raw, Mapping) and "name" not in raw:
+            raw = {"name": path.stem, **raw}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(
+            f"{name}: the top level must be a mapping of sections, got {type(raw).__name__}"
+        )
+    raw = apply_overrides(raw, overrides)
+    return parse_config(raw, source=name), raw
+
+
+def config_hash(config: Config) -> str:
+    """A short hash of the resolved config, excluding where its output goes."""
+    data = config.to_dict()
+    data.pop("output", None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,155 @@
+"""Config validation: every mistake is one message naming the field path and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from normprobe.config import ConfigError, apply_overrides, load_config, parse_config
+
+BASE = """\
+model: {name: mlp, options: {depth: 2, width: 16}}
+normalizers: [batch, layer]
+train: {steps: 4, batch_size: 16}
+hessian: {enabled: false}
+"""
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "normprobe", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# Each case: YAML text, the field path the message must name, a phrase of the fix.
+CLI_CASES = {
+    "unknown key": (BASE + "trian: {steps: 3}\n", "trian", "did you mean 'train'"),
+    "unknown nested key": (
+        BASE.replace("steps: 4", "stpes: 4"),
+        "train.stpes",
+        "did you mean 'steps'",
+    ),
+    "wrong type": (BASE.replace("steps: 4", "steps: four"), "train.steps", "valid integer"),
+    "wrong value": (
+        BASE.replace("steps: 4", "steps: -4"),
+        "train.steps",
+        "greater than or equal to 0",
+    ),
+    "bad lr in a grid": (
+        BASE + "train: {steps: 4, batch_size: 16, lr: [0.1, 0.2, -1]}\n",
+        "train.lr[2]",
+        "positive number",
+    ),
+    "unknown normalizer": (
+        BASE.replace("[batch, layer]", "[batch, layr]"),
+        "normalizers[1]",
+        "did you mean 'layer'",
+    ),
+    "unknown model": (BASE.replace("name: mlp", "name: mpl"), "model.name", "did you mean 'mlp'"),
+    "unknown model option": (
+        BASE.replace("width: 16", "widht: 16"),
+        "model.options.widht",
+        "did you mean 'width'",
+    ),
+    "unknown dataset": (BASE + "data: {name: digit}\n", "data.name", "did you mean 'digits'"),
+    "factory that cannot be imported": (
+        BASE.replace(
+            "{name: mlp, options: {depth: 2, width: 16}}", "{factory: 'nosuchpkg.nets:make'}"
+        ),
+        "model.factory",
+        "cannot import module 'nosuchpkg.nets'",
+    ),
+    "missing dataset file": (
+        BASE + "data: {name: mnist, options: {root: /nonexistent/mnist}}\n",
+        "data.options",
+        "does not exist",
+    ),
+    "instance norm in an MLP": (
+        BASE.replace("[batch, layer]", "[batch, instance]"),
+        "normalizers[1]",
+        "use 'layer' or 'group' for dense layers",
+    ),
+    "malformed yaml": ("model: {name: mlp\nnormalizers: [batch\n", "line", "malformed YAML"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_config_errors_are_one_line_with_field_and_fix(tmp_path: Path, case: str) -> None:
+    text, field, fix = CLI_CASES[case]
+    result = _cli("analyze", str(_write(tmp_path, text)), "--out", str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert field in lines[0] and fix in lines[0], lines[0]
+    assert not (tmp_path / "out" / "runs").exists()  # nothing ran
+
+
+def test_cli_set_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
+    cfg = _write(tmp_path, BASE)
+    result = _cli("analyze", str(cfg), "--set", "train.lr=[0.1,oops]", "--quiet")
+    assert result.returncode == 2
+    assert "train.lr[1]" in result.stderr
+    result = _cli("analyze", str(cfg), "--set", "train.steps", "--quiet")
+    assert result.returncode == 2 and "expected key=value" in result.stderr
+
+
+def test_cli_missing_config_file(tmp_path: Path) -> None:
+    result = _cli("analyze", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_overrides_parse_yaml_values_and_create_sections() -> None:
+    raw = apply_overrides(
+        {"train": {"steps": 3}}, ["train.steps=7", "train.lr=[0.1, 0.2]", "name=x"]
+    )
+    assert raw == {"train": {"steps": 7, "lr": [0.1, 0.2]}, "name": "x"}
+    with pytest.raises(ConfigError, match="is a int, not a section"):
+        apply_overrides({"train": {"steps": 3}}, ["train.steps.x=1"])
+
+
+def test_learning_rate_grids_per_normalizer() -> None:
+    cfg = parse_config({"train": {"lr": {"batch": [0.1, 1.0], "default": 0.05}}})
+    assert cfg.train.rates_for("batch") == [0.1, 1.0]
+    assert cfg.train.rates_for("layer") == [0.05]
+    cfg = parse_config({"train": {"lr": {"batchnorm": 0.3}}})  # aliases resolve
+    assert cfg.train.rates_for("batch") == [0.3]
+    with pytest.raises(ConfigError, match="no learning rate for normalizer 'layer'"):
+        cfg.train.rates_for("layer")
+
+
+@pytest.mark.parametrize(
+    "schedule,steps,expected",
+    [
+        ([10, 50, 5000], 100, [0, 10, 50]),
+        ({"every": 40}, 100, [0, 40, 80, 100]),
+        ({"log": 5}, 1000, [0, 1, 6, 32, 178, 1000]),
+        ({"steps": []}, 10, [0]),
+    ],
+)
+def test_schedules_always_include_step_zero(schedule, steps, expected) -> None:
+    cfg = parse_config({"probes": {"schedule": schedule}})
+    assert cfg.probes.schedule.resolve(steps) == expected
+
+
+def test_config_round_trips_through_its_dict() -> None:
+    cfg, _ = load_config(
+        {"normalizers": ["batchnorm"], "train": {"seeds": 3}, "probes": {"gradient_norms": False}}
+    )
+    assert cfg.normalizer_names() == ["batch"] and cfg.train.seeds == [3]
+    again = parse_config(cfg.to_dict())
+    assert again == cfg
