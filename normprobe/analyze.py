@@ -1,0 +1,537 @@
+"""``normprobe analyze``: every (normalizer, learning rate, seed) run of a config.
+
+For each run: build the model, train it, and at the scheduled steps measure
+accuracy and loss, the probes and the Hessian spectrum. Each finished run is
+written to its own folder atomically (see :mod:`normprobe.results`), so an
+interrupted analysis resumes where it stopped; ``force=True`` redoes all.
+
+>>> import tempfile
+>>> cfg = {"model": {"name": "mlp", "options": {"depth": 2, "width": 16}},
+...        "normalizers": ["layer"], "train": {"steps": 3, "batch_size": 32},
+...        "probes": {"schedule": [0, 3]}, "hessian": {"enabled": False}}
+>>> results = analyze(cfg, out=tempfile.mkdtemp(), quiet=True)
+>>> sorted(results.runs["status"])
+['done']
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normprobe.config import Config, ConfigError, config_hash, import_factory, load_config
+from normprobe.errors import NormprobeError
+from normprobe.results import (
+    Results,
+    RunRecord,
+    assemble,
+    clean_partial,
+    finished_runs,
+    manifest_matches,
+    write_json_atomic,
+    write_run,
+)
+
+__all__ = [
+    "analyze",
+    "summary_line",
+    "RunSpec",
+    "plan_runs",
+    "build_run_model",
+    "ProbeData",
+    "prepare_data",
+]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of the grid."""
+
+    normalizer: str
+    lr: float
+    seed: int
+
+    @property
+    def run(self) -> str:
+        return f"{self.normalizer}_lr{self.lr:g}_seed{self.seed}"
+
+
+def plan_runs(config: Config, normalizers: Sequence[str] | None = None) -> list[RunSpec]:
+    """The (normalizer, lr, seed) grid in a fixed order."""
+    names = list(normalizers) if normalizers is not None else config.normalizer_names()
+    return [
+        RunSpec(norm, lr, seed)
+        for norm in names
+        for lr in config.train.rates_for(norm)
+        for seed in config.train.seeds
+    ]
+
+
+@dataclass(frozen=True)
+class ProbeData:
+    """The dataset and the fixed batches every run is measured on."""
+
+    dataset: Any
+    batch_a: tuple[torch.Tensor, torch.Tensor]
+    batch_b: tuple[torch.Tensor, torch.Tensor]
+    hessian: tuple[torch.Tensor, torch.Tensor]
+
+
+def prepare_data(config: Config) -> ProbeData:
+    """Load the dataset and draw the probe batches (two disjoint ones) and the Hessian set.
+
+    The batches are drawn once, with ``data.seed``, so every normalizer,
+    learning rate and seed is measured on the same examples.
+    """
+    from normprobe.data import load_dataset
+
+    try:
+        dataset = load_dataset(config.data.name, **config.data.options)
+    except NormprobeError as err:
+        raise ConfigError(f"data.options: {err}") from None
+    n = len(dataset.train)
+    size = config.data.probe_batch
+    if 2 * size > n:
+        raise ConfigError(
+            f"data.probe_batch: two disjoint probe batches of {size} need {2 * size} training "
+            f"examples, the dataset has {n}; use probe_batch <= {n // 2}"
+        )
+    if config.train.batch_size > n:
+        raise ConfigError(
+            f"train.batch_size: {config.train.batch_size} is larger than the training set ({n})"
+        )
+    g = torch.Generator().manual_seed(config.data.seed)
+    order = torch.randperm(n, generator=g)
+    x, y = dataset.train.x, dataset.train.y
+    a, b = order[:size], order[size : 2 * size]
+    h = torch.randperm(n, generator=g)[: min(config.data.hessian_samples, n)]
+    return ProbeData(dataset, (x[a], y[a]), (x[b], y[b]), (x[h], y[h]))
+
+
+def build_run_model(config: Config, normalizer: str, seed: int, dataset: Any) -> nn.Module:
+    """Build the run's model: a zoo model, a user factory, or a factory with swapped norms."""
+    from normprobe.models import build_model, model_options
+    from normprobe.models.swap import swap_norms
+
+    mc = config.model
+    options = dict(mc.options)
+    if mc.name is not None:
+        valid = model_options(mc.name)
+        if "input_shape" in valid:
+            options.setdefault("input_shape", dataset.input_shape)
+        if "num_classes" in valid:
+            options.setdefault("num_classes", dataset.num_classes)
+        return build_model(mc.name, normalizer, seed=seed, **options)
+    factory = import_factory(mc.factory)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if mc.swap_norms:
+            model = factory(**options)
+            swap_norms(model, normalizer)
+        else:
+            model = factory(norm=normalizer, **options)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model.factory: {mc.factory} returned a {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output, target)
+
+
+def _to(
+    batch: tuple[torch.Tensor, torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch[0].to(device), batch[1].to(device)
+
+
+def make_measure(
+    config: Config,
+    data: ProbeData,
+    probe_steps: set[int],
+    hessian_steps: set[int],
+    hessian_tables: dict[str, list[pd.DataFrame]],
+    device: torch.device,
+    seed: int,
+) -> Callable[[int, nn.Module], list[pd.DataFrame]]:
+    """The callback the training loop calls at each scheduled step."""
+    pc, hc = config.probes, config.hessian
+    batch_a, batch_b, hessian_set = (
+        _to(data.batch_a, device),
+        _to(data.batch_b, device),
+        _to(data.hessian, device),
+    )
+
+    def tagged(frame: pd.DataFrame, step: int) -> pd.DataFrame:
+        frame = frame.copy()
+        frame.insert(0, "step", step)
+        return frame
+
+    def measure(step: int, model: nn.Module) -> list[pd.DataFrame]:
+        frames: list[pd.DataFrame] = []
+        if step in probe_steps:
+            from normprobe.probes import (
+                gradient_correlation,
+                gradient_norms,
+                growth_rate,
+                representation_correlation,
+            )
+
+            rc = pc.representation
+            if rc.enabled:
+                kwargs: dict[str, Any] = {
+                    "pairing": rc.pairing,
+                    "mode": rc.mode,
+                    "layers": rc.layers,
+                }
+                if rc.pairing == "noise":
+                    kwargs.update(noise_scale=rc.noise_scale, seed=seed + step)
+                elif rc.pairing == "independent":
+                    kwargs["x_other"] = batch_b[0]
+                frames.append(tagged(representation_correlation(model, batch_a[0], **kwargs), step))
+            gc = pc.gradient_correlation
+            if gc.enabled:
+                frame = gradient_correlation(
+                    model, _cross_entropy, batch_a, batch_b, layers=gc.layers, mode=gc.mode
+                )
+                frames.append(tagged(frame, step))
+            gn = pc.gradient_norms
+            if gn.enabled:
+                frame = gradient_norms(
+                    model, _cross_entropy, batch_a, layers=gn.layers, mode=gn.mode
+                )
+                frames.append(tagged(frame, step))
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "step": [step],
+                            "layer": [None],
+                            "depth": [float("nan")],
+                            "metric": ["grad_growth_rate"],
+                            "value": [growth_rate(frame)],
+                        }
+                    )
+                )
+        if step in hessian_steps:
+            from normprobe.hessian import hessian_spectrum
+
+            spectrum = hessian_spectrum(
+                model,
+                _cross_entropy,
+                hessian_set,
+                steps=hc.lanczos_steps,
+                n_v=hc.start_vectors,
+                k=hc.top_k,
+                norm_mode=hc.norm_mode,
+                chunk_size=hc.chunk_size,
+                dtype=getattr(torch, hc.dtype),
+                seed=seed + step,
+            )
+            frames.append(tagged(spectrum.to_frame(), step))
+            hessian_tables["hessian_nodes"].append(tagged(spectrum.nodes_frame(), step))
+            hessian_tables["hessian_density"].append(tagged(spectrum.density_frame(), step))
+        return frames
+
+    return measure
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for package in (
+        "normprobe",
+        "torch",
+        "numpy",
+        "scipy",
+        "pandas",
+        "pyarrow",
+        "scikit-learn",
+        "pydantic",
+    ):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+def _preflight(
+    config: Config, data: ProbeData, device: torch.device
+) -> tuple[list[str], dict[str, str]]:
+    """Build each normalizer's model once and run a forward pass; sort out those that cannot work.
+
+    With ``normalizers: all`` a normalizer the model cannot take (instance norm
+    in an MLP) is skipped with its reason; one named explicitly is an error.
+    """
+    from normprobe.state import preserved
+
+    usable, skipped = [], {}
+    explicit = config.normalizers != "all"
+    for i, norm in enumerate(config.normalizer_names()):
+        try:
+            model = build_run_model(config, norm, 0, data.dataset).to(device)
+            with preserved(model), torch.no_grad():
+                model.train()
+                model(data.batch_a[0][:4].to(device))
+        except ConfigError:
+            raise
+        except NormprobeError as err:
+            if explicit:
+                raise ConfigError(
+                    f"normalizers[{i}]: {norm!r} does not fit this model: {err}"
+                ) from None
+            skipped[norm] = str(err)
+            continue
+        except Exception as err:  # a user factory that breaks is the user's to fix
+            raise ConfigError(
+                f"model: building or running the model with normalizer {norm!r} failed: "
+                f"{type(err).__name__}: {err}"
+            ) from None
+        usable.append(norm)
+    return usable, skipped
+
+
+def _progress(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm
+
+
+def _run_one(
+    spec: RunSpec,
+    config: Config,
+    data: ProbeData,
+    device: torch.device,
+    bar_factory: Any,
+) -> RunRecord:
+    from normprobe.norms import set_total_steps
+    from normprobe.training import make_optimizer, train
+
+    tc = config.train
+    start = time.perf_counter()
+    hessian_tables: dict[str, list[pd.DataFrame]] = {"hessian_nodes": [], "hessian_density": []}
+    probe_steps = set(config.probes.schedule.resolve(tc.steps)) if _any_probe(config) else set()
+    hessian_steps = (
+        set(config.hessian.schedule.resolve(tc.steps)) if config.hessian.enabled else set()
+    )
+    measure_steps = set(config.probes.schedule.resolve(tc.steps)) | hessian_steps | {tc.steps}
+    bar = None
+    try:
+        model = build_run_model(config, spec.normalizer, spec.seed, data.dataset).to(device)
+        set_total_steps(model, tc.steps)
+        optimizer = make_optimizer(
+            tc.optimizer,
+            model.parameters(),
+            lr=spec.lr,
+            momentum=tc.momentum,
+            weight_decay=tc.weight_decay,
+        )
+        measure = make_measure(
+            config, data, probe_steps, hessian_steps, hessian_tables, device, spec.seed
+        )
+        if bar_factory is not None:
+            bar = bar_factory(total=tc.steps, desc=spec.run, leave=False, unit="step")
+
+        def progress(step: int, loss: float) -> None:
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss:.3f}")
+
+        outcome = train(
+            model,
+            (data.dataset.train.x, data.dataset.train.y),
+            (data.dataset.test.x, data.dataset.test.y),
+            optimizer=optimizer,
+            steps=tc.steps,
+            batch_size=tc.batch_size,
+            seed=spec.seed,
+            measure_steps=measure_steps,
+            measure=measure,
+            regnorm_lambda=tc.regnorm_lambda if _regularized(spec.normalizer) else 0.0,
+            eval_batch_size=tc.eval_batch_size,
+            eval_train_samples=tc.eval_train_samples,
+            progress=progress,
+        )
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:
+        return RunRecord(
+            spec.run,
+            spec.normalizer,
+            spec.lr,
+            spec.seed,
+            "failed",
+            seconds=time.perf_counter() - start,
+            error=f"{type(err).__name__}: {err}",
+            info={"traceback": traceback.format_exc(limit=8)},
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    metrics = pd.concat(outcome.frames, ignore_index=True, sort=False)
+    tables = {"metrics": metrics}
+    for name, frames in hessian_tables.items():
+        if frames:
+            tables[name] = pd.concat(frames, ignore_index=True, sort=False)
+    return RunRecord(
+        spec.run,
+        spec.normalizer,
+        spec.lr,
+        spec.seed,
+        outcome.status,
+        seconds=time.perf_counter() - start,
+        diverged_step=outcome.diverged_step,
+        info={"measure_seconds": round(outcome.measure_seconds, 3)},
+        tables=tables,
+    )
+
+
+def _any_probe(config: Config) -> bool:
+    p = config.probes
+    return p.representation.enabled or p.gradient_correlation.enabled or p.gradient_norms.enabled
+
+
+def _regularized(normalizer: str) -> bool:
+    from normprobe.norms import spec
+
+    return spec(normalizer).regularized
+
+
+def _resolve(
+    config_or_path: str | Path | Mapping[str, Any] | Config, overrides: Sequence[str]
+) -> Config:
+    if isinstance(config_or_path, Config):
+        if overrides:
+            config, _ = load_config(config_or_path.to_dict(), overrides)
+            return config
+        return config_or_path
+    config, _ = load_config(config_or_path, overrides)
+    return config
+
+
+def analyze(
+    config_or_path: str | Path | Mapping[str, Any] | Config,
+    *,
+    out: str | Path | None = None,
+    force: bool = False,
+    quiet: bool = False,
+    overrides: Sequence[str] = (),
+    log: Callable[[str], None] | None = None,
+) -> Results:
+    """Run every (normalizer, lr, seed) of a config and return the result tables.
+
+    ``config_or_path`` is a YAML path, a mapping or a :class:`Config`;
+    ``overrides`` are ``key.sub=value`` strings as on the command line.
+    Finished runs found in the output directory are kept (resume) unless
+    ``force``. ``log`` receives one line per finished run (default: stderr,
+    unless ``quiet``).
+    """
+    config = _resolve(config_or_path, overrides)
+    if out is not None:
+        config = config.model_copy(update={"output": str(out)})
+    directory = config.output_dir()
+    chash = config_hash(config)
+    if log is None:
+        log = (
+            (lambda line: None)
+            if quiet
+            else (lambda line: print(line, file=sys.stderr, flush=True))
+        )
+
+    if not force:
+        other = manifest_matches(directory, chash) if directory.exists() else None
+        if other is not None:
+            raise ConfigError(
+                f"output: {str(directory)!r} holds results of a different config (hash "
+                f"{other.get('config_hash')}, this one {chash}); pass --force to replace them, "
+                f"or --out to write somewhere else"
+            )
+    device = torch.device(config.train.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda was asked for but torch sees no CUDA device; use cpu")
+
+    data = prepare_data(config)
+    usable, skipped = _preflight(config, data, device)
+    for norm, reason in skipped.items():
+        log(f"skipping {norm}: {reason}")
+
+    if force and directory.exists():
+        for name in (
+            "runs",
+            "results.parquet",
+            "results.csv",
+            "hessian_nodes.parquet",
+            "hessian_density.parquet",
+            "runs.jsonl",
+            "manifest.json",
+        ):
+            path = directory / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    clean_partial(directory)
+    manifest = {
+        "name": config.name,
+        "config_hash": chash,
+        "config": config.to_dict(),
+        "versions": _versions(),
+        "normprobe_version": _versions()["normprobe"],
+        "skipped": skipped,
+        "data": {"name": data.dataset.name, "info": data.dataset.info},
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    }
+    write_json_atomic(directory / "manifest.json", manifest)
+
+    plan = plan_runs(config, usable)
+    done = finished_runs(directory)
+    todo = [spec for spec in plan if spec.run not in done]
+    if done and todo:
+        log(f"resuming: {len(plan) - len(todo)} of {len(plan)} runs already finished")
+    bar_factory = _progress(quiet)
+    for i, spec in enumerate(todo, start=1):
+        record = _run_one(spec, config, data, device, bar_factory)
+        write_run(directory, record)
+        assemble(directory)
+        detail = {
+            "done": "",
+            "diverged": f" at step {record.diverged_step}",
+            "failed": f": {record.error}",
+        }[record.status]
+        final = ""
+        if record.status == "done":
+            acc = record.tables["metrics"]
+            acc = acc[acc["metric"] == "test_acc"]
+            if len(acc):
+                final = f", test acc {acc.sort_values('step')['value'].iloc[-1]:.3f}"
+        log(
+            f"[{i}/{len(todo)}] {spec.run}: {record.status}{detail} in {record.seconds:.1f}s{final}"
+        )
+    results = assemble(directory)
+    manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json_atomic(directory / "manifest.json", manifest)
+    results.manifest = manifest
+    return results
+
+
+def summary_line(results: Results) -> str:
+    """``12 runs: 11 done, 1 diverged; results in runs/x``."""
+    counts = results.runs["status"].value_counts().to_dict() if len(results.runs) else {}
+    parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    return f"{len(results.runs)} runs: {parts or 'none'}; results in {results.directory}"

@@ -1,0 +1,378 @@
+"""Tidy result tables on disk: written run by run, atomically, and read back as DataFrames.
+
+Layout of an output directory::
+
+    manifest.json            resolved config, its hash, package versions
+    runs/<run>/              one folder per finished run, renamed into place whole
+        run.json             status (done, diverged, failed), timings, settings
+        metrics.parquet      tidy rows: step, layer, depth, metric, value, ...
+        hessian_nodes.parquet, hessian_density.parquet   (when the Hessian ran)
+    results.parquet          every run's metrics, one row per measurement
+    results.csv              the same, for spreadsheets
+    hessian_nodes.parquet    SLQ nodes and weights of every spectrum
+    hessian_density.parquet  smoothed densities on a grid
+    runs.jsonl               one line per run: status and timings
+
+A run folder appears only once everything in it is written (it is built
+under a temporary name and renamed), so killing the process loses at most
+the run in progress. The combined tables are rebuilt from the run folders
+after every run, also atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from normprobe.errors import NormprobeError
+
+__all__ = [
+    "Results",
+    "RunRecord",
+    "ResultsError",
+    "load_results",
+    "write_run",
+    "finished_runs",
+    "assemble",
+    "write_json_atomic",
+    "METRIC_COLUMNS",
+    "RUN_TABLES",
+]
+
+#: Columns every row of ``results.parquet`` has, in this order (more may follow).
+METRIC_COLUMNS = ["run", "normalizer", "lr", "seed", "step", "layer", "depth", "metric", "value"]
+#: Tables a run folder may hold besides ``metrics``.
+RUN_TABLES = ("metrics", "hessian_nodes", "hessian_density")
+FINISHED = ("done", "diverged")
+
+
+class ResultsError(NormprobeError, ValueError):
+    """A results directory that cannot be read or written as asked."""
+
+
+@dataclass
+class RunRecord:
+    """One run's identity, status and tables, as written to ``runs/<run>/``."""
+
+    run: str
+    normalizer: str
+    lr: float
+    seed: int
+    status: str  # done | diverged | failed | skipped
+    seconds: float = 0.0
+    diverged_step: int | None = None
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "normalizer": self.normalizer,
+            "lr": self.lr,
+            "seed": self.seed,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "diverged_step": self.diverged_step,
+            "error": self.error,
+            **self.info,
+        }
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_table_atomic(frame: pd.DataFrame, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _with_identity(frame: pd.DataFrame, record: RunRecord) -> pd.DataFrame:
+    """Prefix the run's identity columns (run, normalizer, lr, seed)."""
+    frame = frame.copy()
+    for i, (key, value) in enumerate(
+        [
+            ("run", record.run),
+            ("normalizer", record.normalizer),
+            ("lr", record.lr),
+            ("seed", record.seed),
+        ]
+    ):
+        if key in frame.columns:
+            frame = frame.drop(columns=key)
+        frame.insert(i, key, value)
+    return frame
+
+
+def write_run(directory: Path, record: RunRecord) -> Path:
+    """Write one run's folder atomically: build it under a temporary name, then rename."""
+    runs = directory / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    final = runs / record.run
+    tmp = Path(tempfile.mkdtemp(dir=runs, prefix=f".{record.run}.", suffix=".tmp"))
+    try:
+        for name, frame in record.tables.items():
+            if name not in RUN_TABLES:
+                raise ValueError(f"unknown run table {name!r}; expected one of {RUN_TABLES}")
+            if frame is not None and len(frame):
+                _with_identity(frame, record).to_parquet(tmp / f"{name}.parquet", index=False)
+        write_json_atomic(tmp / "run.json", record.summary())
+        if final.exists():  # a failed run being redone
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _run_dirs(directory: Path) -> list[Path]:
+    runs = directory / "runs"
+    if not runs.is_dir():
+        return []
+    return sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def finished_runs(directory: Path) -> dict[str, dict[str, Any]]:
+    """Run name -> status line of the runs that need not run again (done or diverged)."""
+    out = {}
+    for path in _run_dirs(directory):
+        status = _read_status(path)
+        if status is not None and status.get("status") in FINISHED:
+            out[path.name] = status
+    return out
+
+
+def clean_partial(directory: Path) -> int:
+    """Remove temporary folders and files left by an interrupted write; returns how many."""
+    removed = 0
+    for base in (directory, directory / "runs"):
+        if not base.is_dir():
+            continue
+        for p in base.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if f is not None and len(f)]
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True, sort=False)
+
+
+def _select_lrs(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
+    """Mark, per normalizer, the learning rate with the best mean final test accuracy."""
+    runs = runs.copy()
+    runs["final_test_acc"] = float("nan")
+    runs["selected"] = False
+    if metrics.empty or runs.empty:
+        return runs
+    acc = metrics[metrics["metric"] == "test_acc"]
+    if acc.empty:
+        return runs
+    last = acc.sort_values("step").groupby("run").tail(1).set_index("run")["value"]
+    runs["final_test_acc"] = runs["run"].map(last)
+    usable = runs[runs["status"] == "done"]
+    for _, group in usable.groupby("normalizer"):
+        by_lr = group.groupby("lr")["final_test_acc"].mean().dropna()
+        if by_lr.empty:
+            continue
+        best = by_lr.idxmax()
+        runs.loc[
+            (runs["normalizer"] == group["normalizer"].iloc[0]) & (runs["lr"] == best), "selected"
+        ] = True
+    return runs
+
+
+def assemble(directory: Path, *, write: bool = True) -> Results:
+    """Combine the run folders into the result tables; with ``write``, save them (atomically)."""
+    directory = Path(directory)
+    tables: dict[str, list[pd.DataFrame]] = {name: [] for name in RUN_TABLES}
+    statuses = []
+    for path in _run_dirs(directory):
+        status = _read_status(path)
+        if status is None:
+            continue
+        statuses.append(status)
+        for name in RUN_TABLES:
+            file = path / f"{name}.parquet"
+            if file.exists():
+                tables[name].append(pd.read_parquet(file))
+    runs = pd.DataFrame(statuses)
+    metrics = _concat(tables["metrics"])
+    if not runs.empty:
+        runs = _select_lrs(runs, metrics)
+        if not metrics.empty:
+            metrics = metrics.merge(runs[["run", "selected"]], on="run", how="left")
+    results = Results(
+        directory=directory,
+        metrics=_order(metrics),
+        runs=runs,
+        hessian_nodes=_concat(tables["hessian_nodes"]),
+        hessian_density=_concat(tables["hessian_density"]),
+        manifest=_read_manifest(directory),
+    )
+    if write:
+        results.save_tables()
+    return results
+
+
+def _order(metrics: pd.DataFrame) -> pd.DataFrame:
+    if metrics.empty:
+        return pd.DataFrame(columns=METRIC_COLUMNS)
+    first = [c for c in METRIC_COLUMNS if c in metrics.columns]
+    rest = [c for c in metrics.columns if c not in first]
+    return metrics[first + rest]
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / "manifest.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ResultsError(f"{path} is not valid JSON ({err}); delete it and rerun") from None
+
+
+@dataclass
+class Results:
+    """The tables of one analysis, as pandas DataFrames.
+
+    ``metrics``: one row per measurement (columns ``run, normalizer, lr,
+    seed, step, layer, depth, metric, value`` and probe-specific extras, plus
+    ``selected``, true for the learning rate chosen per normalizer).
+    ``runs``: one row per run with status, timings, final test accuracy.
+    ``hessian_nodes``/``hessian_density``: SLQ nodes and weights, densities.
+    """
+
+    directory: Path
+    metrics: pd.DataFrame
+    runs: pd.DataFrame
+    hessian_nodes: pd.DataFrame
+    hessian_density: pd.DataFrame
+    manifest: dict[str, Any]
+
+    def save_tables(self) -> None:
+        d = self.directory
+        d.mkdir(parents=True, exist_ok=True)
+        _write_table_atomic(self.metrics, d / "results.parquet")
+        _write_table_atomic(self.metrics, d / "results.csv")
+        for name in ("hessian_nodes", "hessian_density"):
+            frame = getattr(self, name)
+            path = d / f"{name}.parquet"
+            if len(frame):
+                _write_table_atomic(frame, path)
+            elif path.exists():
+                path.unlink()
+        lines = "".join(json.dumps(r, default=str) + "\n" for r in self.runs.to_dict("records"))
+        tmp = d / ".runs.jsonl.tmp"
+        tmp.write_text(lines)
+        os.replace(tmp, d / "runs.jsonl")
+
+    def metric(self, name: str, *, selected_only: bool = False) -> pd.DataFrame:
+        """Rows of one metric (optionally only the selected learning rates)."""
+        rows = self.metrics[self.metrics["metric"] == name]
+        if selected_only and "selected" in rows:
+            rows = rows[rows["selected"].fillna(False).astype(bool)]
+        return rows
+
+    def __repr__(self) -> str:
+        status = self.runs["status"].value_counts().to_dict() if len(self.runs) else {}
+        return (
+            f"Results({str(self.directory)!r}, runs={status}, rows={len(self.metrics)}, "
+            f"hessian_spectra={self.hessian_nodes[['run', 'step']].drop_duplicates().shape[0] if len(self.hessian_nodes) else 0})"
+        )
+
+
+def load_results(directory: str | Path) -> Results:
+    """Read an analysis' results directory (written by ``normprobe analyze``).
+
+    >>> import tempfile
+    >>> load_results(tempfile.mkdtemp())
+    Traceback (most recent call last):
+    ...
+    normprobe.results.ResultsError: ... holds no normprobe results (no manifest.json or runs/); ...
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ResultsError(
+            f"{str(directory)!r} is not a folder; pass the output folder of an analysis"
+        )
+    if not (directory / "manifest.json").exists() and not (directory / "runs").is_dir():
+        raise ResultsError(
+            f"{str(directory)!r} holds no normprobe results (no manifest.json or runs/); "
+            "pass the output folder of `normprobe analyze`"
+        )
+    if (directory / "runs").is_dir():
+        return assemble(directory, write=False)
+    return _read_only(directory)
+
+
+def _read_only(directory: Path) -> Results:
+    def read(name: str) -> pd.DataFrame:
+        path = directory / name
+        return pd.read_parquet(path) if path.exists() else pd.DataFrame()
+
+    runs_path = directory / "runs.jsonl"
+    runs = (
+        pd.DataFrame([json.loads(line) for line in runs_path.read_text().splitlines() if line])
+        if runs_path.exists()
+        else pd.DataFrame()
+    )
+    return Results(
+        directory=directory,
+        metrics=read("results.parquet"),
+        runs=runs,
+        hessian_nodes=read("hessian_nodes.parquet"),
+        hessian_density=read("hessian_density.parquet"),
+        manifest=_read_manifest(directory),
+    )
+
+
+def manifest_matches(directory: Path, config_hash: str) -> Mapping[str, Any] | None:
+    """The existing manifest if it was written for a different config, else None."""
+    manifest = _read_manifest(directory)
+    if manifest and manifest.get("config_hash") != config_hash:
+        return manifest
+    return None
