@@ -1,0 +1,584 @@
+"""Layer selection, execution-order depths and hooks for any ``torch.nn.Module``.
+
+A probe picks layers by module name, by type or by regex (default: every
+activation module, else every normalization module, else every Linear/Conv;
+DESIGN.md, Probes), runs the model, and numbers the layers in the order they
+ran, so a model whose modules are registered out of order, or that calls one
+module twice, still gets the right depths. A module called ``k > 1`` times in
+one forward pass appears once per call, labelled ``name``, ``name#2``, ...
+
+:class:`Probe` is the building block of every probe and is public so a
+notebook cell can write a new one::
+
+    with Probe(model, layers=r"blocks\\.\\d+\\.act") as p:
+        model(x)
+    p.activations["blocks.0.act"]  # the output of that layer in the last pass
+
+Inside a :class:`Probe` the model runs in the requested mode with frozen
+statistics, dropout off and a forked, seeded random state; on exit the hooks
+are removed and the model is left exactly as found (also on an exception).
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from normprobe.errors import NormprobeError
+from normprobe.state import frozen_statistics, preserved
+
+__all__ = [
+    "ProbeError",
+    "Layers",
+    "Mode",
+    "Capture",
+    "Reduce",
+    "LayerCall",
+    "Probe",
+    "select_layers",
+    "session",
+    "ACTIVATION_TYPES",
+    "NORMALIZER_TYPES",
+    "AFFINE_TYPES",
+    "is_activation",
+    "is_normalizer",
+    "is_affine",
+]
+
+
+class ProbeError(NormprobeError, ValueError):
+    """A probe called with arguments it cannot work with (layers, pairing, batch shapes)."""
+
+
+#: module names, a module type or tuple of types, or a regex matched against whole names
+Layers = str | Sequence[str] | type[nn.Module] | tuple[type[nn.Module], ...] | None
+Mode = Literal["train", "eval"]
+#: what a Probe records per layer call: its output, or the weight/bias tensors it applied
+Capture = Literal["outputs", "weights"]
+#: ``reduce(call, output)``: what a Probe keeps from one layer call's output
+Reduce = Callable[["LayerCall", torch.Tensor], Any]
+MODES: tuple[str, ...] = ("train", "eval")
+
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Hardtanh,  # and ReLU6
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Threshold,
+    nn.GLU,
+)
+NORMALIZER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.LocalResponseNorm,
+)
+AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def is_activation(module: nn.Module) -> bool:
+    """An elementwise nonlinearity module (ReLU, GELU, Tanh, ...); not Identity or Softmax."""
+    return isinstance(module, ACTIVATION_TYPES)
+
+
+def is_normalizer(module: nn.Module) -> bool:
+    """torch's normalization layers, and any module whose class sets ``is_normalizer = True``."""
+    return getattr(type(module), "is_normalizer", False) is True or isinstance(
+        module, NORMALIZER_TYPES
+    )
+
+
+def is_affine(module: nn.Module) -> bool:
+    """A Linear or Conv layer (weight-parametrized ones included)."""
+    return isinstance(module, AFFINE_TYPES)
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """One call of a selected layer in a forward pass.
+
+    ``label`` is ``name`` for the first call of the module and ``name#k`` for
+    its k-th call; ``depth`` is the 1-based position among the selected
+    layers' calls, in the order they finished (a module's output exists once
+    its forward returns).
+    """
+
+    label: str
+    name: str
+    call: int
+    depth: int
+    module_type: str
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select_layers(
+    model: nn.Module,
+    layers: Layers = None,
+    *,
+    default: Literal["representations", "gradients"] = "representations",
+) -> dict[str, nn.Module]:
+    """The modules named by ``layers``, by qualified name, in registration order.
+
+    ``layers`` is ``None`` (the default rule), a list of module names, a module
+    type or tuple of types, or a regex matched against whole names. The
+    default rule for representations is DESIGN.md's: every activation module,
+    else every normalization module, else every Linear/Conv; for gradients it
+    is every Linear/Conv (the layers that own a weight). Depths are not known
+    here: they come from running the model (:class:`Probe`).
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> list(select_layers(net)), list(select_layers(net, default="gradients"))
+    (['1'], ['0', '2'])
+    >>> list(select_layers(net, r"[02]"))
+    ['0', '2']
+    """
+    named = {name: m for name, m in model.named_modules() if name}
+    if not named:
+        raise ProbeError(
+            f"{type(model).__name__} has no submodules to probe; probes hook into the layers of a "
+            f"model (e.g. a Sequential of Linear and ReLU modules)"
+        )
+    if layers is None:
+        return _default_layers(named, default)
+    if isinstance(layers, str):
+        return _by_regex(named, layers)
+    if isinstance(layers, type) or _all_types(layers):
+        return _by_type(named, layers)
+    if isinstance(layers, Sequence) and all(isinstance(n, str) for n in layers):
+        return _by_names(named, list(layers))
+    raise ProbeError(
+        f"layers must be None (the default rule), a list of module names, a module type or tuple "
+        f"of types, or a regex string; got {type(layers).__name__} {layers!r}"
+    )
+
+
+def _all_types(layers: object) -> bool:
+    return isinstance(layers, tuple) and bool(layers) and all(isinstance(t, type) for t in layers)
+
+
+def _default_layers(
+    named: dict[str, nn.Module], default: Literal["representations", "gradients"]
+) -> dict[str, nn.Module]:
+    if default == "representations":
+        rules = [("activation", is_activation), ("normalization", is_normalizer)]
+    elif default == "gradients":
+        rules = []
+    else:
+        raise ProbeError(f"default must be 'representations' or 'gradients', got {default!r}")
+    rules.append(("Linear/Conv", is_affine))
+    for _, rule in rules:
+        chosen = {name: m for name, m in named.items() if rule(m)}
+        if chosen:
+            return chosen
+    kinds = " or ".join(kind for kind, _ in rules)
+    raise ProbeError(
+        f"the model has no {kinds} modules for the default layer rule; name the layers to probe "
+        f"with layers=[...] (module names), a module type, or a regex; modules: "
+        f"{_preview(list(named))}"
+    )
+
+
+def _by_regex(named: dict[str, nn.Module], pattern: str) -> dict[str, nn.Module]:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise ProbeError(f"layers={pattern!r} is not a valid regular expression: {err}") from None
+    chosen = {name: m for name, m in named.items() if compiled.fullmatch(name)}
+    if not chosen:
+        literal = pattern.replace("\\", "")
+        raise ProbeError(
+            f"the regex layers={pattern!r} matches no module name (it must match a whole name)"
+            f"{_did_you_mean(literal, list(named))}; module names: {_preview(list(named))}"
+        )
+    return chosen
+
+
+def _by_type(
+    named: dict[str, nn.Module], types: type[nn.Module] | tuple[type[nn.Module], ...]
+) -> dict[str, nn.Module]:
+    chosen = {name: m for name, m in named.items() if isinstance(m, types)}
+    if not chosen:
+        wanted = types.__name__ if isinstance(types, type) else [t.__name__ for t in types]
+        present = sorted({type(m).__name__ for m in named.values()})
+        raise ProbeError(
+            f"layers={wanted} selects no module of this model; its module types are: "
+            f"{', '.join(present)}"
+        )
+    return chosen
+
+
+def _by_names(named: dict[str, nn.Module], names: list[str]) -> dict[str, nn.Module]:
+    if not names:
+        raise ProbeError("layers=[] selects nothing; pass module names, or None for the default")
+    unknown = [n for n in names if n not in named]
+    if unknown:
+        hints = "; ".join(f"{n!r}{_did_you_mean(n, list(named))}" for n in unknown[:3])
+        raise ProbeError(
+            f"unknown module name(s) in layers: {hints}; module names: {_preview(list(named))}"
+        )
+    return {name: named[name] for name in named if name in set(names)}
+
+
+def _did_you_mean(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _preview(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+# --------------------------------------------------------------------------- state
+
+
+@contextmanager
+def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[nn.Module]:
+    """Run probe passes on ``model`` and leave it exactly as it was found.
+
+    Inside: ``mode`` ("train": batch-statistic normalizers use the batch's
+    statistics, as in training; "eval": running statistics), running
+    statistics frozen (never updated), dropout modules in eval mode (a probe
+    measures the network, not its dropout noise), and the global random state
+    forked and seeded with ``seed`` (any other randomness in the model, e.g.
+    attention dropout, is reproducible and the caller's random state is left
+    alone). On exit, buffers, ``.grad``, ``training`` flags, ``requires_grad``
+    and plain attributes such as RegNorm's recorded penalty are put back.
+
+    >>> bn = nn.BatchNorm1d(2)
+    >>> with session(bn, "train"):
+    ...     _ = bn(torch.randn(8, 2) + 5)
+    >>> float(bn.running_mean.abs().max()), bn.training
+    (0.0, True)
+    """
+    _check_mode(mode)
+    modules = list(model.modules())
+    training = mode == "train"
+    with ExitStack() as stack:
+        stack.enter_context(preserved(model))
+        stack.enter_context(_attributes_kept(modules))
+        stack.enter_context(frozen_statistics(model))
+        stack.enter_context(_forked_random_state(model, seed))
+        if any(m.training != training for m in modules):
+            model.train(training)
+        for m in modules:
+            if training and isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
+        yield model
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ProbeError(
+            f"mode must be 'train' (batch statistics, as in training) or 'eval' (running "
+            f"statistics), got {mode!r}"
+        )
+
+
+# attributes every nn.Module has; preserved() and frozen_statistics() handle the rest of torch's
+_MODULE_KEYS = frozenset(vars(nn.Module()))
+_PLAIN = (torch.Tensor, bool, int, float, type(None))
+
+
+@contextmanager
+def _attributes_kept(modules: list[nn.Module]) -> Iterator[None]:
+    """Restore plain attributes (tensors, numbers, flags) a forward pass may overwrite.
+
+    Buffers and parameters are :func:`preserved`'s job; this covers the
+    rest, e.g. the penalty RegNorm records on every pass (with its autograd
+    graph) or a module's "already warned" flag.
+    """
+    saved = [
+        (m, key, value)
+        for m in modules
+        for key, value in vars(m).items()
+        if key not in _MODULE_KEYS and isinstance(value, _PLAIN)
+    ]
+    try:
+        yield
+    finally:
+        for m, key, value in saved:
+            m.__dict__[key] = value
+
+
+@contextmanager
+def _forked_random_state(model: nn.Module, seed: int) -> Iterator[None]:
+    device = model_device(model)
+    cuda = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(cuda[0]):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without either)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (torch's default otherwise)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def to_model(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``x`` on the model's device; floating-point inputs in the model's dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise ProbeError(f"expected a tensor of inputs, got {type(x).__name__}")
+    dtype = model_dtype(model) if x.is_floating_point() else x.dtype
+    return x.to(device=model_device(model), dtype=dtype)
+
+
+# --------------------------------------------------------------------------- capture
+
+
+class Probe:
+    """Hooks on chosen layers recording, per forward pass, each call in execution order.
+
+    ``capture="outputs"`` keeps a detached copy of each selected layer's
+    output (``activations``); ``capture="weights"`` keeps the ``weight`` and
+    ``bias`` tensors each layer applied, as autograd sees them (after a weight
+    parametrization such as weight norm, or as substituted by
+    ``torch.func.functional_call``), so a probe can take gradients with
+    respect to them (``weights``). A pass is one call of ``model``; each new
+    pass replaces the record. The model runs as :func:`session` describes and
+    is left exactly as found when the block exits.
+
+    ``reduce(call, output)``, if set (also between passes: ``p.reduce = ...``),
+    runs inside the hook on each output instead of copying it, and its result
+    is kept in ``reduced``: a statistic computed while the output is fresh,
+    before any later in-place op, without holding every activation.
+
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> with Probe(net, layers=["0", "1"]) as p:
+    ...     _ = net(torch.randn(5, 3))
+    >>> p.layers
+    {'0': 1, '1': 2}
+    >>> p.activations["1"].shape
+    torch.Size([5, 4])
+    >>> with Probe(net, reduce=lambda call, h: (h > 0).float().mean().item()) as p:
+    ...     _ = net(torch.randn(5, 3))
+    >>> list(p.reduced)  # the default layers: the activation modules
+    ['1']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Layers = None,
+        *,
+        mode: Mode = "train",
+        seed: int = 0,
+        capture: Capture = "outputs",
+        reduce: Reduce | None = None,
+    ) -> None:
+        _check_mode(mode)
+        if capture not in ("outputs", "weights"):
+            raise ProbeError(f"capture must be 'outputs' or 'weights', got {capture!r}")
+        if not isinstance(model, nn.Module):
+            raise ProbeError(f"probes need a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.mode = mode
+        self.seed = seed
+        self.capture = capture
+        self.reduce = reduce
+        default = "representations" if capture == "outputs" else "gradients"
+        self.selected = select_layers(model, layers, default=default)
+        # explicitly named layers must all run; a default, type or regex selection
+        # drops modules that never ran (e.g. MultiheadAttention.out_proj, called functionally)
+        named = isinstance(layers, Sequence) and not isinstance(layers, str)
+        self._required = list(self.selected) if named and not _all_types(layers) else []
+        self._stack: ExitStack | None = None
+        self._calls: list[LayerCall] = []
+        self._records: dict[str, Any] = {}
+        self._reduced: dict[str, Any] = {}
+        self._counts: dict[str, int] = {}
+
+    # -- context manager
+
+    def __enter__(self) -> Probe:
+        if self._stack is not None:
+            raise ProbeError("this Probe is already active; a Probe is entered once at a time")
+        stack = ExitStack()
+        try:
+            stack.enter_context(session(self.model, self.mode, self.seed))
+            if self.capture == "weights":
+                # one effective weight per parametrized layer per block, the tensor forward uses
+                stack.enter_context(parametrize.cached())
+                for module in self.selected.values():
+                    for p in module.parameters():
+                        p.requires_grad_(True)
+            handles = [
+                self.model.register_forward_pre_hook(self._start_pass),
+                self.model.register_forward_hook(self._end_pass),
+            ]
+            for name, module in self.selected.items():
+                handles.append(module.register_forward_hook(partial(self._record, name)))
+            for handle in handles:
+                stack.callback(handle.remove)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()  # hooks first, then the model's state (LIFO)
+
+    # -- what the last pass recorded
+
+    @property
+    def calls(self) -> list[LayerCall]:
+        """The selected layers' calls in the last pass, in execution order."""
+        return list(self._calls)
+
+    @property
+    def layers(self) -> dict[str, int]:
+        """Layer label -> depth (1-based execution order) in the last pass."""
+        return {c.label: c.depth for c in self._calls}
+
+    @property
+    def activations(self) -> dict[str, torch.Tensor]:
+        """Layer label -> detached copy of its output in the last pass (``capture="outputs"``)."""
+        self._expect("outputs", "activations")
+        return dict(self._records)
+
+    @property
+    def reduced(self) -> dict[str, Any]:
+        """Layer label -> what ``reduce`` returned for that call in the last pass."""
+        return dict(self._reduced)
+
+    @property
+    def weights(self) -> dict[str, dict[str, torch.Tensor | None]]:
+        """Layer label -> ``{"weight": W, "bias": b}`` applied in the last pass (``capture="weights"``)."""
+        self._expect("weights", "weights")
+        return dict(self._records)
+
+    def _expect(self, capture: Capture, what: str) -> None:
+        if self.capture != capture:
+            raise ProbeError(f"Probe.{what} needs Probe(..., capture={capture!r})")
+
+    # -- hooks
+
+    def _start_pass(self, module: nn.Module, args: Any) -> None:
+        self._calls, self._records, self._reduced, self._counts = [], {}, {}, {}
+
+    def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
+        ran = set(self._counts)
+        missing = [name for name in self._required if name not in ran]
+        if missing:
+            raise ProbeError(
+                f"layer(s) {', '.join(map(repr, missing))} did not run as modules in the forward "
+                f"pass (torch calls some submodules functionally, e.g. the out_proj of "
+                f"MultiheadAttention), so their depth and output are unknown; leave them out of "
+                f"layers"
+            )
+        if not ran:
+            raise ProbeError(
+                f"none of the selected layers ({_preview(list(self.selected))}) ran as a module "
+                f"in the forward pass; the model may call them functionally (e.g. F.relu): name "
+                f"the layers to probe with layers=..."
+            )
+
+    def _record(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        call = self._counts.get(name, 0) + 1
+        self._counts[name] = call
+        label = name if call == 1 else f"{name}#{call}"
+        self._calls.append(
+            LayerCall(label, name, call, len(self._calls) + 1, type(module).__name__)
+        )
+        if self.capture == "weights":
+            self._records[label] = _applied_weights(name, module)
+        elif self.reduce is not None:
+            self._reduced[label] = self.reduce(self._calls[-1], _output(name, output).detach())
+        else:
+            # a copy: a later in-place op (ReLU(inplace=True), out += x) would change the original
+            self._records[label] = _output(name, output).detach().clone()
+
+
+def _output(name: str, output: Any) -> torch.Tensor:
+    if not isinstance(output, torch.Tensor):
+        raise ProbeError(
+            f"layer {name!r} returned {type(output).__name__}, not a tensor; representation "
+            f"probes need layers that return one tensor: choose another layer (e.g. a submodule)"
+        )
+    return output
+
+
+def _applied_weights(name: str, module: nn.Module) -> dict[str, torch.Tensor | None]:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ProbeError(
+            f"layer {name!r} ({type(module).__name__}) has no weight tensor; gradient probes "
+            f"need layers with a weight (Linear, Conv, normalizers with an affine scale)"
+        )
+    if not weight.requires_grad:
+        raise ProbeError(
+            f"the weight of layer {name!r} does not depend on any parameter of the layer, so it "
+            f"has no gradient to probe; choose layers whose weight is a parameter"
+        )
+    bias = getattr(module, "bias", None)
+    bias = bias if isinstance(bias, torch.Tensor) and bias.requires_grad else None
+    return {"weight": weight, "bias": bias}
+
+
+def unpack_batch(batch: Any, what: str = "batch") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` from a batch given as a 2-sequence of tensors; a clear error otherwise."""
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and all(isinstance(t, torch.Tensor) for t in batch)
+    ):
+        return batch[0], batch[1]
+    got = type(batch).__name__ + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
+    raise ProbeError(f"{what} must be an (inputs, targets) pair of tensors, got {got}")
+
+
+def check_same_layers(first: Sequence[LayerCall], second: Sequence[LayerCall], what: str) -> None:
+    """Raise if two passes ran different selected layers (data-dependent control flow)."""
+    a, b = [c.label for c in first], [c.label for c in second]
+    if a != b:
+        raise ProbeError(
+            f"the model ran different layers for {what}: {_preview(a, 6)} against "
+            f"{_preview(b, 6)}; probes compare the same layers across passes, so the selected "
+            f"layers must run in the same order every time"
+        )

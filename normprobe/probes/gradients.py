@@ -1,0 +1,315 @@
+"""Gradient probes: gradient correlation (003 sec. 4.2, 5) and gradient norm with depth (sec. 4.3).
+
+Both take the gradient of the mean loss ``loss_fn(model(x), y)`` with respect
+to each layer's parameters, for all layers at once with one
+``torch.autograd.grad`` call per batch (``.grad`` fields are never touched).
+
+Which tensors: a layer's *weight* is the weight tensor the layer applies in
+the forward pass, as autograd sees it: the parameter itself for a plain
+Linear/Conv, the effective ``W = g V / ||V||`` for weight-normalized layers
+(``torch.nn.utils.parametrize``), and the balanced ``W''`` for balanced layers
+that call their affine op through ``torch.func.functional_call``. Its gradient
+is ``sum over the batch of dL/dz x^T`` for every normalizer, which makes the
+norms comparable across normalizers. A layer's *parameters* (for gradient
+correlation) are that weight and the bias it applies, if any. A module called
+several times in a pass contributes one row: the gradient with respect to its
+weight sums the uses.
+
+Default layers: every Linear/Conv that runs, in execution order (depth 1 is
+nearest the input; depth is the rank of a module's first call).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from normprobe.probes.capture import (
+    Layers,
+    Mode,
+    Probe,
+    ProbeError,
+    check_same_layers,
+    model_device,
+    to_model,
+    unpack_batch,
+)
+
+__all__ = [
+    "LossFn",
+    "LayerGradient",
+    "cosine",
+    "log_linear_slope",
+    "layer_gradients",
+    "gradient_correlation",
+    "gradient_norms",
+    "growth_rate",
+]
+
+#: ``loss_fn(output, target) -> mean loss``, e.g. ``torch.nn.functional.cross_entropy``
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Batch = Sequence[torch.Tensor]
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of ``a`` and ``b`` flattened (0-dim tensor; NaN if either is zero).
+
+    >>> round(cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])).item(), 6)
+    0.707107
+    """
+    a, b = a.reshape(-1), b.reshape(-1)
+    return torch.dot(a, b) / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
+
+
+def log_linear_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """Least-squares slope of ``log(y)`` against ``x`` (float64).
+
+    >>> round(log_linear_slope([1, 2, 3], [1.0, math.e, math.e**2]), 12)
+    1.0
+    """
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xs.shape != ys.shape or xs.size < 2 or np.ptp(xs) == 0:
+        raise ProbeError(
+            f"a log-linear fit needs at least two points at different x, got x={xs.tolist()}"
+        )
+    if not (np.isfinite(ys).all() and (ys > 0).all()):
+        raise ProbeError(
+            f"a log-linear fit needs finite positive values, got {ys.tolist()}; a zero gradient "
+            f"norm (a dead layer) has no logarithm: leave that layer out"
+        )
+    xc = xs - xs.mean()
+    return float(xc @ (np.log(ys) - np.log(ys).mean()) / (xc @ xc))
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+@dataclass(frozen=True)
+class LayerGradient:
+    """The gradient of the mean loss for one layer (module) of a pass."""
+
+    name: str
+    depth: int
+    calls: int
+    module_type: str
+    shape: str
+    weight: torch.Tensor  # d loss / d (applied weight), summed over distinct applied tensors
+    bias: torch.Tensor | None  # d loss / d (applied bias), if the layer has one
+
+    def params(self) -> torch.Tensor:
+        """The gradient with respect to all the layer's parameters, flattened (weight, then bias)."""
+        if self.bias is None:
+            return self.weight.reshape(-1)
+        return torch.cat([self.weight.reshape(-1), self.bias.reshape(-1)])
+
+
+def layer_gradients(
+    probe: Probe, model: nn.Module, loss_fn: LossFn, batch: Batch
+) -> list[LayerGradient]:
+    """Run one forward and one backward (``torch.autograd.grad``) for all probed layers at once.
+
+    ``probe`` must be an active ``Probe(model, ..., capture="weights")``.
+    Layers are returned in order of their first call.
+    """
+    if probe.capture != "weights" or probe.model is not model:
+        raise ProbeError("layer_gradients needs an active Probe(model, capture='weights')")
+    x, y = unpack_batch(batch)
+    x, y = to_model(x, model), y.to(model_device(model))
+    with torch.enable_grad():
+        loss = loss_fn(model(x), y)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ProbeError(
+            f"loss_fn must return the mean loss as a scalar tensor, got {got}; use a loss with "
+            f"reduction='mean' (e.g. torch.nn.functional.cross_entropy)"
+        )
+    if not loss.requires_grad:
+        raise ProbeError(
+            "the loss returned by loss_fn does not depend on the model's parameters (was it "
+            "detached, or computed under torch.no_grad()?)"
+        )
+
+    # distinct tensors (a tied or reused weight is one tensor) -> one autograd.grad call
+    tensors: list[torch.Tensor] = []
+    index: dict[int, int] = {}
+    layers: dict[str, dict[str, list[int]]] = {}
+    first = {}
+    records = probe.weights
+    for c in probe.calls:
+        entry = layers.setdefault(c.name, {"weight": [], "bias": [], "calls": []})
+        first.setdefault(c.name, c)
+        entry["calls"].append(c.call)
+        for key in ("weight", "bias"):
+            t = records[c.label][key]
+            if t is None:
+                continue
+            i = index.setdefault(id(t), len(tensors))
+            if i == len(tensors):
+                tensors.append(t)
+            if i not in entry[key]:
+                entry[key].append(i)
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+
+    result = []
+    for depth, (name, entry) in enumerate(layers.items(), start=1):
+        weight = _summed([grads[i] for i in entry["weight"]])
+        bias = _summed([grads[i] for i in entry["bias"]]) if entry["bias"] else None
+        result.append(
+            LayerGradient(
+                name=name,
+                depth=depth,
+                calls=len(entry["calls"]),
+                module_type=first[name].module_type,
+                shape="x".join(map(str, weight.shape)),
+                weight=weight,
+                bias=bias,
+            )
+        )
+    return result
+
+
+def _summed(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.stack(tensors).sum(dim=0)
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def gradient_norms(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    *,
+    layers: Layers = None,
+    mode: Mode = "train",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Frobenius norm of the gradient of the mean loss w.r.t. each layer's weight, by depth.
+
+    ``batch`` is ``(x, y)``; ``loss_fn(model(x), y)`` must return the mean
+    loss. The probe differentiates exactly that loss: to include RegNorm's
+    penalty pass ``lambda out, y: F.cross_entropy(out, y) + lam *
+    normprobe.norms.regularization(model)``. The model runs in ``mode``
+    (default "train", batch statistics) and is left exactly as found.
+
+    Returns two rows per layer: ``grad_norm`` and ``grad_norm_ratio`` (to the
+    deepest layer's norm, usually the head's); columns ``layer``, ``depth``
+    (1 nearest the input), ``metric``, ``value``, ``module_type``, ``shape``
+    (of the weight), ``calls``, ``mode``, ``probe_seed``. See :func:`growth_rate`.
+
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> batch = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> frame = gradient_norms(net, nn.functional.cross_entropy, batch)
+    >>> frame.query("metric == 'grad_norm_ratio'").value.tolist()[-1]
+    1.0
+    """
+    with Probe(model, layers, mode=mode, seed=seed, capture="weights") as probe:
+        grads = layer_gradients(probe, model, loss_fn, batch)
+    norms = torch.stack([torch.linalg.vector_norm(g.weight) for g in grads])
+    ratios = norms / norms[-1]
+    values = torch.stack([norms, ratios], dim=1).double().cpu().tolist()  # one device sync
+    rows = [
+        (g, metric, v)
+        for g, pair in zip(grads, values)
+        for metric, v in zip(("grad_norm", "grad_norm_ratio"), pair)
+    ]
+    return _frame(rows, mode, seed)
+
+
+def gradient_correlation(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch_a: Batch,
+    batch_b: Batch,
+    *,
+    layers: Layers = None,
+    mode: Mode = "train",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Cosine similarity of two minibatches' gradients of the mean loss, per layer (gradient confusion).
+
+    For each layer, the gradients with respect to its parameters (the weight
+    it applies and its bias, flattened together) on ``batch_a`` and on
+    ``batch_b``, two disjoint ``(x, y)`` minibatches, are compared by cosine
+    similarity. Each batch is its own forward pass (its own batch statistics
+    in train mode). Rows: ``metric="grad_corr"``; columns as
+    :func:`gradient_norms`.
+
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> a = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> b = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> gradient_correlation(net, nn.functional.cross_entropy, a, b).layer.tolist()
+    ['0', '2']
+    """
+    with Probe(model, layers, mode=mode, seed=seed, capture="weights") as probe:
+        grads_a = layer_gradients(probe, model, loss_fn, batch_a)
+        calls_a = probe.calls
+        grads_b = layer_gradients(probe, model, loss_fn, batch_b)
+        check_same_layers(calls_a, probe.calls, "batch_a and batch_b")
+    values = torch.stack([cosine(a.params(), b.params()) for a, b in zip(grads_a, grads_b)])
+    rows = [(g, "grad_corr", v) for g, v in zip(grads_a, values.double().cpu().tolist())]
+    return _frame(rows, mode, seed)
+
+
+def _frame(rows: list[tuple[LayerGradient, str, float]], mode: str, seed: int) -> pd.DataFrame:
+    n = len(rows)
+    return pd.DataFrame(
+        {
+            "layer": [g.name for g, _, _ in rows],
+            "depth": [g.depth for g, _, _ in rows],
+            "metric": [metric for _, metric, _ in rows],
+            "value": [value for _, _, value in rows],
+            "module_type": [g.module_type for g, _, _ in rows],
+            "shape": [g.shape for g, _, _ in rows],
+            "calls": [g.calls for g, _, _ in rows],
+            "mode": [mode] * n,
+            "probe_seed": [seed] * n,
+        }
+    )
+
+
+def growth_rate(frame: pd.DataFrame) -> float:
+    """Per-layer growth of the gradient norm towards the input: ``exp(-slope)`` of log norm vs depth.
+
+    ``slope`` is the least-squares slope of ``log(grad_norm)`` against depth,
+    and depth grows towards the output, so a network whose earliest layers
+    have the largest gradients (gradients explode towards the input) has a
+    negative slope and a growth rate ``> 1``; ``< 1`` means they vanish
+    towards the input. ``frame`` is one network's :func:`gradient_norms`
+    (group a combined frame first, e.g. ``frame.groupby("norm").apply(growth_rate)``).
+
+    >>> frame = pd.DataFrame({"depth": [1, 2, 3], "metric": "grad_norm", "value": [4.0, 2.0, 1.0]})
+    >>> round(growth_rate(frame), 12)
+    2.0
+    """
+    missing = {"depth", "metric", "value"} - set(frame.columns)
+    if missing:
+        raise ProbeError(
+            f"growth_rate needs a frame with columns depth, metric, value (from gradient_norms); "
+            f"missing {sorted(missing)}"
+        )
+    rows = frame[frame["metric"] == "grad_norm"]
+    if rows.empty:
+        raise ProbeError(
+            "growth_rate found no rows with metric 'grad_norm'; pass the frame returned by "
+            "gradient_norms"
+        )
+    if rows["depth"].duplicated().any():
+        raise ProbeError(
+            "growth_rate got several grad_norm rows at the same depth, i.e. more than one "
+            "network; group the frame first, e.g. frame.groupby('norm').apply(growth_rate)"
+        )
+    slope = log_linear_slope(rows["depth"].tolist(), rows["value"].tolist())
+    return math.exp(-slope)

@@ -1,0 +1,289 @@
+"""Representation correlation with depth (information propagation, 003 sec. 4.1).
+
+For a minibatch ``X`` and a similar minibatch ``X'``, per layer
+``rho_l = pearson(vec h_l(X), vec h_l(X'))``, ``vec`` flattening the whole
+minibatch (N x features; a transformer's (N, T, D) output entirely). Pairings
+(DESIGN.md, Probes 1):
+
+- ``noise`` (default): ``X' = X + s * std(X) * eps``, ``eps ~ N(0, 1)`` drawn
+  from a ``torch.Generator`` seeded with ``seed``, ``s = 0.3``, ``std`` the
+  biased standard deviation of all entries of ``X``;
+- ``independent``: ``X'`` is a disjoint minibatch of the same shape
+  (``x_other``);
+- ``within``: the mean off-diagonal cosine similarity of the per-example
+  representations of one minibatch (Yang et al. 2019's gram matrix).
+
+The input itself is the row at depth 0 (``layer="input"``): the reference
+point that the correlation of every later layer is compared with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import pandas as pd
+import torch
+from torch import nn
+
+from normprobe.probes.capture import (
+    LayerCall,
+    Layers,
+    Mode,
+    Probe,
+    ProbeError,
+    check_same_layers,
+    to_model,
+)
+
+__all__ = [
+    "Pairing",
+    "PAIRINGS",
+    "METRICS",
+    "pearson",
+    "centred",
+    "pearson_centred",
+    "mean_offdiagonal_cosine",
+    "noisy_copy",
+    "representation_correlation",
+]
+
+Pairing = Literal["noise", "independent", "within"]
+PAIRINGS: tuple[str, ...] = ("noise", "independent", "within")
+#: the metric name of each pairing: Pearson correlation across two batches, cosine within one
+METRICS: dict[str, str] = {
+    "noise": "repr_corr_noise",
+    "independent": "repr_corr_independent",
+    "within": "repr_cos_within",
+}
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+def _float(t: torch.Tensor) -> torch.Tensor:
+    """At least float32, so half-precision activations are reduced accurately."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def centred(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` flattened minus its mean, and the norm of that vector (the two halves of a Pearson r)."""
+    v = _float(a).reshape(-1)
+    v = v - v.mean()
+    return v, torch.linalg.vector_norm(v)
+
+
+def pearson_centred(a_centred: torch.Tensor, a_norm: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`pearson` of ``a`` and ``b`` given ``centred(a)``, so ``b`` need not be stored."""
+    if a_centred.numel() != b.numel():
+        raise ProbeError(
+            f"pearson needs two tensors with as many entries, got {a_centred.numel()} and "
+            f"{b.numel()}"
+        )
+    v, v_norm = centred(b)
+    return torch.dot(a_centred, v) / (a_norm * v_norm)
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of ``a`` and ``b`` flattened (0-dim tensor; NaN if one is constant).
+
+    >>> round(pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 7.0])).item(), 6)
+    0.993399
+    """
+    return pearson_centred(*centred(a), b)
+
+
+def mean_offdiagonal_cosine(h: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean cosine similarity over all pairs ``i != j`` of the rows of ``h`` (N, ...) flattened.
+
+    Uses ``sum_{i != j} u_i . u_j = |sum_i u_i|^2 - sum_i |u_i|^2`` for the unit
+    rows ``u_i``, so no N x N matrix is formed and the rows are read twice
+    (their norms, then one matrix-vector product). A zero row has cosine 0
+    with everything, as in ``torch.nn.functional.cosine_similarity`` (norms
+    clamped to ``eps``).
+
+    >>> round(mean_offdiagonal_cosine(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])).item(), 6)
+    0.333333
+    """
+    n = h.shape[0] if h.dim() else 0
+    if n < 2:
+        raise ProbeError(
+            f"the within-batch cosine needs at least 2 examples, got a batch of {n}; "
+            f"use a larger batch"
+        )
+    rows = _float(h).reshape(n, -1)
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    inverse = 1.0 / norms.clamp_min(eps)
+    total = inverse @ rows  # sum_i u_i
+    return (torch.dot(total, total) - (norms * inverse).square().sum()) / (n * (n - 1))
+
+
+def noisy_copy(x: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """``x + scale * std(x) * eps`` with ``eps ~ N(0, 1)`` from ``generator`` (biased std of all of x).
+
+    >>> x = torch.arange(6.0).reshape(2, 3)
+    >>> torch.equal(noisy_copy(x, 0.0, torch.Generator().manual_seed(0)), x)
+    True
+    """
+    if not x.is_floating_point():
+        raise ProbeError(
+            f"the noise pairing perturbs the inputs, which needs floating-point inputs, got "
+            f"{x.dtype}; use pairing='independent' with a second batch (e.g. token ids)"
+        )
+    eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return x + scale * x.std(correction=0) * eps
+
+
+# --------------------------------------------------------------------------- the probe
+
+
+def representation_correlation(
+    model: nn.Module,
+    x: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    pairing: Pairing = "noise",
+    x_other: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    layers: Layers = None,
+    mode: Mode = "train",
+    noise_scale: float = 0.3,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Correlation of each layer's representations of two similar minibatches, by depth.
+
+    ``x`` is a minibatch of inputs (or an ``(inputs, targets)`` batch, whose
+    targets are ignored). ``pairing`` chooses the second minibatch (module
+    docstring); ``x_other`` is the disjoint minibatch for
+    ``pairing="independent"``. Both minibatches run through the model in
+    ``mode`` (default "train": batch-statistic normalizers use each batch's
+    own statistics, as in training) as two separate passes, so neither
+    batch's statistics leak into the other's; running statistics are never
+    updated and the model is left exactly as found. ``seed`` draws the noise
+    of the "noise" pairing and seeds any randomness inside the model (on a
+    forked random state, so the caller's is untouched).
+
+    Returns one row per layer call plus the input (depth 0): columns
+    ``layer``, ``depth``, ``metric`` (``repr_corr_noise``,
+    ``repr_corr_independent`` or ``repr_cos_within``), ``value``, ``pairing``,
+    ``module``, ``call``, ``module_type``, ``shape`` (one example's
+    representation), ``mode``, ``probe_seed`` (``seed``). A constant
+    representation has an undefined correlation (NaN). A module called twice
+    has rows ``name`` and ``name#2`` (``call`` 1 and 2).
+
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+    >>> frame = representation_correlation(net, torch.randn(32, 8))
+    >>> frame.layer.tolist(), frame.depth.tolist(), frame.metric.unique().tolist()
+    (['input', '1', '3'], [0, 1, 2], ['repr_corr_noise'])
+    """
+    if pairing not in PAIRINGS:
+        raise ProbeError(
+            f"unknown pairing {pairing!r}; choose 'noise' (X' = X + {noise_scale} std(X) eps), "
+            f"'independent' (a disjoint batch passed as x_other) or 'within' (cosine between the "
+            f"examples of one batch)"
+        )
+    x = to_model(_inputs(x, "x"), model)
+    if pairing == "independent":
+        if x_other is None:
+            raise ProbeError(
+                "pairing='independent' compares two disjoint minibatches: pass the second one "
+                "as x_other=, with the same shape as x"
+            )
+        x_other = to_model(_inputs(x_other, "x_other"), model)
+        if x_other.shape != x.shape:
+            raise ProbeError(
+                f"x_other must have the shape of x, {tuple(x.shape)}, got {tuple(x_other.shape)}; "
+                f"take two disjoint minibatches of the same size"
+            )
+        if torch.equal(x_other, x):
+            raise ProbeError(
+                "x_other equals x; pairing='independent' needs a disjoint minibatch (or use "
+                "pairing='within' for one batch)"
+            )
+    elif x_other is not None:
+        raise ProbeError(
+            f"x_other is only used with pairing='independent', got pairing={pairing!r}; "
+            f"drop x_other or set pairing='independent'"
+        )
+    if pairing == "noise":
+        if not (isinstance(noise_scale, (int, float)) and 0 <= noise_scale < float("inf")):
+            raise ProbeError(
+                f"noise_scale must be a finite number >= 0 (DESIGN.md: 0.3), got {noise_scale!r}"
+            )
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        x_other = noisy_copy(x, noise_scale, generator)
+
+    # Statistics are computed inside the hooks, while each output is fresh: only the
+    # first batch's centred representations are held, the second batch's are not stored.
+    with Probe(model, layers, mode=mode, seed=seed) as probe, torch.no_grad():
+        if pairing == "within":
+            n = x.shape[0]
+            probe.reduce = lambda call, h: (_within(h, call, n), _shape(h))
+            model(x)
+            calls, kept = probe.calls, probe.reduced
+            values = [mean_offdiagonal_cosine(x), *(kept[c.label][0] for c in calls)]
+        else:
+            probe.reduce = lambda call, h: (*centred(h), _shape(h))
+            model(x)
+            calls, kept = probe.calls, probe.reduced
+            probe.reduce = lambda call, h: _correlate(kept.get(call.label), h)
+            model(x_other)
+            check_same_layers(calls, probe.calls, "the two minibatches")
+            correlations = probe.reduced
+            values = [pearson(x, x_other), *(correlations[c.label] for c in calls)]
+        shapes = [_shape(x), *(kept[c.label][-1] for c in calls)]
+    return _frame(calls, shapes, values, pairing, mode, seed)
+
+
+def _correlate(first: tuple | None, h: torch.Tensor) -> torch.Tensor:
+    if first is None:  # a layer the first pass did not run; check_same_layers reports it
+        return torch.full((), float("nan"), device=h.device)
+    a_centred, a_norm, _ = first
+    return pearson_centred(a_centred, a_norm, h)
+
+
+def _inputs(x: object, what: str) -> torch.Tensor:
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]  # an (inputs, targets) batch
+    if not isinstance(x, torch.Tensor):
+        raise ProbeError(f"{what} must be a tensor of inputs (or an (x, y) batch), got {x!r:.60}")
+    return x
+
+
+def _within(h: torch.Tensor, call: LayerCall, n: int) -> torch.Tensor:
+    if h.dim() == 0 or h.shape[0] != n:
+        raise ProbeError(
+            f"layer {call.label!r} returned shape {tuple(h.shape)}, whose first axis is not the "
+            f"batch of {n}; pairing='within' compares examples along the first axis (use "
+            f"batch_first=True for transformers)"
+        )
+    return mean_offdiagonal_cosine(h)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(map(str, t.shape[1:])) or "1"
+
+
+def _frame(
+    calls: list[LayerCall],
+    shapes: list[str],
+    values: list[torch.Tensor],
+    pairing: str,
+    mode: str,
+    seed: int,
+) -> pd.DataFrame:
+    n = len(calls) + 1
+    return pd.DataFrame(
+        {
+            "layer": ["input", *(c.label for c in calls)],
+            "depth": [0, *(c.depth for c in calls)],
+            "metric": [METRICS[pairing]] * n,
+            "value": torch.stack(values).double().cpu().tolist(),  # one device sync
+            "pairing": [pairing] * n,
+            "module": ["input", *(c.name for c in calls)],
+            "call": [1, *(c.call for c in calls)],
+            "module_type": ["input", *(c.module_type for c in calls)],
+            "shape": shapes,
+            "mode": [mode] * n,
+            "probe_seed": [seed] * n,
+        }
+    )

@@ -1,0 +1,210 @@
+"""Gradient correlation, gradient norms and growth rate against hand computations."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normprobe
+from normprobe.probes import (
+    Probe,
+    ProbeError,
+    gradient_correlation,
+    gradient_norms,
+    growth_rate,
+)
+
+
+def _tiny() -> tuple[nn.Module, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 3), (4,), (2, 4), (2,)]
+    w1, b1, w2, b2 = (torch.randn(s, generator=g, dtype=torch.float64) for s in shapes)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        for p, v in zip(net.parameters(), (w1, b1, w2, b2)):
+            p.copy_(v)
+    return net, [w1, b1, w2, b2]
+
+
+def _hand_gradients(
+    weights: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> list[torch.Tensor]:
+    """d mean cross-entropy / d (W1, b1, W2, b2) of relu(x W1^T + b1) W2^T + b2, by the chain rule."""
+    w1, b1, w2, b2 = weights
+    z1 = x @ w1.T + b1
+    h1 = torch.relu(z1)
+    out = h1 @ w2.T + b2
+    d_out = (torch.softmax(out, dim=1) - F.one_hot(y, 2).double()) / x.shape[0]
+    d_z1 = (d_out @ w2) * (z1 > 0)
+    return [d_z1.T @ x, d_z1.sum(0), d_out.T @ h1, d_out.sum(0)]
+
+
+def _batch(seed: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randint(
+        0, 2, (n,), generator=g
+    )
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
+def test_gradient_norms_match_a_hand_computation() -> None:
+    net, weights = _tiny()
+    x, y = _batch(1)
+    dw1, _, dw2, _ = _hand_gradients(weights, x, y)
+    frame = gradient_norms(net, F.cross_entropy, (x, y))
+    norms = frame[frame.metric == "grad_norm"]
+    ratios = frame[frame.metric == "grad_norm_ratio"]
+    assert norms.layer.tolist() == ["0", "2"] and norms.depth.tolist() == [1, 2]
+    assert norms.value.tolist() == pytest.approx([float(dw1.norm()), float(dw2.norm())], abs=1e-12)
+    assert ratios.value.tolist() == pytest.approx([float(dw1.norm() / dw2.norm()), 1.0], abs=1e-12)
+    assert frame.columns[:4].tolist() == ["layer", "depth", "metric", "value"]
+    assert frame["shape"].tolist() == ["4x3", "4x3", "2x4", "2x4"]
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_gradient_correlation_matches_a_hand_computation() -> None:
+    net, weights = _tiny()
+    (xa, ya), (xb, yb) = _batch(1), _batch(2)
+    ga, gb = _hand_gradients(weights, xa, ya), _hand_gradients(weights, xb, yb)
+    expected = [
+        _cos(torch.cat([ga[0].flatten(), ga[1]]), torch.cat([gb[0].flatten(), gb[1]])),
+        _cos(torch.cat([ga[2].flatten(), ga[3]]), torch.cat([gb[2].flatten(), gb[3]])),
+    ]
+    frame = gradient_correlation(net, F.cross_entropy, (xa, ya), (xb, yb))
+    assert frame.layer.tolist() == ["0", "2"] and set(frame.metric) == {"grad_corr"}
+    assert frame.value.tolist() == pytest.approx(expected, abs=1e-12)
+    same = gradient_correlation(net, F.cross_entropy, (xa, ya), (xa, ya))
+    assert same.value.tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_weight_norm_layers_report_the_gradient_of_the_effective_weight() -> None:
+    net, weights = _tiny()
+    net[0] = nn.utils.parametrizations.weight_norm(net[0])  # same effective W1
+    x, y = _batch(1)
+    dw1 = _hand_gradients(weights, x, y)[0]
+    frame = gradient_norms(net, F.cross_entropy, (x, y))
+    assert frame.module_type.tolist()[0] == "ParametrizedLinear"
+    assert frame.value.iloc[0] == pytest.approx(float(dw1.norm()), abs=1e-12)
+
+
+def test_balanced_layers_report_the_gradient_of_the_balanced_weight() -> None:
+    model = normprobe.build_model("mlp", "balanced", seed=0, depth=2, width=8, input_shape=5)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(16, 5, generator=g) + 0.1, torch.randint(0, 10, (16,), generator=g)
+    # reference: dL/dW'' = dL/dz^T x for z = x W''^T, from hooks on a copy of the model
+    ref = copy.deepcopy(model)
+    seen: dict[str, torch.Tensor] = {}
+    ref.blocks[1].affine.register_forward_hook(lambda m, a, z: seen.update(x=a[0], z=z))
+    z_loss = F.cross_entropy(ref(x), y)
+    dz, raw = torch.autograd.grad(z_loss, [seen["z"], ref.blocks[1].affine.weight])
+    expected = (dz.T @ seen["x"]).detach()
+    frame = gradient_norms(model, F.cross_entropy, (x, y))
+    got = frame.query("layer == 'blocks.1.affine' and metric == 'grad_norm'").value.item()
+    assert got == pytest.approx(float(expected.norm()), rel=1e-5)
+    # ... which is not the gradient of the raw parameter the balanced weight is made from
+    assert not math.isclose(float(raw.norm()), got, rel_tol=1e-3)
+
+
+def test_a_reused_module_is_one_row_whose_gradient_sums_its_uses() -> None:
+    torch.manual_seed(0)
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(3, 4)
+            self.shared = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.shared(torch.tanh(self.inp(x))))
+            return self.head(torch.tanh(self.shared(h)))
+
+    model = Shared()
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    (expected,) = torch.autograd.grad(F.cross_entropy(model(x), y), [model.shared.weight])
+    frame = gradient_norms(model, F.cross_entropy, (x, y))
+    norms = frame[frame.metric == "grad_norm"]
+    assert norms.layer.tolist() == ["inp", "shared", "head"]
+    assert norms.depth.tolist() == [1, 2, 3] and norms.calls.tolist() == [1, 2, 1]
+    assert norms.value.iloc[1] == pytest.approx(float(expected.norm()), rel=1e-6)
+
+
+def test_growth_rate_sign_convention() -> None:
+    exploding = pd.DataFrame(
+        {"depth": [1, 2, 3, 4], "metric": "grad_norm", "value": [8.0, 4, 2, 1]}
+    )
+    vanishing = exploding.assign(value=[1.0, 2, 4, 8])
+    assert growth_rate(exploding) == pytest.approx(2.0)  # largest gradients at the input: > 1
+    assert growth_rate(vanishing) == pytest.approx(0.5)
+    noisy = exploding.assign(value=[8.0, 5, 2, 1])
+    slope = torch.linalg.lstsq(
+        torch.tensor([[1.0, d] for d in range(1, 5)], dtype=torch.float64),
+        torch.tensor([8.0, 5, 2, 1], dtype=torch.float64).log()[:, None],
+    ).solution[1, 0]
+    assert growth_rate(noisy) == pytest.approx(math.exp(-float(slope)))
+
+
+def test_batchnorm_gradients_explode_towards_the_input_and_layernorm_ones_do_not() -> None:
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(1))
+    rates = {}
+    for norm in ("batch", "layer"):
+        model = normprobe.build_model("mlp", norm, seed=0, depth=8, width=64, input_shape=16)
+        rates[norm] = growth_rate(gradient_norms(model, F.cross_entropy, (x, y)))
+    assert rates["batch"] > 1.05 and rates["layer"] < 1.0, rates
+
+
+def test_growth_rate_errors() -> None:
+    with pytest.raises(ProbeError, match="no rows with metric 'grad_norm'"):
+        growth_rate(pd.DataFrame({"depth": [1], "metric": ["grad_corr"], "value": [1.0]}))
+    with pytest.raises(ProbeError, match="missing"):
+        growth_rate(pd.DataFrame({"depth": [1]}))
+    two = pd.DataFrame({"depth": [1, 2, 1, 2], "metric": "grad_norm", "value": [1.0, 2, 3, 4]})
+    with pytest.raises(ProbeError, match="groupby"):
+        growth_rate(two)
+    with pytest.raises(ProbeError, match="finite positive"):
+        growth_rate(two.iloc[:2].assign(value=[0.0, 1.0]))
+
+
+def test_gradient_probe_errors() -> None:
+    net, _ = _tiny()
+    x, y = _batch(1)
+    with pytest.raises(ProbeError, match=r"loss_fn must return the mean loss as a scalar.*\(8,\)"):
+        gradient_norms(net, lambda o, t: F.cross_entropy(o, t, reduction="none"), (x, y))
+    with pytest.raises(ProbeError, match="does not depend on the model"):
+        gradient_norms(net, lambda o, t: F.cross_entropy(o, t).detach(), (x, y))
+    with pytest.raises(ProbeError, match=r"\(inputs, targets\) pair"):
+        gradient_norms(net, F.cross_entropy, x)  # type: ignore[arg-type]
+    with pytest.raises(ProbeError, match="has no weight tensor"):
+        gradient_norms(net, F.cross_entropy, (x, y), layers=["1"])
+
+
+def test_frozen_parameters_still_get_probed_and_stay_frozen() -> None:
+    net, weights = _tiny()
+    net.requires_grad_(False)
+    x, y = _batch(1)
+    frame = gradient_norms(net, F.cross_entropy, (x, y))
+    assert frame.value.iloc[0] == pytest.approx(float(_hand_gradients(weights, x, y)[0].norm()))
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_probe_exposes_the_applied_weights_for_new_gradient_probes() -> None:
+    net, _ = _tiny()
+    net[0] = nn.utils.parametrizations.weight_norm(net[0])
+    x, y = _batch(1)
+    with Probe(net, capture="weights") as p:
+        loss = F.cross_entropy(net(x), y)
+        w = p.weights["0"]["weight"]
+        (grad,) = torch.autograd.grad(loss, [w])
+    assert w.grad_fn is not None and grad.shape == (4, 3)
+    with pytest.raises(ProbeError, match="capture='outputs'"):
+        _ = p.activations

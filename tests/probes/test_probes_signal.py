@@ -1,0 +1,249 @@
+"""Representation correlation against hand computations, and on models normprobe did not build."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normprobe.probes import ProbeError, representation_correlation
+from normprobe.probes.signal import mean_offdiagonal_cosine, pearson
+
+
+def _tiny() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 2-layer float64 network and its weights, to compute the expected values by hand."""
+    g = torch.Generator().manual_seed(0)
+    w1, b1 = (
+        torch.randn(4, 3, generator=g, dtype=torch.float64),
+        torch.randn(4, generator=g, dtype=torch.float64),
+    )
+    w2, b2 = (
+        torch.randn(2, 4, generator=g, dtype=torch.float64),
+        torch.randn(2, generator=g, dtype=torch.float64),
+    )
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        (
+            net[0].weight.copy_(w1),
+            net[0].bias.copy_(b1),
+            net[2].weight.copy_(w2),
+            net[2].bias.copy_(b2),
+        )
+    return net, w1, b1, w2, b2
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+def _within(h: torch.Tensor) -> float:
+    h = h.reshape(h.shape[0], -1)
+    sim = F.cosine_similarity(h[:, None, :], h[None, :, :], dim=-1)
+    n = h.shape[0]
+    return float(sim[~torch.eye(n, dtype=torch.bool)].mean())
+
+
+def _values(frame) -> dict[str, float]:
+    return dict(zip(frame.layer, frame.value))
+
+
+def test_noise_pairing_matches_a_hand_computation() -> None:
+    net, w1, b1, w2, b2 = _tiny()
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    frame = representation_correlation(net, x, layers=["0", "1", "2"], seed=5)
+
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x2 = x + 0.3 * x.std(correction=0) * eps
+    z, z2 = x @ w1.T + b1, x2 @ w1.T + b1
+    h, h2 = torch.relu(z), torch.relu(z2)
+    out, out2 = h @ w2.T + b2, h2 @ w2.T + b2
+    expected = {"input": _corr(x, x2), "0": _corr(z, z2), "1": _corr(h, h2), "2": _corr(out, out2)}
+    assert _values(frame) == pytest.approx(expected, abs=1e-12)
+    assert frame.depth.tolist() == [0, 1, 2, 3]
+    assert set(frame.metric) == {"repr_corr_noise"} and set(frame.pairing) == {"noise"}
+    assert frame.columns[:4].tolist() == ["layer", "depth", "metric", "value"]
+    assert frame["shape"].tolist() == ["3", "4", "4", "2"]
+
+
+def test_noise_scale_and_seed_change_the_second_batch() -> None:
+    net, *_ = _tiny()
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    base = representation_correlation(net, x, seed=0)
+    assert representation_correlation(net, x, seed=0).equals(base)
+    assert not representation_correlation(net, x, seed=1).value.equals(base.value)
+    same = representation_correlation(net, x, noise_scale=0.0)
+    assert same.value.tolist() == pytest.approx([1.0, 1.0])
+
+
+def test_independent_and_within_pairings_match_hand_computations() -> None:
+    net, w1, b1, *_ = _tiny()
+    g = torch.Generator().manual_seed(2)
+    x, x_other = torch.randn(2, 7, 3, generator=g, dtype=torch.float64)
+    h, h_other = torch.relu(x @ w1.T + b1), torch.relu(x_other @ w1.T + b1)
+
+    frame = representation_correlation(net, x, pairing="independent", x_other=x_other)
+    assert _values(frame) == pytest.approx({"input": _corr(x, x_other), "1": _corr(h, h_other)})
+    assert set(frame.metric) == {"repr_corr_independent"}
+
+    frame = representation_correlation(net, (x, torch.zeros(7)), pairing="within")
+    assert _values(frame) == pytest.approx({"input": _within(x), "1": _within(h)})
+    assert set(frame.metric) == {"repr_cos_within"}
+
+
+def test_pure_math_against_torch() -> None:
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)
+    assert float(pearson(a, b)) == pytest.approx(_corr(a, b), abs=1e-12)
+    h = torch.randn(9, 2, 3, generator=g, dtype=torch.float64)
+    h[4] = 0.0  # a zero row has cosine 0 with every other row, as in F.cosine_similarity
+    assert float(mean_offdiagonal_cosine(h)) == pytest.approx(_within(h), abs=1e-12)
+    assert torch.isnan(pearson(torch.ones(4), torch.randn(4, generator=g)))
+
+
+def test_each_batch_uses_its_own_batch_statistics_and_running_stats_are_untouched() -> None:
+    g = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU())
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+        model[1].running_var.fill_(2.0)
+    x, x_other = torch.randn(2, 16, 3, generator=g)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        h, h_other = reference(x), reference(x_other)  # train mode: each batch its own stats
+    frame = representation_correlation(model, x, pairing="independent", x_other=x_other)
+    assert _values(frame)["2"] == pytest.approx(_corr(h, h_other), abs=1e-6)
+    assert torch.equal(model[1].running_mean, torch.full((6,), 0.5))
+    assert int(model[1].num_batches_tracked) == 0
+
+    # eval mode: the running statistics normalize both batches
+    reference.eval()
+    with torch.no_grad():
+        reference[1].running_mean.fill_(0.5), reference[1].running_var.fill_(2.0)
+        h, h_other = reference(x), reference(x_other)
+    frame = representation_correlation(
+        model, x, pairing="independent", x_other=x_other, mode="eval"
+    )
+    assert _values(frame)["2"] == pytest.approx(_corr(h, h_other), abs=1e-6)
+    assert set(frame["mode"]) == {"eval"} and model.training
+
+
+def test_pairing_errors_are_clear() -> None:
+    net, *_ = _tiny()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ProbeError, match="unknown pairing 'noisy'; choose 'noise'"):
+        representation_correlation(net, x, pairing="noisy")  # type: ignore[arg-type]
+    with pytest.raises(ProbeError, match="pass the second one as x_other="):
+        representation_correlation(net, x, pairing="independent")
+    with pytest.raises(
+        ProbeError, match=r"x_other must have the shape of x, \(4, 3\), got \(5, 3\)"
+    ):
+        representation_correlation(net, x, pairing="independent", x_other=torch.randn(5, 3))
+    with pytest.raises(ProbeError, match="x_other equals x"):
+        representation_correlation(net, x, pairing="independent", x_other=x.clone())
+    with pytest.raises(ProbeError, match="only used with pairing='independent'"):
+        representation_correlation(net, x, x_other=x + 1)
+    with pytest.raises(ProbeError, match="noise_scale must be a finite number >= 0"):
+        representation_correlation(net, x, noise_scale=-1.0)
+    with pytest.raises(ProbeError, match="at least 2 examples"):
+        representation_correlation(net, x[:1], pairing="within")
+    with pytest.raises(ProbeError, match="floating-point inputs"):
+        representation_correlation(
+            nn.Sequential(nn.Embedding(5, 3), nn.ReLU()), torch.tensor([[1, 2], [3, 4]])
+        )
+
+
+# --------------------------------------------------------------------------- other models
+
+
+class Block(nn.Module):
+    """A residual block with GroupNorm that uses one ReLU module twice (as torchvision does)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.gn1 = nn.GroupNorm(2, c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.gn2 = nn.GroupNorm(2, c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.gn1(self.conv1(x)))
+        out = self.gn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class ResCNN(nn.Module):
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.GroupNorm(2, c), nn.ReLU())
+        self.blocks = nn.Sequential(Block(c), Block(c))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def test_residual_cnn_with_groupnorm_and_a_reused_relu() -> None:
+    torch.manual_seed(0)
+    model = ResCNN()
+    x = torch.randn(6, 1, 8, 8)
+    frame = representation_correlation(model, x)
+    assert frame.layer.tolist() == [
+        "input",
+        "stem.2",
+        "blocks.0.relu",
+        "blocks.0.relu#2",
+        "blocks.1.relu",
+        "blocks.1.relu#2",
+    ]
+    assert frame.depth.tolist() == list(range(6)) and frame.call.tolist() == [1, 1, 1, 2, 1, 2]
+    assert set(frame["shape"][1:]) == {"4x8x8"}
+    # by hand: the second call of blocks.0.relu is the block's output
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    x2 = x + 0.3 * x.std(correction=0) * eps
+    with torch.no_grad():
+        h, h2 = model.blocks[0](model.stem(x)), model.blocks[0](model.stem(x2))
+    assert _values(frame)["blocks.0.relu#2"] == pytest.approx(_corr(h, h2), abs=1e-5)
+    within = representation_correlation(model, x, pairing="within")
+    assert _values(within)["blocks.0.relu#2"] == pytest.approx(_within(h), abs=1e-5)
+
+
+def _encoder() -> nn.TransformerEncoder:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_transformer_encoder_representations_of_shape_n_t_d(mode: str) -> None:
+    enc = _encoder()
+    x = torch.randn(4, 5, 16)
+    state = torch.get_rng_state()
+    frame = representation_correlation(enc, x, mode=mode)
+    assert torch.equal(torch.get_rng_state(), state)
+    # no activation modules (F.relu): the default falls back to the LayerNorms
+    assert frame.layer.tolist() == [
+        "input",
+        "layers.0.norm1",
+        "layers.0.norm2",
+        "layers.1.norm1",
+        "layers.1.norm2",
+    ]
+    assert set(frame["shape"][1:]) == {"5x16"}
+    assert frame.value.between(-1, 1).all()
+    # reproducible (attention dropout in train mode runs on a seeded, forked random state)
+    assert representation_correlation(enc, x, mode=mode).equals(frame)
+    if mode == "eval":  # hooks keep torch's fused fast path from skipping the submodules
+        enc.eval()
+        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+        x2 = x + 0.3 * x.std(correction=0) * eps
+        with torch.no_grad():
+            h, h2 = enc(x), enc(x2)
+        enc.train()
+        assert _values(frame)["layers.1.norm2"] == pytest.approx(_corr(h, h2), abs=1e-5)
+    within = representation_correlation(enc, x, pairing="within", mode=mode)
+    assert within.value.between(-1, 1).all()

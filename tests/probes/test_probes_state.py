@@ -1,0 +1,120 @@
+"""Every probe leaves every normalizer's model exactly as it found it (DESIGN.md, Probes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normprobe
+from normprobe.probes import (
+    Probe,
+    gradient_correlation,
+    gradient_norms,
+    representation_correlation,
+)
+
+
+def _model(norm: str) -> tuple[nn.Module, tuple[int, ...]]:
+    if norm == "instance":  # conv only
+        shape = (1, 8, 8)
+        kw = dict(depth=10, widen=1, base_channels=4, input_shape=shape, num_classes=3)
+        return normprobe.build_model("wrn", norm, seed=0, **kw), shape
+    return normprobe.build_model(
+        "mlp", norm, seed=0, depth=3, width=16, input_shape=5, num_classes=3
+    ), (5,)
+
+
+def _state(model: nn.Module) -> dict[str, object]:
+    return {
+        "tensors": {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "grads": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
+        "grad_ids": {n: id(p.grad) for n, p in model.named_parameters()},
+        "flags": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "penalties": {n: id(getattr(m, "penalty", None)) for n, m in model.named_modules()},
+        "hooks": sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+    }
+
+
+def _assert_same(before: dict, after: dict, where: str) -> None:
+    assert before["tensors"].keys() == after["tensors"].keys(), where
+    for k, v in before["tensors"].items():
+        w = after["tensors"][k]
+        assert v.dtype == w.dtype and torch.equal(v, w), (where, k)  # bit for bit
+    for k, g in before["grads"].items():
+        h = after["grads"][k]
+        assert (g is None) == (h is None), (where, k)
+        assert g is None or torch.equal(g, h), (where, k)
+    for key in ("grad_ids", "flags", "requires_grad", "penalties", "hooks"):
+        assert before[key] == after[key], (where, key)
+
+
+def _probes(x: torch.Tensor, x_other: torch.Tensor, y: torch.Tensor) -> dict[str, Callable]:
+    def user_probe(model: nn.Module) -> None:
+        with Probe(model) as p, torch.no_grad():
+            model(x)
+            assert p.activations
+
+    return {
+        "noise": lambda m: representation_correlation(m, x),
+        "independent": lambda m: representation_correlation(
+            m, x, pairing="independent", x_other=x_other
+        ),
+        "within": lambda m: representation_correlation(m, x, pairing="within", mode="eval"),
+        "grad_corr": lambda m: gradient_correlation(m, F.cross_entropy, (x, y), (x_other, y)),
+        "grad_norms": lambda m: gradient_norms(m, F.cross_entropy, (x, y)),
+        "grad_norms_eval": lambda m: gradient_norms(m, F.cross_entropy, (x, y), mode="eval"),
+        "Probe": user_probe,
+    }
+
+
+@pytest.mark.parametrize("norm", normprobe.normalizers())
+def test_every_probe_leaves_the_model_as_found(norm: str) -> None:
+    model, shape = _model(norm)
+    g = torch.Generator().manual_seed(0)
+    # non-negative inputs, as balanced normalization assumes
+    x, x_other = torch.rand(2, 8, *shape, generator=g) + 0.1
+    y = torch.randint(0, 3, (8,), generator=g)
+    # a training step's worth of state: running statistics moved, counters at 1, grads set ...
+    F.cross_entropy(model(x * 2 + 1), y).backward()
+    # ... some grads None, mixed train/eval flags, a frozen parameter
+    model.blocks[0].zero_grad(set_to_none=True)
+    model.blocks[1].eval()
+    model.head.weight.requires_grad_(False)
+    before = _state(model)
+    grads = before["grads"].values()
+    assert any(g is None for g in grads) and any(g is not None for g in grads)
+    rng = torch.get_rng_state()
+    for name, probe in _probes(x, x_other, y).items():
+        probe(model)
+        _assert_same(before, _state(model), f"{norm}, {name}")
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_regnorm_penalty_of_the_last_training_pass_survives_a_probe() -> None:
+    model, _ = _model("regnorm")
+    x = torch.randn(8, 5)
+    model(x)
+    penalty = normprobe.norms.regularization(model)
+    gradient_norms(model, F.cross_entropy, (x + 1, torch.zeros(8, dtype=torch.long)))
+    assert torch.equal(normprobe.norms.regularization(model), penalty)
+
+
+@pytest.mark.parametrize("norm", ["batch", "batch-renorm", "balanced", "weight-meanbn", "lmbv"])
+def test_probe_passes_never_update_running_statistics_even_inside_the_block(norm: str) -> None:
+    model, shape = _model(norm)
+    x = torch.rand(8, *shape, generator=torch.Generator().manual_seed(0)) + 0.1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with Probe(model, mode="train") as p, torch.no_grad():
+        first = model(x)
+        model(x * 3)
+        for k, v in model.state_dict().items():
+            assert torch.equal(before[k], v), k
+        # still the batch statistics of each pass (train mode), as in training
+        assert torch.equal(model(x), first) and model.training and p.layers
