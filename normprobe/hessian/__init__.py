@@ -1,0 +1,96 @@
+"""The Hessian spectrum engine (DESIGN.md, Probes 4).
+
+- :func:`hessian_spectrum`: SLQ density, top-k and smallest eigenvalues with
+  their convergence evidence, outlier ratio ``lambda_1 / lambda_K``,
+  Hutchinson trace with its standard error, per-layer weight norms; returns
+  a :class:`HessianSpectrum` (``density(grid, width)``, ``to_frame()``).
+- :class:`HessianOperator`: ``v -> H v`` for any model, loss and probe set
+  (chunks, ``norm_mode``, parameter subsets), also as a scipy ``LinearOperator``.
+- The math, free of models: :func:`lanczos`, :func:`gauss_quadrature`,
+  :func:`stochastic_lanczos_quadrature`, :func:`hutchinson`,
+  :func:`extreme_eigenpairs`, :func:`gaussian_density`, :func:`blas_threads`.
+
+This package works on any ``torch.nn.Module`` and never imports
+``normprobe.norms`` or ``normprobe.models``.
+
+>>> import torch
+>>> from torch import nn
+>>> torch.manual_seed(0) and None
+>>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+>>> data = torch.randn(64, 4), torch.randint(0, 3, (64,))
+>>> spec = hessian_spectrum(net, nn.functional.cross_entropy, data, what="trace")
+>>> spec.to_frame().query("metric == 'trace'")[["value", "stderr"]].shape
+(1, 2)
+"""
+
+from __future__ import annotations
+
+from normprobe.hessian.hvp import (
+    Data,
+    HessianOperator,
+    LossFn,
+    NormMode,
+    ParamSelection,
+    select_parameters,
+    split_chunks,
+    weight_norms,
+)
+from normprobe.hessian.lanczos import (
+    Eigenpairs,
+    HessianError,
+    LanczosResult,
+    Quadrature,
+    blas_threads,
+    extreme_eigenpairs,
+    gauss_quadrature,
+    gaussian_density,
+    hutchinson,
+    lanczos,
+    mean_and_stderr,
+    rademacher,
+    ritz_residuals,
+    stochastic_lanczos_quadrature,
+)
+from normprobe.hessian.spectrum import (
+    DENSITY_WIDTH_FRACTION,
+    PIECES,
+    HessianConvergenceWarning,
+    HessianSpectrum,
+    Piece,
+    hessian_spectrum,
+)
+
+__all__ = [
+    # the spectrum
+    "hessian_spectrum",
+    "HessianSpectrum",
+    "HessianConvergenceWarning",
+    "Piece",
+    "PIECES",
+    "DENSITY_WIDTH_FRACTION",
+    # the operator
+    "HessianOperator",
+    "select_parameters",
+    "split_chunks",
+    "weight_norms",
+    "LossFn",
+    "NormMode",
+    "ParamSelection",
+    "Data",
+    # the math
+    "lanczos",
+    "LanczosResult",
+    "gauss_quadrature",
+    "ritz_residuals",
+    "stochastic_lanczos_quadrature",
+    "Quadrature",
+    "hutchinson",
+    "mean_and_stderr",
+    "extreme_eigenpairs",
+    "Eigenpairs",
+    "gaussian_density",
+    "rademacher",
+    "blas_threads",
+    # errors
+    "HessianError",
+]

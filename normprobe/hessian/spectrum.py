@@ -1,0 +1,591 @@
+"""The Hessian spectrum of a model: SLQ density, extreme eigenvalues, outlier ratio, trace.
+
+:func:`hessian_spectrum` (DESIGN.md, Probes 4) builds a
+:class:`~normprobe.hessian.hvp.HessianOperator` and runs the pieces asked
+for; :class:`HessianSpectrum` keeps the raw results (SLQ nodes and weights
+per start vector, eigenvalues with their residuals, Hutchinson samples) so
+that a density can be re-smoothed and a table rebuilt without recomputing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from normprobe.hessian.hvp import (
+    Data,
+    HessianOperator,
+    LossFn,
+    NormMode,
+    ParamSelection,
+    _as_batch,
+    _is_batch,
+    weight_norms,
+)
+from normprobe.hessian.lanczos import (
+    Eigenpairs,
+    HessianError,
+    extreme_eigenpairs,
+    gaussian_density,
+    hutchinson,
+    mean_and_stderr,
+    stochastic_lanczos_quadrature,
+)
+
+__all__ = [
+    "Piece",
+    "PIECES",
+    "HessianSpectrum",
+    "HessianConvergenceWarning",
+    "hessian_spectrum",
+    "DENSITY_WIDTH_FRACTION",
+]
+
+#: what :func:`hessian_spectrum` can compute; "top" includes the outlier ratio
+Piece = Literal["density", "top", "smallest", "trace"]
+PIECES: tuple[str, ...] = ("density", "top", "smallest", "trace")
+#: default Gaussian kernel width of :meth:`HessianSpectrum.density`, as a fraction of the spectral range
+DENSITY_WIDTH_FRACTION = 0.01
+
+
+class HessianConvergenceWarning(UserWarning):
+    """An eigenvalue missed its residual tolerance; its ``converged`` flag is False."""
+
+
+@dataclass(frozen=True)
+class HessianSpectrum:
+    """Everything :func:`hessian_spectrum` measured, raw, with its settings.
+
+    Pieces that were not asked for are None. ``nodes[j]`` / ``weights[j]``:
+    SLQ quadrature of start vector ``j`` (``lanczos_steps[j]`` steps;
+    ``breakdown[j]`` if the Krylov space became invariant earlier, which
+    makes that quadrature exact rather than truncated); ``ritz_residuals[j]``
+    the Ritz residual norm of each node (small: the node is an eigenvalue). ``top`` and
+    ``smallest``: eigenvalues with residual norms, tolerances, convergence
+    flags and matvec counts (vectors dropped). ``trace_samples``: the
+    Hutchinson values ``v^T H v``. ``weight_norms``: Frobenius norm of every
+    parameter tensor in the Hessian (eigenvalues of scale-invariant weights
+    scale as ``1/||w||^2``, so read spectra of different normalizers with
+    them). ``matvecs`` and ``seconds`` per piece.
+    """
+
+    dim: int
+    num_samples: int
+    num_chunks: int
+    chunk_size: int
+    norm_mode: str
+    params: str
+    dtype: str
+    model_dtype: str
+    seed: int
+    steps: int
+    num_vectors: int
+    k: int
+    num_classes: int | None
+    tol: float
+    weight_scaled: bool
+    weight_norms: dict[str, float]
+    nodes: list[np.ndarray] | None = None
+    weights: list[np.ndarray] | None = None
+    ritz_residuals: list[np.ndarray] | None = None
+    lanczos_steps: list[int] | None = None
+    breakdown: list[bool] | None = None
+    top: Eigenpairs | None = None
+    smallest: Eigenpairs | None = None
+    trace_samples: np.ndarray | None = None
+    matvecs: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    messages: tuple[str, ...] = ()
+
+    # -- derived values ----------------------------------------------------------------------
+
+    @property
+    def top_eigenvalues(self) -> np.ndarray:
+        """The ``k`` largest eigenvalues, descending (NaN where the solver gave none)."""
+        return self._need("top", self.top).values[: self.k]
+
+    @property
+    def smallest_eigenvalue(self) -> float:
+        return float(self._need("smallest", self.smallest).values[0])
+
+    @property
+    def outlier_ratio(self) -> float:
+        """``lambda_1 / lambda_K`` with K = :attr:`num_classes` (003 sec. 6); NaN if K is unknown."""
+        top = self._need("top", self.top)
+        if self.num_classes is None or self.num_classes > len(top.values):
+            return float("nan")
+        return float(top.values[0] / top.values[self.num_classes - 1])
+
+    @property
+    def outlier_ratio_converged(self) -> bool:
+        top = self._need("top", self.top)
+        if self.num_classes is None or self.num_classes > len(top.values):
+            return False
+        return bool(top.converged[0] and top.converged[self.num_classes - 1])
+
+    @property
+    def trace(self) -> float:
+        """Hutchinson's estimate of ``tr H``."""
+        return mean_and_stderr(self._need("trace", self.trace_samples))[0]
+
+    @property
+    def trace_stderr(self) -> float:
+        """Standard error of :attr:`trace`: sample std (ddof=1) over ``sqrt(samples)``."""
+        return mean_and_stderr(self._need("trace", self.trace_samples))[1]
+
+    @property
+    def spectral_range(self) -> tuple[float, float]:
+        """``(lambda_min, lambda_max)``: the converged extreme eigenvalues, else the SLQ node range."""
+        lo, hi = math.inf, -math.inf
+        if self.nodes is not None:
+            lo = min(float(n.min()) for n in self.nodes)
+            hi = max(float(n.max()) for n in self.nodes)
+        if self.top is not None and self.top.converged[0]:
+            hi = (
+                max(hi, float(self.top.values[0]))
+                if self.nodes is not None
+                else float(self.top.values[0])
+            )
+        if self.smallest is not None and self.smallest.converged[0]:
+            v = float(self.smallest.values[0])
+            lo = min(lo, v) if self.nodes is not None else v
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise HessianError(
+                "no spectral range: compute the density or both extreme eigenvalues "
+                "(what=('density',) or what=('top', 'smallest'))"
+            )
+        return lo, hi
+
+    @property
+    def default_width(self) -> float:
+        """The density's default kernel width: ``DENSITY_WIDTH_FRACTION`` (1%) of the spectral range."""
+        lo, hi = self.spectral_range
+        spread = hi - lo
+        return DENSITY_WIDTH_FRACTION * (spread if spread > 0 else max(abs(hi), 1.0))
+
+    def density(
+        self, grid: np.ndarray | Sequence[float] | None = None, width: float | None = None
+    ) -> pd.DataFrame:
+        """The Gaussian-smoothed SLQ density on ``grid``: columns ``eigenvalue``, ``density``, ``width``.
+
+        ``width`` defaults to :attr:`default_width` (1% of the spectral
+        range); ``grid`` to 1000 points spanning the range plus five widths
+        on each side. The density integrates to one over a wide enough grid.
+        """
+        nodes = self._need("density", self.nodes)
+        weights = self._need("density", self.weights)
+        width = self.default_width if width is None else float(width)
+        if grid is None:
+            lo, hi = self.spectral_range
+            grid = np.linspace(lo - 5 * width, hi + 5 * width, 1000)
+        grid = np.asarray(grid, dtype=np.float64)
+        values = gaussian_density(nodes, weights, grid, width)
+        return pd.DataFrame({"eigenvalue": grid, "density": values, "width": width})
+
+    def to_frame(self) -> pd.DataFrame:
+        """All measurements as a tidy table, one row per value.
+
+        ``metric`` is one of ``eigenvalue`` (``index`` = rank 1..k),
+        ``smallest_eigenvalue``, ``outlier_ratio`` (``index`` = K), ``trace``
+        (with ``stderr``), ``trace_sample`` (``vector`` = probe), ``slq_node``
+        (``vector`` = start vector, ``index`` = node, ``weight``, ``residual`` =
+        Ritz residual norm),
+        ``weight_norm`` (``layer`` = parameter name). Eigenvalue rows carry
+        ``residual``, ``tolerance``, ``converged`` and ``matvecs`` (of that
+        solve, residual checks included); node rows ``steps`` (Lanczos steps
+        of that start vector); the trace row ``stderr`` and ``samples``.
+        Every row carries the settings (``norm_mode``, ``seed``, ...).
+        """
+        rows: list[dict[str, Any]] = []
+        if self.top is not None:
+            for i in range(len(self.top.values)):
+                rows.append(_eig_row("eigenvalue", i + 1, self.top, i))
+            if self.num_classes is not None:
+                rows.append(
+                    {
+                        "metric": "outlier_ratio",
+                        "index": self.num_classes,
+                        "value": self.outlier_ratio,
+                        "converged": self.outlier_ratio_converged,
+                    }
+                )
+        if self.smallest is not None:
+            rows.append(_eig_row("smallest_eigenvalue", 1, self.smallest, 0))
+        if self.trace_samples is not None:
+            mean, err = mean_and_stderr(self.trace_samples)
+            rows.append(
+                {
+                    "metric": "trace",
+                    "value": mean,
+                    "stderr": err,
+                    "samples": len(self.trace_samples),
+                }
+            )
+            for j, s in enumerate(self.trace_samples):
+                rows.append({"metric": "trace_sample", "vector": j, "value": float(s)})
+        if self.nodes is not None and self.weights is not None:
+            for j, (nodes, weights) in enumerate(zip(self.nodes, self.weights)):
+                steps = self.lanczos_steps[j] if self.lanczos_steps else len(nodes)
+                ritz = self.ritz_residuals[j] if self.ritz_residuals else [np.nan] * len(nodes)
+                for i, (n, w, r) in enumerate(zip(nodes, weights, ritz)):
+                    rows.append(
+                        {
+                            "metric": "slq_node",
+                            "vector": j,
+                            "index": i,
+                            "value": float(n),
+                            "weight": float(w),
+                            "residual": float(r),
+                            "steps": steps,
+                        }
+                    )
+        for name, norm in self.weight_norms.items():
+            rows.append({"metric": "weight_norm", "layer": name, "value": norm})
+        frame = pd.DataFrame(rows, columns=_COLUMNS[: _COLUMNS.index("layer") + 1])
+        for col in ("index", "vector", "steps", "matvecs", "samples"):
+            frame[col] = frame[col].astype("Int64")
+        frame["converged"] = frame["converged"].astype("boolean")
+        settings = {
+            "norm_mode": self.norm_mode,
+            "params": self.params,
+            "dim": self.dim,
+            "num_samples": self.num_samples,
+            "chunk_size": self.chunk_size,
+            "lanczos_steps": self.steps,
+            "num_vectors": self.num_vectors,
+            "dtype": self.dtype,
+            "model_dtype": self.model_dtype,
+            "tol": self.tol,
+            "weight_scaled": self.weight_scaled,
+            "seed": self.seed,
+        }
+        for key, value in settings.items():
+            frame[key] = value
+        return frame
+
+    def _need(self, piece: str, value: Any) -> Any:
+        if value is None:
+            raise HessianError(
+                f"this spectrum was computed without {piece!r}; call hessian_spectrum(..., "
+                f"what=(..., {piece!r}))"
+            )
+        return value
+
+
+_COLUMNS = [
+    "metric",
+    "index",
+    "vector",
+    "value",
+    "weight",
+    "stderr",
+    "residual",
+    "tolerance",
+    "converged",
+    "steps",
+    "matvecs",
+    "samples",
+    "layer",
+]
+
+
+def _eig_row(metric: str, index: int, pairs: Eigenpairs, i: int) -> dict[str, Any]:
+    return {
+        "metric": metric,
+        "index": index,
+        "value": float(pairs.values[i]),
+        "residual": float(pairs.residuals[i]),
+        "tolerance": float(pairs.tolerances[i]),
+        "converged": bool(pairs.converged[i]),
+        "matvecs": pairs.matvecs,
+    }
+
+
+def _subsample(data: Data, n_samples: int | None, seed: int) -> Data:
+    """A seeded random subset of ``n_samples`` rows of a single ``(x, y)`` probe set."""
+    if n_samples is None or not _is_batch(data):
+        return data
+    if n_samples < 1:
+        raise HessianError(f"n_samples must be positive or None, got {n_samples}")
+    x, y = _as_batch(data)
+    if len(x) <= n_samples:
+        return x, y
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(x), generator=gen)[:n_samples].sort().values
+    return x[index.to(x.device)], y[index.to(y.device)]
+
+
+def _selection_label(params: ParamSelection, op: HessianOperator, model: nn.Module) -> str:
+    if params is None:
+        return "all"
+    if isinstance(params, str):
+        return params
+    if isinstance(params, nn.Module):
+        named = [name for name, m in model.named_modules() if m is params]
+        return (named[0] or "all") if named else ",".join(op.names)
+    return ",".join(params)
+
+
+def hessian_spectrum(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Data,
+    *,
+    what: Piece | Sequence[Piece] = PIECES,
+    params: ParamSelection = None,
+    norm_mode: NormMode = "train",
+    n_samples: int | None = 512,
+    chunk_size: int = 128,
+    steps: int = 100,
+    num_vectors: int = 4,
+    k: int = 10,
+    num_classes: int | None = None,
+    trace_samples: int = 64,
+    dtype: torch.dtype = torch.float64,
+    tol: float | None = None,
+    max_matvecs: int = 1000,
+    weight_scaled: bool = False,
+    graph_memory: int = 2 * 2**30,
+    seed: int = 0,
+) -> HessianSpectrum:
+    """Hessian spectrum of the mean loss of ``model`` over a probe set (DESIGN.md, Probes 4).
+
+    ``data``: one ``(x, y)`` probe set, of which a seeded random subset of
+    ``n_samples`` rows is used (all rows if fewer or ``None``) and cut into
+    chunks of at most ``chunk_size``; or an iterable of ``(x, y)`` chunks
+    used as given. ``H = sum_c (n_c / n) H_c``; ``norm_mode`` picks batch
+    statistics per chunk (``train``, running statistics untouched) or the
+    running statistics (``eval``); ``params`` restricts the Hessian to some
+    parameters (a layer, a block) for per-layer spectra. The model is left
+    exactly as found.
+
+    ``what`` selects the pieces (each can be asked for alone):
+
+    - ``density``: SLQ with ``num_vectors`` Rademacher start vectors and
+      ``steps`` Lanczos steps with full reorthogonalization in ``dtype``
+      (basis memory ``steps * dim * itemsize``: 800 bytes per parameter at
+      100 steps in float64); raw nodes and weights kept, smoothed by
+      :meth:`HessianSpectrum.density`.
+    - ``top``: the ``k`` largest eigenvalues (at least ``K`` =
+      ``num_classes``, default the model's output width) by ARPACK, and the
+      outlier ratio ``lambda_1 / lambda_K``.
+    - ``smallest``: the smallest eigenvalue (ARPACK on ``lambda_1 I - H``).
+    - ``trace``: Hutchinson with ``trace_samples`` Rademacher probes; the
+      first ``num_vectors`` of them are the SLQ start vectors, and when the
+      density is computed their ``v^T H v = dim * alpha_1`` come free from
+      Lanczos (the same numbers up to rounding as one product each).
+
+    Every eigenvalue comes with ``||H v - lambda v||`` from one extra
+    product; ``converged`` is False (and a :class:`HessianConvergenceWarning`
+    is issued) when it exceeds ``tol`` relative to ``|lambda|`` (to the
+    spread ``lambda_1 - lambda_min`` for the smallest). ``tol`` defaults to
+    the square root of the machine epsilon of the coarser of ``dtype`` and
+    the model's dtype (1.5e-8 in float64, 3.5e-4 in float32).
+    ``max_matvecs`` bounds each ARPACK run. Randomness comes from ``seed``:
+    SLQ and trace probes from ``Generator(seed)``, ARPACK start vectors from
+    ``seed + 1`` (top) and ``seed + 2`` (smallest), the probe subset from
+    ``seed``.
+
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> data = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> spec = hessian_spectrum(net, nn.functional.cross_entropy, data, steps=20, k=3)
+    >>> bool(spec.top.converged.all()), spec.num_classes, len(spec.nodes)
+    (True, 3, 4)
+    >>> bool(abs(spec.top_eigenvalues[0] - max(n.max() for n in spec.nodes)) < 1e-6)
+    True
+    """
+    pieces = (what,) if isinstance(what, str) else tuple(what)
+    unknown = [p for p in pieces if p not in PIECES]
+    if unknown or not pieces:
+        raise HessianError(f"what must name pieces from {', '.join(PIECES)}, got {what!r}")
+    if dtype not in (torch.float32, torch.float64):
+        raise HessianError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    for name, value in (("steps", steps), ("num_vectors", num_vectors), ("k", k)):
+        if not isinstance(value, int) or value < 1:
+            raise HessianError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(trace_samples, int) or trace_samples < 2:
+        raise HessianError(
+            f"trace_samples must be an integer >= 2 (a standard error needs two), "
+            f"got {trace_samples!r}"
+        )
+    data = _subsample(data, n_samples, seed)
+    op = HessianOperator(
+        model,
+        loss_fn,
+        data,
+        params=params,
+        norm_mode=norm_mode,
+        chunk_size=chunk_size,
+        weight_scaled=weight_scaled,
+        graph_memory=graph_memory,
+    )
+    both_double = dtype == torch.float64 and op.dtype == torch.float64
+    coarse = torch.float64 if both_double else torch.float32
+    tol = math.sqrt(torch.finfo(coarse).eps) if tol is None else float(tol)
+    results: dict[str, Any] = {}
+    matvecs: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    messages: list[str] = []
+    probes = torch.Generator().manual_seed(seed)
+
+    def timed(piece: str, fn: Any) -> Any:
+        before, start = op.matvecs, time.perf_counter()
+        out = fn()
+        matvecs[piece] = op.matvecs - before
+        seconds[piece] = time.perf_counter() - start
+        return out
+
+    K = num_classes
+    with op:
+        if K is None and "top" in pieces:
+            op.loss()  # one pass over the data tells the output width
+            K = op.num_outputs
+        quad = None
+        if "density" in pieces:
+            quad = timed(
+                "density",
+                lambda: stochastic_lanczos_quadrature(
+                    op.matvec,
+                    op.dim,
+                    steps,
+                    num_vectors,
+                    generator=probes,
+                    dtype=dtype,
+                    device=op.device,
+                ),
+            )
+            results.update(
+                nodes=quad.nodes,
+                weights=quad.weights,
+                ritz_residuals=quad.ritz_residuals,
+                lanczos_steps=quad.steps,
+                breakdown=quad.breakdown,
+            )
+        if "trace" in pieces:
+
+            def trace() -> np.ndarray:
+                if quad is None:
+                    return hutchinson(
+                        op.matvec,
+                        op.dim,
+                        trace_samples,
+                        generator=probes,
+                        dtype=dtype,
+                        device=op.device,
+                    )
+                free = np.asarray(quad.first_moments[:trace_samples]) * op.dim
+                rest = hutchinson(
+                    op.matvec,
+                    op.dim,
+                    max(trace_samples - len(free), 0),
+                    generator=probes,
+                    dtype=dtype,
+                    device=op.device,
+                )
+                return np.concatenate([free, rest])
+
+            results["trace_samples"] = timed("trace", trace)
+        top = None
+        if "top" in pieces:
+            count = min(max(k, K or 0), op.dim)
+            top = timed(
+                "top",
+                lambda: extreme_eigenpairs(
+                    op.matvec,
+                    op.dim,
+                    count,
+                    which="largest",
+                    tol=tol,
+                    max_matvecs=max_matvecs,
+                    generator=torch.Generator().manual_seed(seed + 1),
+                    dtype=dtype,
+                    device=op.device,
+                ),
+            )
+            if quad is not None:
+                top = _check_against_nodes(top, quad.nodes, messages)
+            results["top"] = dataclasses.replace(top, vectors=None)
+            if top.message:
+                messages.append(f"top eigenvalues: {top.message}")
+        if "smallest" in pieces:
+            shift = float(top.values[0]) if top is not None and top.converged[0] else None
+            small = timed(
+                "smallest",
+                lambda: extreme_eigenpairs(
+                    op.matvec,
+                    op.dim,
+                    1,
+                    which="smallest",
+                    shift=shift,
+                    tol=tol,
+                    max_matvecs=max_matvecs,
+                    generator=torch.Generator().manual_seed(seed + 2),
+                    dtype=dtype,
+                    device=op.device,
+                ),
+            )
+            if quad is not None:
+                floor = min(float(n.min()) for n in quad.nodes)
+                spread = abs(small.values[0]) + abs(floor)
+                if small.values[0] > floor + small.residuals[0] + 1e-8 * spread:
+                    small = dataclasses.replace(small, converged=np.array([False]))
+                    messages.append(
+                        f"smallest eigenvalue {small.values[0]:.6g} lies above an SLQ node "
+                        f"{floor:.6g}: ARPACK missed the bottom of the spectrum"
+                    )
+            if small.message:
+                messages.append(f"smallest eigenvalue: {small.message}")
+            results["smallest"] = dataclasses.replace(small, vectors=None)
+    spectrum = HessianSpectrum(
+        dim=op.dim,
+        num_samples=op.num_samples,
+        num_chunks=op.num_chunks,
+        chunk_size=chunk_size,
+        norm_mode=norm_mode,
+        params=_selection_label(params, op, model),
+        dtype=str(dtype).replace("torch.", ""),
+        model_dtype=str(op.dtype).replace("torch.", ""),
+        seed=seed,
+        steps=steps,
+        num_vectors=num_vectors,
+        k=k,
+        num_classes=K,
+        tol=tol,
+        weight_scaled=weight_scaled,
+        weight_norms=weight_norms(op.named),
+        matvecs=matvecs,
+        seconds=seconds,
+        messages=tuple(messages),
+        **results,
+    )
+    for message in messages:
+        warnings.warn(message, HessianConvergenceWarning, stacklevel=2)
+    return spectrum
+
+
+def _check_against_nodes(
+    top: Eigenpairs, nodes: Sequence[np.ndarray], messages: list[str]
+) -> Eigenpairs:
+    """Flag lambda_1 if an SLQ Ritz value exceeds it: Ritz values never exceed lambda_max."""
+    ceiling = max(float(n.max()) for n in nodes)
+    lam, res = float(top.values[0]), float(top.residuals[0])
+    if np.isfinite(lam) and ceiling > lam + res + 1e-8 * abs(lam):
+        converged = top.converged.copy()
+        converged[0] = False
+        messages.append(
+            f"top eigenvalue {lam:.6g} lies below an SLQ node {ceiling:.6g}: "
+            f"ARPACK missed the top of the spectrum"
+        )
+        return dataclasses.replace(top, converged=converged)
+    return top

@@ -1,0 +1,369 @@
+"""HessianOperator: exact HVPs for every normalizer, chunking, norm modes, subsets, state."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import torch
+from torch import nn
+
+import normprobe
+from normprobe.hessian import HessianError, HessianOperator, blas_threads, select_parameters
+from normprobe.state import frozen_statistics
+
+F = nn.functional
+
+
+def _reference_hvps(model: nn.Module, chunks, vectors: torch.Tensor, train: bool) -> torch.Tensor:
+    """Plain double backward on a copy of the model, chunk by chunk, no graph reuse."""
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(len(x) for x, _ in chunks)
+    out = torch.zeros_like(vectors)
+    with frozen_statistics(model):
+        model.train(train)
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        for x, y in chunks:
+            for i, v in enumerate(vectors):
+                loss = F.cross_entropy(model(x), y) * (len(x) / total)
+                g = torch.autograd.grad(loss, params, create_graph=True)
+                parts = torch.split(v.to(params[0].dtype), [p.numel() for p in params])
+                hv = torch.autograd.grad(g, params, [t.view_as(p) for t, p in zip(parts, params)])
+                out[i] += torch.cat([h.reshape(-1) for h in hv]).to(out.dtype)
+    return out
+
+
+def _state(model: nn.Module) -> dict:
+    return {
+        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
+        "grads": {
+            n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+        },
+        "flags": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "attributes": {
+            (n, k): v
+            for n, m in model.named_modules()
+            for k, v in vars(m).items()
+            if not k.startswith("_") and not isinstance(v, (dict, nn.Module))
+        },
+    }
+
+
+def _assert_same_state(before: dict, after: dict) -> None:
+    for k, v in before["tensors"].items():
+        assert torch.equal(v, after["tensors"][k]), k
+    for k, g in before["grads"].items():
+        h = after["grads"][k]
+        assert (g is None) == (h is None) and (g is None or torch.equal(g, h)), k
+    assert before["flags"] == after["flags"]
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["attributes"].keys() == after["attributes"].keys()
+    for key, value in before["attributes"].items():
+        assert after["attributes"][key] is value or after["attributes"][key] == value, key
+
+
+def _messy(model: nn.Module, x: torch.Tensor) -> None:
+    """Give the model some grads, a None grad, mixed flags and a frozen parameter."""
+    F.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long)).backward()
+    params = list(model.parameters())
+    params[0].grad = None
+    params[-1].requires_grad_(False)
+    model.eval()
+    list(model.children())[0].train()
+
+
+def _zoo_case(
+    norm: str, arch: str, activation: str = "relu"
+) -> tuple[nn.Module, list, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    if arch == "mlp":
+        model = normprobe.build_model(
+            "mlp", norm, seed=0, depth=2, width=8, input_shape=6, activation=activation
+        )
+        x = torch.rand(24, 6, generator=gen, dtype=torch.float64) + 0.1
+    else:
+        model = normprobe.build_model(
+            "wrn", norm, seed=0, depth=10, base_channels=2, input_shape=(1, 6, 6),
+            num_classes=3, activation=activation,
+        )  # fmt: skip
+        x = torch.rand(24, 1, 6, 6, generator=gen, dtype=torch.float64) + 0.1
+    model = model.double()
+    y = torch.randint(0, 3, (24,), generator=gen)
+    return model, [(x[:12], y[:12]), (x[12:], y[12:])], x
+
+
+ZOO = [(n, "mlp") for n in normprobe.normalizers() if n != "instance"] + [
+    (n, "wrn") for n in normprobe.normalizers()
+]
+#: torch's weight norm: its fused kernel's double backward is wrong (see test below)
+TORCH_WEIGHT_NORM = {"weight", "weight-meanbn"}
+
+
+@pytest.mark.parametrize(("norm", "arch"), ZOO)
+def test_hvp_exact_and_model_untouched_for_every_normalizer(norm: str, arch: str) -> None:
+    model, chunks, x = _zoo_case(norm, arch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # balanced's input-sign warning
+        _messy(model, x)
+        before = _state(model)
+        with HessianOperator(model, F.cross_entropy, chunks) as hess:
+            vectors = torch.randn(
+                3, hess.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+            )
+            hv = torch.stack([hess.matvec(v) for v in vectors])
+            assert hess.cached_chunks == 2
+        after = _state(model)
+        reference = _reference_hvps(model, chunks, vectors, train=True)
+    _assert_same_state(before, after)
+    # symmetric: u^T H v == v^T H u
+    assert float(vectors[0] @ hv[1]) == pytest.approx(float(vectors[1] @ hv[0]), rel=1e-10)
+    if (
+        norm not in TORCH_WEIGHT_NORM
+    ):  # the plain reference is wrong there (finite differences below)
+        scale = float(reference.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(hv, reference, rtol=0, atol=1e-12 * scale)
+
+
+def _finite_difference_hvp(model: nn.Module, chunks, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """Central differences of the (first-order, trusted) autograd gradient along ``v``."""
+
+    def gradient(t: float) -> torch.Tensor:
+        shifted = copy.deepcopy(model)
+        with torch.no_grad():
+            offset = 0
+            for p in shifted.parameters():
+                p.add_(t * v[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        return HessianOperator(shifted, F.cross_entropy, chunks).gradient()
+
+    return (gradient(eps) - gradient(-eps)) / (2 * eps)
+
+
+SMOOTH = [(n, "mlp") for n in normprobe.normalizers() if n not in ("instance", "balanced")] + [
+    ("instance", "wrn"),
+    ("weight", "wrn"),
+    ("batch", "wrn"),
+]
+
+
+@pytest.mark.parametrize(("norm", "arch"), SMOOTH)
+def test_hvp_matches_finite_differences_on_smooth_networks(norm: str, arch: str) -> None:
+    """tanh networks (no kinks): an independent reference, also for torch's weight norm.
+
+    Balanced normalization is left out: it has kinks of its own (sign masks of
+    the weights, exact zeros before a ReLU), so finite differences are no
+    reference for it; its HVPs equal autograd's double backward above.
+    """
+    model, chunks, _ = _zoo_case(norm, arch, activation="tanh")
+    hess = HessianOperator(model, F.cross_entropy, chunks)
+    v = torch.randn(hess.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    fd = _finite_difference_hvp(model, chunks, v, eps=1e-6)
+    hv = hess.matvec(v)
+    assert float((hv - fd).norm() / fd.norm()) < 1e-6
+
+
+def test_torch_weight_norm_is_decomposed_with_the_same_value_and_gradient() -> None:
+    from normprobe.hessian.hvp import _weight_norm_decomposed
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, dim in (((5, 3), 0), ((4, 3, 2, 2), 0), ((4, 3), 1), ((4, 3), -1)):
+        v = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        g_shape = (
+            [1] * len(shape)
+            if dim == -1
+            else [shape[dim] if i == dim % len(shape) else 1 for i in range(len(shape))]
+        )
+        g = torch.rand(*g_shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        ours, theirs = _weight_norm_decomposed(v, g, dim), torch._weight_norm(v, g, dim)
+        torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-14)
+        w = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        grads = torch.autograd.grad((ours * w).sum(), (v, g))
+        expected = torch.autograd.grad((theirs * w).sum(), (v, g))
+        for a, b in zip(grads, expected):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_regnorm_penalty_attribute_is_put_back() -> None:
+    model, chunks, _ = _zoo_case("regnorm", "mlp")
+    penalty = model.blocks[0].norm.penalty
+    with HessianOperator(model, F.cross_entropy, chunks) as hess:
+        hess.matvec(torch.ones(hess.dim, dtype=torch.float64))
+        assert model.blocks[0].norm.penalty is penalty  # no graph kept alive through it
+
+
+def test_chunked_hvp_is_the_weighted_sum_of_chunk_hvps(exact_case) -> None:
+    model, chunks = exact_case.model, exact_case.chunks
+    v = torch.randn(
+        sum(p.numel() for p in model.parameters()),
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
+    whole = HessianOperator(model, F.cross_entropy, chunks).matvec(v)
+    n = sum(len(x) for x, _ in chunks)
+    parts = sum(
+        len(x) / n * HessianOperator(model, F.cross_entropy, [(x, y)]).matvec(v) for x, y in chunks
+    )
+    torch.testing.assert_close(whole, parts, rtol=1e-12, atol=1e-14)
+    # and equals the exact Hessian built by forward-over-reverse
+    torch.testing.assert_close(whole, exact_case.hessian @ v, rtol=1e-10, atol=1e-12)
+    # the tuple form cuts the same chunks
+    tuple_form = HessianOperator(
+        model, F.cross_entropy, (exact_case.x, exact_case.y), chunk_size=128
+    )
+    torch.testing.assert_close(tuple_form.matvec(v), whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "bmlv"])
+def test_eval_mode_hvp_does_not_depend_on_chunking(norm: str, digits_probe) -> None:
+    x, y = digits_probe[0][:240], digits_probe[1][:240]
+    model = normprobe.build_model("mlp", norm, seed=0, depth=2, width=16, input_shape=64).double()
+    with torch.no_grad():  # non-trivial running statistics
+        for i in range(3):
+            model(x[80 * i : 80 * (i + 1)] * (1 + i))
+    v = torch.randn(
+        sum(p.numel() for p in model.parameters()),
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
+    single = HessianOperator(model, F.cross_entropy, [(x, y)], norm_mode="eval").matvec(v)
+    for chunking in ([(x[:7], y[:7]), (x[7:200], y[7:200]), (x[200:], y[200:])], 64, 13):
+        data = chunking if isinstance(chunking, list) else (x, y)
+        size = chunking if isinstance(chunking, int) else 128
+        hv = HessianOperator(
+            model, F.cross_entropy, data, norm_mode="eval", chunk_size=size
+        ).matvec(v)
+        torch.testing.assert_close(hv, single, rtol=1e-11, atol=1e-13)
+    if norm != "layer":  # train mode differs: batch statistics per chunk
+        train = HessianOperator(model, F.cross_entropy, (x, y), chunk_size=64).matvec(v)
+        assert not torch.allclose(train, single, rtol=1e-3)
+
+
+def test_parameter_subset_is_the_block_of_the_full_hessian(exact_case) -> None:
+    model = exact_case.model
+    names = [n for n, _ in model.named_parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    offsets = dict(zip(names, np.cumsum([0, *sizes[:-1]])))
+    for selection in ("blocks.1", ["head.weight", "blocks.0.norm"], model.head):
+        hess = HessianOperator(model, F.cross_entropy, exact_case.chunks, params=selection)
+        index = torch.cat([torch.arange(offsets[n], offsets[n] + p.numel()) for n, p in hess.named])
+        block = exact_case.hessian[index][:, index]
+        v = torch.randn(hess.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        torch.testing.assert_close(hess.matvec(v), block @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_select_parameters_names_prefixes_modules_and_errors() -> None:
+    model = normprobe.build_model("mlp", "batch", seed=0, depth=2, width=4, input_shape=3)
+    assert [n for n, _ in select_parameters(model, "blocks.0")] == [
+        "blocks.0.affine.weight", "blocks.0.norm.weight", "blocks.0.norm.bias"
+    ]  # fmt: skip
+    assert [n for n, _ in select_parameters(model, model.head)] == ["head.weight", "head.bias"]
+    with pytest.raises(HessianError, match=r"did you mean 'blocks\.0'"):
+        select_parameters(model, "block.0")
+    with pytest.raises(HessianError, match="no parameters of the model"):
+        select_parameters(model, nn.Linear(2, 2))
+    model.requires_grad_(False)
+    with pytest.raises(HessianError, match="requires grad"):
+        select_parameters(model)
+    assert len(select_parameters(model, "head")) == 2  # frozen but named: included
+
+
+def test_linear_operator_view_and_eigsh(exact_case) -> None:
+    hess = HessianOperator(exact_case.model, F.cross_entropy, exact_case.chunks)
+    linop = hess.as_linear_operator()
+    assert linop.shape == (hess.dim, hess.dim) and linop.dtype == np.float64
+    v = np.random.default_rng(0).standard_normal(hess.dim)
+    np.testing.assert_allclose(linop @ v, exact_case.hessian.numpy() @ v, rtol=1e-10, atol=1e-12)
+    with blas_threads(1):
+        top = scipy.sparse.linalg.eigsh(
+            linop, k=2, which="LA", tol=1e-10, return_eigenvectors=False
+        )
+    np.testing.assert_allclose(np.sort(top), exact_case.eigenvalues[-2:], rtol=1e-8)
+
+
+def test_graph_memory_budget_bounds_caching_without_changing_results(exact_case) -> None:
+    model, chunks = exact_case.model, exact_case.chunks
+    v = torch.randn(
+        exact_case.hessian.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
+    cached = HessianOperator(model, F.cross_entropy, chunks)
+    hv = cached.matvec(v)
+    assert cached.cached_chunks == 4 and cached.graph_bytes > 0
+    per_chunk = cached.graph_bytes / 4
+    some = HessianOperator(model, F.cross_entropy, chunks, graph_memory=int(2.5 * per_chunk))
+    none = HessianOperator(model, F.cross_entropy, chunks, graph_memory=0)
+    torch.testing.assert_close(some.matvec(v), hv, rtol=0, atol=1e-14)
+    torch.testing.assert_close(none.matvec(v), hv, rtol=0, atol=1e-14)
+    assert some.cached_chunks == 2 and none.cached_chunks == 0 and none.graph_bytes == 0
+    torch.testing.assert_close(cached.gradient(), none.gradient(), rtol=1e-13, atol=1e-15)
+
+
+def test_cached_graphs_follow_parameter_changes() -> None:
+    model, chunks, _ = _zoo_case("batch", "mlp")
+    hess = HessianOperator(model, F.cross_entropy, chunks)
+    v = torch.ones(hess.dim, dtype=torch.float64)
+    first = hess.matvec(v)
+    with torch.no_grad():
+        model.head.weight.mul_(2.0)
+    second = hess.matvec(v)
+    fresh = HessianOperator(model, F.cross_entropy, chunks).matvec(v)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, fresh, rtol=0, atol=0)
+
+
+def test_dropout_is_off_so_the_operator_is_deterministic() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)).double()
+    x, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
+    hess = HessianOperator(model, F.cross_entropy, (x, y), graph_memory=0)
+    v = torch.randn(hess.dim, dtype=torch.float64)
+    torch.testing.assert_close(hess.matvec(v), hess.matvec(v), rtol=0, atol=0)
+    assert model.training
+
+
+def test_weight_scaled_operator_is_d_h_d(exact_case) -> None:
+    model = exact_case.model
+    hess = HessianOperator(model, F.cross_entropy, exact_case.chunks, weight_scaled=True)
+    d = torch.cat(
+        [
+            torch.full(
+                (p.numel(),), float(p.detach().norm()) if p.dim() >= 2 else 1.0, dtype=torch.float64
+            )
+            for p in model.parameters()
+        ]
+    )
+    v = torch.randn(hess.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = d * (exact_case.hessian @ (d * v))
+    torch.testing.assert_close(hess.matvec(v), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_model_with_float64_vectors() -> None:
+    model, chunks, _ = _zoo_case("layer", "mlp")
+    model32 = copy.deepcopy(model).float()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    hv32 = HessianOperator(model32, F.cross_entropy, chunks).matvec(v)
+    hv64 = HessianOperator(model, F.cross_entropy, chunks).matvec(v)
+    assert hv32.dtype == torch.float64
+    torch.testing.assert_close(hv32, hv64, rtol=1e-4, atol=1e-5 * float(hv64.abs().max()))
+
+
+def test_user_errors_say_what_and_how() -> None:
+    model, chunks, x = _zoo_case("none", "mlp")
+    with pytest.raises(HessianError, match="norm_mode must be one of train, eval"):
+        HessianOperator(model, F.cross_entropy, chunks, norm_mode="test")
+    with pytest.raises(HessianError, match="x has 24 samples but y"):
+        HessianOperator(model, F.cross_entropy, (x, torch.zeros(3)))
+    with pytest.raises(HessianError, match="not an \\(x, y\\) pair"):
+        HessianOperator(model, F.cross_entropy, [x])
+    hess = HessianOperator(model, lambda out, y: F.cross_entropy(out, y, reduction="none"), chunks)
+    with pytest.raises(HessianError, match="mean loss over the chunk"):
+        hess.matvec(torch.ones(hess.dim, dtype=torch.float64))
+    with pytest.raises(HessianError, match=r"shape \(\d+,\)"):
+        hess.matvec(torch.ones(3))

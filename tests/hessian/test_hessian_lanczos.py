@@ -1,0 +1,261 @@
+"""The pure numerics of normprobe.hessian.lanczos, against dense float64 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from threadpoolctl import threadpool_info
+
+from normprobe.hessian import (
+    HessianError,
+    blas_threads,
+    extreme_eigenpairs,
+    gauss_quadrature,
+    gaussian_density,
+    hutchinson,
+    lanczos,
+    mean_and_stderr,
+    rademacher,
+    ritz_residuals,
+    stochastic_lanczos_quadrature,
+)
+
+
+def _matrix(eigenvalues: np.ndarray, seed: int = 0) -> torch.Tensor:
+    """A dense symmetric matrix with the given spectrum and a random eigenbasis."""
+    gen = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q @ torch.diag(torch.as_tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+def _hessian_like(n: int = 300, seed: int = 0) -> np.ndarray:
+    """A few large outliers over a bulk around zero with a negative tail, like a network's."""
+    rng = np.random.default_rng(seed)
+    outliers = np.array([12.0, 9.0, 7.5, 6.0, 5.0, 4.2, 3.5, 3.0, 2.6, 2.2])
+    bulk = rng.normal(0.0, 0.05, n - 10) + rng.exponential(0.05, n - 10)
+    return np.sort(np.concatenate([outliers, bulk]))
+
+
+def test_lanczos_is_orthonormal_and_tridiagonalizes() -> None:
+    a = _matrix(_hessian_like())
+    out = lanczos(
+        lambda v: a @ v, 300, 60, generator=torch.Generator().manual_seed(1), keep_basis=True
+    )
+    q = out.basis
+    assert out.steps == 60 and not out.breakdown and q.shape == (60, 300)
+    assert torch.allclose(q @ q.T, torch.eye(60, dtype=torch.float64), atol=1e-13)
+    t = torch.diag(out.alpha) + torch.diag(out.beta, 1) + torch.diag(out.beta, -1)
+    assert torch.allclose(q @ a @ q.T, t, atol=1e-12)
+
+
+def test_full_reorthogonalization_leaves_no_ghost_eigenvalues() -> None:
+    # Without reorthogonalization, Lanczos run past convergence repeats the outliers.
+    eigs = _hessian_like()
+    a = _matrix(eigs)
+    out = lanczos(lambda v: a @ v, 300, 120, generator=torch.Generator().manual_seed(2))
+    nodes, weights = gauss_quadrature(out.alpha, out.beta)
+    top = nodes[nodes > 2.0]
+    np.testing.assert_allclose(np.sort(top)[::-1], eigs[::-1][:10], rtol=1e-10)
+
+
+def test_breakdown_is_recorded_and_exact() -> None:
+    eigs = np.repeat([-1.0, 0.5, 2.0, 3.0], 10)  # 4 distinct eigenvalues in 40 dimensions
+    a = _matrix(eigs)
+    out = lanczos(lambda v: a @ v, 40, 30, generator=torch.Generator().manual_seed(0))
+    assert out.breakdown and out.steps == 4 and out.requested == 30
+    nodes, weights = gauss_quadrature(out.alpha, out.beta)
+    np.testing.assert_allclose(nodes, [-1.0, 0.5, 2.0, 3.0], atol=1e-12)
+    assert weights.sum() == pytest.approx(1.0, abs=1e-14)
+
+
+def test_quadrature_weights_are_projections_of_the_start_vector() -> None:
+    eigs = np.linspace(-1.0, 4.0, 30)
+    a = _matrix(eigs, seed=3)
+    start = rademacher(30, generator=torch.Generator().manual_seed(4))
+    out = lanczos(lambda v: a @ v, 30, 30, start=start)
+    nodes, weights = gauss_quadrature(out.alpha, out.beta)
+    evals, evecs = torch.linalg.eigh(a)
+    expected = ((evecs.T @ (start / start.norm())) ** 2).numpy()
+    np.testing.assert_allclose(nodes, evals.numpy(), atol=1e-12)
+    np.testing.assert_allclose(weights, expected, atol=1e-12)
+
+
+def test_quadrature_matches_moments_up_to_degree_2m_minus_1() -> None:
+    eigs = _hessian_like(200)
+    a = _matrix(eigs, seed=5)
+    start = rademacher(200, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    q = start / start.norm()
+    out = lanczos(lambda v: a @ v, 200, 6, start=start)
+    nodes, weights = gauss_quadrature(out.alpha, out.beta)
+    v = q.clone()
+    for p in range(1, 12):  # Gauss quadrature with 6 nodes is exact to degree 11
+        v = a @ v
+        assert (weights * nodes**p).sum() == pytest.approx(float(q @ v), rel=1e-9, abs=1e-12)
+    assert float(out.alpha[0]) == pytest.approx(float(q @ a @ q), rel=1e-12)
+
+
+def test_slq_is_seeded() -> None:
+    a = _matrix(_hessian_like(100))
+    runs = [
+        stochastic_lanczos_quadrature(
+            lambda v: a @ v, 100, 10, 3, generator=torch.Generator().manual_seed(7)
+        )
+        for _ in range(2)
+    ]
+    for n1, n2 in zip(runs[0].nodes, runs[1].nodes):
+        np.testing.assert_array_equal(n1, n2)
+    assert runs[0].steps == [10, 10, 10] and runs[0].breakdown == [False] * 3
+
+
+def test_lanczos_in_float32() -> None:
+    a = _matrix(_hessian_like()).float()
+    out = lanczos(
+        lambda v: a @ v, 300, 60, generator=torch.Generator().manual_seed(1), dtype=torch.float32
+    )
+    nodes, _ = gauss_quadrature(out.alpha, out.beta)
+    assert nodes.max() == pytest.approx(12.0, rel=1e-5)
+
+
+def test_lanczos_rejects_bad_input() -> None:
+    with pytest.raises(HessianError, match="start vector or a torch.Generator"):
+        lanczos(lambda v: v, 3, 2)
+    with pytest.raises(HessianError, match="zero or not finite"):
+        lanczos(lambda v: v, 3, 2, start=torch.zeros(3))
+    with pytest.raises(HessianError, match="non-finite"):
+        lanczos(lambda v: v * float("nan"), 3, 2, start=torch.ones(3))
+
+
+def test_hutchinson_is_exact_on_diagonal_and_unbiased() -> None:
+    a = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+    samples = hutchinson(lambda v: a @ v, 10, 5, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(samples, 55.0)
+    b = _matrix(_hessian_like(100), seed=8)
+    samples = hutchinson(lambda v: b @ v, 100, 400, generator=torch.Generator().manual_seed(0))
+    mean, err = mean_and_stderr(samples)
+    assert abs(mean - float(torch.trace(b))) < 3 * err
+
+
+def test_extreme_eigenpairs_match_dense_to_1e_minus_10() -> None:
+    eigs = _hessian_like()
+    a = _matrix(eigs)
+    top = extreme_eigenpairs(
+        lambda v: a @ v, 300, 10, tol=1e-12, generator=torch.Generator().manual_seed(0)
+    )
+    assert top.method == "arpack" and top.all_converged
+    np.testing.assert_allclose(top.values, eigs[::-1][:10], rtol=1e-10)
+    assert (top.residuals <= top.tolerances).all()
+    # the reported residual is the real one
+    v = top.vectors[0]
+    assert float((a @ v - top.values[0] * v).norm()) == pytest.approx(top.residuals[0], rel=1e-6)
+    low = extreme_eigenpairs(
+        lambda v: a @ v, 300, 1, which="smallest", tol=1e-10,
+        generator=torch.Generator().manual_seed(0), max_matvecs=3000,
+    )  # fmt: skip
+    assert low.all_converged
+    assert low.values[0] == pytest.approx(eigs[0], abs=1e-9 * (eigs[-1] - eigs[0]))
+
+
+def test_extreme_eigenpairs_dense_path_and_float32() -> None:
+    eigs = np.linspace(-2.0, 5.0, 40)
+    a = _matrix(eigs)
+    top = extreme_eigenpairs(lambda v: a @ v, 40, 3, generator=torch.Generator().manual_seed(0))
+    assert top.method == "dense" and top.all_converged
+    np.testing.assert_allclose(top.values, eigs[::-1][:3], rtol=1e-12)
+    big = _matrix(_hessian_like()).float()
+    top32 = extreme_eigenpairs(
+        lambda v: big @ v, 300, 10, dtype=torch.float32, generator=torch.Generator().manual_seed(0)
+    )
+    assert top32.all_converged and top32.vectors.dtype == torch.float32
+    np.testing.assert_allclose(top32.values, _hessian_like()[::-1][:10], rtol=1e-4)
+
+
+def test_unconverged_eigenvalues_are_flagged_never_silent() -> None:
+    """The hessian-eigenthings failure (lambda_1 = 0.217 for a true 1.217) cannot pass unnoticed."""
+    rng = np.random.default_rng(0)
+    eigs = np.sort(np.concatenate([[1.217, 1.2, 1.19], rng.uniform(-0.3, 1.18, 497)]))
+    a = _matrix(eigs)
+    for budget in (22, 25, 30, 40, 60):
+        out = extreme_eigenpairs(
+            lambda v: a @ v, 500, 1, tol=1e-8, max_matvecs=budget,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        if out.converged[0]:
+            # a converged value is within its residual of an eigenvalue, and here it is the top
+            assert abs(out.values[0] - 1.217) <= out.residuals[0] + 1e-12
+        else:
+            assert np.isnan(out.values[0]) or out.residuals[0] > out.tolerances[0]
+            assert "max_matvecs" in out.message or "tolerance" in out.message
+    tiny = extreme_eigenpairs(
+        lambda v: a @ v, 500, 3, tol=1e-10, max_matvecs=10,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert not tiny.converged.any() and "Raise max_matvecs" in tiny.message
+
+
+def test_a_noisy_operator_fails_the_explicit_residual_check() -> None:
+    a = _matrix(_hessian_like())
+    gen = torch.Generator().manual_seed(0)
+
+    def noisy(v: torch.Tensor) -> torch.Tensor:
+        return a @ v + 1e-4 * torch.randn(300, generator=gen, dtype=torch.float64)
+
+    out = extreme_eigenpairs(
+        noisy, 300, 3, tol=1e-3, max_matvecs=200, generator=torch.Generator().manual_seed(0)
+    )
+    strict = extreme_eigenpairs(
+        noisy, 300, 3, tol=1e-6, max_matvecs=200, generator=torch.Generator().manual_seed(0)
+    )
+    assert out.converged[0]  # noise of norm 2e-3 meets tol 1e-3 relative to 12
+    assert not strict.converged.any()
+
+
+def test_gaussian_density_integrates_to_one_and_matches_closed_form() -> None:
+    nodes = [np.array([0.0, 1.0]), np.array([0.5])]
+    weights = [np.array([0.25, 0.75]), np.array([1.0])]
+    grid = np.linspace(-3, 4, 7001)
+    d = gaussian_density(nodes, weights, grid, 0.1)
+    assert np.trapezoid(d, grid) == pytest.approx(1.0, abs=1e-8)
+    peak = 1 / (0.1 * np.sqrt(2 * np.pi))
+    i = np.searchsorted(grid, 0.5)
+    far = peak * np.exp(-0.5 * (0.5 / 0.1) ** 2)  # a kernel 0.5 away from its node
+    expected = 0.5 * (0.25 * far + 0.75 * far) + 0.5 * (1.0 * peak)
+    assert grid[i] == pytest.approx(0.5) and d[i] == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(HessianError, match="width must be positive"):
+        gaussian_density(nodes, weights, grid, 0.0)
+
+
+def test_mean_and_stderr() -> None:
+    mean, err = mean_and_stderr([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and err == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
+    with pytest.raises(HessianError, match="no samples"):
+        mean_and_stderr([])
+
+
+def test_blas_threads_limits_scipy_blas_only_inside() -> None:
+    def blas() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas()
+    with blas_threads(1):
+        assert set(blas()) == {1}
+    assert blas() == before
+
+
+def test_ritz_residuals_are_the_true_residuals_of_the_ritz_vectors() -> None:
+    a = _matrix(_hessian_like())
+    out = lanczos(
+        lambda v: a @ v, 300, 40, generator=torch.Generator().manual_seed(3), keep_basis=True
+    )
+    estimates = ritz_residuals(out.alpha, out.beta, out.residual_norm)
+    t = torch.diag(out.alpha) + torch.diag(out.beta, 1) + torch.diag(out.beta, -1)
+    thetas, s = torch.linalg.eigh(t)
+    ritz = out.basis.T @ s  # (300, 40) Ritz vectors
+    true = torch.linalg.vector_norm(a @ ritz - ritz * thetas, dim=0).numpy()
+    np.testing.assert_allclose(estimates, true, rtol=1e-6, atol=1e-10)
+    assert estimates[-1] < 1e-8  # the top outlier has converged
+    quad = stochastic_lanczos_quadrature(
+        lambda v: a @ v, 300, 40, 1, generator=torch.Generator().manual_seed(3)
+    )
+    np.testing.assert_allclose(quad.ritz_residuals[0], estimates, rtol=1e-9, atol=1e-12)

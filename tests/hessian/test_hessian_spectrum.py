@@ -1,0 +1,243 @@
+"""hessian_spectrum against the exact eigendecomposition of small networks' full Hessians.
+
+The networks: MLPs (2 hidden layers of 20 units, 1,970 parameters) with
+BatchNorm in train mode (per-chunk batch statistics) or LayerNorm, on 512
+digits samples in 4 chunks of 128, float64; exact Hessian from conftest.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+import torch
+from torch import nn
+
+import normprobe
+from normprobe.hessian import (
+    DENSITY_WIDTH_FRACTION,
+    HessianConvergenceWarning,
+    HessianError,
+    hessian_spectrum,
+)
+
+F = nn.functional
+
+
+@pytest.fixture(scope="module")
+def spectrum64(exact_case):
+    """The full spectrum in float64 (SLQ m=80, n_v=4), computed once per network."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HessianConvergenceWarning)
+        return hessian_spectrum(
+            exact_case.model,
+            F.cross_entropy,
+            (exact_case.x, exact_case.y),
+            chunk_size=exact_case.chunk_size,
+            steps=80,
+            num_vectors=4,
+            trace_samples=64,
+            seed=0,
+        )
+
+
+def test_top10_in_float64_to_1e_minus_6(exact_case, spectrum64) -> None:
+    exact = exact_case.eigenvalues[::-1][:10]
+    top = spectrum64.top_eigenvalues
+    assert spectrum64.top.all_converged
+    np.testing.assert_allclose(top, exact, rtol=1e-6)
+    # the evidence is honest: each eigenvalue is within its residual of the exact one
+    assert (np.abs(top - exact) <= spectrum64.top.residuals[:10] + 1e-12).all()
+    assert spectrum64.num_classes == 10
+    assert spectrum64.outlier_ratio == pytest.approx(exact[0] / exact[9], rel=1e-6)
+
+
+def test_top10_in_float32_to_1e_minus_3(exact_case) -> None:
+    model32 = copy.deepcopy(exact_case.model).float()
+    spec = hessian_spectrum(
+        model32,
+        F.cross_entropy,
+        (exact_case.x.float(), exact_case.y),
+        what="top",
+        chunk_size=exact_case.chunk_size,
+        dtype=torch.float32,
+    )
+    assert spec.top.all_converged and spec.model_dtype == "float32" and spec.dtype == "float32"
+    np.testing.assert_allclose(spec.top_eigenvalues, exact_case.eigenvalues[::-1][:10], rtol=1e-3)
+
+
+def test_smallest_eigenvalue(exact_case, spectrum64) -> None:
+    assert spectrum64.smallest.all_converged
+    assert spectrum64.smallest_eigenvalue == pytest.approx(
+        exact_case.eigenvalues[0], abs=1e-6 * exact_case.spread
+    )
+
+
+def test_slq_measure_is_close_to_the_exact_spectrum(exact_case, spectrum64) -> None:
+    nodes = np.concatenate(spectrum64.nodes)
+    weights = np.concatenate(spectrum64.weights) / len(spectrum64.nodes)
+    assert weights.sum() == pytest.approx(1.0, abs=1e-12)
+    distance = scipy.stats.wasserstein_distance(nodes, exact_case.eigenvalues, u_weights=weights)
+    assert distance <= 0.005 * exact_case.spread
+    assert spectrum64.lanczos_steps == [80] * 4 and spectrum64.breakdown == [False] * 4
+    # Ritz values never leave the spectrum
+    assert nodes.max() <= exact_case.eigenvalues[-1] + 1e-9
+    assert nodes.min() >= exact_case.eigenvalues[0] - 1e-9
+
+
+def test_trace_within_three_standard_errors(exact_case, spectrum64) -> None:
+    exact = float(np.sum(exact_case.eigenvalues))
+    assert len(spectrum64.trace_samples) == 64
+    assert abs(spectrum64.trace - exact) <= 3 * spectrum64.trace_stderr
+    # the first n_v probes are the SLQ start vectors, their v^T H v free from Lanczos
+    alone = hessian_spectrum(
+        exact_case.model,
+        F.cross_entropy,
+        (exact_case.x, exact_case.y),
+        what="trace",
+        chunk_size=exact_case.chunk_size,
+        trace_samples=64,
+    )
+    np.testing.assert_allclose(alone.trace_samples, spectrum64.trace_samples, rtol=1e-9)
+    assert alone.matvecs == {"trace": 64} and spectrum64.matvecs["trace"] == 60
+
+
+def test_density_integrates_to_one_and_states_its_width(spectrum64) -> None:
+    lo, hi = spectrum64.spectral_range
+    frame = spectrum64.density()
+    assert list(frame.columns) == ["eigenvalue", "density", "width"]
+    width = frame["width"].iloc[0]
+    assert width == pytest.approx(DENSITY_WIDTH_FRACTION * (hi - lo))
+    assert np.trapezoid(frame["density"], frame["eigenvalue"]) == pytest.approx(1.0, abs=1e-6)
+    # re-smoothing from the raw nodes and weights, on any grid and width
+    grid = np.linspace(lo - 1, hi + 1, 5000)
+    sharp = spectrum64.density(grid, width=width / 4)
+    assert np.trapezoid(sharp["density"], grid) == pytest.approx(1.0, abs=1e-6)
+    assert sharp["density"].max() > frame["density"].max()
+
+
+def test_tidy_table(spectrum64) -> None:
+    frame = spectrum64.to_frame()
+    assert isinstance(frame, pd.DataFrame)
+    counts = frame["metric"].value_counts()
+    assert counts["eigenvalue"] == 10 and counts["slq_node"] == 4 * 80
+    assert counts["trace"] == 1 and counts["trace_sample"] == 64
+    assert counts["smallest_eigenvalue"] == 1 and counts["outlier_ratio"] == 1
+    assert counts["weight_norm"] == len(spectrum64.weight_norms) == 8
+    eig = frame[frame.metric == "eigenvalue"].sort_values("index")
+    np.testing.assert_allclose(eig["value"], spectrum64.top_eigenvalues)
+    assert eig["converged"].all() and (eig["residual"] <= eig["tolerance"]).all()
+    assert {"norm_mode", "seed", "dtype", "num_samples", "params"} <= set(frame.columns)
+    assert (frame["norm_mode"] == "train").all() and (frame["seed"] == 0).all()
+
+
+def test_weight_norms_are_reported(exact_case, spectrum64) -> None:
+    for name, p in exact_case.model.named_parameters():
+        assert spectrum64.weight_norms[name] == pytest.approx(float(p.detach().norm()))
+
+
+def test_model_left_exactly_as_found(exact_case, spectrum64) -> None:
+    model = exact_case.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    hessian_spectrum(model, F.cross_entropy, (exact_case.x, exact_case.y), what="top", k=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert flags == [m.training for m in model.modules()]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_starved_solver_is_flagged_not_silently_wrong(exact_case) -> None:
+    """hessian-eigenthings returned lambda_1 = 0.217 for a true 1.217; here that cannot pass."""
+    with pytest.warns(HessianConvergenceWarning, match="Raise max_matvecs"):
+        spec = hessian_spectrum(
+            exact_case.model,
+            F.cross_entropy,
+            (exact_case.x, exact_case.y),
+            what="top",
+            max_matvecs=12,
+            tol=1e-12,
+        )
+    assert not spec.top.converged.all()
+    exact = exact_case.eigenvalues[::-1][: len(spec.top.values)]
+    ok = spec.top.converged
+    assert (np.abs(spec.top.values[ok] - exact[ok]) <= spec.top.residuals[ok] + 1e-12).all()
+    frame = spec.to_frame()
+    assert not frame.loc[frame.metric == "eigenvalue", "converged"].all()
+
+
+def test_per_layer_spectrum_and_weight_scaling(exact_case) -> None:
+    model = exact_case.model
+    spec = hessian_spectrum(
+        model, F.cross_entropy, (exact_case.x, exact_case.y), params="blocks.1", what="top", k=3
+    )
+    owners = [n for n, p in model.named_parameters() for _ in range(p.numel())]
+    index = [i for i, n in enumerate(owners) if n.startswith("blocks.1.")]
+    block = exact_case.hessian[index][:, index]
+    exact = np.linalg.eigvalsh(block.numpy())[::-1][:3]
+    np.testing.assert_allclose(spec.top_eigenvalues, exact, rtol=1e-6)
+    assert spec.params == "blocks.1" and set(spec.weight_norms) == {
+        "blocks.1.affine.weight",
+        "blocks.1.norm.weight",
+        "blocks.1.norm.bias",
+    }
+    scaled = hessian_spectrum(
+        model,
+        F.cross_entropy,
+        (exact_case.x, exact_case.y),
+        params="blocks.1.affine.weight",
+        what="top",
+        k=1,
+        weight_scaled=True,
+    )
+    unscaled = hessian_spectrum(
+        model,
+        F.cross_entropy,
+        (exact_case.x, exact_case.y),
+        params="blocks.1.affine.weight",
+        what="top",
+        k=1,
+    )
+    w2 = scaled.weight_norms["blocks.1.affine.weight"] ** 2
+    assert scaled.top_eigenvalues[0] == pytest.approx(w2 * unscaled.top_eigenvalues[0], rel=1e-6)
+
+
+def test_scale_invariance_across_weight_scales() -> None:
+    """A weight followed by BatchNorm: scaling it by c scales its Hessian block by 1/c^2."""
+    ds = normprobe.load_dataset("digits")
+    x, y = ds.train.x[:256].double(), ds.train.y[:256]
+    model = normprobe.build_model("mlp", "batch", seed=0, depth=2, width=12, input_shape=64)
+    model = model.double()
+    kwargs = dict(params="blocks.0.affine.weight", what="top", k=2, chunk_size=256)
+    before = hessian_spectrum(model, F.cross_entropy, (x, y), **kwargs)
+    with torch.no_grad():
+        model.blocks[0].affine.weight.mul_(3.0)
+    after = hessian_spectrum(model, F.cross_entropy, (x, y), **kwargs)
+    np.testing.assert_allclose(after.top_eigenvalues * 9.0, before.top_eigenvalues, rtol=1e-6)
+
+
+def test_pieces_alone_and_argument_errors(exact_case) -> None:
+    data = (exact_case.x, exact_case.y)
+    spec = hessian_spectrum(exact_case.model, F.cross_entropy, data, what="smallest")
+    assert spec.nodes is None and spec.top is None and spec.trace_samples is None
+    assert spec.smallest.all_converged
+    with pytest.raises(HessianError, match="without 'top'"):
+        _ = spec.top_eigenvalues
+    with pytest.raises(HessianError, match="what must name pieces"):
+        hessian_spectrum(exact_case.model, F.cross_entropy, data, what="eigenvalues")
+    with pytest.raises(HessianError, match="trace_samples"):
+        hessian_spectrum(exact_case.model, F.cross_entropy, data, what="trace", trace_samples=1)
+    with pytest.raises(HessianError, match="dtype"):
+        hessian_spectrum(exact_case.model, F.cross_entropy, data, dtype=torch.float16)
+
+
+def test_probe_subset_is_seeded_and_sized(exact_case) -> None:
+    x = torch.cat([exact_case.x, exact_case.x[:100]])
+    y = torch.cat([exact_case.y, exact_case.y[:100]])
+    a = hessian_spectrum(exact_case.model, F.cross_entropy, (x, y), what="trace", trace_samples=4)
+    b = hessian_spectrum(exact_case.model, F.cross_entropy, (x, y), what="trace", trace_samples=4)
+    assert a.num_samples == 512 and a.num_chunks == 4
+    np.testing.assert_array_equal(a.trace_samples, b.trace_samples)
