@@ -171,6 +171,7 @@ def make_measure(
 ) -> Callable[[int, nn.Module], list[pd.DataFrame]]:
     """The callback the training loop calls at each scheduled step."""
     pc, hc = config.probes, config.hessian
+    num_classes = getattr(data.dataset, "num_classes", None)
     batch_a, batch_b, hessian_set = (
         _to(data.batch_a, device),
         _to(data.batch_b, device),
@@ -234,17 +235,25 @@ def make_measure(
                 model,
                 _cross_entropy,
                 hessian_set,
+                n_samples=None,  # the set drawn by prepare_data, data.hessian_samples long
                 steps=hc.lanczos_steps,
-                n_v=hc.start_vectors,
+                num_vectors=hc.start_vectors,
                 k=hc.top_k,
+                num_classes=num_classes,
+                trace_samples=hc.trace_samples,
                 norm_mode=hc.norm_mode,
                 chunk_size=hc.chunk_size,
                 dtype=getattr(torch, hc.dtype),
                 seed=seed + step,
             )
-            frames.append(tagged(spectrum.to_frame(), step))
-            hessian_tables["hessian_nodes"].append(tagged(spectrum.nodes_frame(), step))
-            hessian_tables["hessian_density"].append(tagged(spectrum.density_frame(), step))
+            # the spectrum's own seed would collide with the run's seed column
+            table = spectrum.to_frame().rename(columns={"seed": "probe_seed"})
+            nodes = table["metric"] == "slq_node"
+            frames.append(tagged(table[~nodes], step))
+            hessian_tables["hessian_nodes"].append(tagged(table[nodes], step))
+            density = spectrum.density()
+            density.insert(0, "norm_mode", spectrum.norm_mode)
+            hessian_tables["hessian_density"].append(tagged(density, step))
         return frames
 
     return measure

@@ -331,6 +331,7 @@ class HessianConfig(_Strict):
     lanczos_steps: int = Field(80, ge=2)
     start_vectors: int = Field(1, ge=1)
     top_k: int = Field(10, ge=1)
+    trace_samples: int = Field(32, ge=2)
     norm_mode: Literal["train", "eval"] = "train"
     chunk_size: int = Field(128, ge=2)
     dtype: Literal["float32", "float64"] = "float64"

@@ -109,7 +109,9 @@ def swap_norms(model: nn.Module, norm: str, **options: Any) -> list[str]:
                     f"layer {name!r}: bad option for {spec.name!r}: {err}"
                 ) from None
             new.layer_name = name
-            ref = next(module.parameters(), None) or next(module.buffers(), None)
+            ref = next(module.parameters(), None)
+            if ref is None:
+                ref = next(module.buffers(), None)
             if ref is not None:
                 new.to(device=ref.device, dtype=ref.dtype)
         if isinstance(module, nn.LayerNorm) and spec.name != "none":

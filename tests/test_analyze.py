@@ -1,0 +1,313 @@
+"""The analysis grid: results tables, resume after SIGKILL, determinism, divergence, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import normprobe
+from normprobe.analyze import analyze
+from normprobe.config import ConfigError
+from normprobe.results import load_results
+
+SMALL = {
+    "model": {"name": "mlp", "options": {"depth": 3, "width": 32}},
+    "normalizers": ["batch", "layer", "regnorm"],
+    "data": {"probe_batch": 32, "hessian_samples": 64},
+    "train": {"steps": 12, "batch_size": 32, "lr": 0.05},
+    "probes": {"schedule": [0, 6, 12]},
+    "hessian": {"schedule": [0, 12], "lanczos_steps": 12, "chunk_size": 32},
+}
+
+
+def _metrics(directory: Path) -> pd.DataFrame:
+    return pd.read_parquet(directory / "results.parquet")
+
+
+def test_results_tables_have_the_promised_columns(tmp_path: Path) -> None:
+    results = analyze(SMALL, out=tmp_path, quiet=True)
+    for column in ("run", "normalizer", "lr", "seed", "step", "layer", "depth", "metric", "value"):
+        assert column in results.metrics.columns
+    metrics = set(results.metrics["metric"])
+    assert {"train_loss", "train_acc", "test_loss", "test_acc", "batch_loss"} <= metrics
+    assert {"grad_norm", "grad_corr", "grad_growth_rate"} <= metrics
+    assert len(results.hessian_nodes) and len(results.hessian_density)
+    assert set(results.runs["status"]) == {"done"}
+    # files on disk: parquet, csv, manifest, one line per run
+    for name in (
+        "results.parquet",
+        "results.csv",
+        "manifest.json",
+        "runs.jsonl",
+        "hessian_nodes.parquet",
+        "hessian_density.parquet",
+    ):
+        assert (tmp_path / name).exists(), name
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["config"]["normalizers"] == ["batch", "layer", "regnorm"]
+    assert manifest["versions"]["torch"].startswith("2.13")
+    assert len(manifest["config_hash"]) == 16 and manifest["normprobe_version"]
+    lines = (tmp_path / "runs.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["seconds"] > 0 for line in lines)
+    loaded = load_results(tmp_path)
+    pd.testing.assert_frame_equal(loaded.metrics, results.metrics)
+    csv = pd.read_csv(tmp_path / "results.csv")
+    assert len(csv) == len(results.metrics)
+
+
+def test_same_config_same_results_bit_for_bit(tmp_path: Path) -> None:
+    a = analyze(SMALL, out=tmp_path / "a", quiet=True)
+    b = analyze(SMALL, out=tmp_path / "b", quiet=True)
+    pd.testing.assert_frame_equal(a.metrics, b.metrics, check_exact=True)
+    pd.testing.assert_frame_equal(a.hessian_nodes, b.hessian_nodes, check_exact=True)
+
+
+def test_probes_do_not_change_the_training_trajectory(tmp_path: Path) -> None:
+    quiet = {
+        **SMALL,
+        "probes": {"representation": False, "gradient_correlation": False, "gradient_norms": False},
+        "hessian": {"enabled": False},
+    }
+    with_probes = analyze(SMALL, out=tmp_path / "on", quiet=True).metric("batch_loss")
+    without = analyze(quiet, out=tmp_path / "off", quiet=True).metric("batch_loss")
+    assert len(with_probes) == 3 * 12
+    assert with_probes["value"].tolist() == without["value"].tolist()
+
+
+def test_learning_rate_grid_marks_the_best_rate_per_normalizer(tmp_path: Path) -> None:
+    config = {
+        **SMALL,
+        "normalizers": ["batch", "layer"],
+        "probes": {"gradient_norms": False},
+        "hessian": {"enabled": False},
+        "train": {**SMALL["train"], "lr": [0.01, 0.1], "seeds": [0, 1]},
+    }
+    results = analyze(config, out=tmp_path, quiet=True)
+    runs = results.runs
+    assert len(runs) == 2 * 2 * 2
+    for norm, group in runs.groupby("normalizer"):
+        best = group.groupby("lr")["final_test_acc"].mean().idxmax()
+        assert set(group[group["selected"]]["lr"]) == {best}, norm
+    selected = results.metric("test_acc", selected_only=True)
+    assert set(selected["lr"]) <= {0.01, 0.1} and len(selected) < len(results.metric("test_acc"))
+
+
+def test_divergence_ends_that_run_only(tmp_path: Path) -> None:
+    config = {
+        **SMALL,
+        "normalizers": ["none", "batch"],
+        "hessian": {"enabled": False},
+        "train": {**SMALL["train"], "lr": {"none": 1e6, "batch": 0.05}},
+    }
+    results = analyze(config, out=tmp_path, quiet=True)
+    status = dict(zip(results.runs["normalizer"], results.runs["status"], strict=True))
+    assert status == {"none": "diverged", "batch": "done"}
+    row = results.runs[results.runs["normalizer"] == "none"].iloc[0]
+    assert 0 <= row["diverged_step"] < 12
+
+
+def test_a_failing_run_is_recorded_and_the_others_go_on(tmp_path: Path, monkeypatch) -> None:
+    import normprobe.training as training
+
+    real = training.training_loss
+
+    def broken(model, output, target, lam):
+        if any(isinstance(m, normprobe.norms.LayerNorm) for m in model.modules()):
+            raise RuntimeError("simulated bug")
+        return real(model, output, target, lam)
+
+    monkeypatch.setattr(training, "training_loss", broken)
+    config = {**SMALL, "normalizers": ["batch", "layer"], "hessian": {"enabled": False}}
+    results = analyze(config, out=tmp_path, quiet=True)
+    status = dict(zip(results.runs["normalizer"], results.runs["status"], strict=True))
+    assert status == {"batch": "done", "layer": "failed"}
+    assert "simulated bug" in results.runs.set_index("normalizer").loc["layer", "error"]
+
+
+@pytest.mark.filterwarnings("ignore::normprobe.norms.balanced.BalancedInputWarning")
+def test_all_normalizers_skip_the_ones_the_model_cannot_take(tmp_path: Path) -> None:
+    config = {
+        **SMALL,
+        "normalizers": "all",
+        "probes": {"schedule": [0]},
+        "hessian": {"enabled": False},
+        "train": {**SMALL["train"], "steps": 2},
+    }
+    lines: list[str] = []
+    results = analyze(config, out=tmp_path, log=lines.append)
+    assert "instance" not in set(results.runs["normalizer"])
+    assert set(results.runs["normalizer"]) == set(normprobe.normalizers()) - {"instance"}
+    assert any(line.startswith("skipping instance:") for line in lines)
+    assert "instance" in results.manifest["skipped"]
+
+
+def test_resume_skips_finished_runs_and_force_redoes_them(tmp_path: Path) -> None:
+    config = {**SMALL, "hessian": {"enabled": False}}
+    analyze(config, out=tmp_path, quiet=True)
+    stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()}
+    lines: list[str] = []
+    analyze(config, out=tmp_path, log=lines.append)
+    assert lines == []  # nothing left to do
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").iterdir()} == stamp
+    analyze(config, out=tmp_path, force=True, log=lines.append)
+    assert len([line for line in lines if ": done" in line]) == 3
+
+
+def test_a_different_config_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+    config = {**SMALL, "hessian": {"enabled": False}, "normalizers": ["batch"]}
+    analyze(config, out=tmp_path, quiet=True)
+    changed = {**config, "train": {**SMALL["train"], "steps": 5}}
+    with pytest.raises(ConfigError, match="holds results of a different config.*--force"):
+        analyze(changed, out=tmp_path, quiet=True)
+
+
+KILL_CONFIG = """\
+model: {name: mlp, options: {depth: 4, width: 64}}
+normalizers: [none, batch, layer, bmlv, prelayer, regnorm]
+data: {probe_batch: 64}
+train: {steps: 150, batch_size: 64, lr: 0.05}
+probes: {schedule: {every: 10}}
+hessian: {enabled: false}
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_loses_only_the_run_in_progress_and_resume_completes(tmp_path: Path) -> None:
+    cfg = tmp_path / "kill.yaml"
+    cfg.write_text(textwrap.dedent(KILL_CONFIG))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "normprobe", "analyze", str(cfg), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    runs = out / "runs"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            finished = [p for p in runs.glob("*/run.json")] if runs.exists() else []
+            if len(finished) >= 2:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"analyze ended before it could be killed: {proc.stderr.read()}")
+            time.sleep(0.05)
+        else:
+            pytest.fail("no run finished within the time limit")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    survivors = {p.name: p.stat().st_mtime_ns for p in runs.iterdir() if not p.name.startswith(".")}
+    assert 2 <= len(survivors) < 6
+    for name in survivors:  # every visible run folder is complete
+        status = json.loads((runs / name / "run.json").read_text())
+        assert status["status"] == "done"
+        assert (runs / name / "metrics.parquet").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in runs.iterdir() if not p.name.startswith(".")}
+    assert len(after) == 6
+    assert {k: after[k] for k in survivors} == survivors  # finished runs were not redone
+    assert not [p for p in runs.iterdir() if p.name.startswith(".")]  # temporaries cleaned
+    # the interrupted-and-resumed analysis equals an uninterrupted one, bit for bit
+    clean = tmp_path / "clean"
+    subprocess.run([*command[:-3], "--out", str(clean), "--quiet"], check=True, timeout=600)
+    pd.testing.assert_frame_equal(_metrics(out), _metrics(clean), check_exact=True)
+
+
+def test_cli_analyze_prints_a_summary_and_writes_results(tmp_path: Path) -> None:
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(
+        "model: {name: mlp, options: {depth: 2, width: 16}}\nnormalizers: [layer]\n"
+        "train: {steps: 3, batch_size: 16}\nhessian: {enabled: false}\n"
+        "probes: {schedule: [0, 3]}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "normprobe", "analyze", str(cfg), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"1 runs: 1 done; results in {tmp_path / 'o'}"
+    assert "[1/1] layer_lr0.1_seed0: done" in result.stderr  # one line per finished run
+    assert (tmp_path / "o" / "results.parquet").exists()
+
+
+def test_user_factory_and_norm_swapping(tmp_path: Path, monkeypatch) -> None:
+    package = tmp_path / "userpkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(
+        textwrap.dedent("""\
+        import torch.nn as nn
+        import normprobe
+
+        def with_norm(norm, width=16):
+            return nn.Sequential(
+                nn.Flatten(),
+                normprobe.build_norm(norm, nn.Linear(64, width), nn.ReLU()),
+                nn.Linear(width, 10),
+            )
+
+        def torch_bn(width=16):
+            return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.BatchNorm1d(width),
+                                 nn.ReLU(), nn.Linear(width, 10))
+        """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = {**SMALL, "hessian": {"enabled": False}, "normalizers": ["prelayer", "layer"]}
+    results = analyze(
+        {**base, "model": {"factory": "userpkg.nets:with_norm", "options": {"width": 8}}},
+        out=tmp_path / "factory",
+        quiet=True,
+    )
+    assert set(results.runs["status"]) == {"done"}
+    swapped = analyze(
+        {
+            **base,
+            "normalizers": ["layer", "bmlv"],
+            "model": {"factory": "userpkg.nets:torch_bn", "swap_norms": True},
+        },
+        out=tmp_path / "swap",
+        quiet=True,
+    )
+    assert set(swapped.runs["status"]) == {"done"}
+    with pytest.raises(ConfigError, match="'prelayer' needs the affine op's input or weight"):
+        analyze(
+            {**base, "model": {"factory": "userpkg.nets:torch_bn", "swap_norms": True}},
+            out=tmp_path / "bad",
+            quiet=True,
+        )
+
+
+def test_norm_swap_replaces_torch_layers() -> None:
+    from normprobe.models.swap import swap_norms, swappable
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3),
+        torch.nn.GroupNorm(2, 8),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(4),
+        torch.nn.LayerNorm(4),
+    )
+    assert swap_norms(net, "bmlv") == ["1", "4", "7"]
+    assert isinstance(net[1], normprobe.norms.BMLVNorm) and isinstance(
+        net[4], normprobe.norms.BMLVNorm
+    )
+    out = net(torch.randn(5, 3, 8, 8))
+    assert out.shape == (5, 4)
+    assert "prelayer" not in swappable() and "batch" in swappable() and "none" in swappable()
