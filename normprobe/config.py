@@ -536,6 +536,8 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        elif isinstance(child, bool):  # the `gradient_norms: true` shorthand of a section
+            child = node[part] = {"enabled": child}
         elif not isinstance(child, dict):
             raise ConfigError(
                 f"--set {dotted}: {'.'.join(parts[: i + 1])} is a {type(child).__name__}, "

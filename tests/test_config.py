@@ -120,6 +120,9 @@ def test_overrides_parse_yaml_values_and_create_sections() -> None:
     assert raw == {"train": {"steps": 7, "lr": [0.1, 0.2]}, "name": "x"}
     with pytest.raises(ConfigError, match="is a int, not a section"):
         apply_overrides({"train": {"steps": 3}}, ["train.steps.x=1"])
+    # a section given by its on/off shorthand opens up into its keys
+    raw = apply_overrides({"probes": {"gradient_norms": True}}, ["probes.gradient_norms.mode=eval"])
+    assert raw == {"probes": {"gradient_norms": {"enabled": True, "mode": "eval"}}}
 
 
 def test_learning_rate_grids_per_normalizer() -> None:
