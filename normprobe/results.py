@@ -317,6 +317,57 @@ class Results:
             rows = rows[rows["selected"].fillna(False).astype(bool)]
         return rows
 
+    def summary(self) -> pd.DataFrame:
+        """One row per run: status, final test accuracy and the headline probe values.
+
+        ``repr_corr``: the representation correlation at the deepest probed
+        layer, at step 0; ``grad_corr``: the gradient correlation averaged over
+        layers, at step 0; ``growth``: the gradient-norm growth rate at step 0;
+        ``lambda_1``: the top Hessian eigenvalue at the last step it was
+        measured (``lambda_1_step``). NaN where the analysis did not measure it.
+
+        >>> Results(Path("."), pd.DataFrame(columns=["run", "step", "metric", "value"]),
+        ...         pd.DataFrame(columns=["run", "normalizer", "lr", "seed", "status"]),
+        ...         pd.DataFrame(), pd.DataFrame(), {}).summary().columns.tolist()
+        ['normalizer', 'lr', 'seed', 'status', 'test_acc', 'repr_corr', 'grad_corr', 'growth', 'lambda_1', 'lambda_1_step']
+        """
+        runs = self.runs
+        m = self.metrics
+        out = pd.DataFrame(
+            {
+                "normalizer": runs.get("normalizer", pd.Series(dtype=object)),
+                "lr": runs.get("lr", pd.Series(dtype=float)),
+                "seed": runs.get("seed", pd.Series(dtype=int)),
+                "status": runs.get("status", pd.Series(dtype=object)),
+            }
+        )
+        out.index = runs["run"] if "run" in runs else out.index
+        out["test_acc"] = (
+            runs.set_index("run")["final_test_acc"] if "final_test_acc" in runs else float("nan")
+        )
+
+        def at_step0(metric: str) -> pd.DataFrame:
+            rows = m[(m["metric"] == metric) & (m["step"] == 0)]
+            return rows
+
+        repr_rows = m[m["metric"].astype(str).str.startswith("repr_") & (m["step"] == 0)]
+        if len(repr_rows):
+            deepest = repr_rows.sort_values("depth").groupby("run")["value"].last()
+            out["repr_corr"] = deepest
+        else:
+            out["repr_corr"] = float("nan")
+        grad = at_step0("grad_corr")
+        out["grad_corr"] = grad.groupby("run")["value"].mean() if len(grad) else float("nan")
+        growth = at_step0("grad_growth_rate")
+        out["growth"] = growth.groupby("run")["value"].first() if len(growth) else float("nan")
+        top = m[(m["metric"] == "eigenvalue") & (m.get("index", pd.Series(dtype=float)) == 1)]
+        if len(top):
+            last = top.sort_values("step").groupby("run").last()
+            out["lambda_1"], out["lambda_1_step"] = last["value"], last["step"]
+        else:
+            out["lambda_1"], out["lambda_1_step"] = float("nan"), float("nan")
+        return out.reset_index(drop=True)
+
     def __repr__(self) -> str:
         status = self.runs["status"].value_counts().to_dict() if len(self.runs) else {}
         return (

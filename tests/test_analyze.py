@@ -239,7 +239,22 @@ def test_cli_analyze_prints_a_summary_and_writes_results(tmp_path: Path) -> None
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"1 runs: 1 done; results in {tmp_path / 'o'}"
+    header, row, last = result.stdout.strip().splitlines()
+    assert header.split() == [
+        "normalizer",
+        "lr",
+        "seed",
+        "status",
+        "test_acc",
+        "repr_corr",
+        "grad_corr",
+        "growth",
+        "lambda_1",
+        "lambda_1_step",
+    ]
+    assert row.split()[:4] == ["layer", "0.1", "0", "done"]
+    assert row.split()[-2:] == ["-", "-"]  # the Hessian was off
+    assert last == f"1 runs: 1 done; results in {tmp_path / 'o'}"
     assert "[1/1] layer_lr0.1_seed0: done" in result.stderr  # one line per finished run
     assert (tmp_path / "o" / "results.parquet").exists()
 
