@@ -1,0 +1,61 @@
+"""Figures from stored results: one function per figure of seed 003, one look for all.
+
+- :mod:`normprobe.plotting.style`: the fixed color and marker of every normalizer.
+- :mod:`normprobe.plotting.figures`: ``fig1a`` ... ``fig6b`` and the generic
+  :func:`depth_profile`, :func:`through_training`, :func:`hessian_density_panels`.
+- :mod:`normprobe.plotting.gallery`: :func:`plot_results`, every figure a
+  results directory supports, written to files (``normprobe plot``).
+
+>>> from normprobe.plotting import color
+>>> color("batch") == color("batch")
+True
+"""
+
+from normprobe.plotting.figures import (
+    FigureSkipped,
+    caption,
+    depth_profile,
+    fig1a,
+    fig1b,
+    fig2a,
+    fig2b,
+    fig3a,
+    fig3b,
+    fig3c,
+    fig4,
+    fig6a,
+    fig6b,
+    hessian_density_panels,
+    through_training,
+)
+from normprobe.plotting.gallery import FIGURES, PlotReport, plot_results
+from normprobe.plotting.style import NORM_STYLE, color, label, marker, style_context
+
+__all__ = [
+    # style
+    "NORM_STYLE",
+    "color",
+    "marker",
+    "label",
+    "style_context",
+    # figures
+    "FigureSkipped",
+    "caption",
+    "depth_profile",
+    "through_training",
+    "hessian_density_panels",
+    "fig1a",
+    "fig1b",
+    "fig2a",
+    "fig2b",
+    "fig3a",
+    "fig3b",
+    "fig3c",
+    "fig4",
+    "fig6a",
+    "fig6b",
+    # files
+    "FIGURES",
+    "PlotReport",
+    "plot_results",
+]

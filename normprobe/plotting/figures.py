@@ -1,0 +1,562 @@
+"""One function per figure of seed 003 (DESIGN.md, Figures), drawn from stored results only.
+
+Each function takes a :class:`~normprobe.results.Results` (or, for the line
+figures, its metrics DataFrame) and an optional ``Axes``/``Figure``, and
+returns what it drew on. Lines are the median over seeds with a band from
+the lowest to the highest seed (drawn when there are several seeds); every
+normalizer has the same color and marker in every figure
+(:mod:`normprobe.plotting.style`). A caption line under each figure states
+the run's key settings. Nothing here trains or probes: a figure the tables
+cannot support raises :class:`FigureSkipped` saying what is missing.
+
+>>> import pandas as pd
+>>> frame = pd.DataFrame({"normalizer": ["batch", "batch", "layer", "layer"], "seed": 0,
+...     "lr": 0.1, "step": 0, "layer": ["a", "b", "a", "b"], "depth": [1, 2, 1, 2],
+...     "metric": "repr_corr_noise", "value": [0.9, 0.5, 0.95, 0.9]})
+>>> ax = depth_profile(frame, "repr_corr_noise")
+>>> len(ax.get_lines())
+2
+>>> plt.close("all")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from normprobe.plotting.style import color, label, marker, norm_order, style_context
+from normprobe.results import Results
+
+__all__ = [
+    "FigureSkipped",
+    "REPR_METRICS",
+    "repr_metric",
+    "model_text",
+    "depth_profile",
+    "through_training",
+    "hessian_density_panels",
+    "caption",
+    "fig1a",
+    "fig1b",
+    "fig2a",
+    "fig2b",
+    "fig3a",
+    "fig3b",
+    "fig3c",
+    "fig4",
+    "fig6a",
+    "fig6b",
+]
+
+Data = Results | pd.DataFrame
+
+REPR_METRICS = ("repr_corr_noise", "repr_corr_independent", "repr_cos_within")
+REPR_LABEL = {
+    "repr_corr_noise": "correlation of X and X + noise",
+    "repr_corr_independent": "correlation of two minibatches",
+    "repr_cos_within": "mean cosine within a minibatch",
+}
+
+WEIGHT_DEPTH = "depth (layer with weights, in execution order)"
+
+
+class FigureSkipped(LookupError):
+    """The results hold no data for this figure; the message says what is missing."""
+
+
+# --------------------------------------------------------------------------- data helpers
+
+
+def _metrics(data: Data) -> pd.DataFrame:
+    return data.metrics if isinstance(data, Results) else data
+
+
+def _rows(data: Data, metric: str, *, selected: bool = True) -> pd.DataFrame:
+    """Rows of ``metric``, only the selected learning rate per normalizer (when marked)."""
+    frame = _metrics(data)
+    if frame is None or frame.empty or "metric" not in frame:
+        raise FigureSkipped(f"no {metric!r} rows: the results table is empty")
+    rows = frame[frame["metric"] == metric]
+    if selected and "selected" in rows and rows["selected"].notna().any():
+        rows = rows[rows["selected"].fillna(False).astype(bool)]
+    rows = rows[np.isfinite(rows["value"].astype(float))]
+    if rows.empty:
+        raise FigureSkipped(f"no {metric!r} rows in the results (was that probe enabled?)")
+    return rows
+
+
+def _at_step(rows: pd.DataFrame, step: int, what: str) -> tuple[pd.DataFrame, int]:
+    """Rows at ``step``, or at the nearest measured step (which the caption states)."""
+    steps = np.array(sorted(rows["step"].unique()))
+    if steps.size == 0:
+        raise FigureSkipped(f"no measured steps for {what}")
+    nearest = int(steps[np.argmin(np.abs(steps - step))])
+    return rows[rows["step"] == nearest], nearest
+
+
+def repr_metric(data: Data) -> str:
+    """The representation metric present in the results (the noise pairing preferred)."""
+    frame = _metrics(data)
+    present = set(frame["metric"].unique()) if frame is not None and "metric" in frame else set()
+    for metric in REPR_METRICS:
+        if metric in present:
+            return metric
+    raise FigureSkipped("no representation-correlation rows (probes.representation disabled?)")
+
+
+def _config(data: Any) -> dict[str, Any]:
+    manifest = data.manifest if isinstance(data, Results) else {}
+    return (manifest or {}).get("config", {}) or {}
+
+
+def model_text(data: Any) -> str:
+    """A short name of the analysed model, e.g. ``WRN-26-2 without skips`` or ``MLP, 8 x 128``."""
+    model = _config(data).get("model", {}) or {}
+    options = model.get("options", {}) or {}
+    if model.get("name") == "wrn":
+        skip = options.get("skip", True)
+        depth, widen = options.get("depth", 16), options.get("widen", 1)
+        return f"WRN-{depth}-{widen} {'with' if skip else 'without'} skips"
+    if model.get("name") == "mlp":
+        return f"MLP, {options.get('depth', 10)} x {options.get('width', 128)}"
+    if model.get("factory"):
+        return str(model["factory"]).split(":")[-1]
+    return ""
+
+
+def _seed_count(data: Data, rows: pd.DataFrame | None = None) -> int:
+    if rows is not None and "seed" in rows:
+        return int(rows.groupby("normalizer")["seed"].nunique().max())
+    seeds = _config(data).get("train", {}).get("seeds", [])
+    return len(seeds)
+
+
+# --------------------------------------------------------------------------- drawing helpers
+
+
+def _lines(ax: Axes, rows: pd.DataFrame, x: str) -> None:
+    """Median over seeds with a min-max band, one line (color + marker) per normalizer."""
+    order = norm_order(rows["normalizer"].unique())
+    sns.lineplot(
+        data=rows,
+        x=x,
+        y="value",
+        hue="normalizer",
+        style="normalizer",
+        hue_order=order,
+        style_order=order,
+        palette={n: color(n) for n in order},
+        markers={n: marker(n) for n in order},
+        dashes=False,
+        estimator="median",
+        errorbar=("pi", 100),
+        err_kws={"alpha": 0.15, "linewidth": 0},
+        markersize=4,
+        markeredgewidth=0.6,
+        ax=ax,
+    )
+    _legend(ax)
+
+
+def _legend(ax: Axes) -> None:
+    """Legend outside the axes on the right, with display names, so it never covers data."""
+    handles, names = ax.get_legend_handles_labels()
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    if handles:
+        ax.legend(
+            handles,
+            [label(n) for n in names],
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            borderaxespad=0.0,
+            handlelength=1.8,
+            ncols=1 if len(handles) <= 12 else 2,
+            columnspacing=0.8,
+        )
+    # seaborn adds empty proxy lines for its legend; the legend has its own copies, so
+    # drop them and leave one line per normalizer on the axes
+    for line in list(ax.get_lines()):
+        if len(line.get_xdata()) == 0:
+            line.remove()
+
+
+def caption(data: Data | None, extra: str = "") -> str:
+    """The run's key settings, for the line under a figure.
+
+    >>> caption(None, "step 0")
+    'step 0'
+    """
+    parts: list[str] = []
+    config = _config(data)
+    if config:
+        parts.append(model_text(data))
+        data_cfg = config.get("data", {})
+        options = data_cfg.get("options", {}) or {}
+        size = f" {options['size']}x{options['size']}" if options.get("size") else ""
+        parts.append(f"{data_cfg.get('name')}{size}")
+        train = config.get("train", {})
+        parts.append(
+            f"{train.get('optimizer')} lr {_lr_text(data)}, batch {train.get('batch_size')}, "
+            f"{train.get('steps')} steps"
+        )
+        seeds = len(train.get("seeds", []))
+        band = ": median, band min-max" if seeds > 1 else ""
+        parts.append(f"{seeds} seed{'s' if seeds != 1 else ''}{band}")
+    if extra:
+        parts.append(extra)
+    return " · ".join(p for p in parts if p)
+
+
+def _lr_text(data: Data | None) -> str:
+    runs = data.runs if isinstance(data, Results) else pd.DataFrame()
+    if not len(runs) or "lr" not in runs:
+        return "?"
+    grid = runs.groupby("normalizer")["lr"].nunique()
+    if (grid > 1).any():
+        return "best of a grid per normalizer"
+    if runs["lr"].nunique() > 1:
+        return "set per normalizer"
+    return f"{runs['lr'].iloc[0]:g}"
+
+
+def _finish(ax: Axes, data: Any, title: str, extra: str) -> Axes:
+    ax.set_title(title, loc="left")
+    text = caption(data, extra)
+    if text:
+        ax.annotate(
+            text,
+            xy=(0.0, -0.2),
+            xycoords="axes fraction",
+            va="top",
+            fontsize=7,
+            color="#444444",
+            annotation_clip=False,
+        )
+    return ax
+
+
+def _axes(ax: Axes | None, size: tuple[float, float] = (5.6, 3.4)) -> Axes:
+    if ax is None:
+        _, ax = plt.subplots(figsize=size)
+    return ax
+
+
+def _with_model(title: str, data: Any) -> str:
+    model = model_text(data)
+    return f"{title} ({model})" if model else title
+
+
+# --------------------------------------------------------------------------- generic figures
+
+
+def depth_profile(
+    data: Data,
+    metric: str,
+    *,
+    step: int = 0,
+    ax: Axes | None = None,
+    logy: bool = False,
+    ylabel: str | None = None,
+    xlabel: str = "depth (probed layer, in execution order; 0 = input)",
+    title: str | None = None,
+) -> Axes:
+    """``metric`` against layer depth at one training step (default: initialization).
+
+    Depth is the order in which the probed layers run (0 is the input).
+    """
+    rows, at = _at_step(_rows(data, metric), step, metric)
+    rows = rows[rows["depth"].notna()]
+    if rows.empty:
+        raise FigureSkipped(f"{metric!r} has no per-layer rows at step {at}")
+    if logy:
+        rows = rows[rows["value"] > 0]
+    with style_context():
+        ax = _axes(ax)
+        _lines(ax, rows, "depth")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel or metric)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if logy:
+            ax.set_yscale("log")
+        where = "initialization" if at == 0 else f"step {at}"
+        return _finish(ax, data, title or f"{metric} at {where}", f"step {at}")
+
+
+def through_training(
+    data: Data,
+    metric: str,
+    *,
+    layer: str | None = None,
+    aggregate: str | None = None,
+    where: dict[str, Any] | None = None,
+    ax: Axes | None = None,
+    logy: bool = False,
+    ylabel: str | None = None,
+    title: str | None = None,
+) -> Axes:
+    """``metric`` against the training step.
+
+    Per-layer metrics need ``layer`` ("last", "first" or a module name) or
+    ``aggregate="mean"`` (over layers); ``where`` keeps only rows whose
+    columns equal the given values (e.g. ``{"index": 1}`` for lambda_1).
+    """
+    rows = _rows(data, metric)
+    for column, value in (where or {}).items():
+        if column not in rows:
+            raise FigureSkipped(f"{metric!r} rows have no {column!r} column")
+        rows = rows[rows[column] == value]
+    note = ""
+    if rows["depth"].notna().any():
+        if layer in ("last", "first"):
+            pick = "max" if layer == "last" else "min"
+            depth = rows.groupby("run")["depth"].transform(pick)
+            rows = rows[rows["depth"] == depth]
+            names = sorted(rows["layer"].dropna().astype(str).unique())
+            note = f"{layer} probed layer: {', '.join(names[:2])}"
+        elif layer is not None:
+            rows = rows[rows["layer"] == layer]
+            note = f"layer {layer}"
+        elif aggregate == "mean":
+            rows = rows[rows["depth"].notna()]
+            rows = rows.groupby(["run", "normalizer", "seed", "lr", "step"], as_index=False)[
+                "value"
+            ].mean()
+            note = "mean over probed layers"
+        else:
+            raise ValueError(
+                f"{metric} is per layer: pass layer='last'|'first'|<name> or aggregate='mean'"
+            )
+    if logy:
+        rows = rows[rows["value"] > 0]
+    if rows.empty:
+        raise FigureSkipped(f"no {metric!r} rows for layer {layer!r}")
+    if rows["step"].nunique() < 2:
+        raise FigureSkipped(f"{metric!r} was measured at one step only; nothing to draw over time")
+    with style_context():
+        ax = _axes(ax)
+        _lines(ax, rows, "step")
+        ax.set_xlabel("training step (SGD updates)")
+        ax.set_ylabel(ylabel or metric)
+        if logy:
+            ax.set_yscale("log")
+        return _finish(ax, data, title or f"{metric} through training", note)
+
+
+def _gaussian_density(nodes: pd.DataFrame, grid: np.ndarray, width: float) -> np.ndarray:
+    """Average over start vectors of ``sum_i w_i N(grid; node_i, width^2)``.
+
+    The same smoothing as :func:`normprobe.hessian.lanczos.gaussian_density`,
+    restated here so that plotting depends on the stored tables only.
+    """
+    out = np.zeros_like(grid)
+    groups = list(nodes.groupby("vector")) if "vector" in nodes else [(0, nodes)]
+    for _, g in groups:
+        z = (grid[:, None] - g["value"].to_numpy(float)[None, :]) / width
+        out += np.exp(-0.5 * z * z) @ g["weight"].to_numpy(float)
+    return out / (width * math.sqrt(2.0 * math.pi) * len(groups))
+
+
+def hessian_density_panels(
+    data: Results,
+    *,
+    step: int = 50,
+    fig: Figure | None = None,
+    normalizers: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Figure 4: the SLQ spectral density at ``step``, one panel per normalizer, shared x axis.
+
+    Densities are re-smoothed from the stored nodes and weights on one grid
+    spanning every panel's spectrum (Gaussian kernel, 1% of that range) and
+    drawn on a log scale. Uses the selected learning rate and the first seed.
+    """
+    nodes = data.hessian_nodes if isinstance(data, Results) else data
+    if nodes is None or nodes.empty:
+        raise FigureSkipped("no Hessian nodes in the results (hessian disabled?)")
+    if isinstance(data, Results) and len(data.runs) and "selected" in data.runs:
+        chosen = data.runs[data.runs["selected"].fillna(False).astype(bool)]["run"]
+        if len(chosen):
+            nodes = nodes[nodes["run"].isin(set(chosen))]
+    nodes = nodes[np.isfinite(nodes["value"]) & np.isfinite(nodes["weight"])]
+    if nodes.empty:
+        raise FigureSkipped("no finite Hessian nodes for the selected runs")
+    nodes, at = _at_step(nodes, step, "the Hessian")
+    first_seed = nodes.groupby("normalizer")["seed"].transform("min")
+    nodes = nodes[nodes["seed"] == first_seed]
+    order = [
+        n
+        for n in norm_order(nodes["normalizer"].unique())
+        if normalizers is None or n in normalizers
+    ]
+    if not order:
+        raise FigureSkipped("no normalizer has Hessian nodes at that step")
+    lo, hi = float(nodes["value"].min()), float(nodes["value"].max())
+    spread = hi - lo if hi > lo else max(abs(hi), 1.0)
+    width = 0.01 * spread
+    grid = np.linspace(lo - 5 * width, hi + 5 * width, 800)
+    cols = min(4, len(order))
+    rows_n = math.ceil(len(order) / cols)
+    with style_context():
+        if fig is None:
+            fig = plt.figure(figsize=(2.5 * cols + 0.5, 1.75 * rows_n + 1.0))
+        axes = fig.subplots(rows_n, cols, sharex=True, sharey=True, squeeze=False)
+        densities = {
+            n: _gaussian_density(nodes[nodes["normalizer"] == n], grid, width) for n in order
+        }
+        peak = max(float(d.max()) for d in densities.values())
+        floor = peak * 1e-7  # seven decades below the highest peak: the visible range
+        for ax, norm in zip(axes.flat, order):
+            density = np.maximum(densities[norm], floor)
+            ax.plot(grid, density, color=color(norm), lw=1.1)
+            ax.fill_between(grid, floor, density, color=color(norm), alpha=0.18, lw=0)
+            ax.set_yscale("log")
+            ax.set_ylim(floor, peak * 3)
+            ax.set_title(label(norm), loc="left", fontsize=9, color=color(norm))
+            ax.axvline(0.0, color="#888888", lw=0.6, ls=":")
+        for ax in list(axes.flat)[len(order) :]:
+            ax.set_visible(False)
+        for i, ax in enumerate(axes.flat):
+            # the last visible panel of each column carries the x label
+            below = i + cols
+            if i < len(order) and below >= len(order):
+                ax.set_xlabel("Hessian eigenvalue λ")
+                ax.xaxis.set_tick_params(labelbottom=True)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("density")
+        head = title or _with_model(f"4  Hessian spectral density at step {at}", data)
+        fig.suptitle(head, x=0.01, ha="left", fontsize=10)
+        text = caption(
+            data,
+            f"SLQ nodes smoothed with a Gaussian of width {width:.3g} (1% of the range) "
+            f"· first seed · step {at}",
+        )
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
+        fig.text(0.01, 0.01, text, fontsize=7, color="#444444", va="bottom")
+    return fig
+
+
+# --------------------------------------------------------------------------- the paper's figures
+
+
+def fig1a(data: Data, ax: Axes | None = None) -> Axes:
+    """1a: MLP at initialization: representation correlation against depth."""
+    metric = repr_metric(data)
+    return depth_profile(
+        data,
+        metric,
+        ax=ax,
+        ylabel=REPR_LABEL[metric],
+        title=_with_model("1a  Representation correlation at init", data),
+    )
+
+
+def fig1b(data: Data, ax: Axes | None = None) -> Axes:
+    """1b: MLP at initialization: gradient correlation against depth."""
+    return depth_profile(
+        data,
+        "grad_corr",
+        ax=ax,
+        ylabel="gradient cosine, two minibatches",
+        xlabel=WEIGHT_DEPTH,
+        title=_with_model("1b  Gradient correlation at init", data),
+    )
+
+
+def fig2a(data: Data, ax: Axes | None = None) -> Axes:
+    """2a: WRN at initialization: representation correlation against depth."""
+    metric = repr_metric(data)
+    return depth_profile(
+        data,
+        metric,
+        ax=ax,
+        ylabel=REPR_LABEL[metric],
+        title=_with_model("2a  Representation correlation at init", data),
+    )
+
+
+def fig2b(data: Data, ax: Axes | None = None) -> Axes:
+    """2b: WRN at initialization: gradient norm against depth (log scale)."""
+    return depth_profile(
+        data,
+        "grad_norm",
+        ax=ax,
+        logy=True,
+        ylabel="‖∂L/∂W‖ (Frobenius)",
+        xlabel=WEIGHT_DEPTH,
+        title=_with_model("2b  Gradient norm at init", data),
+    )
+
+
+def fig3a(data: Data, ax: Axes | None = None) -> Axes:
+    """3a: test accuracy through training."""
+    return through_training(
+        data,
+        "test_acc",
+        ax=ax,
+        ylabel="test accuracy (fraction)",
+        title=_with_model("3a  Test accuracy", data),
+    )
+
+
+def fig3b(data: Data, ax: Axes | None = None) -> Axes:
+    """3b: representation correlation at the last probed layer (the logits when probed)."""
+    metric = repr_metric(data)
+    return through_training(
+        data,
+        metric,
+        layer="last",
+        ax=ax,
+        ylabel=REPR_LABEL[metric],
+        title=_with_model("3b  Correlation at the final pre-activation layer", data),
+    )
+
+
+def fig3c(data: Data, ax: Axes | None = None) -> Axes:
+    """3c: gradient correlation (mean over layers) through training."""
+    return through_training(
+        data,
+        "grad_corr",
+        aggregate="mean",
+        ax=ax,
+        ylabel="gradient cosine, two minibatches",
+        title=_with_model("3c  Gradient correlation", data),
+    )
+
+
+def fig4(data: Results, fig: Figure | None = None, *, step: int = 50) -> Figure:
+    """4: Hessian spectral density 50 steps into training, one panel per normalizer."""
+    return hessian_density_panels(data, step=step, fig=fig)
+
+
+def fig6a(data: Data, ax: Axes | None = None) -> Axes:
+    """6a: outlier ratio lambda_1 / lambda_K through training (log scale)."""
+    return through_training(
+        data,
+        "outlier_ratio",
+        ax=ax,
+        logy=True,
+        ylabel="λ₁ / λ_K  (K = classes)",
+        title=_with_model("6a  Hessian outlier ratio", data),
+    )
+
+
+def fig6b(data: Data, ax: Axes | None = None) -> Axes:
+    """6b: the largest Hessian eigenvalue lambda_1 through training (log scale)."""
+    return through_training(
+        data,
+        "eigenvalue",
+        where={"index": 1},
+        ax=ax,
+        logy=True,
+        ylabel="largest eigenvalue λ₁",
+        title=_with_model("6b  Largest Hessian eigenvalue", data),
+    )

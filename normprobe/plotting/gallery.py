@@ -1,0 +1,177 @@
+"""Every figure a results directory supports, drawn to files: what ``normprobe plot`` runs.
+
+The figure names follow seed 003 and the analysed model: an MLP gives
+``fig1a``/``fig1b``, a WideResNet without skips ``fig2a``/``fig2b``, with
+skips ``fig2a_skip``/``fig2b_skip``; the training figures (3, 4, 6) carry no
+suffix for the WRN without skips (the paper's network), ``_skip`` with
+skips, ``_mlp`` for the MLP and ``_custom`` for a user factory. A figure the
+tables cannot support is skipped with its reason, never an error.
+
+>>> import tempfile
+>>> import pandas as pd
+>>> from normprobe.results import Results
+>>> empty = Results(Path("."), pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {})
+>>> report = plot_results(empty, tempfile.mkdtemp())
+>>> report.written, report.skipped["fig4_custom"]
+({}, 'no Hessian nodes in the results (hessian disabled?)')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from normprobe.plotting import figures as F
+from normprobe.plotting.style import style_context
+from normprobe.results import Results
+
+__all__ = ["FIGURES", "FigureSpec", "PlotReport", "model_variant", "figure_name", "plot_results"]
+
+Variant = Literal["mlp", "wrn", "wrn-skip", "custom"]
+SUFFIX: dict[str, str] = {"mlp": "_mlp", "wrn": "", "wrn-skip": "_skip", "custom": "_custom"}
+FORMATS = ("png", "pdf", "svg")
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    """One figure: its base name, drawing function, and the models it is drawn for."""
+
+    base: str
+    draw: Callable[[Results], Axes | Figure]
+    summary: str
+    variants: tuple[str, ...] = ("mlp", "wrn", "wrn-skip", "custom")
+    #: at-init figures named for their model (1 for the MLP, 2 for the WRN) take no _mlp suffix
+    plain_for: tuple[str, ...] = ()
+
+
+FIGURES: tuple[FigureSpec, ...] = (
+    FigureSpec(
+        "fig1a",
+        F.fig1a,
+        "representation correlation against depth at init",
+        ("mlp", "custom"),
+        ("mlp",),
+    ),
+    FigureSpec(
+        "fig1b", F.fig1b, "gradient correlation against depth at init", ("mlp", "custom"), ("mlp",)
+    ),
+    FigureSpec(
+        "fig2a",
+        F.fig2a,
+        "representation correlation against depth at init",
+        ("wrn", "wrn-skip"),
+    ),
+    FigureSpec("fig2b", F.fig2b, "gradient norm against depth at init", ("wrn", "wrn-skip")),
+    FigureSpec("fig3a", F.fig3a, "test accuracy through training"),
+    FigureSpec("fig3b", F.fig3b, "final-layer representation correlation through training"),
+    FigureSpec("fig3c", F.fig3c, "gradient correlation through training"),
+    FigureSpec("fig4", F.fig4, "Hessian spectral density at step 50, one panel per normalizer"),
+    FigureSpec("fig6a", F.fig6a, "Hessian outlier ratio λ1/λK through training"),
+    FigureSpec("fig6b", F.fig6b, "largest Hessian eigenvalue λ1 through training"),
+)
+
+
+def model_variant(results: Results) -> Variant:
+    """Which of the paper's networks the results come from (from the manifest's config)."""
+    model = (results.manifest or {}).get("config", {}).get("model", {}) or {}
+    if model.get("name") == "wrn":
+        return "wrn-skip" if (model.get("options") or {}).get("skip", True) else "wrn"
+    if model.get("name") == "mlp":
+        return "mlp"
+    return "custom"
+
+
+def figure_name(spec: FigureSpec, variant: str) -> str:
+    """The file stem of ``spec`` drawn for ``variant`` (e.g. ``fig4_skip``)."""
+    if variant in spec.plain_for:
+        return spec.base
+    return spec.base + SUFFIX[variant]
+
+
+@dataclass
+class PlotReport:
+    """What :func:`plot_results` wrote (name -> files) and skipped (name -> reason)."""
+
+    written: dict[str, list[Path]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"wrote {name}: {', '.join(str(p) for p in paths)}"
+            for name, paths in self.written.items()
+        ]
+        out += [f"skipped {name}: {reason}" for name, reason in self.skipped.items()]
+        return out
+
+
+def _formats(formats: str | Iterable[str]) -> list[str]:
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    items = [f.strip().lower().lstrip(".") for f in items if f.strip()]
+    bad = [f for f in items if f not in FORMATS]
+    if bad or not items:
+        from normprobe.errors import NormprobeError
+
+        raise NormprobeError(
+            f"--format: {', '.join(bad) or 'nothing'} is not a figure format; "
+            f"use a comma-separated list of {', '.join(FORMATS)}"
+        )
+    return items
+
+
+def plot_results(
+    results: Results | str | Path,
+    out: str | Path,
+    *,
+    formats: str | Sequence[str] = ("png",),
+    only: Sequence[str] | None = None,
+) -> PlotReport:
+    """Draw every figure ``results`` supports into ``out`` as ``<name>.<format>``.
+
+    ``only`` restricts to figure names (``fig4_skip``) or base names
+    (``fig4``). Figures without data are reported in ``skipped`` with the
+    reason; nothing is trained or probed.
+    """
+    if not isinstance(results, Results):
+        from normprobe.results import load_results
+
+        results = load_results(results)
+    kinds = _formats(formats)
+    out = Path(out)
+    variant = model_variant(results)
+    report = PlotReport()
+    for spec in FIGURES:
+        name = figure_name(spec, variant)
+        if only is not None and name not in only and spec.base not in only:
+            continue
+        if variant not in spec.variants:
+            report.skipped[name] = (
+                f"drawn for {' or '.join(spec.variants)} models; this analysis used {variant}"
+            )
+            continue
+        try:
+            with style_context():
+                drawn = spec.draw(results)
+                fig = drawn if isinstance(drawn, Figure) else drawn.figure
+                out.mkdir(parents=True, exist_ok=True)
+                paths = []
+                for kind in kinds:
+                    path = out / f"{name}.{kind}"
+                    fig.savefig(path)
+                    paths.append(path)
+            report.written[name] = paths
+        except F.FigureSkipped as err:
+            report.skipped[name] = str(err)
+        finally:
+            plt.close("all")
+    return report
+
+
+def describe() -> dict[str, Any]:
+    """Figure base name -> one line on what it shows (for help texts)."""
+    return {spec.base: spec.summary for spec in FIGURES}
