@@ -6,14 +6,36 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_figures_arguments"]
 
 EXAMPLES = """\
 examples:
   normprobe analyze analyses/quickstart.yaml            every normalizer, MLP on digits
   normprobe analyze my.yaml --set train.steps=100 --out runs/short
+  normprobe plot runs/quickstart                       every figure its results support
+  normprobe figures                                    rerun analyses/ and redraw figures/
   normprobe list                 show the registered normalizers, models and datasets
   normprobe list normalizers     only the normalizers
+"""
+
+PLOT_EXAMPLES = """\
+examples:
+  normprobe plot runs/quickstart
+  normprobe plot runs/quickstart --out paper/figs --format png,pdf
+  normprobe plot runs/quickstart --only fig4,fig6a
+
+Figure names follow seed 003 (1a/1b MLP at init, 2a/2b WRN at init, 3a-c
+through training, 4 Hessian density at step 50, 6a/6b outlier ratio and
+largest eigenvalue); WRN with skips adds _skip, the MLP's training figures
+_mlp. Plotting reads the stored tables only; it never trains or probes.
+"""
+
+FIGURES_EXAMPLES = """\
+examples:
+  normprobe figures                       quick scale: every analysis in minutes on a CPU
+  normprobe figures --scale paper         the seed paper's settings (datasets + GPU)
+  normprobe figures --plot-only           redraw figures/ from the stored results
+  normprobe figures --only fig1_mlp_init  one analysis group
 """
 
 ANALYZE_EXAMPLES = """\
@@ -63,6 +85,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_an.set_defaults(func=cmd_analyze)
 
+    p_plot = sub.add_parser(
+        "plot",
+        help="draw every figure the stored results of an analysis support",
+        description="Draw every figure the stored results of an analysis support, and say "
+        "which figures were skipped for lack of data.",
+        epilog=PLOT_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p_plot.add_argument("results", metavar="RESULTS_DIR", help="output folder of an analysis")
+    p_plot.add_argument(
+        "--out", metavar="DIR", help="where to write (default: RESULTS_DIR/figures)"
+    )
+    p_plot.add_argument(
+        "--format", default="png", help="comma-separated file formats: png, pdf, svg (default png)"
+    )
+    p_plot.add_argument(
+        "--only", metavar="NAMES", help="comma-separated figure names, e.g. fig4,fig6a"
+    )
+    p_plot.set_defaults(func=cmd_plot)
+
+    p_fig = sub.add_parser(
+        "figures",
+        help="run every analysis in analyses/ and redraw figures/ (figures/regenerate.py)",
+        description="Run every figure group's analysis at the chosen scale, then draw all "
+        "figures into one folder. Finished runs are kept, so an interrupted call resumes.",
+        epilog=FIGURES_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_figures_arguments(p_fig)
+    p_fig.set_defaults(func=cmd_figures)
+
     p_list = sub.add_parser(
         "list",
         help="list the registered normalizers, models and datasets",
@@ -79,15 +132,94 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_figures_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``normprobe figures``, shared with figures/regenerate.py."""
+    parser.add_argument(
+        "--scale",
+        choices=["quick", "paper"],
+        default="quick",
+        help="quick: digits, small networks, minutes on a CPU (default); paper: the seed "
+        "paper's settings from analyses/<group>.paper.yaml (needs the datasets, and a GPU)",
+    )
+    parser.add_argument(
+        "--analyses", metavar="DIR", default="analyses", help="folder of the group YAML files"
+    )
+    parser.add_argument(
+        "--runs",
+        metavar="DIR",
+        help="where the analyses write their results (default: runs/figures[-paper])",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default="figures",
+        help="where to draw the figures (default figures)",
+    )
+    parser.add_argument("--format", default="png", help="comma-separated: png, pdf, svg")
+    parser.add_argument(
+        "--only", metavar="GROUPS", help="comma-separated group names (default: every group)"
+    )
+    parser.add_argument(
+        "--plot-only", action="store_true", help="draw from the stored results; run nothing"
+    )
+    parser.add_argument("--force", action="store_true", help="redo every run of every analysis")
+    parser.add_argument("--quiet", action="store_true", help="no per-run lines")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (default: 1 at quick scale, where the networks are too small "
+        "to gain from more and a busy machine makes extra threads much slower; torch's "
+        "default at paper scale)",
+    )
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from normprobe.analyze import analyze, summary_line
 
     results = analyze(
         args.config, out=args.out, force=args.force, quiet=args.quiet, overrides=args.overrides
     )
+    if not args.quiet and len(results.runs):
+        table = results.summary()
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-"))
     print(summary_line(results))
     failed = int((results.runs["status"] == "failed").sum()) if len(results.runs) else 0
     return 1 if failed else 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from normprobe.plotting import plot_results
+
+    out = Path(args.out) if args.out else Path(args.results) / "figures"
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    report = plot_results(args.results, out, formats=args.format, only=only)
+    for line in report.lines():
+        print(line)
+    if not report.written:
+        print(f"no figure drawn: the results in {args.results} support none of them")
+    return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    from normprobe.plotting.regenerate import regenerate
+
+    groups = [g.strip() for g in args.only.split(",") if g.strip()] if args.only else None
+    report = regenerate(
+        scale=args.scale,
+        analyses=args.analyses,
+        runs=args.runs,
+        out=args.out,
+        formats=args.format,
+        groups=groups,
+        plot_only=args.plot_only,
+        force=args.force,
+        quiet=args.quiet,
+        threads=args.threads,
+    )
+    return 1 if report.failed else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:

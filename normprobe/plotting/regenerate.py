@@ -1,0 +1,152 @@
+"""Rerun every figure group's analysis and redraw all figures (``normprobe figures``).
+
+Each group is one YAML in ``analyses/``: ``<group>.yaml`` at the quick scale
+(digits, small networks, minutes on a 2-core CPU) and ``<group>.paper.yaml``
+at the seed paper's scale (MNIST / CIFAR-10, WRN-26-2, 512 Hessian samples).
+The results go to ``runs/figures/<group>`` (finished runs are kept, so a
+second call resumes) and the group's figures to one folder.
+
+This is the one module under ``plotting`` that runs analyses; it imports
+:mod:`normprobe.analyze` only inside :func:`regenerate`, so drawing stays a
+reader of stored tables.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from normprobe.errors import NormprobeError
+
+__all__ = ["GROUPS", "Group", "RegenerateReport", "regenerate", "config_path"]
+
+
+@dataclass(frozen=True)
+class Group:
+    """One analysis (``analyses/<name>.yaml``) and the figures drawn from it."""
+
+    name: str
+    figures: tuple[str, ...]
+
+
+GROUPS: tuple[Group, ...] = (
+    Group("fig1_mlp_init", ("fig1a", "fig1b")),
+    Group("fig2_wrn_init", ("fig2a", "fig2b")),
+    Group("fig2_wrn_skip_init", ("fig2a_skip", "fig2b_skip")),
+    Group("fig3_4_6_wrn_training", ("fig3a", "fig3b", "fig3c", "fig4", "fig6a", "fig6b")),
+    Group("fig4_wrn_skip_training", ("fig4_skip",)),
+)
+
+
+@dataclass
+class RegenerateReport:
+    """Seconds per group, figures written, and groups that failed (with the reason)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    written: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def config_path(analyses: str | Path, group: str, scale: str) -> Path:
+    """``analyses/<group>.yaml`` (quick) or ``analyses/<group>.paper.yaml`` (paper)."""
+    suffix = ".yaml" if scale == "quick" else f".{scale}.yaml"
+    return Path(analyses) / f"{group}{suffix}"
+
+
+def regenerate(
+    *,
+    scale: str = "quick",
+    analyses: str | Path = "analyses",
+    runs: str | Path | None = None,
+    out: str | Path | None = None,
+    formats: str | Sequence[str] = "png",
+    groups: Sequence[str] | None = None,
+    plot_only: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+    threads: int | None = None,
+    log=None,
+) -> RegenerateReport:
+    """Run each group's analysis at ``scale`` (unless ``plot_only``) and draw its figures.
+
+    ``runs`` defaults to ``runs/figures`` (``runs/figures-paper``), ``out`` to
+    ``figures`` (``figures/paper``). A group whose analysis fails is reported
+    and the others still run. ``threads`` sets torch's CPU threads (default 1
+    at quick scale: the small networks gain nothing from more, and on a busy
+    machine two threads made a run several times slower).
+    """
+    from normprobe.plotting.gallery import plot_results
+
+    if scale not in ("quick", "paper"):
+        raise NormprobeError(f"--scale: {scale!r} is not a scale; use quick or paper")
+    if log is None:
+        log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    runs = Path(runs or ("runs/figures" if scale == "quick" else "runs/figures-paper"))
+    out = Path(out or ("figures" if scale == "quick" else "figures/paper"))
+    known = {g.name: g for g in GROUPS}
+    chosen = list(GROUPS)
+    if groups is not None:
+        unknown = [g for g in groups if g not in known]
+        if unknown:
+            raise NormprobeError(
+                f"--only: no group {', '.join(map(repr, unknown))}; groups: {', '.join(known)}"
+            )
+        chosen = [known[g] for g in groups]
+    for group in chosen:
+        path = config_path(analyses, group.name, scale)
+        if not path.exists():
+            raise NormprobeError(
+                f"{path} does not exist; run from the repository root or pass --analyses DIR"
+            )
+    if threads is None and scale == "quick":
+        threads = 1
+    if threads is not None and not plot_only:
+        import torch
+
+        if threads < 1:
+            raise NormprobeError(f"--threads: give a positive number, got {threads}")
+        torch.set_num_threads(threads)
+    report = RegenerateReport()
+    total = time.perf_counter()
+    for group in chosen:
+        start = time.perf_counter()
+        directory = runs / group.name
+        try:
+            if plot_only:
+                from normprobe.results import load_results
+
+                results = load_results(directory)
+            else:
+                from normprobe.analyze import analyze, summary_line
+
+                log(f"== {group.name}: {config_path(analyses, group.name, scale)} -> {directory}")
+                results = analyze(
+                    config_path(analyses, group.name, scale),
+                    out=directory,
+                    force=force,
+                    quiet=quiet,
+                )
+                log(summary_line(results))
+            drawn = plot_results(results, out, formats=formats, only=group.figures)
+        except NormprobeError as err:
+            report.failed[group.name] = str(err)
+            log(f"{group.name}: failed: {err}")
+            continue
+        finally:
+            report.seconds[group.name] = time.perf_counter() - start
+        for paths in drawn.written.values():
+            report.written.extend(paths)
+            log(f"  wrote {', '.join(str(p) for p in paths)}")
+        for name, reason in drawn.skipped.items():
+            report.skipped[name] = reason
+            log(f"  skipped {name}: {reason}")
+        log(f"  {group.name} took {report.seconds[group.name]:.0f} s")
+    log(
+        f"{len(report.written)} figure files in {out}; {len(report.skipped)} skipped, "
+        f"{len(report.failed)} groups failed; {time.perf_counter() - total:.0f} s in all"
+    )
+    return report
