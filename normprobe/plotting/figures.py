@@ -25,6 +25,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -163,6 +164,13 @@ def _lines(ax: Axes, rows: pd.DataFrame, x: str) -> None:
         markeredgewidth=0.6,
         ax=ax,
     )
+    # lines that coincide (BatchNorm, Batch-Train and Batch Renorm at init) must not hide
+    # BatchNorm: earlier normalizers in the legend order are drawn on top
+    rank = {color(n): i for i, n in enumerate(order)}
+    for line in ax.get_lines():
+        i = rank.get(mcolors.to_hex(line.get_color()))
+        if i is not None:
+            line.set_zorder(3 + (len(order) - i) / len(order))
     _legend(ax)
 
 
@@ -204,10 +212,13 @@ def caption(data: Data | None, extra: str = "") -> str:
         size = f" {options['size']}x{options['size']}" if options.get("size") else ""
         parts.append(f"{data_cfg.get('name')}{size}")
         train = config.get("train", {})
-        parts.append(
-            f"{train.get('optimizer')} lr {_lr_text(data)}, batch {train.get('batch_size')}, "
-            f"{train.get('steps')} steps"
-        )
+        if train.get("steps"):
+            parts.append(
+                f"{train.get('optimizer')} lr {_lr_text(data)}, batch {train.get('batch_size')}, "
+                f"{train.get('steps')} steps"
+            )
+        else:
+            parts.append(f"untrained, probe batch {data_cfg.get('probe_batch')}")
         seeds = len(train.get("seeds", []))
         band = ": median, band min-max" if seeds > 1 else ""
         parts.append(f"{seeds} seed{'s' if seeds != 1 else ''}{band}")
@@ -288,7 +299,21 @@ def depth_profile(
         if logy:
             ax.set_yscale("log")
         where = "initialization" if at == 0 else f"step {at}"
-        return _finish(ax, data, title or f"{metric} at {where}", f"step {at}")
+        extra = f"step {at}" + (_same_at_init(rows) if at == 0 else "")
+        return _finish(ax, data, title or f"{metric} at {where}", extra)
+
+
+#: normalizers that compute exactly what another does before any training step
+SAME_AT_INIT = {"batch-train": "batch", "batch-renorm": "batch", "regnorm": "layer"}
+
+
+def _same_at_init(rows: pd.DataFrame) -> str:
+    """A caption note naming the lines that coincide at initialization (hidden under another)."""
+    present = set(rows["normalizer"].unique())
+    pairs = [(n, m) for n, m in SAME_AT_INIT.items() if n in present and m in present]
+    if not pairs:
+        return ""
+    return " · at init " + ", ".join(f"{label(n)} = {label(m)}" for n, m in pairs)
 
 
 def through_training(
