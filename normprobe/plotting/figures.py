@@ -27,6 +27,7 @@ from typing import Any
 
 import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 import numpy as np
 import pandas as pd
 import seaborn as sns
@@ -239,6 +240,15 @@ def _lr_text(data: Data | None) -> str:
     return f"{runs['lr'].iloc[0]:g}"
 
 
+def _log_y(ax: Axes) -> None:
+    """Log y axis with plain tick labels (60, not 6 x 10^1); minor ticks labelled on short spans."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(mticker.LogFormatter())
+    ax.yaxis.set_minor_formatter(
+        mticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5))
+    )
+
+
 def _finish(ax: Axes, data: Any, title: str, extra: str) -> Axes:
     ax.set_title(title, loc="left")
     text = caption(data, extra)
@@ -297,7 +307,7 @@ def depth_profile(
         ax.set_ylabel(ylabel or metric)
         ax.xaxis.get_major_locator().set_params(integer=True)
         if logy:
-            ax.set_yscale("log")
+            _log_y(ax)
         where = "initialization" if at == 0 else f"step {at}"
         extra = f"step {at}" + (_same_at_init(rows) if at == 0 else "")
         return _finish(ax, data, title or f"{metric} at {where}", extra)
@@ -372,7 +382,7 @@ def through_training(
         ax.set_xlabel("training step (SGD updates)")
         ax.set_ylabel(ylabel or metric)
         if logy:
-            ax.set_yscale("log")
+            _log_y(ax)
         return _finish(ax, data, title or f"{metric} through training", note)
 
 
