@@ -22,6 +22,7 @@ cannot support raises :class:`FigureSkipped` saying what is missing.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -241,17 +242,27 @@ def _lr_text(data: Data | None) -> str:
 
 
 def _log_y(ax: Axes) -> None:
-    """Log y axis with plain tick labels (60, not 6 x 10^1); minor ticks labelled on short spans."""
+    """Log y axis with plain tick labels (0.1, 60; not 1e-01, 6 x 10^1).
+
+    Spans under a decade and a half also label the minor ticks at 2, 3 and 5.
+    """
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(mticker.LogFormatter())
-    ax.yaxis.set_minor_formatter(
-        mticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5))
-    )
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo < 30:
+
+        def minor(v: float, _: Any) -> str:
+            lead = round(v / 10 ** math.floor(math.log10(v)), 6)
+            return f"{v:g}" if lead in (2, 3, 5) else ""
+
+        ax.yaxis.set_minor_formatter(mticker.FuncFormatter(minor))
+    else:
+        ax.yaxis.set_minor_formatter(mticker.NullFormatter())
 
 
 def _finish(ax: Axes, data: Any, title: str, extra: str) -> Axes:
     ax.set_title(title, loc="left")
-    text = caption(data, extra)
+    text = textwrap.fill(caption(data, extra), 130)
     if text:
         ax.annotate(
             text,
@@ -314,7 +325,12 @@ def depth_profile(
 
 
 #: normalizers that compute exactly what another does before any training step
-SAME_AT_INIT = {"batch-train": "batch", "batch-renorm": "batch", "regnorm": "layer"}
+SAME_AT_INIT = {
+    "batch-train": "batch",
+    "batch-renorm": "batch",
+    "regnorm": "layer",
+    "none": "weight",  # weight norm starts with g = ||V||: the same weights
+}
 
 
 def _same_at_init(rows: pd.DataFrame) -> str:
