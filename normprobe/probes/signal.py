@@ -69,8 +69,8 @@ def _float(t: torch.Tensor) -> torch.Tensor:
 def centred(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``a`` flattened minus its mean, and the norm of that vector (the two halves of a Pearson r)."""
     v = _float(a).reshape(-1)
-    var, mean = torch.var_mean(v, correction=0)  # one pass (Welford), then one subtraction
-    return v - mean, (var * v.numel()).sqrt()
+    v = v - v.mean()
+    return v, torch.linalg.vector_norm(v)
 
 
 def pearson_centred(a_centred: torch.Tensor, a_norm: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -80,10 +80,7 @@ def pearson_centred(a_centred: torch.Tensor, a_norm: torch.Tensor, b: torch.Tens
             f"pearson needs two tensors with as many entries, got {a_centred.numel()} and "
             f"{b.numel()}"
         )
-    # a_centred sums to zero, so <a_c, b - mean(b)> = <a_c, b>: b is read, never copied,
-    # and |b - mean(b)| comes from torch's one-pass (Welford) variance
-    v = _float(b).reshape(-1)
-    v_norm = (v.var(correction=0) * v.numel()).sqrt()
+    v, v_norm = centred(b)
     return torch.dot(a_centred, v) / (a_norm * v_norm)
 
 
