@@ -30,6 +30,7 @@ from normprobe.probes.gradients import (
     LossFn,
     gradient_correlation,
     gradient_norms,
+    gradient_statistics,
     growth_rate,
 )
 from normprobe.probes.signal import PAIRINGS, Pairing, representation_correlation
@@ -38,6 +39,7 @@ __all__ = [
     "representation_correlation",
     "gradient_correlation",
     "gradient_norms",
+    "gradient_statistics",
     "growth_rate",
     "Probe",
     "LayerCall",

@@ -49,6 +49,7 @@ __all__ = [
     "layer_gradients",
     "gradient_correlation",
     "gradient_norms",
+    "gradient_statistics",
     "growth_rate",
 ]
 
@@ -216,15 +217,18 @@ def gradient_norms(
     """
     with Probe(model, layers, mode=mode, seed=seed, capture="weights") as probe:
         grads = layer_gradients(probe, model, loss_fn, batch)
+    return _frame(_norm_rows(grads), mode, seed)
+
+
+def _norm_rows(grads: list[LayerGradient]) -> list[tuple[LayerGradient, str, float]]:
     norms = torch.stack([torch.linalg.vector_norm(g.weight) for g in grads])
     ratios = norms / norms[-1]
     values = torch.stack([norms, ratios], dim=1).double().cpu().tolist()  # one device sync
-    rows = [
+    return [
         (g, metric, v)
         for g, pair in zip(grads, values)
         for metric, v in zip(("grad_norm", "grad_norm_ratio"), pair)
     ]
-    return _frame(rows, mode, seed)
 
 
 def gradient_correlation(
@@ -253,14 +257,59 @@ def gradient_correlation(
     >>> gradient_correlation(net, nn.functional.cross_entropy, a, b).layer.tolist()
     ['0', '2']
     """
+    grads_a, grads_b = _two_batches(model, loss_fn, batch_a, batch_b, layers, mode, seed)
+    return _frame(_corr_rows(grads_a, grads_b), mode, seed)
+
+
+def gradient_statistics(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch_a: Batch,
+    batch_b: Batch,
+    *,
+    layers: Layers = None,
+    mode: Mode = "train",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """:func:`gradient_correlation` and :func:`gradient_norms` (of ``batch_a``) from one set of passes.
+
+    The rows of both probes in one frame, the ``grad_corr`` rows first, for
+    a third less work than calling the two: ``batch_a``'s gradients serve
+    both. Identical values to the separate calls.
+
+    >>> torch.manual_seed(0) and None
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> a = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> b = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    >>> gradient_statistics(net, nn.functional.cross_entropy, a, b).metric.unique().tolist()
+    ['grad_corr', 'grad_norm', 'grad_norm_ratio']
+    """
+    grads_a, grads_b = _two_batches(model, loss_fn, batch_a, batch_b, layers, mode, seed)
+    return _frame(_corr_rows(grads_a, grads_b) + _norm_rows(grads_a), mode, seed)
+
+
+def _two_batches(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch_a: Batch,
+    batch_b: Batch,
+    layers: Layers,
+    mode: Mode,
+    seed: int,
+) -> tuple[list[LayerGradient], list[LayerGradient]]:
     with Probe(model, layers, mode=mode, seed=seed, capture="weights") as probe:
         grads_a = layer_gradients(probe, model, loss_fn, batch_a)
         calls_a = probe.calls
         grads_b = layer_gradients(probe, model, loss_fn, batch_b)
         check_same_layers(calls_a, probe.calls, "batch_a and batch_b")
+    return grads_a, grads_b
+
+
+def _corr_rows(
+    grads_a: list[LayerGradient], grads_b: list[LayerGradient]
+) -> list[tuple[LayerGradient, str, float]]:
     values = torch.stack([cosine(a.params(), b.params()) for a, b in zip(grads_a, grads_b)])
-    rows = [(g, "grad_corr", v) for g, v in zip(grads_a, values.double().cpu().tolist())]
-    return _frame(rows, mode, seed)
+    return [(g, "grad_corr", v) for g, v in zip(grads_a, values.double().cpu().tolist())]
 
 
 def _frame(rows: list[tuple[LayerGradient, str, float]], mode: str, seed: int) -> pd.DataFrame:

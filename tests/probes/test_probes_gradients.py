@@ -17,6 +17,7 @@ from normprobe.probes import (
     ProbeError,
     gradient_correlation,
     gradient_norms,
+    gradient_statistics,
     growth_rate,
 )
 
@@ -208,3 +209,17 @@ def test_probe_exposes_the_applied_weights_for_new_gradient_probes() -> None:
     assert w.grad_fn is not None and grad.shape == (4, 3)
     with pytest.raises(ProbeError, match="capture='outputs'"):
         _ = p.activations
+
+
+@pytest.mark.parametrize("norm", ["batch", "weight"])
+def test_gradient_statistics_equal_the_two_separate_probes(norm: str) -> None:
+    ds = normprobe.load_dataset("digits")
+    model = normprobe.build_model("mlp", norm, seed=0, depth=3, width=16, input_shape=64)
+    a = ds.train.x[:32], ds.train.y[:32]
+    b = ds.train.x[32:64], ds.train.y[32:64]
+    both = gradient_statistics(model, F.cross_entropy, a, b)
+    corr = gradient_correlation(model, F.cross_entropy, a, b)
+    norms = gradient_norms(model, F.cross_entropy, a)
+    pd.testing.assert_frame_equal(
+        both.reset_index(drop=True), pd.concat([corr, norms], ignore_index=True)
+    )
