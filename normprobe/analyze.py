@@ -189,6 +189,7 @@ def make_measure(
             from normprobe.probes import (
                 gradient_correlation,
                 gradient_norms,
+                gradient_statistics,
                 growth_rate,
                 representation_correlation,
             )
@@ -205,17 +206,27 @@ def make_measure(
                 elif rc.pairing == "independent":
                     kwargs["x_other"] = batch_b[0]
                 frames.append(tagged(representation_correlation(model, batch_a[0], **kwargs), step))
-            gc = pc.gradient_correlation
-            if gc.enabled:
-                frame = gradient_correlation(
+            gc, gn = pc.gradient_correlation, pc.gradient_norms
+            if gc.enabled and gn.enabled and (gc.layers, gc.mode) == (gn.layers, gn.mode):
+                # batch_a's gradients serve both probes: one pass pair instead of three passes
+                both = gradient_statistics(
                     model, _cross_entropy, batch_a, batch_b, layers=gc.layers, mode=gc.mode
                 )
-                frames.append(tagged(frame, step))
-            gn = pc.gradient_norms
-            if gn.enabled:
-                frame = gradient_norms(
-                    model, _cross_entropy, batch_a, layers=gn.layers, mode=gn.mode
-                )
+                frames.append(tagged(both[both["metric"] == "grad_corr"], step))
+                norms: pd.DataFrame | None = both[both["metric"] != "grad_corr"]
+            else:
+                if gc.enabled:
+                    frame = gradient_correlation(
+                        model, _cross_entropy, batch_a, batch_b, layers=gc.layers, mode=gc.mode
+                    )
+                    frames.append(tagged(frame, step))
+                norms = None
+                if gn.enabled:
+                    norms = gradient_norms(
+                        model, _cross_entropy, batch_a, layers=gn.layers, mode=gn.mode
+                    )
+            if norms is not None:
+                frame = norms.reset_index(drop=True)
                 frames.append(tagged(frame, step))
                 frames.append(
                     pd.DataFrame(
@@ -235,6 +246,7 @@ def make_measure(
                 model,
                 _cross_entropy,
                 hessian_set,
+                what=tuple(dict.fromkeys(hc.pieces)),
                 n_samples=None,  # the set drawn by prepare_data, data.hessian_samples long
                 steps=hc.lanczos_steps,
                 num_vectors=hc.start_vectors,
@@ -251,9 +263,10 @@ def make_measure(
             nodes = table["metric"] == "slq_node"
             frames.append(tagged(table[~nodes], step))
             hessian_tables["hessian_nodes"].append(tagged(table[nodes], step))
-            density = spectrum.density()
-            density.insert(0, "norm_mode", spectrum.norm_mode)
-            hessian_tables["hessian_density"].append(tagged(density, step))
+            if spectrum.nodes is not None:
+                density = spectrum.density()
+                density.insert(0, "norm_mode", spectrum.norm_mode)
+                hessian_tables["hessian_density"].append(tagged(density, step))
         return frames
 
     return measure

@@ -330,6 +330,9 @@ class HessianConfig(_Strict):
     schedule: Schedule = Field(default_factory=lambda: Schedule(steps=[0, 50]))
     lanczos_steps: int = Field(80, ge=2)
     start_vectors: int = Field(1, ge=1)
+    pieces: list[Literal["density", "top", "smallest", "trace"]] = Field(
+        default_factory=lambda: ["density", "top", "smallest", "trace"], min_length=1
+    )
     top_k: int = Field(10, ge=1)
     trace_samples: int = Field(32, ge=2)
     norm_mode: Literal["train", "eval"] = "train"

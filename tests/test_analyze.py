@@ -151,6 +151,22 @@ def test_all_normalizers_skip_the_ones_the_model_cannot_take(tmp_path: Path) -> 
     assert "instance" in results.manifest["skipped"]
 
 
+def test_hessian_pieces_can_be_chosen(tmp_path: Path) -> None:
+    config = {
+        **SMALL,
+        "normalizers": ["layer"],
+        "probes": {"schedule": [0]},
+        "hessian": {**SMALL["hessian"], "pieces": ["top"], "top_k": 3},
+    }
+    results = analyze(config, out=tmp_path, quiet=True)
+    hessian = results.metrics[results.metrics["lanczos_steps"].notna()]
+    assert set(hessian["metric"]) == {"eigenvalue", "outlier_ratio", "weight_norm"}
+    assert len(results.hessian_nodes) == 0 and len(results.hessian_density) == 0
+    assert not (tmp_path / "hessian_nodes.parquet").exists()
+    with pytest.raises(ConfigError, match="hessian.pieces"):
+        analyze({**config, "hessian": {"pieces": ["spectrum"]}}, out=tmp_path / "x", quiet=True)
+
+
 def test_resume_skips_finished_runs_and_force_redoes_them(tmp_path: Path) -> None:
     config = {**SMALL, "hessian": {"enabled": False}}
     analyze(config, out=tmp_path, quiet=True)
