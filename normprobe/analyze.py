@@ -489,6 +489,24 @@ def analyze(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda was asked for but torch sees no CUDA device; use cpu")
 
+    threads = torch.get_num_threads()
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
+    try:
+        return _analyze(config, directory, chash, device, force, quiet, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _analyze(
+    config: Config,
+    directory: Path,
+    chash: str,
+    device: torch.device,
+    force: bool,
+    quiet: bool,
+    log: Callable[[str], None],
+) -> Results:
     data = prepare_data(config)
     usable, skipped = _preflight(config, data, device)
     for norm, reason in skipped.items():

@@ -210,6 +210,9 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(512, ge=2)
     eval_train_samples: int = Field(1024, ge=1)
     device: str = "cpu"
+    # torch's CPU threads while the analysis runs (None: torch's default, one per core).
+    # On a machine shared with other jobs, 1 avoids OpenMP threads waiting on each other.
+    threads: int | None = Field(None, ge=1)
 
     @field_validator("seeds", mode="before")
     @classmethod

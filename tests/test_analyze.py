@@ -167,6 +167,17 @@ def test_hessian_pieces_can_be_chosen(tmp_path: Path) -> None:
         analyze({**config, "hessian": {"pieces": ["spectrum"]}}, out=tmp_path / "x", quiet=True)
 
 
+def test_threads_setting_applies_during_the_analysis_only(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    config = {**SMALL, "normalizers": ["layer"], "hessian": {"enabled": False}}
+    config["train"] = {**SMALL["train"], "steps": 2, "threads": 1}
+    results = analyze(config, out=tmp_path, quiet=True)
+    assert results.manifest["threads"] == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="train.threads"):
+        analyze({**config, "train": {"threads": 0}}, out=tmp_path / "x", quiet=True)
+
+
 def test_resume_skips_finished_runs_and_force_redoes_them(tmp_path: Path) -> None:
     config = {**SMALL, "hessian": {"enabled": False}}
     analyze(config, out=tmp_path, quiet=True)
