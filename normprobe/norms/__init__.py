@@ -23,7 +23,7 @@ from torch import nn
 
 from normprobe.errors import NormalizerError
 from normprobe.norms.balanced import BalancedAffine, BalancedNorm, balance_signs_, balanced_weight
-from normprobe.norms.base import Affine, Normalizer, NormedAffine, NormSpec
+from normprobe.norms.base import Affine, Normalizer, NormedAffine, NormSpec, check_norm_batch
 from normprobe.norms.batch import (
     BatchNorm,
     BatchRenorm,
@@ -117,9 +117,16 @@ def _scaled_weight(
 
 
 def _weight_meanbn(
-    affine: Affine, nonlinearity: str = "relu", *, eps: float = 1e-5, momentum: float = 0.1
+    affine: Affine,
+    nonlinearity: str = "relu",
+    *,
+    eps: float = 1e-5,
+    momentum: float = 0.1,
+    norm_batch: int | None = None,
 ) -> NormedAffine:
-    norm = MeanOnlyBatchNorm(_out_channels(affine), eps=eps, momentum=momentum)
+    norm = MeanOnlyBatchNorm(
+        _out_channels(affine), eps=eps, momentum=momentum, norm_batch=norm_batch
+    )
     return NormedAffine(apply_weight_norm(affine), norm, norm_name="weight-meanbn")
 
 
@@ -140,8 +147,10 @@ def _prelayer(affine: Affine, nonlinearity: str = "relu", *, eps: float = 1e-5) 
     return NormedAffine(affine, norm, pre=CenterFeatures(), norm_name="prelayer")
 
 
-def _preregnorm(affine: Affine, nonlinearity: str = "relu", *, eps: float = 1e-5) -> NormedAffine:
-    norm = PreRegNorm(_out_channels(affine), eps=eps)
+def _preregnorm(
+    affine: Affine, nonlinearity: str = "relu", *, eps: float = 1e-5, norm_batch: int | None = None
+) -> NormedAffine:
+    norm = PreRegNorm(_out_channels(affine), eps=eps, norm_batch=norm_batch)
     return NormedAffine(affine, norm, pre=CenterFeatures(), norm_name="preregnorm")
 
 
@@ -152,13 +161,20 @@ def _balanced(
     momentum: float = 0.1,
     single_pass: bool = True,
     balance_signs: bool = True,
+    stat_fraction: float = 1.0,
+    norm_batch: int | None = None,
 ) -> NormedAffine:
-    if balance_signs:
-        balance_signs_(affine.weight)
     in_channels = affine.in_features if isinstance(affine, nn.Linear) else affine.in_channels
     norm = BalancedNorm(
-        _out_channels(affine), in_channels, momentum=momentum, single_pass=single_pass
+        _out_channels(affine),
+        in_channels,
+        momentum=momentum,
+        single_pass=single_pass,
+        stat_fraction=stat_fraction,
+        norm_batch=norm_batch,
     )
+    if balance_signs:
+        balance_signs_(affine.weight)
     return BalancedAffine(affine, norm, norm_name="balanced")
 
 
@@ -339,6 +355,15 @@ def build(
     error messages. A bias on ``affine`` that the normalizer makes redundant
     (it subtracts a mean and has its own shift) is removed.
 
+    ``norm_batch`` (microbatch or "ghost batch" statistics, see
+    :mod:`normprobe.norms.batch`) is an option of every normalizer that looks
+    across examples (the batch-statistic ones, RegNorm's penalty, balanced).
+    For the others (none, layer, group, instance, weight, scaled-weight,
+    prelayer) it is accepted and dropped: their statistics are per example, so
+    splitting the batch into microbatches changes nothing, and one
+    ``norm_options`` can then serve every normalizer of an analysis. Any other
+    option a normalizer does not have is an error.
+
     >>> from torch import nn
     >>> layer = build("group", nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), groups=8)
     >>> layer.norm.groups
@@ -353,6 +378,12 @@ def build(
     if not s.dense and isinstance(affine, nn.Linear):
         raise NormalizerError(instance_on_dense_message(where))
     valid = _options(s)
+    if "norm_batch" not in valid and "norm_batch" in options:
+        # per-example statistics: microbatches change nothing (docstring above)
+        try:
+            check_norm_batch(options.pop("norm_batch"))
+        except NormalizerError as err:
+            raise NormalizerError(f"{where}: {err}") from None
     for key in options:
         if key not in valid:
             import difflib

@@ -13,6 +13,18 @@ where ``w+_dc`` is the sum of the positive entries of kernel ``(d, c)`` and
 ``n+_dc`` their count. The two-pass ("full case") variant uses the positive
 part of ``W + b_d`` itself. A per-channel affine follows. Dense layers are
 1x1 convolutions. Eval mode uses a running estimate of ``v_c``.
+
+Two options change which examples the train-mode ``v_c`` comes from:
+``stat_fraction = f`` in (0, 1] estimates it from the first
+``k = max(1, floor(f * N))`` examples of the minibatch, scaled to the batch,
+``v_c = (N / k) * sum over the first k`` (000 sec. 6: "the first quarter of
+the batch to compute the statistics used for the full batch", ``f = 0.25``);
+the balanced weight is then applied to all N examples. ``norm_batch = g``
+(microbatches, as for the batch normalizers) balances each group of g
+consecutive examples with its own ``v_c`` (and ``r = g * H_out * W_out *
+stride^2``); with both, each group takes its statistics from its own first
+fraction. The running input sums move once per forward pass towards the mean
+over the used examples (and groups) of the per-example input sums.
 """
 
 from __future__ import annotations
@@ -25,7 +37,16 @@ from torch import nn
 from torch.func import functional_call
 
 from normprobe.errors import NormalizerError
-from normprobe.norms.base import EPS, Normalizer, NormedAffine, batch_axes, describe_layer
+from normprobe.norms.base import (
+    EPS,
+    Normalizer,
+    NormedAffine,
+    batch_axes,
+    check_norm_batch,
+    describe_layer,
+    group_axes,
+    microbatches,
+)
 
 __all__ = [
     "BalancedNorm",
@@ -102,6 +123,7 @@ class BalancedNorm(Normalizer):
     per example), so eval mode uses ``v_c = N_eval * running_input_sum`` and
     the result does not depend on the eval batch size. With
     ``track_running_stats = False`` train mode leaves them alone.
+    ``stat_fraction`` and ``norm_batch``: see the module docstring.
     """
 
     norm_name = "balanced"
@@ -114,8 +136,20 @@ class BalancedNorm(Normalizer):
         momentum: float = 0.1,
         single_pass: bool = True,
         eps: float = EPS,
+        stat_fraction: float = 1.0,
+        norm_batch: int | None = None,
     ) -> None:
         super().__init__(num_features, eps=eps)
+        if isinstance(stat_fraction, bool) or not (
+            isinstance(stat_fraction, (int, float)) and 0.0 < stat_fraction <= 1.0
+        ):
+            raise NormalizerError(
+                f"balanced: stat_fraction is the fraction of the minibatch (its first examples) "
+                f"that the input sums come from and must be in (0, 1], got {stat_fraction!r}; "
+                f"e.g. 0.25 for the first quarter (seed 000), 1.0 for the whole batch"
+            )
+        self.stat_fraction = float(stat_fraction)
+        self.norm_batch = check_norm_batch(norm_batch)
         self.momentum = momentum
         self.single_pass = single_pass
         self.track_running_stats = True
@@ -124,7 +158,14 @@ class BalancedNorm(Normalizer):
         self._inputs_checked = False
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, single_pass={self.single_pass}"
+        extra = f", stat_fraction={self.stat_fraction}" if self.stat_fraction != 1.0 else ""
+        if self.norm_batch is not None:
+            extra += f", norm_batch={self.norm_batch}"
+        return f"{super().extra_repr()}, single_pass={self.single_pass}{extra}"
+
+    def stat_count(self, n: int) -> int:
+        """How many of ``n`` examples (the first ones) the train-mode input sums come from."""
+        return max(1, min(n, math.floor(self.stat_fraction * n + 1e-9)))
 
     def _check_sums(self, v: torch.Tensor) -> None:
         """Warn once if an input channel's sum is negative (first training call only)."""
@@ -141,18 +182,28 @@ class BalancedNorm(Normalizer):
             )
 
     def input_sums(self, x: torch.Tensor) -> torch.Tensor:
-        """``v_c`` for this forward pass: the batch's sums in train mode, running in eval."""
+        """``v_c`` for this forward pass: the batch's sums in train mode, running in eval.
+
+        Shape (C,), or (N / norm_batch, C) with one row per microbatch when
+        train mode uses microbatches.
+        """
         n = x.shape[0]
         if not self.training:
             return self.running_input_sum * n
-        v = x.sum(dim=batch_axes(x))
+        xg = microbatches(x, self.norm_batch, self)
+        if xg is None:
+            per, k = n, self.stat_count(n)
+            v = x.sum(dim=batch_axes(x)) if k == n else x[:k].sum(dim=batch_axes(x)) * (n / k)
+        else:
+            per = xg.shape[1]
+            k = self.stat_count(per)
+            v = xg[:, :k].sum(dim=group_axes(xg)) * (per / k)
         if not self._inputs_checked:
             self._check_sums(v.detach())
         if self.track_running_stats:
             with torch.no_grad():
-                self.running_input_sum.mul_(1 - self.momentum).add_(
-                    v.detach() / n, alpha=self.momentum
-                )
+                mean_sum = (v.detach() if v.dim() == 1 else v.detach().mean(dim=0)) / per
+                self.running_input_sum.mul_(1 - self.momentum).add_(mean_sum, alpha=self.momentum)
                 self.num_batches_tracked.add_(1)
         return v
 
@@ -165,7 +216,8 @@ class BalancedAffine(NormedAffine):
     """A Linear/Conv layer whose weight is balanced with its input's sums on every call.
 
     The affine op runs through ``functional_call`` with the balanced weight, so
-    hooks on ``affine`` still see its input and output.
+    hooks on ``affine`` still see its input and output (once per microbatch
+    when train mode uses ``norm_batch`` microbatches).
     """
 
     norm: BalancedNorm
@@ -179,13 +231,25 @@ class BalancedAffine(NormedAffine):
         super().__init__(affine, norm, **kwargs)
 
     def effective_weight(self, x: torch.Tensor) -> torch.Tensor:
-        """The balanced weight ``W''`` the layer applies to input ``x`` (updates running sums in train mode)."""
+        """The balanced weight ``W''`` the layer applies to input ``x`` (updates running sums in train mode).
+
+        With microbatches (train mode, ``norm_batch``), one weight per group
+        stacked on a new leading axis: (N / norm_batch, *weight.shape).
+        """
         if x.dim() != (2 if isinstance(self.affine, nn.Linear) else self.affine.weight.dim()):
             raise NormalizerError(
                 f"layer {self.layer_name or ''!s} (balanced) got input of shape {tuple(x.shape)}; "
                 f"expected (N, C) for a dense layer or (N, C, H, W) for a conv layer"
             )
         v = self.norm.input_sums(x)
+        if v.dim() == 2:
+            r = (x.shape[0] // v.shape[0]) * self._outputs_per_example(x)
+            return torch.stack(
+                [
+                    balanced_weight(self.affine.weight, vg, r, single_pass=self.norm.single_pass)
+                    for vg in v
+                ]
+            )
         r = x.shape[0] * self._outputs_per_example(x)
         return balanced_weight(self.affine.weight, v, r, single_pass=self.norm.single_pass)
 
@@ -210,7 +274,17 @@ class BalancedAffine(NormedAffine):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pre(x)
-        z = functional_call(self.affine, {"weight": self.effective_weight(x)}, (x,))
+        weight = self.effective_weight(x)
+        if weight.dim() == self.affine.weight.dim():
+            z = functional_call(self.affine, {"weight": weight}, (x,))
+        else:
+            groups = x.split(x.shape[0] // weight.shape[0])
+            z = torch.cat(
+                [
+                    functional_call(self.affine, {"weight": w}, (xg,))
+                    for w, xg in zip(weight, groups)
+                ]
+            )
         return self.act(self.norm(z))
 
 

@@ -30,6 +30,9 @@ __all__ = [
     "feature_axes",
     "channel_view",
     "describe_layer",
+    "check_norm_batch",
+    "microbatches",
+    "group_axes",
 ]
 
 EPS = 1e-5
@@ -59,6 +62,45 @@ def describe_layer(module: nn.Module) -> str:
     if name:
         return f"layer {name!r}"
     return f"layer {module.__class__.__name__}({getattr(module, 'num_features', '?')})"
+
+
+def check_norm_batch(norm_batch: int | None) -> int | None:
+    """Validate the ``norm_batch`` option: None (the whole minibatch) or an int >= 2."""
+    if norm_batch is None:
+        return None
+    if isinstance(norm_batch, bool) or not isinstance(norm_batch, int) or norm_batch < 2:
+        raise NormalizerError(
+            f"norm_batch must be None (statistics over the whole minibatch) or an integer >= 2 "
+            f"(the examples per microbatch; batch statistics need at least 2), got {norm_batch!r}"
+        )
+    return norm_batch
+
+
+def microbatches(z: torch.Tensor, norm_batch: int | None, module: nn.Module) -> torch.Tensor | None:
+    """``z`` (N, C, ...) viewed as (N / norm_batch, norm_batch, C, ...), or None for one group.
+
+    None when ``norm_batch`` is None or equals N: the caller then takes its
+    plain whole-batch path, so ``norm_batch = N`` is the plain layer bit for
+    bit. Groups are consecutive examples. Raises an error naming the layer when
+    N is not a multiple of ``norm_batch``.
+    """
+    if norm_batch is None or z.shape[0] == norm_batch:
+        return None
+    n = int(z.shape[0])
+    if n % norm_batch:
+        raise NormalizerError(
+            f"{describe_layer(module)} ({getattr(module, 'norm_name', '')}) normalizes "
+            f"microbatches of norm_batch={norm_batch} examples but got a batch of {n}, which is "
+            f"not a multiple of {norm_batch}; use a batch size that is a multiple of "
+            f"{norm_batch} (drop the last incomplete batch), or set norm_batch to a divisor of "
+            f"{n} (None: the whole batch)"
+        )
+    return z.reshape(n // norm_batch, norm_batch, *z.shape[1:])
+
+
+def group_axes(zg: torch.Tensor) -> tuple[int, ...]:
+    """Batch axes inside each microbatch of ``zg`` (G, g, C, *spatial): (g, *spatial)."""
+    return (1, *range(3, zg.dim()))
 
 
 class Normalizer(nn.Module):

@@ -4,6 +4,20 @@
 match ``torch.nn.BatchNorm1d/2d`` to the last bit; the others follow the
 formulas of DESIGN.md (BMLV and LMBV from seed 003, Batch Renorm from seed
 002, mean-only batch norm from Salimans & Kingma via seed 004).
+
+Microbatch ("ghost batch") normalization: every class here takes
+``norm_batch`` (None, the default: the whole minibatch). With ``norm_batch =
+g``, train mode splits a minibatch of N examples into N / g consecutive groups
+of g examples and normalizes each group with its own statistics, exactly as if
+the plain layer ran on each group separately (002: minibatches of 32 in
+microbatches of 4). The running statistics are updated once per forward pass,
+with the average over the groups of the per-group statistics, each computed as
+the plain layer computes it (for example ``batch``: the mean of the group means
+and the mean of the groups' unbiased variances; one step of the counter). Eval
+mode is unchanged (running statistics), except ``batch-train``, whose eval mode
+uses batch statistics and so uses the same microbatches as training. N must be
+a multiple of g (an error names the layer otherwise); ``norm_batch = N`` is the
+plain layer bit for bit.
 """
 
 from __future__ import annotations
@@ -11,7 +25,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from normprobe.norms.base import EPS, Normalizer, batch_axes, channel_view, feature_axes
+from normprobe.norms.base import (
+    EPS,
+    Normalizer,
+    batch_axes,
+    channel_view,
+    check_norm_batch,
+    feature_axes,
+    group_axes,
+    microbatches,
+)
 
 __all__ = [
     "BatchNorm",
@@ -44,16 +67,31 @@ class _RunningStats(Normalizer):
 
     uses_batch_stats = True
 
-    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = EPS,
+        momentum: float = 0.1,
+        norm_batch: int | None = None,
+    ) -> None:
         super().__init__(num_features, eps=eps)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.momentum = momentum
+        self.norm_batch = check_norm_batch(norm_batch)
         self.track_running_stats = True
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, momentum={self.momentum}"
+        ghost = f", norm_batch={self.norm_batch}" if self.norm_batch is not None else ""
+        return f"{super().extra_repr()}, momentum={self.momentum}{ghost}"
+
+    def _microbatches(self, z: torch.Tensor) -> torch.Tensor | None:
+        """``z`` as (G, norm_batch, C, ...) when this pass uses microbatch statistics, else None."""
+        if not self._batch_stats_now():
+            return None
+        return microbatches(z, self.norm_batch, self)
 
     @property
     def _updating(self) -> bool:
@@ -80,14 +118,24 @@ class BatchNorm(_RunningStats):
 
     norm_name = "batch"
 
-    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum)
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = EPS,
+        momentum: float = 0.1,
+        norm_batch: int | None = None,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, norm_batch=norm_batch)
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self._check_input(z)
+        zg = self._microbatches(z)
         self._step()
+        if zg is not None:
+            return self._affine(self._ghost(zg).reshape(z.shape))
         track = not self.training or self.track_running_stats
         return F.batch_norm(
             z,
@@ -100,13 +148,24 @@ class BatchNorm(_RunningStats):
             eps=self.eps,
         )
 
+    def _ghost(self, zg: torch.Tensor) -> torch.Tensor:
+        """Normalize each microbatch of ``zg`` (G, g, C, ...); update the running stats once."""
+        var, mean = torch.var_mean(zg, dim=group_axes(zg), correction=0, keepdim=True)
+        n = zg[0].numel() // self.num_features
+        self._ema_(self.running_mean, mean.mean(dim=0).reshape(-1))
+        self._ema_(self.running_var, (var * (n / (n - 1))).mean(dim=0).reshape(-1))
+        return (zg - mean) * torch.rsqrt(var + self.eps)
+
 
 class BatchTrainNorm(BatchNorm):
     """BatchNorm that also uses the batch's own statistics in eval mode ("Batch-Train" of 003).
 
     Train mode is ``batch`` exactly (running statistics are still tracked, so
     the two can be compared); eval mode normalizes with the eval batch's
-    statistics and leaves the running statistics alone.
+    statistics and leaves the running statistics alone. With ``norm_batch``,
+    eval mode uses the same microbatches of ``norm_batch`` examples as train
+    mode (consistent with training; the eval batch size must then be a
+    multiple of ``norm_batch``).
     """
 
     norm_name = "batch-train"
@@ -118,6 +177,9 @@ class BatchTrainNorm(BatchNorm):
         if self.training:
             return super().forward(z)
         self._check_input(z)
+        zg = self._microbatches(z)
+        if zg is not None:
+            return self._affine(self._ghost(zg).reshape(z.shape))
         return F.batch_norm(z, None, None, self.weight, self.bias, True, 0.0, self.eps)
 
 
@@ -130,19 +192,32 @@ class BMLVNorm(_RunningStats):
 
     norm_name = "bmlv"
 
-    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum)
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = EPS,
+        momentum: float = 0.1,
+        norm_batch: int | None = None,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, norm_batch=norm_batch)
         self.register_buffer("running_mean", torch.zeros(num_features))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self._check_input(z)
-        if self.training:
+        zg = self._microbatches(z)
+        if zg is not None:
+            mean = zg.mean(dim=group_axes(zg), keepdim=True)
+            self._ema_(self.running_mean, mean.mean(dim=0).reshape(-1))
+            self._step()
+            u = (zg - mean).reshape(z.shape)
+        elif self.training:
             mean = z.mean(dim=batch_axes(z))
             self._ema_(self.running_mean, mean)
             self._step()
+            u = z - channel_view(mean, z)
         else:
-            mean = self.running_mean
-        u = z - channel_view(mean, z)
+            u = z - channel_view(self.running_mean, z)
         var = u.var(dim=feature_axes(u), correction=0, keepdim=True)
         return self._affine(u * torch.rsqrt(var + self.eps))
 
@@ -156,13 +231,27 @@ class LMBVNorm(_RunningStats):
 
     norm_name = "lmbv"
 
-    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum)
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = EPS,
+        momentum: float = 0.1,
+        norm_batch: int | None = None,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, norm_batch=norm_batch)
         self.register_buffer("running_var", torch.ones(num_features))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self._check_input(z)
         u = z - z.mean(dim=feature_axes(z), keepdim=True)
+        ug = self._microbatches(u)
+        if ug is not None:
+            var = ug.var(dim=group_axes(ug), correction=0, keepdim=True)
+            n = ug[0].numel() // self.num_features
+            self._ema_(self.running_var, (var * (n / (n - 1))).mean(dim=0).reshape(-1))
+            self._step()
+            return self._affine((ug * torch.rsqrt(var + self.eps)).reshape(z.shape))
         if self.training:
             var = u.var(dim=batch_axes(u), correction=0)
             n = _count_per_channel(u)
@@ -181,13 +270,26 @@ class MeanOnlyBatchNorm(_RunningStats):
 
     norm_name = "weight-meanbn"
 
-    def __init__(self, num_features: int, *, eps: float = EPS, momentum: float = 0.1) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum)
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = EPS,
+        momentum: float = 0.1,
+        norm_batch: int | None = None,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, norm_batch=norm_batch)
         self.register_parameter("weight", None)
         self.register_buffer("running_mean", torch.zeros(num_features))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self._check_input(z)
+        zg = self._microbatches(z)
+        if zg is not None:
+            mean = zg.mean(dim=group_axes(zg), keepdim=True)
+            self._ema_(self.running_mean, mean.mean(dim=0).reshape(-1))
+            self._step()
+            return (zg - mean).reshape(z.shape) + channel_view(self.bias, z)
         if self.training:
             mean = z.mean(dim=batch_axes(z))
             self._ema_(self.running_mean, mean)
@@ -214,6 +316,12 @@ class BatchRenorm(_RunningStats):
     ``d_max = 0``) for the first ``warmup`` fraction of steps, then relaxed
     linearly to the final values at ``r_max_at`` and ``d_max_at`` of the run.
     The training loop sets ``total_steps`` with :func:`set_total_steps`.
+
+    With ``norm_batch``, each microbatch has its own ``mean_B`` and
+    ``sigma_B``, and its own ``r`` and ``d`` computed against the shared moving
+    ``mu`` and ``sigma`` as they were before this forward pass (one ``r_max``,
+    ``d_max`` for all groups); afterwards ``mu`` moves towards the mean of the
+    group means and ``sigma`` towards the mean of the group ``sigma_B``, once.
     """
 
     norm_name = "batch-renorm"
@@ -230,8 +338,9 @@ class BatchRenorm(_RunningStats):
         warmup: float = 0.1,
         r_max_at: float = 0.5,
         d_max_at: float = 0.8,
+        norm_batch: int | None = None,
     ) -> None:
-        super().__init__(num_features, eps=eps, momentum=momentum)
+        super().__init__(num_features, eps=eps, momentum=momentum, norm_batch=norm_batch)
         if r_max < 1.0 or d_max < 0.0:
             raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
         if not 0.0 <= warmup <= min(r_max_at, d_max_at) <= max(r_max_at, d_max_at) <= 1.0:
@@ -276,6 +385,9 @@ class BatchRenorm(_RunningStats):
         if not self.training:
             u = (z - channel_view(self.running_mean, z)) / channel_view(self.running_std, z)
             return self._affine(u)
+        zg = self._microbatches(z)
+        if zg is not None:
+            return self._affine(self._ghost(zg).reshape(z.shape))
         var_b, mean_b = torch.var_mean(z, dim=batch_axes(z), correction=0)
         sigma_b = torch.sqrt(var_b + self.eps)
         r_max, d_max = self.clip_limits()
@@ -288,3 +400,19 @@ class BatchRenorm(_RunningStats):
         self._ema_(self.running_std, sigma_b)
         self._step()
         return self._affine(u)
+
+    def _ghost(self, zg: torch.Tensor) -> torch.Tensor:
+        """Renormalize each microbatch of ``zg`` (G, g, C, ...) against the shared moving stats."""
+        var_b, mean_b = torch.var_mean(zg, dim=group_axes(zg), correction=0, keepdim=True)
+        sigma_b = torch.sqrt(var_b + self.eps)
+        mu = channel_view(self.running_mean, zg[0])
+        sigma = channel_view(self.running_std, zg[0])
+        r_max, d_max = self.clip_limits()
+        with torch.no_grad():
+            r = (sigma_b / sigma).clamp(1.0 / r_max, r_max)
+            d = ((mean_b - mu) / sigma).clamp(-d_max, d_max)
+        u = (zg - mean_b) / sigma_b * r + d
+        self._ema_(self.running_mean, mean_b.mean(dim=0).reshape(-1))
+        self._ema_(self.running_std, sigma_b.mean(dim=0).reshape(-1))
+        self._step()
+        return u

@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from normprobe.errors import NormalizerError
-from normprobe.norms.base import EPS, Normalizer, batch_axes, describe_layer, feature_axes
+from normprobe.norms.base import (
+    EPS,
+    Normalizer,
+    batch_axes,
+    check_norm_batch,
+    describe_layer,
+    feature_axes,
+    group_axes,
+    microbatches,
+)
 
 __all__ = [
     "LayerNorm",
@@ -118,13 +127,27 @@ class _Penalized(Normalizer):
     every channel has zero batch mean. It holds the autograd graph of the last
     forward pass so it can join the loss, and is left out of pickles and
     deep copies.
+
+    The normalization itself is per example, but the penalty's ``mean_B`` is a
+    batch statistic: with ``norm_batch = g`` (microbatches, as for the batch
+    normalizers) train mode computes it per group of g consecutive examples and
+    ``penalty`` is the mean over groups of the group penalties, i.e. the mean
+    over groups and channels of ``(mean_group u)^2``. Eval mode, and
+    ``norm_batch`` None or equal to N, use the whole batch.
     """
 
-    def __init__(self, num_features: int, *, eps: float = EPS) -> None:
+    def __init__(
+        self, num_features: int, *, eps: float = EPS, norm_batch: int | None = None
+    ) -> None:
         super().__init__(num_features, eps=eps)
+        self.norm_batch = check_norm_batch(norm_batch)
         self.penalty: torch.Tensor | None = None
 
     def _record(self, u: torch.Tensor) -> None:
+        ug = microbatches(u, self.norm_batch, self) if self.training else None
+        if ug is not None:
+            self.penalty = ug.mean(dim=group_axes(ug)).square().mean()
+            return
         self.penalty = u.mean(dim=batch_axes(u)).square().mean()
 
     def __getstate__(self) -> dict[str, Any]:
