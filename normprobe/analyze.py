@@ -113,6 +113,21 @@ def prepare_data(config: Config) -> ProbeData:
         raise ConfigError(
             f"train.batch_size: {config.train.batch_size} is larger than the training set ({n})"
         )
+    sampler = config.train.sampler
+    if sampler.kind == "labels":
+        counts = torch.bincount(dataset.train.y)
+        present = int((counts > 0).sum())
+        if sampler.labels_per_batch > present:
+            raise ConfigError(
+                f"train.sampler.labels_per_batch: {sampler.labels_per_batch} distinct labels per "
+                f"batch, but the training set has {present}; use labels_per_batch <= {present}"
+            )
+        fewest = int(counts[counts > 0].min())
+        if sampler.per_label > fewest:
+            raise ConfigError(
+                f"train.sampler.per_label: {sampler.per_label} examples per label, but a label "
+                f"has only {fewest} training examples; use per_label <= {fewest}"
+            )
     g = torch.Generator().manual_seed(config.data.seed)
     order = torch.randperm(n, generator=g)
     x, y = dataset.train.x, dataset.train.y
@@ -343,7 +358,7 @@ def _run_one(
     bar_factory: Any,
 ) -> RunRecord:
     from normprobe.norms import set_total_steps
-    from normprobe.training import make_optimizer, train
+    from normprobe.training import label_minibatches, make_optimizer, train
 
     tc = config.train
     start = time.perf_counter()
@@ -376,6 +391,15 @@ def _run_one(
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{loss:.3f}")
 
+        batches = None
+        if tc.sampler.kind == "labels":
+            batches = label_minibatches(
+                data.dataset.train.y,
+                tc.sampler.labels_per_batch,
+                tc.sampler.per_label,
+                torch.Generator().manual_seed(spec.seed),
+            )
+        bs_eval = tc.eval_batch_stats
         outcome = train(
             model,
             (data.dataset.train.x, data.dataset.train.y),
@@ -389,6 +413,8 @@ def _run_one(
             regnorm_lambda=tc.regnorm_lambda if _regularized(spec.normalizer) else 0.0,
             eval_batch_size=tc.eval_batch_size,
             eval_train_samples=tc.eval_train_samples,
+            batch_stats_size=(bs_eval.batch_size or tc.batch_size) if bs_eval.enabled else None,
+            batches=batches,
             progress=progress,
         )
     except KeyboardInterrupt:

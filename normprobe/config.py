@@ -35,6 +35,8 @@ __all__ = [
     "ModelConfig",
     "DataConfig",
     "TrainConfig",
+    "SamplerConfig",
+    "BatchStatsEval",
     "ProbesConfig",
     "HessianConfig",
     "Schedule",
@@ -196,6 +198,73 @@ class DataConfig(_Strict):
 LearningRates = float | list[float] | dict[str, float | list[float]]
 
 
+class SamplerConfig(_Strict):
+    """How training minibatches are drawn (``train.sampler``).
+
+    ``iid`` (default): a fresh random permutation of the training set each
+    epoch, cut into batches (the incomplete last batch dropped).
+    ``labels``: a non-i.i.d. minibatch of ``labels_per_batch`` distinct labels
+    (drawn uniformly, whatever the class sizes) and ``per_label`` examples of
+    each, grouped by label; the batch size must be their product. Each
+    label's examples are shuffled and used ``per_label`` at a time without
+    replacement; when fewer than ``per_label`` are left, that remainder is
+    dropped and the label's examples are reshuffled (a per-label epoch). In
+    YAML ``sampler: iid`` is short for ``{kind: iid}``.
+    """
+
+    kind: Literal["iid", "labels"] = "iid"
+    labels_per_batch: int | None = Field(None, ge=1)
+    per_label: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplerConfig:
+        if self.kind == "labels":
+            for key in ("labels_per_batch", "per_label"):
+                if getattr(self, key) is None:
+                    raise _PathError(
+                        (key,),
+                        f"the labels sampler needs {key}, e.g. "
+                        "{kind: labels, labels_per_batch: 5, per_label: 8}",
+                    )
+        else:
+            for key in ("labels_per_batch", "per_label"):
+                if getattr(self, key) is not None:
+                    raise _PathError(
+                        (key,), f"{key} applies to kind: labels only; remove it or set kind: labels"
+                    )
+        return self
+
+
+class BatchStatsEval(_Strict):
+    """Accuracy and loss without aggregated statistics (``train.eval_batch_stats``).
+
+    When enabled, every measured step also records ``test_acc_batchstats``,
+    ``test_loss_batchstats``, ``train_acc_batchstats`` and
+    ``train_loss_batchstats``: the model in train-mode normalization on
+    consecutive batches of ``batch_size`` examples (default: the training
+    batch size), normalized with each batch's own statistics, with running
+    statistics frozen and the model left exactly as found. In YAML ``true``
+    or a batch size is short for ``{enabled: true, batch_size: ...}``.
+    """
+
+    enabled: bool = False
+    batch_size: int | None = Field(None, ge=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return {"enabled": value}
+        if isinstance(value, int):
+            return {"enabled": True, "batch_size": value}
+        return value
+
+
 class TrainConfig(_Strict):
     """Optimizer, learning rate(s), batch size, steps and seeds of every run."""
 
@@ -213,6 +282,20 @@ class TrainConfig(_Strict):
     # torch's CPU threads while the analysis runs (None: torch's default, one per core).
     # On a machine shared with other jobs, 1 avoids OpenMP threads waiting on each other.
     threads: int | None = Field(None, ge=1)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    eval_batch_stats: BatchStatsEval = Field(default_factory=BatchStatsEval)
+
+    @model_validator(mode="after")
+    def _sampler_fits(self) -> TrainConfig:
+        s = self.sampler
+        if s.kind == "labels" and s.labels_per_batch * s.per_label != self.batch_size:
+            k, n = s.labels_per_batch, s.per_label
+            raise _PathError(
+                ("batch_size",),
+                f"{self.batch_size} does not match train.sampler ({k} labels x {n} per label "
+                f"= {k * n}); set batch_size: {k * n} or change labels_per_batch/per_label",
+            )
+        return self
 
     @field_validator("seeds", mode="before")
     @classmethod

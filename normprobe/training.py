@@ -20,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normprobe.state import preserved
+from normprobe.state import frozen_statistics, preserved
 
 __all__ = [
     "TrainOutcome",
     "minibatches",
+    "label_minibatches",
     "evaluate",
+    "evaluate_batch_stats",
     "make_optimizer",
     "train",
     "training_loss",
@@ -60,6 +62,52 @@ def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator
             yield order[start : start + batch_size]
 
 
+def label_minibatches(
+    labels: torch.Tensor, labels_per_batch: int, per_label: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Endless non-i.i.d. index batches: ``labels_per_batch`` distinct labels x ``per_label`` each.
+
+    Each batch draws its labels uniformly without replacement from the labels
+    that occur (whatever the class sizes), in random order, and takes the next
+    ``per_label`` examples of each, so the batch is grouped by label. Each
+    label's examples are shuffled and used without replacement; when fewer
+    than ``per_label`` are left, the remainder is dropped and that label's
+    examples are reshuffled (an epoch per label). Everything is drawn from
+    ``generator``, so the same seed gives the same batches.
+
+    >>> y = torch.arange(12) % 3
+    >>> batch = next(label_minibatches(y, 2, 2, torch.Generator().manual_seed(0)))
+    >>> len(batch), sorted(torch.bincount(y[batch], minlength=3).tolist())
+    (4, [0, 2, 2])
+    """
+    classes = torch.unique(labels)
+    if labels_per_batch > len(classes):
+        raise ValueError(
+            f"labels_per_batch {labels_per_batch} is more than the {len(classes)} labels "
+            "in the training set"
+        )
+    members = [torch.nonzero(labels == c).flatten() for c in classes]
+    small = [(int(c), len(m)) for c, m in zip(classes, members) if len(m) < per_label]
+    if small:
+        label, count = small[0]
+        raise ValueError(
+            f"per_label {per_label} is more than the {count} training examples of label {label}"
+        )
+    orders: list[torch.Tensor | None] = [None] * len(classes)
+    used = [0] * len(classes)
+    while True:
+        chosen = torch.randperm(len(classes), generator=generator)[:labels_per_batch]
+        parts = []
+        for c in chosen.tolist():
+            order = orders[c]
+            if order is None or used[c] + per_label > len(order):
+                order = orders[c] = members[c][torch.randperm(len(members[c]), generator=generator)]
+                used[c] = 0
+            parts.append(order[used[c] : used[c] + per_label])
+            used[c] += per_label
+        yield torch.cat(parts)
+
+
 def training_loss(
     model: nn.Module, output: torch.Tensor, target: torch.Tensor, lam: float
 ) -> torch.Tensor:
@@ -84,6 +132,43 @@ def evaluate(
         for start in range(0, len(x), batch_size):
             xb = x[start : start + batch_size].to(device)
             yb = y[start : start + batch_size].to(device)
+            out = model(xb)
+            total_loss += F.cross_entropy(out, yb, reduction="sum").item()
+            correct += int((out.argmax(dim=1) == yb).sum())
+    return total_loss / len(x), correct / len(x)
+
+
+def _split(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` batches; a last batch of one joins the one before it."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+@torch.no_grad()
+def evaluate_batch_stats(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy without aggregated statistics (each batch's own).
+
+    The model runs in train mode under :func:`normprobe.state.frozen_statistics`,
+    on consecutive batches of ``batch_size`` examples in the given order
+    (every example counted; a last batch of one example, which has no batch
+    statistics, joins the batch before it); dropout modules stay in eval mode.
+    Running statistics, counters, flags, gradients and the global random
+    state are left as found. For normalizers without batch statistics this
+    equals :func:`evaluate` up to floating-point rounding.
+    """
+    device = next(model.parameters()).device
+    total_loss, correct = 0.0, 0
+    with preserved(model), frozen_statistics(model), torch.random.fork_rng(devices=[]):
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.eval()
+        for start, stop in _split(len(x), batch_size):
+            xb, yb = x[start:stop].to(device), y[start:stop].to(device)
             out = model(xb)
             total_loss += F.cross_entropy(out, yb, reduction="sum").item()
             correct += int((out.argmax(dim=1) == yb).sum())
@@ -132,6 +217,8 @@ def train(
     regnorm_lambda: float = 0.0,
     eval_batch_size: int = 512,
     eval_train_samples: int = 1024,
+    batch_stats_size: int | None = None,
+    batches: Iterator[torch.Tensor] | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> TrainOutcome:
     """Train for ``steps`` updates, measuring at ``measure_steps``; stop at a non-finite loss.
@@ -139,13 +226,21 @@ def train(
     Records ``batch_loss`` at every update and, at each measured step,
     ``train_loss``, ``train_acc`` (on the first ``eval_train_samples``
     training examples), ``test_loss`` and ``test_acc`` (eval mode), plus
-    whatever ``measure(step, model)`` returns.
+    whatever ``measure(step, model)`` returns. With ``batch_stats_size``,
+    also ``train_loss_batchstats``, ``train_acc_batchstats``,
+    ``test_loss_batchstats`` and ``test_acc_batchstats``
+    (:func:`evaluate_batch_stats` with batches of that size).
+
+    ``batches`` yields the index batches to train on (e.g.
+    :func:`label_minibatches`); default: :func:`minibatches` of
+    ``batch_size`` seeded with ``seed``.
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
     x_train, y_train = train_split
     x_eval, y_eval = x_train[:eval_train_samples], y_train[:eval_train_samples]
-    batches = minibatches(len(x_train), batch_size, torch.Generator().manual_seed(seed))
+    if batches is None:
+        batches = minibatches(len(x_train), batch_size, torch.Generator().manual_seed(seed))
     frames: list[pd.DataFrame] = []
     losses: list[float] = []
     measure_seconds = 0.0
@@ -166,6 +261,24 @@ def train(
                 },
             )
         )
+        if batch_stats_size is not None:
+            train_loss, train_acc = evaluate_batch_stats(
+                model, x_eval, y_eval, batch_size=batch_stats_size
+            )
+            test_loss, test_acc = evaluate_batch_stats(
+                model, *test_split, batch_size=batch_stats_size
+            )
+            frames.append(
+                _rows(
+                    step,
+                    {
+                        "train_loss_batchstats": train_loss,
+                        "train_acc_batchstats": train_acc,
+                        "test_loss_batchstats": test_loss,
+                        "test_acc_batchstats": test_acc,
+                    },
+                )
+            )
         if measure is not None:
             frames.extend(measure(step, model))
         measure_seconds += time.perf_counter() - t0

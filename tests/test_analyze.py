@@ -84,6 +84,48 @@ def test_probes_do_not_change_the_training_trajectory(tmp_path: Path) -> None:
     assert with_probes["value"].tolist() == without["value"].tolist()
 
 
+def test_label_sampler_and_batch_stats_evaluation_in_an_analysis(tmp_path: Path) -> None:
+    config = {
+        **SMALL,
+        "normalizers": ["batch", "layer"],
+        "probes": {"schedule": [0, 12], "gradient_correlation": False},
+        "hessian": {"enabled": False},
+        "train": {
+            **SMALL["train"],
+            "sampler": {"kind": "labels", "labels_per_batch": 4, "per_label": 8},
+            "eval_batch_stats": {"enabled": True, "batch_size": 2},
+        },
+    }
+    a = analyze(config, out=tmp_path / "a", quiet=True)
+    b = analyze(config, out=tmp_path / "b", quiet=True)
+    pd.testing.assert_frame_equal(a.metrics, b.metrics, check_exact=True)
+    m = a.metrics
+    new = ["test_acc_batchstats", "test_loss_batchstats", "train_acc_batchstats"]
+    for metric in new:
+        assert sorted(m[m["metric"] == metric]["step"]) == [0, 0, 12, 12], metric
+
+    def final(norm: str, metric: str) -> float:
+        rows = m[(m["normalizer"] == norm) & (m["metric"] == metric) & (m["step"] == 12)]
+        return float(rows["value"].iloc[0])
+
+    # BatchNorm on test batches of 2 is far from its running statistics; LayerNorm has none
+    assert final("batch", "test_loss_batchstats") > final("batch", "test_loss") + 0.05
+    assert final("layer", "test_acc_batchstats") == final("layer", "test_acc")
+    assert final("layer", "test_loss_batchstats") == pytest.approx(final("layer", "test_loss"))
+
+    # the extra evaluation changes neither the trajectory nor the other metrics
+    plain = {**config, "train": {**config["train"], "eval_batch_stats": False}}
+    c = analyze(plain, out=tmp_path / "c", quiet=True).metrics
+    kept = m[~m["metric"].isin([*new, "train_loss_batchstats"])].reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        kept.drop(columns="selected"), c.drop(columns="selected"), check_exact=True
+    )
+    # the label sampler trains on other batches than the i.i.d. one
+    iid = {**plain, "train": {**plain["train"], "sampler": "iid"}}
+    d = analyze(iid, out=tmp_path / "d", quiet=True).metric("batch_loss")
+    assert d["value"].tolist() != c[c["metric"] == "batch_loss"]["value"].tolist()
+
+
 def test_learning_rate_grid_marks_the_best_rate_per_normalizer(tmp_path: Path) -> None:
     config = {
         **SMALL,

@@ -83,6 +83,18 @@ CLI_CASES = {
         "normalizers[1]",
         "use 'layer' or 'group' for dense layers",
     ),
+    "sampler that does not fit the batch size": (
+        BASE + "train: {steps: 4, batch_size: 16, sampler: {kind: labels, labels_per_batch: 5, "
+        "per_label: 4}}\n",
+        "train.batch_size",
+        "set batch_size: 20",
+    ),
+    "more labels per batch than the dataset has": (
+        BASE + "train: {steps: 4, batch_size: 24, sampler: {kind: labels, labels_per_batch: 12, "
+        "per_label: 2}}\n",
+        "train.sampler.labels_per_batch",
+        "use labels_per_batch <= 10",
+    ),
     "malformed yaml": ("model: {name: mlp\nnormalizers: [batch\n", "line", "malformed YAML"),
 }
 
@@ -156,3 +168,29 @@ def test_config_round_trips_through_its_dict() -> None:
     assert cfg.normalizer_names() == ["batch"] and cfg.train.seeds == [3]
     again = parse_config(cfg.to_dict())
     assert again == cfg
+
+
+def test_sampler_and_batch_stats_options() -> None:
+    train = parse_config({"train": {"batch_size": 40, "sampler": "iid"}}).train
+    assert train.sampler.kind == "iid" and not train.eval_batch_stats.enabled
+    labels = {"kind": "labels", "labels_per_batch": 5, "per_label": 8}
+    train = parse_config({"train": {"batch_size": 40, "sampler": labels}}).train
+    assert (train.sampler.labels_per_batch, train.sampler.per_label) == (5, 8)
+    assert parse_config({"train": {"eval_batch_stats": True}}).train.eval_batch_stats.enabled
+    shorthand = parse_config({"train": {"eval_batch_stats": 4}}).train.eval_batch_stats
+    assert shorthand.enabled and shorthand.batch_size == 4
+    cases = [
+        ({"sampler": {"kind": "labels", "labels_per_batch": 5}}, "train.sampler.per_label"),
+        ({"sampler": {"kind": "iid", "per_label": 2}}, "train.sampler.per_label: per_label"),
+        ({"sampler": {"kind": "label"}}, "train.sampler.kind"),
+        ({"batch_size": 32, "sampler": labels}, "train.batch_size: 32 does not match"),
+        ({"eval_batch_stats": {"batch_size": 1}}, "train.eval_batch_stats.batch_size"),
+        ({"eval_batch_stats": {"size": 4}}, "did you mean 'batch_size'"),
+    ]
+    for train, phrase in cases:
+        with pytest.raises(ConfigError, match=phrase.replace(".", r"\.")):
+            parse_config({"train": train})
+    config, _ = load_config(
+        {"train": {"eval_batch_stats": True}}, ["train.eval_batch_stats.batch_size=8"]
+    )
+    assert config.train.eval_batch_stats.batch_size == 8

@@ -1,0 +1,141 @@
+"""Training features: the non-i.i.d. label sampler and evaluation with batch statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normprobe.models import build_model
+from normprobe.state import frozen_statistics
+from normprobe.training import (
+    evaluate,
+    evaluate_batch_stats,
+    label_minibatches,
+    make_optimizer,
+    minibatches,
+)
+
+
+def _labels(sizes: list[int]) -> torch.Tensor:
+    """Labels with the given class sizes, shuffled."""
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+    return y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+
+
+def _take(it, count: int) -> list[torch.Tensor]:
+    return [next(it) for _ in range(count)]
+
+
+def test_label_sampler_draws_k_distinct_labels_with_n_examples_each() -> None:
+    y = _labels([9, 12, 7, 10, 8])
+    for batch in _take(label_minibatches(y, 3, 2, torch.Generator().manual_seed(0)), 200):
+        assert len(batch) == 6
+        counts = torch.bincount(y[batch], minlength=5)
+        assert sorted(counts.tolist()) == [0, 0, 2, 2, 2]
+        # grouped by label: consecutive pairs share a label
+        assert (y[batch][0::2] == y[batch][1::2]).all()
+
+
+def test_label_sampler_is_seeded_and_uses_each_label_without_replacement() -> None:
+    y = _labels([9, 12, 7, 10, 8])
+    a = _take(label_minibatches(y, 2, 3, torch.Generator().manual_seed(5)), 50)
+    b = _take(label_minibatches(y, 2, 3, torch.Generator().manual_seed(5)), 50)
+    c = _take(label_minibatches(y, 2, 3, torch.Generator().manual_seed(6)), 50)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not all(torch.equal(p, q) for p, q in zip(a, c))
+    # per label: the first floor(size / n) draws of 3 examples never repeat an example
+    for label, size in enumerate([9, 12, 7, 10, 8]):
+        drawn = torch.cat([batch[y[batch] == label] for batch in a])
+        first_epoch = drawn[: (size // 3) * 3]
+        assert len(first_epoch.unique()) == len(first_epoch)
+        assert set(drawn.tolist()) <= set(torch.nonzero(y == label).flatten().tolist())
+    # labels are drawn uniformly: every label appears
+    assert set(torch.cat([y[batch] for batch in a]).tolist()) == set(range(5))
+
+
+def test_label_sampler_refuses_what_the_data_cannot_give() -> None:
+    y = _labels([4, 4, 2])
+    with pytest.raises(ValueError, match="more than the 3 labels"):
+        next(label_minibatches(y, 4, 1, torch.Generator()))
+    with pytest.raises(ValueError, match="2 training examples of label 2"):
+        next(label_minibatches(y, 2, 3, torch.Generator()))
+
+
+def test_iid_sampler_unchanged() -> None:
+    it = minibatches(10, 4, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(10, generator=g)
+    assert torch.equal(next(it), order[:4]) and torch.equal(next(it), order[4:8])
+
+
+def _trained(norm: str, steps: int = 30):
+    """A small MLP trained a few steps on separable blobs, and a test set."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 10, generator=g) * 3
+    y = torch.arange(400) % 4
+    x = centers[y] + torch.randn(400, 10, generator=g)
+    model = build_model("mlp", norm, seed=0, input_shape=(10,), num_classes=4, depth=3, width=32)
+    opt = make_optimizer("sgd", model.parameters(), lr=0.05)
+    model.train()
+    for index in _take(minibatches(300, 32, torch.Generator().manual_seed(1)), steps):
+        loss = F.cross_entropy(model(x[index]), y[index])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, x[300:], y[300:]
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_batch_stats_evaluation_equals_a_hand_computation_and_changes_nothing() -> None:
+    model, x, y = _trained("batch")
+    model.eval()
+    before = _state(model)
+    rng = torch.get_rng_state()
+    loss, acc = evaluate_batch_stats(model, x, y, batch_size=8)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bit for bit
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)
+
+    clone = build_model("mlp", "batch", seed=0, input_shape=(10,), num_classes=4, depth=3, width=32)
+    clone.load_state_dict(before)
+    outs = []
+    with torch.no_grad(), frozen_statistics(clone):
+        clone.train()
+        for start in range(0, len(x), 8):  # 100 examples: 12 batches of 8 and one of 4
+            outs.append(clone(x[start : start + 8]))
+    out = torch.cat(outs)
+    assert loss == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-6)
+    assert acc == (out.argmax(1) == y).float().mean().item()
+    assert all(torch.equal(before[k], v) for k, v in clone.state_dict().items())
+
+
+def test_a_last_batch_of_one_joins_the_one_before() -> None:
+    model, x, y = _trained("batch", steps=5)
+    loss, acc = evaluate_batch_stats(model, x[:9], y[:9], batch_size=2)  # 2,2,2,3
+    with torch.no_grad(), frozen_statistics(model):
+        model.train()
+        out = torch.cat([model(x[s:e]) for s, e in [(0, 2), (2, 4), (4, 6), (6, 9)]])
+    assert loss == pytest.approx(F.cross_entropy(out, y[:9]).item(), rel=1e-6)
+
+
+def test_batchnorm_batch_stats_differ_from_eval_mode_on_tiny_test_batches() -> None:
+    model, x, y = _trained("batch")
+    eval_loss, eval_acc = evaluate(model, x, y)
+    bs_loss, bs_acc = evaluate_batch_stats(model, x, y, batch_size=2)
+    assert eval_acc > 0.9
+    assert bs_acc < eval_acc - 0.05 and bs_loss > eval_loss
+    # with large batches the batch statistics are close to the running ones
+    big_loss, big_acc = evaluate_batch_stats(model, x, y, batch_size=100)
+    assert abs(big_acc - eval_acc) < 0.05
+
+
+def test_without_batch_statistics_both_evaluations_agree() -> None:
+    model, x, y = _trained("layer")
+    eval_loss, eval_acc = evaluate(model, x, y)
+    bs_loss, bs_acc = evaluate_batch_stats(model, x, y, batch_size=2)
+    assert bs_acc == eval_acc and bs_loss == pytest.approx(eval_loss, rel=1e-5)
