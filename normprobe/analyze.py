@@ -143,7 +143,11 @@ def build_run_model(config: Config, normalizer: str, seed: int, dataset: Any) ->
 
     mc = config.model
     options = dict(mc.options)
+    norm_options = config.norm_options_for(normalizer)
     if mc.name is not None:
+        options.pop("norm_options", None)
+        if norm_options:
+            options["norm_options"] = norm_options
         valid = model_options(mc.name)
         if "input_shape" in valid:
             options.setdefault("input_shape", dataset.input_shape)
@@ -155,7 +159,11 @@ def build_run_model(config: Config, normalizer: str, seed: int, dataset: Any) ->
         torch.manual_seed(seed)
         if mc.swap_norms:
             model = factory(**options)
-            swap_norms(model, normalizer)
+            if config.norm_batch_for(normalizer)[0] is None:  # per-example: norm_batch ignored
+                norm_options = {k: v for k, v in norm_options.items() if k != "norm_batch"}
+            swap_norms(model, normalizer, **norm_options)
+        elif norm_options:
+            model = factory(norm=normalizer, norm_options=norm_options, **options)
         else:
             model = factory(norm=normalizer, **options)
     if not isinstance(model, nn.Module):
@@ -256,11 +264,12 @@ def make_measure(
                 )
         if step in hessian_steps:
             from normprobe.hessian import hessian_spectrum
+            from normprobe.training import norm_batch_of
 
             spectrum = hessian_spectrum(
                 model,
                 _cross_entropy,
-                hessian_set,
+                _hessian_chunks(hessian_set, hc.chunk_size, norm_batch_of(model)),
                 what=tuple(dict.fromkeys(hc.pieces)),
                 n_samples=None,  # the set drawn by prepare_data, data.hessian_samples long
                 steps=hc.lanczos_steps,
@@ -285,6 +294,33 @@ def make_measure(
         return frames
 
     return measure
+
+
+def _hessian_chunks(
+    data: tuple[torch.Tensor, torch.Tensor], chunk_size: int, norm_batch: int | None
+) -> tuple[torch.Tensor, torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
+    """The Hessian set as ``hessian_spectrum`` takes it.
+
+    Without microbatch normalizers, the set itself (cut into nearly equal
+    chunks there). With ``norm_batch`` g, consecutive chunks of
+    ``chunk_size`` (a multiple of g, checked with the config) and a last
+    chunk of the rest, so every chunk is a whole number of microbatches; a
+    remainder of fewer than g examples (only when the training set is
+    smaller than ``data.hessian_samples``) is left out.
+    """
+    if norm_batch is None:
+        return data
+    x, y = data
+    n = len(x) // norm_batch * norm_batch
+    if n == 0:
+        raise ConfigError(
+            f"data.hessian_samples: the Hessian set has {len(x)} examples, fewer than one "
+            f"microbatch of norm_batch {norm_batch}"
+        )
+    return [
+        (x[i : min(i + chunk_size, n)], y[i : min(i + chunk_size, n)])
+        for i in range(0, n, chunk_size)
+    ]
 
 
 def _versions() -> dict[str, str]:
@@ -315,15 +351,19 @@ def _preflight(
     in an MLP) is skipped with its reason; one named explicitly is an error.
     """
     from normprobe.state import preserved
+    from normprobe.training import norm_batch_of
 
     usable, skipped = [], {}
     explicit = config.normalizers != "all"
     for i, norm in enumerate(config.normalizer_names()):
         try:
             model = build_run_model(config, norm, 0, data.dataset).to(device)
+            # a whole number of microbatches when the normalizer uses norm_batch
+            size = norm_batch_of(model) or 4
+            x = data.batch_a[0] if len(data.batch_a[0]) >= size else data.dataset.train.x
             with preserved(model), torch.no_grad():
                 model.train()
-                model(data.batch_a[0][:4].to(device))
+                model(x[:size].to(device))
         except ConfigError:
             raise
         except NormprobeError as err:

@@ -125,12 +125,21 @@ class ModelConfig(_Strict):
     The factory is called as ``factory(norm=<normalizer>, **options)``. With
     ``swap_norms: true`` it is called as ``factory(**options)`` and its torch
     BatchNorm/GroupNorm/LayerNorm layers are replaced by the normalizer.
+
+    ``norm_options`` gives normalizer options per normalizer, ``{default:
+    {...}, <normalizer or alias>: {...}}`` (see :meth:`Config.norm_options_for`):
+    zoo models get the run's options as their ``norm_options``, swapped layers
+    are built with them, and a factory is called with ``norm_options=...``
+    when there are any (so it must then accept that keyword).
     """
 
     name: str | None = None
     factory: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     swap_norms: bool = False
+    # normalizer options per normalizer: {default: {...}, <normalizer>: {...}}; see
+    # Config.norm_options_for. Checked against the normalizers in Config._norm_options_ok.
+    norm_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -463,6 +472,165 @@ class Config(_Strict):
 
         return normalizers() if self.normalizers == "all" else list(self.normalizers)
 
+    def _norm_option_sources(self, normalizer: str) -> dict[str, tuple[Any, tuple[Any, ...]]]:
+        """Option -> (value, field path it came from) for ``normalizer`` (canonical name)."""
+        from normprobe.norms import NORMS
+
+        out: dict[str, tuple[Any, tuple[Any, ...]]] = {}
+        legacy = self.model.options.get("norm_options") if self.model.name is not None else None
+        for key, value in (legacy or {}).items():
+            out[key] = (value, ("model", "options", "norm_options", key))
+        named = None
+        for key, options in self.model.norm_options.items():
+            if key == "default":
+                for opt, value in options.items():
+                    out[opt] = (value, ("model", "norm_options", key, opt))
+            elif NORMS.canonical(key) == normalizer:
+                named = key
+        if named is not None:
+            for opt, value in self.model.norm_options[named].items():
+                out[opt] = (value, ("model", "norm_options", named, opt))
+        return out
+
+    def norm_options_for(self, normalizer: str) -> dict[str, Any]:
+        """The normalizer options of one normalizer's runs.
+
+        ``model.norm_options.default`` overridden, option by option, by the
+        entry under the normalizer's name (or an alias). The older
+        ``model.options.norm_options`` of the zoo models counts as ``default``
+        (giving both is an error).
+
+        >>> cfg = parse_config({"normalizers": ["batch", "balanced"], "model": {"name": "mlp",
+        ...     "norm_options": {"default": {"norm_batch": 4}, "equinorm": {"stat_fraction": 0.5}}}})
+        >>> cfg.norm_options_for("batch"), cfg.norm_options_for("balanced")
+        ({'norm_batch': 4}, {'norm_batch': 4, 'stat_fraction': 0.5})
+        """
+        from normprobe.norms import NORMS
+
+        name = NORMS.canonical(normalizer)
+        return {key: value for key, (value, _) in self._norm_option_sources(name).items()}
+
+    def norm_batch_for(self, normalizer: str) -> tuple[int | None, tuple[Any, ...]]:
+        """``norm_batch`` of a normalizer that uses it (None: whole batches), and its field path.
+
+        None for per-example normalizers, which ignore ``norm_batch``.
+        """
+        from normprobe.norms import NORMS, _options, spec
+
+        name = NORMS.canonical(normalizer)
+        if "norm_batch" not in _options(spec(name)):
+            return None, ()
+        value, path = self._norm_option_sources(name).get("norm_batch", (None, ()))
+        return value, path
+
+    @model_validator(mode="after")
+    def _norm_options_ok(self) -> Config:
+        from normprobe.norms import NORMS, _options, spec
+
+        if self.model.norm_options and "norm_options" in self.model.options:
+            raise _PathError(
+                ("model", "options", "norm_options"),
+                "give normalizer options in one place: move them to model.norm_options "
+                "(e.g. model.norm_options: {default: {norm_batch: 4}, balanced: "
+                "{stat_fraction: 0.25}})",
+            )
+        legacy = self.model.options.get("norm_options")
+        if legacy is not None and not isinstance(legacy, dict):
+            raise _PathError(
+                ("model", "options", "norm_options"),
+                f"must be a mapping of normalizer options, got {legacy!r}; better, use "
+                "model.norm_options: {default: {...}, <normalizer>: {...}}",
+            )
+        seen: dict[str, str] = {}
+        for key in self.model.norm_options:
+            if key == "default":
+                continue
+            try:
+                name = NORMS.canonical(key)
+            except UnknownNameError:
+                raise _PathError(
+                    ("model", "norm_options", key),
+                    f"{key!r} is not a normalizer; {_suggest(key, [*NORMS, 'default'])}"
+                    "keys are normalizer names (or aliases) or 'default'",
+                ) from None
+            if name in seen:
+                raise _PathError(
+                    ("model", "norm_options", key),
+                    f"{key!r} and {seen[name]!r} name the same normalizer {name!r}; keep one",
+                )
+            seen[name] = key
+        names = dict.fromkeys([*self.normalizer_names(), *seen])
+        for name in names:
+            sources = self._norm_option_sources(name)
+            valid = _options(spec(name))
+
+            for opt, (value, path) in sources.items():
+                if opt not in valid and opt != "norm_batch":
+                    hint = (
+                        "move it under model.norm_options.<normalizer that has it>; "
+                        if path[-2] == "default" or "options" in path
+                        else ""
+                    )
+                    raise _PathError(
+                        path,
+                        f"normalizer {name!r} has no option {opt!r}; "
+                        f"{_suggest(opt, list(valid))}{hint}its options are: "
+                        f"{', '.join(valid) or 'none'}"
+                        f"{'' if 'norm_batch' in valid else ' (and norm_batch, ignored)'}",
+                    )
+                try:
+                    _try_norm_options(name, {opt: value})
+                except NormprobeError as err:
+                    raise _PathError(path, f"for normalizer {name!r}: {err}") from None
+            try:
+                _try_norm_options(name, {opt: value for opt, (value, _) in sources.items()})
+            except NormprobeError as err:
+                where = ("model", "norm_options", seen.get(name, "default"))
+                raise _PathError(where, f"for normalizer {name!r}: {err}") from None
+        self._batch_sizes_fit(list(dict.fromkeys(self.normalizer_names())))
+        return self
+
+    def _batch_sizes_fit(self, names: list[str]) -> None:
+        """Every batch a normalizer with ``norm_batch`` sees in train mode is a multiple of it."""
+        tc, hc = self.train, self.hessian
+        probes = self.probes
+        any_probe = (
+            probes.representation.enabled
+            or probes.gradient_correlation.enabled
+            or probes.gradient_norms.enabled
+        )
+        for name in names:
+            g, source = self.norm_batch_for(name)
+            if g is None:
+                continue
+            checks: list[tuple[tuple[Any, ...], int]] = [(("train", "batch_size"), tc.batch_size)]
+            if tc.eval_batch_stats.enabled and tc.eval_batch_stats.batch_size is not None:
+                checks.append(
+                    (("train", "eval_batch_stats", "batch_size"), tc.eval_batch_stats.batch_size)
+                )
+            if name == "batch-train":  # eval mode uses the eval batch's microbatches too
+                checks.append((("train", "eval_batch_size"), tc.eval_batch_size))
+            if any_probe:
+                checks.append((("data", "probe_batch"), self.data.probe_batch))
+            if hc.enabled:
+                checks.append((("hessian", "chunk_size"), hc.chunk_size))
+                checks.append((("data", "hessian_samples"), self.data.hessian_samples))
+            if tc.eval_train_samples < g:
+                raise _PathError(
+                    ("train", "eval_train_samples"),
+                    f"{tc.eval_train_samples} examples cannot fill one microbatch of norm_batch "
+                    f"{g} ({_format_path(source)}, normalizer {name!r}); use at least {g}",
+                )
+            for path, size in checks:
+                if size % g:
+                    low = max(g, size // g * g)
+                    raise _PathError(
+                        path,
+                        f"{size} is not a multiple of norm_batch {g} ({_format_path(source)}, "
+                        f"normalizer {name!r}), whose microbatches must divide every batch it "
+                        f"normalizes; use {low} or {low + g}",
+                    )
+
     def output_dir(self) -> Path:
         return Path(self.output if self.output is not None else f"runs/{self.name}")
 
@@ -471,6 +639,18 @@ class Config(_Strict):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _try_norm_options(name: str, options: dict[str, Any]) -> None:
+    """Build normalizer ``name`` on a tiny conv with ``options``: its own checks, no model."""
+    from torch import nn
+
+    from normprobe.norms import build
+
+    try:
+        build(name, nn.Conv2d(2, 4, 1), nn.ReLU(), layer_name="~", **options)
+    except NormprobeError as err:
+        raise NormprobeError(str(err).replace("layer '~': ", "")) from None
 
 
 def _model_names() -> list[str]:
@@ -679,5 +859,7 @@ def config_hash(config: Config) -> str:
     """A short hash of the resolved config, excluding where its output goes."""
     data = config.to_dict()
     data.pop("output", None)
+    if not data["model"].get("norm_options"):  # hashes of configs from before the key stay
+        data["model"].pop("norm_options", None)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

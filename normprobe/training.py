@@ -28,6 +28,7 @@ __all__ = [
     "label_minibatches",
     "evaluate",
     "evaluate_batch_stats",
+    "norm_batch_of",
     "make_optimizer",
     "train",
     "training_loss",
@@ -120,30 +121,78 @@ def training_loss(
     return loss
 
 
+def norm_batch_of(model: nn.Module) -> int | None:
+    """The microbatch size every batch must be a multiple of (lcm of the ``norm_batch``
+    of the model's normalizers), or None when no normalizer uses microbatches."""
+    sizes = {
+        int(g) for m in model.modules() if isinstance(g := getattr(m, "norm_batch", None), int)
+    }
+    return math.lcm(*sizes) if sizes else None
+
+
+def _evaluated(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, multiple: int | None
+) -> tuple[float, float]:
+    """Summed cross-entropy and correct count over ``_split`` batches (model mode as set)."""
+    device = next(model.parameters()).device
+    total_loss, correct = 0.0, 0
+    for start, stop, first in _split(len(x), batch_size, multiple):
+        out = model(x[start:stop].to(device))[first - start :]
+        yb = y[first:stop].to(device)
+        total_loss += F.cross_entropy(out, yb, reduction="sum").item()
+        correct += int((out.argmax(dim=1) == yb).sum())
+    return total_loss, correct
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy in eval mode, in batches; the model is left as found."""
-    device = next(model.parameters()).device
-    total_loss, correct = 0.0, 0
+    """Mean cross-entropy and accuracy in eval mode, in batches; the model is left as found.
+
+    With microbatch normalizers (``norm_batch``, see :func:`norm_batch_of`;
+    eval mode uses them in ``batch-train``) every batch is a multiple of
+    ``norm_batch``: see :func:`_split` for the last batch.
+    """
     with preserved(model):
         model.eval()
-        for start in range(0, len(x), batch_size):
-            xb = x[start : start + batch_size].to(device)
-            yb = y[start : start + batch_size].to(device)
-            out = model(xb)
-            total_loss += F.cross_entropy(out, yb, reduction="sum").item()
-            correct += int((out.argmax(dim=1) == yb).sum())
+        total_loss, correct = _evaluated(model, x, y, batch_size, norm_batch_of(model))
     return total_loss / len(x), correct / len(x)
 
 
-def _split(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """Consecutive ``(start, stop)`` batches; a last batch of one joins the one before it."""
-    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
-        bounds[-2:] = [(bounds[-2][0], n)]
-    return bounds
+def _split(n: int, batch_size: int, multiple: int | None = None) -> list[tuple[int, int, int]]:
+    """Consecutive ``(start, stop, first)`` batches; examples ``first:stop`` are counted.
+
+    Without ``multiple``: batches of ``batch_size`` in order, ``first == start``;
+    a last batch of one joins the one before it. With ``multiple`` (the
+    microbatch size ``norm_batch``): every batch has the same size,
+    ``batch_size`` rounded down to a multiple (at least one microbatch) or,
+    for fewer examples, ``n`` rounded down to a multiple; a short last batch is widened backwards
+    to that size, overlapping the batch before it, and only its new examples
+    are counted. So every batch the model sees is a whole number of
+    microbatches of the same size, and every example is counted once.
+
+    >>> _split(10, 4, 4)
+    [(0, 4, 0), (4, 8, 4), (6, 10, 8)]
+    >>> _split(10, 16, 4)
+    [(0, 8, 0), (2, 10, 8)]
+    >>> _split(9, 4)
+    [(0, 4, 0), (4, 9, 4)]
+    """
+    if multiple is None:
+        bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+        if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+            bounds[-2:] = [(bounds[-2][0], n)]
+        return [(start, stop, start) for start, stop in bounds]
+    if n < multiple:
+        raise ValueError(
+            f"{n} examples to evaluate cannot fill one microbatch of norm_batch {multiple}; "
+            f"evaluate at least {multiple} examples"
+        )
+    size = min(max(batch_size // multiple, 1) * multiple, n // multiple * multiple)
+    return [
+        (min(start + size, n) - size, min(start + size, n), start) for start in range(0, n, size)
+    ]
 
 
 @torch.no_grad()
@@ -156,22 +205,19 @@ def evaluate_batch_stats(
     on consecutive batches of ``batch_size`` examples in the given order
     (every example counted; a last batch of one example, which has no batch
     statistics, joins the batch before it); dropout modules stay in eval mode.
+    With microbatch normalizers (``norm_batch``) every batch is a whole number
+    of microbatches: a last batch that is not is widened backwards over the
+    batch before it and only its new examples are counted (:func:`_split`).
     Running statistics, counters, flags, gradients and the global random
     state are left as found. For normalizers without batch statistics this
     equals :func:`evaluate` up to floating-point rounding.
     """
-    device = next(model.parameters()).device
-    total_loss, correct = 0.0, 0
     with preserved(model), frozen_statistics(model), torch.random.fork_rng(devices=[]):
         model.train()
         for module in model.modules():
             if isinstance(module, nn.modules.dropout._DropoutNd):
                 module.eval()
-        for start, stop in _split(len(x), batch_size):
-            xb, yb = x[start:stop].to(device), y[start:stop].to(device)
-            out = model(xb)
-            total_loss += F.cross_entropy(out, yb, reduction="sum").item()
-            correct += int((out.argmax(dim=1) == yb).sum())
+        total_loss, correct = _evaluated(model, x, y, batch_size, norm_batch_of(model))
     return total_loss / len(x), correct / len(x)
 
 

@@ -395,3 +395,55 @@ def test_norm_swap_replaces_torch_layers() -> None:
     out = net(torch.randn(5, 3, 8, 8))
     assert out.shape == (5, 4)
     assert "prelayer" not in swappable() and "batch" in swappable() and "none" in swappable()
+
+
+def test_per_normalizer_options_with_microbatches_run_to_done(tmp_path: Path) -> None:
+    """norm_batch for every normalizer, stat_fraction for balanced only, batch-stats eval on.
+
+    The test set (377 examples) and eval_train_samples (90) are multiples neither of the
+    evaluation batch sizes nor of norm_batch, so the last batches are widened (training._split).
+    Balanced overrides the default norm_batch: with microbatches of 4, a quarter is a single
+    example, whose input sums can be zero (non-finite loss at step 0).
+    """
+    config = {
+        **SMALL,
+        "model": {
+            "name": "mlp",
+            "options": {"depth": 2, "width": 16},
+            "norm_options": {
+                "default": {"norm_batch": 4},
+                "balanced": {"stat_fraction": 0.25, "norm_batch": 8},
+            },
+        },
+        "normalizers": ["batch", "balanced", "layer"],
+        "data": {**SMALL["data"], "options": {"normalize": "unit", "test_fraction": 0.21}},
+        "train": {
+            "steps": 6,
+            "batch_size": 32,
+            "lr": 0.05,
+            "eval_batch_size": 64,
+            "eval_train_samples": 90,
+            "eval_batch_stats": 24,
+        },
+        "probes": {"schedule": [0, 6], "gradient_correlation": False},
+        "hessian": {"schedule": [6], "lanczos_steps": 4, "chunk_size": 24, "pieces": ["trace"]},
+    }
+    results = analyze(config, out=tmp_path, quiet=True)
+    assert set(results.runs["status"]) == {"done"}, results.runs.get("error")
+    assert sorted(results.runs["normalizer"]) == ["balanced", "batch", "layer"]
+    m = results.metrics
+    assert {"test_acc_batchstats", "train_acc_batchstats", "trace"} <= set(m["metric"])
+    assert m.loc[m["metric"] == "test_acc_batchstats", "value"].notna().all()
+    assert len(m[m["metric"] == "test_acc_batchstats"]) == 3 * 2
+    # the options reach the layers
+    from normprobe.analyze import build_run_model, prepare_data
+    from normprobe.config import parse_config
+
+    cfg = parse_config(config)
+    data = prepare_data(cfg)
+    balanced = build_run_model(cfg, "balanced", 0, data.dataset)
+    norms = [m for m in balanced.modules() if hasattr(m, "stat_fraction")]
+    assert len(data.dataset.test.x) % 8 and len(data.dataset.test.x) % 24
+    assert norms and all((n.stat_fraction, n.norm_batch) == (0.25, 8) for n in norms)
+    batch = build_run_model(cfg, "batch", 0, data.dataset)
+    assert {getattr(m, "norm_batch", 0) for m in batch.modules()} >= {4}

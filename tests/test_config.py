@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -9,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from normprobe.config import ConfigError, apply_overrides, load_config, parse_config
+from normprobe.config import (
+    ConfigError,
+    apply_overrides,
+    config_hash,
+    load_config,
+    parse_config,
+)
 
 BASE = """\
 model: {name: mlp, options: {depth: 2, width: 16}}
@@ -94,6 +102,55 @@ CLI_CASES = {
         "per_label: 2}}\n",
         "train.sampler.labels_per_batch",
         "use labels_per_batch <= 10",
+    ),
+    "unknown normalizer under model.norm_options": (
+        BASE.replace("width: 16}", "width: 16}, norm_options: {balancd: {stat_fraction: 0.5}}"),
+        "model.norm_options.balancd",
+        "did you mean 'balanced'",
+    ),
+    "an option the normalizer does not have": (
+        BASE.replace("width: 16}", "width: 16}, norm_options: {default: {stat_fraction: 0.5}}"),
+        "model.norm_options.default.stat_fraction",
+        "normalizer 'batch' has no option 'stat_fraction'",
+    ),
+    "an option value the normalizer rejects": (
+        BASE.replace("width: 16}", "width: 16}, norm_options: {equinorm: {stat_fraction: 2}}"),
+        "model.norm_options.equinorm.stat_fraction",
+        "must be in (0, 1]",
+    ),
+    "norm options in both places": (
+        BASE.replace(
+            "width: 16}", "width: 16, norm_options: {}}, norm_options: {default: {norm_batch: 4}}"
+        ),
+        "model.options.norm_options",
+        "move them to model.norm_options",
+    ),
+    "batch size not a multiple of norm_batch": (
+        BASE.replace("width: 16}", "width: 16}, norm_options: {batch: {norm_batch: 5}}"),
+        "train.batch_size",
+        "use 15 or 20",
+    ),
+    "probe batch not a multiple of norm_batch": (
+        BASE.replace("width: 16}", "width: 16}, norm_options: {default: {norm_batch: 8}}")
+        + "data: {probe_batch: 20}\n",
+        "data.probe_batch",
+        "not a multiple of norm_batch 8 (model.norm_options.default.norm_batch",
+    ),
+    "hessian chunks not a multiple of norm_batch": (
+        BASE.replace("width: 16}", "width: 16}, norm_options: {default: {norm_batch: 8}}").replace(
+            "hessian: {enabled: false}", "hessian: {chunk_size: 60}"
+        )
+        + "data: {probe_batch: 16}\n",
+        "hessian.chunk_size",
+        "use 56 or 64",
+    ),
+    "batch-stats evaluation batch not a multiple of norm_batch": (
+        BASE.replace("width: 16}", "width: 16}, norm_options: {default: {norm_batch: 4}}").replace(
+            "batch_size: 16}", "batch_size: 16, eval_batch_stats: 10}"
+        )
+        + "data: {probe_batch: 16}\n",
+        "train.eval_batch_stats.batch_size",
+        "use 8 or 12",
     ),
     "malformed yaml": ("model: {name: mlp\nnormalizers: [batch\n", "line", "malformed YAML"),
 }
@@ -194,3 +251,46 @@ def test_sampler_and_batch_stats_options() -> None:
         {"train": {"eval_batch_stats": True}}, ["train.eval_batch_stats.batch_size=8"]
     )
     assert config.train.eval_batch_stats.batch_size == 8
+
+
+def test_per_normalizer_options_merge_and_the_old_key_still_works() -> None:
+    options = {"default": {"norm_batch": 4}, "equinorm": {"stat_fraction": 0.25, "norm_batch": 8}}
+    cfg = parse_config(
+        {
+            "model": {"name": "mlp", "norm_options": options},
+            "normalizers": ["batch", "balanced", "layer"],
+            "train": {"batch_size": 32},
+            "data": {"probe_batch": 32, "hessian_samples": 64},
+            "hessian": {"chunk_size": 32},
+        }
+    )
+    assert cfg.norm_options_for("batch") == {"norm_batch": 4}
+    assert cfg.norm_options_for("balanced") == {"norm_batch": 8, "stat_fraction": 0.25}
+    assert cfg.norm_batch_for("batch")[0] == 4 and cfg.norm_batch_for("balanced")[0] == 8
+    assert cfg.norm_batch_for("layer")[0] is None  # per-example statistics ignore it
+    assert parse_config(cfg.to_dict()) == cfg
+    # model.options.norm_options (before model.norm_options) counts as the default
+    old = parse_config(
+        {
+            "model": {"name": "mlp", "options": {"norm_options": {"norm_batch": 4}}},
+            "normalizers": ["batch"],
+            "train": {"batch_size": 32},
+            "data": {"probe_batch": 32, "hessian_samples": 64},
+            "hessian": {"chunk_size": 32},
+        }
+    )
+    assert old.norm_options_for("batch") == {"norm_batch": 4}
+    with pytest.raises(ConfigError, match=r"model\.options\.norm_options\.stat_fraction"):
+        parse_config(
+            {
+                "model": {"name": "mlp", "options": {"norm_options": {"stat_fraction": 0.5}}},
+                "normalizers": ["batch"],
+            }
+        )
+    # a config without norm_options hashes as before the key existed
+    plain = parse_config({"normalizers": ["batch"]})
+    data = plain.to_dict()
+    data.pop("output", None)
+    data["model"].pop("norm_options")
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    assert config_hash(plain) == hashlib.sha256(text.encode()).hexdigest()[:16]

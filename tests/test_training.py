@@ -139,3 +139,39 @@ def test_without_batch_statistics_both_evaluations_agree() -> None:
     eval_loss, eval_acc = evaluate(model, x, y)
     bs_loss, bs_acc = evaluate_batch_stats(model, x, y, batch_size=2)
     assert bs_acc == eval_acc and bs_loss == pytest.approx(eval_loss, rel=1e-5)
+
+
+def test_microbatch_models_evaluate_every_example_in_whole_microbatches() -> None:
+    """A last batch that is not a multiple of norm_batch is widened backwards, not crashed on."""
+    from normprobe.training import _split, norm_batch_of
+
+    assert _split(10, 4, 4) == [(0, 4, 0), (4, 8, 4), (6, 10, 8)]
+    assert _split(9, 6, 3) == [(0, 6, 0), (3, 9, 6)]  # every batch the same size
+    assert _split(11, 6, 3) == [(0, 6, 0), (5, 11, 6)]
+    assert _split(359, 512, 4) == [(0, 356, 0), (3, 359, 356)]  # fewer than a batch
+    assert _split(10, 6, 4) == [(0, 4, 0), (4, 8, 4), (6, 10, 8)]  # 6 rounded down to 4
+    with pytest.raises(ValueError, match="cannot fill one microbatch"):
+        _split(3, 4, 4)
+
+    model, x, y = _trained("batch-train")  # eval mode: the eval batch's microbatch statistics
+    x, y = x[:70], y[:70]
+    options = {"norm_options": {"norm_batch": 4}}
+    ghost = build_model(
+        "mlp", "batch-train", seed=0, input_shape=(10,), num_classes=4, depth=3, width=32, **options
+    )
+    ghost.load_state_dict(model.state_dict())
+    assert norm_batch_of(ghost) == 4 and norm_batch_of(model) is None
+    before = _state(ghost)
+    loss, acc = evaluate(ghost, x, y, batch_size=16)  # 16, 16, 16, 16, then 6 -> 16 wide
+    bs_loss, bs_acc = evaluate_batch_stats(ghost, x, y, batch_size=16)
+    assert all(torch.equal(before[k], v) for k, v in ghost.state_dict().items())
+    with torch.no_grad():
+        ghost.eval()
+        outs = [ghost(x[s : s + 16]) for s in range(0, 64, 16)]
+        outs.append(ghost(x[54:70])[10:])
+    out = torch.cat(outs)
+    assert len(out) == 70
+    assert loss == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-6)
+    assert acc == (out.argmax(1) == y).float().mean().item()
+    # batch-train in eval mode is the same normalization as train mode with frozen statistics
+    assert bs_loss == pytest.approx(loss, rel=1e-5) and bs_acc == acc
