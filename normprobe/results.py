@@ -331,35 +331,23 @@ class Results:
         ...         pd.DataFrame(), pd.DataFrame(), {}).summary().columns.tolist()
         ['normalizer', 'lr', 'seed', 'status', 'test_acc', 'repr_corr', 'grad_corr', 'growth', 'lambda_1', 'lambda_1_step']
         """
-        runs = self.runs
+        runs = self.runs.set_index("run") if "run" in self.runs else self.runs
         m = self.metrics
+        columns = {"normalizer": object, "lr": float, "seed": int, "status": object}
         out = pd.DataFrame(
-            {
-                "normalizer": runs.get("normalizer", pd.Series(dtype=object)),
-                "lr": runs.get("lr", pd.Series(dtype=float)),
-                "seed": runs.get("seed", pd.Series(dtype=int)),
-                "status": runs.get("status", pd.Series(dtype=object)),
-            }
+            {c: runs[c] if c in runs else pd.Series(dtype=t) for c, t in columns.items()}
         )
-        out.index = runs["run"] if "run" in runs else out.index
-        out["test_acc"] = (
-            runs.set_index("run")["final_test_acc"] if "final_test_acc" in runs else float("nan")
+        out["test_acc"] = runs["final_test_acc"] if "final_test_acc" in runs else float("nan")
+        at_init = m[m["step"] == 0]
+        nan = float("nan")
+        reprs = at_init[at_init["metric"].astype(str).str.startswith("repr_")]
+        out["repr_corr"] = (
+            reprs.sort_values("depth").groupby("run")["value"].last() if len(reprs) else nan
         )
-
-        def at_step0(metric: str) -> pd.DataFrame:
-            rows = m[(m["metric"] == metric) & (m["step"] == 0)]
-            return rows
-
-        repr_rows = m[m["metric"].astype(str).str.startswith("repr_") & (m["step"] == 0)]
-        if len(repr_rows):
-            deepest = repr_rows.sort_values("depth").groupby("run")["value"].last()
-            out["repr_corr"] = deepest
-        else:
-            out["repr_corr"] = float("nan")
-        grad = at_step0("grad_corr")
-        out["grad_corr"] = grad.groupby("run")["value"].mean() if len(grad) else float("nan")
-        growth = at_step0("grad_growth_rate")
-        out["growth"] = growth.groupby("run")["value"].first() if len(growth) else float("nan")
+        grad = at_init["metric"] == "grad_corr"
+        out["grad_corr"] = at_init[grad].groupby("run")["value"].mean() if grad.any() else nan
+        growth = at_init["metric"] == "grad_growth_rate"
+        out["growth"] = at_init[growth].groupby("run")["value"].first() if growth.any() else nan
         top = m[(m["metric"] == "eigenvalue") & (m.get("index", pd.Series(dtype=float)) == 1)]
         if len(top):
             last = top.sort_values("step").groupby("run").last()

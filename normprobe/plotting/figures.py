@@ -498,16 +498,16 @@ def hessian_density_panels(
 # --------------------------------------------------------------------------- the paper's figures
 
 
-def fig1a(data: Data, ax: Axes | None = None) -> Axes:
-    """1a: MLP at initialization: representation correlation against depth."""
+def _repr_at_init(data: Data, ax: Axes | None, title: str) -> Axes:
     metric = repr_metric(data)
     return depth_profile(
-        data,
-        metric,
-        ax=ax,
-        ylabel=REPR_LABEL[metric],
-        title=_with_model("1a  Representation correlation at init", data),
+        data, metric, ax=ax, ylabel=REPR_LABEL[metric], title=_with_model(title, data)
     )
+
+
+def fig1a(data: Data, ax: Axes | None = None) -> Axes:
+    """1a: MLP at initialization: representation correlation against depth."""
+    return _repr_at_init(data, ax, "1a  Representation correlation at init")
 
 
 def fig1b(data: Data, ax: Axes | None = None) -> Axes:
@@ -524,14 +524,7 @@ def fig1b(data: Data, ax: Axes | None = None) -> Axes:
 
 def fig2a(data: Data, ax: Axes | None = None) -> Axes:
     """2a: WRN at initialization: representation correlation against depth."""
-    metric = repr_metric(data)
-    return depth_profile(
-        data,
-        metric,
-        ax=ax,
-        ylabel=REPR_LABEL[metric],
-        title=_with_model("2a  Representation correlation at init", data),
-    )
+    return _repr_at_init(data, ax, "2a  Representation correlation at init")
 
 
 def fig2b(data: Data, ax: Axes | None = None) -> Axes:
