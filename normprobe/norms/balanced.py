@@ -72,13 +72,15 @@ def balanced_weight(
 
     A pure function of its arguments, differentiable in both ``weight`` and
     ``input_sums`` (000: the transformation is fully differentiated through).
+    Denominators within ``EPS`` of zero are held at ``+-EPS``
+    (:func:`_away_from_zero`), so an all-zero input gives a zero output, not NaN.
     """
     d_out, c_in = weight.shape[:2]
     kdims = tuple(range(2, weight.dim()))
     k = math.prod(weight.shape[2:]) if kdims else 1
     bshape = (d_out, *([1] * (weight.dim() - 1)))
     w_dc = weight.sum(dim=kdims) if kdims else weight  # (D, C)
-    b = -(w_dc @ input_sums) / (k * input_sums.sum())  # (D,)
+    b = -(w_dc @ input_sums) / (k * _away_from_zero(input_sums.sum()))  # (D,)
     shifted = weight + b.reshape(bshape)
     if single_pass:
         positive = weight > 0
@@ -89,8 +91,20 @@ def balanced_weight(
     else:
         w_plus = shifted.clamp_min(0)
         denom = (w_plus.sum(dim=kdims) if kdims else w_plus) @ input_sums
-    s = r / denom  # (D,)
+    s = r / _away_from_zero(denom)  # (D,)
     return s.reshape(bshape) * shifted
+
+
+def _away_from_zero(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """``t`` with entries of magnitude below ``eps`` moved to ``+-eps`` (sign kept, 0 -> +eps).
+
+    An input whose channels all sum to zero (one example through dead ReLUs,
+    e.g. a quarter of a microbatch of 4) would give 0/0 in ``b`` and ``s``;
+    its balanced output is then ``s * (W + b) x = 0`` with finite ``s`` and
+    zero gradient, instead of NaN. Real sums are many orders above ``eps``.
+    """
+    floor = torch.where(t < 0, -eps, eps).to(t.dtype)
+    return torch.where(t.abs() < eps, floor, t)
 
 
 def balance_signs_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -289,14 +289,17 @@ class MeanOnlyBatchNorm(_RunningStats):
             mean = zg.mean(dim=group_axes(zg), keepdim=True)
             self._ema_(self.running_mean, mean.mean(dim=0).reshape(-1))
             self._step()
-            return (zg - mean).reshape(z.shape) + channel_view(self.bias, z)
+            return self._shift((zg - mean).reshape(z.shape))
         if self.training:
             mean = z.mean(dim=batch_axes(z))
             self._ema_(self.running_mean, mean)
             self._step()
         else:
             mean = self.running_mean
-        return z - channel_view(mean, z) + channel_view(self.bias, z)
+        return self._shift(z - channel_view(mean, z))
+
+    def _shift(self, u: torch.Tensor) -> torch.Tensor:
+        return u if self.bias is None else u + channel_view(self.bias, u)
 
 
 class BatchRenorm(_RunningStats):

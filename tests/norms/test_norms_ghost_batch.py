@@ -304,3 +304,24 @@ def test_one_norm_options_serves_every_normalizer_of_an_mlp() -> None:
             name, input_shape=6, num_classes=3, depth=2, width=8, norm_options={"norm_batch": 4}
         )
         assert model(x).shape == (8, 3), name
+
+
+def test_balanced_on_an_all_zero_input_gives_zeros_not_nan() -> None:
+    # one example per statistics group (norm_batch 4, quarter statistics) that a ReLU
+    # zeroed entirely: every input sum is 0, and 0/0 used to give NaN
+    layer = norms.build(
+        "balanced", nn.Linear(6, 5), nn.ReLU(), layer_name="l", norm_batch=4, stat_fraction=0.25
+    )
+    layer.train()
+    x = torch.rand(8, 6, generator=torch.Generator().manual_seed(0))
+    x[:4] = 0.0  # the first microbatch's statistics example (and the rest) is all zeros
+    x.requires_grad_(True)
+    out = layer(x)
+    assert torch.isfinite(out).all() and torch.equal(out[:4], torch.zeros(4, 5))
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+    assert torch.isfinite(x.grad).all()
+    # away from zero the guard changes nothing
+    w, v = torch.randn(5, 6), torch.rand(6) + 0.1
+    assert torch.isfinite(balanced_weight(w, v, 8.0)).all()
+    assert torch.isfinite(balanced_weight(w, torch.zeros(6), 8.0)).all()
