@@ -17,6 +17,7 @@ interrupted analysis resumes where it stopped; ``force=True`` redoes all.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import shutil
 import sys
@@ -58,26 +59,50 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run of the grid."""
+    """One training run of the grid (``variant`` None when the config has no variants)."""
 
     normalizer: str
     lr: float
     seed: int
+    variant: str | None = None
 
     @property
     def run(self) -> str:
-        return f"{self.normalizer}_lr{self.lr:g}_seed{self.seed}"
+        variant = f"_{self.variant}" if self.variant is not None else ""
+        return f"{self.normalizer}{variant}_lr{self.lr:g}_seed{self.seed}"
 
 
-def plan_runs(config: Config, normalizers: Sequence[str] | None = None) -> list[RunSpec]:
-    """The (normalizer, lr, seed) grid in a fixed order."""
-    names = list(normalizers) if normalizers is not None else config.normalizer_names()
-    return [
-        RunSpec(norm, lr, seed)
-        for norm in names
-        for lr in config.train.rates_for(norm)
-        for seed in config.train.seeds
-    ]
+def plan_runs(
+    config: Config,
+    normalizers: Sequence[str] | Mapping[str | None, Sequence[str]] | None = None,
+) -> list[RunSpec]:
+    """The (variant, normalizer, lr, seed) grid in a fixed order.
+
+    ``normalizers``: the names to run (default: the config's), or a mapping
+    from variant name (None without variants) to the names to run there.
+
+    >>> cfg = load_config({"normalizers": ["batch", "layer"], "train": {"seeds": [0, 1]},
+    ...     "variants": {"bs32": {"train.batch_size": 32}, "bs8": {"train.batch_size": 8,
+    ...     "normalizers": ["batch"]}}})[0]
+    >>> [spec.run for spec in plan_runs(cfg)]  # doctest: +NORMALIZE_WHITESPACE
+    ['batch_bs32_lr0.1_seed0', 'batch_bs32_lr0.1_seed1', 'layer_bs32_lr0.1_seed0',
+     'layer_bs32_lr0.1_seed1', 'batch_bs8_lr0.1_seed0', 'batch_bs8_lr0.1_seed1']
+    """
+    specs = []
+    for variant, vconfig in config.variant_configs():
+        if normalizers is None:
+            names = vconfig.normalizer_names()
+        elif isinstance(normalizers, Mapping):
+            names = list(normalizers.get(variant, ()))
+        else:
+            names = list(normalizers)
+        specs += [
+            RunSpec(norm, lr, seed, variant)
+            for norm in names
+            for lr in vconfig.train.rates_for(norm)
+            for seed in vconfig.train.seeds
+        ]
+    return specs
 
 
 @dataclass(frozen=True)
@@ -90,18 +115,20 @@ class ProbeData:
     hessian: tuple[torch.Tensor, torch.Tensor]
 
 
-def prepare_data(config: Config) -> ProbeData:
+def prepare_data(config: Config, dataset: Any = None) -> ProbeData:
     """Load the dataset and draw the probe batches (two disjoint ones) and the Hessian set.
 
     The batches are drawn once, with ``data.seed``, so every normalizer,
-    learning rate and seed is measured on the same examples.
+    learning rate and seed is measured on the same examples. ``dataset``: an
+    already loaded dataset of ``config.data`` to reuse.
     """
     from normprobe.data import load_dataset
 
-    try:
-        dataset = load_dataset(config.data.name, **config.data.options)
-    except NormprobeError as err:
-        raise ConfigError(f"data.options: {err}") from None
+    if dataset is None:
+        try:
+            dataset = load_dataset(config.data.name, **config.data.options)
+        except NormprobeError as err:
+            raise ConfigError(f"data.options: {err}") from None
     n = len(dataset.train)
     size = config.data.probe_batch
     if 2 * size > n:
@@ -262,6 +289,12 @@ def make_measure(
                         }
                     )
                 )
+        if step in probe_steps and pc.batch_mean.enabled and has_norm_layers(model):
+            from normprobe.probes import batch_mean
+
+            frames.append(
+                tagged(batch_mean(model, batch_a[0], mode=pc.batch_mean.mode, seed=seed), step)
+            )
         if step in hessian_steps:
             from normprobe.hessian import hessian_spectrum
             from normprobe.training import norm_batch_of
@@ -398,7 +431,12 @@ def _run_one(
     bar_factory: Any,
 ) -> RunRecord:
     from normprobe.norms import set_total_steps
-    from normprobe.training import label_minibatches, make_optimizer, train
+    from normprobe.training import (
+        label_grouped_batches,
+        label_minibatches,
+        make_optimizer,
+        train,
+    )
 
     tc = config.train
     start = time.perf_counter()
@@ -440,6 +478,18 @@ def _run_one(
                 torch.Generator().manual_seed(spec.seed),
             )
         bs_eval = tc.eval_batch_stats
+        grouped = None
+        if bs_eval.enabled and bs_eval.batches == "sampler":
+            # fixed by data.seed, so every run is evaluated on the same batches
+            grouped = tuple(
+                label_grouped_batches(
+                    y,
+                    tc.sampler.labels_per_batch,
+                    tc.sampler.per_label,
+                    torch.Generator().manual_seed(config.data.seed),
+                )
+                for y in (data.dataset.train.y[: tc.eval_train_samples], data.dataset.test.y)
+            )
         outcome = train(
             model,
             (data.dataset.train.x, data.dataset.train.y),
@@ -453,7 +503,12 @@ def _run_one(
             regnorm_lambda=tc.regnorm_lambda if _regularized(spec.normalizer) else 0.0,
             eval_batch_size=tc.eval_batch_size,
             eval_train_samples=tc.eval_train_samples,
-            batch_stats_size=(bs_eval.batch_size or tc.batch_size) if bs_eval.enabled else None,
+            batch_stats_size=(
+                (bs_eval.batch_size or tc.batch_size)
+                if bs_eval.enabled and grouped is None
+                else None
+            ),
+            batch_stats_batches=grouped,
             batches=batches,
             progress=progress,
         )
@@ -466,6 +521,7 @@ def _run_one(
             spec.lr,
             spec.seed,
             "failed",
+            variant=spec.variant,
             seconds=time.perf_counter() - start,
             error=f"{type(err).__name__}: {err}",
             info={"traceback": traceback.format_exc(limit=8)},
@@ -484,6 +540,7 @@ def _run_one(
         spec.lr,
         spec.seed,
         outcome.status,
+        variant=spec.variant,
         seconds=time.perf_counter() - start,
         diverged_step=outcome.diverged_step,
         info={"measure_seconds": round(outcome.measure_seconds, 3)},
@@ -493,7 +550,19 @@ def _run_one(
 
 def _any_probe(config: Config) -> bool:
     p = config.probes
-    return p.representation.enabled or p.gradient_correlation.enabled or p.gradient_norms.enabled
+    return (
+        p.representation.enabled
+        or p.gradient_correlation.enabled
+        or p.gradient_norms.enabled
+        or p.batch_mean.enabled
+    )
+
+
+def has_norm_layers(model: nn.Module) -> bool:
+    """Whether ``model`` has a normalization layer for :func:`normprobe.probes.batch_mean`."""
+    from normprobe.probes.capture import is_normalizer
+
+    return any(is_normalizer(m) for m in model.modules())
 
 
 def _regularized(normalizer: str) -> bool:
@@ -573,10 +642,27 @@ def _analyze(
     quiet: bool,
     log: Callable[[str], None],
 ) -> Results:
-    data = prepare_data(config)
-    usable, skipped = _preflight(config, data, device)
-    for norm, reason in skipped.items():
-        log(f"skipping {norm}: {reason}")
+    variants = config.variant_configs()
+    data: dict[str | None, ProbeData] = {}
+    usable: dict[str | None, list[str]] = {}
+    skipped: dict[str, str] = {}
+    loaded: dict[str, ProbeData] = {}
+    for variant, vconfig in variants:
+        key = json.dumps(vconfig.data.model_dump(mode="json"), sort_keys=True)
+        same = loaded.get(key)
+        try:
+            data[variant] = prepare_data(vconfig, same.dataset if same is not None else None)
+            loaded.setdefault(key, data[variant])
+            usable[variant], why = _preflight(vconfig, data[variant], device)
+        except ConfigError as err:
+            if variant is None:
+                raise
+            raise ConfigError(f"variants.{variant}: {err}") from None
+        for norm, reason in why.items():
+            where = f" (variant {variant})" if variant is not None else ""
+            if f"{norm}{where}" not in skipped:
+                log(f"skipping {norm}{where}: {reason}")
+            skipped[f"{norm}{where}"] = reason
 
     if force and directory.exists():
         for name in (
@@ -592,6 +678,7 @@ def _analyze(
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
     clean_partial(directory)
+    first = data[variants[0][0]]
     manifest = {
         "name": config.name,
         "config_hash": chash,
@@ -599,20 +686,21 @@ def _analyze(
         "versions": _versions(),
         "normprobe_version": _versions()["normprobe"],
         "skipped": skipped,
-        "data": {"name": data.dataset.name, "info": data.dataset.info},
+        "data": {"name": first.dataset.name, "info": first.dataset.info},
         "device": str(device),
         "threads": torch.get_num_threads(),
     }
     write_json_atomic(directory / "manifest.json", manifest)
 
     plan = plan_runs(config, usable)
+    configs = dict(variants)
     done = finished_runs(directory)
     todo = [spec for spec in plan if spec.run not in done]
     if done and todo:
         log(f"resuming: {len(plan) - len(todo)} of {len(plan)} runs already finished")
     bar_factory = _progress(quiet)
     for i, spec in enumerate(todo, start=1):
-        record = _run_one(spec, config, data, device, bar_factory)
+        record = _run_one(spec, configs[spec.variant], data[spec.variant], device, bar_factory)
         write_run(directory, record)
         assemble(directory)
         detail = {

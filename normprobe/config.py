@@ -38,6 +38,7 @@ __all__ = [
     "SamplerConfig",
     "BatchStatsEval",
     "ProbesConfig",
+    "BatchMeanProbe",
     "HessianConfig",
     "Schedule",
     "load_config",
@@ -259,10 +260,19 @@ class BatchStatsEval(_Strict):
     batch size), normalized with each batch's own statistics, with running
     statistics frozen and the model left exactly as found. In YAML ``true``
     or a batch size is short for ``{enabled: true, batch_size: ...}``.
+
+    ``batches: sampler`` (with ``train.sampler.kind: labels``) evaluates on
+    batches drawn the way training batches are, ``labels_per_batch`` distinct
+    labels x ``per_label`` examples each (002 sec. 3.3: "training mode" on
+    test minibatches built by the same procedure), fixed by ``data.seed``;
+    every example is used at most once, and those that cannot fill such a
+    batch (at most ``per_label - 1`` per label, plus the labels left over
+    at the end) are left out. ``batch_size`` must then be unset.
     """
 
     enabled: bool = False
     batch_size: int | None = Field(None, ge=2)
+    batches: Literal["consecutive", "sampler"] = "consecutive"
 
     @model_validator(mode="before")
     @classmethod
@@ -297,6 +307,20 @@ class TrainConfig(_Strict):
     @model_validator(mode="after")
     def _sampler_fits(self) -> TrainConfig:
         s = self.sampler
+        bs = self.eval_batch_stats
+        if bs.batches == "sampler":
+            if s.kind != "labels":
+                raise _PathError(
+                    ("eval_batch_stats", "batches"),
+                    "sampler batches copy a non-i.i.d. training sampler; set train.sampler to "
+                    "{kind: labels, ...} or use batches: consecutive",
+                )
+            if bs.batch_size is not None:
+                raise _PathError(
+                    ("eval_batch_stats", "batch_size"),
+                    "with batches: sampler the batches have the sampler's size "
+                    "(labels_per_batch x per_label); remove batch_size",
+                )
         if s.kind == "labels" and s.labels_per_batch * s.per_label != self.batch_size:
             k, n = s.labels_per_batch, s.per_label
             raise _PathError(
@@ -401,6 +425,13 @@ class GradientProbe(_Strict):
     mode: Literal["train", "eval"] = "train"
 
 
+class BatchMeanProbe(_Strict):
+    """Each normalization layer's batch mean ``R_l`` (RegNorm's regularizer value; off by default)."""
+
+    enabled: bool = False
+    mode: Literal["train", "eval"] = "train"
+
+
 def _probe_switch(value: Any) -> Any:
     return {"enabled": value} if isinstance(value, bool) else value
 
@@ -411,10 +442,11 @@ class ProbesConfig(_Strict):
     representation: RepresentationProbe = Field(default_factory=RepresentationProbe)
     gradient_correlation: GradientProbe = Field(default_factory=GradientProbe)
     gradient_norms: GradientProbe = Field(default_factory=GradientProbe)
+    batch_mean: BatchMeanProbe = Field(default_factory=BatchMeanProbe)
     schedule: Schedule = Field(default_factory=lambda: Schedule(every=50))
 
     _switch = field_validator(
-        "representation", "gradient_correlation", "gradient_norms", mode="before"
+        "representation", "gradient_correlation", "gradient_norms", "batch_mean", mode="before"
     )(_probe_switch)
 
 
@@ -446,7 +478,74 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     hessian: HessianConfig = Field(default_factory=HessianConfig)
+    # name -> {dotted.key: value}: each variant reruns the grid with these settings changed
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     output: str | None = None
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names_ok(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name, changes in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+=-]*", str(name)):
+                raise _PathError(
+                    (name,),
+                    "a variant name goes into run names and folder names: use letters, digits "
+                    "and . + = - (no spaces or underscores), e.g. bs64 or quarter-stats",
+                )
+            if not isinstance(changes, dict):
+                raise _PathError(
+                    (name,),
+                    f"must be a mapping of dotted keys to values, e.g. "
+                    f"{{train.batch_size: 64}}, got {changes!r}",
+                )
+            for key in changes:
+                if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", str(key)):
+                    raise _PathError(
+                        (name, key), "not a dotted key like train.batch_size or model.norm_options"
+                    )
+                top = str(key).split(".")[0]
+                if top in _NOT_VARIED:
+                    raise _PathError(
+                        (name, key),
+                        f"{top} is the same for every variant; variants change model, "
+                        "normalizers, data, train, probes and hessian settings",
+                    )
+        return value
+
+    @model_validator(mode="after")
+    def _variants_ok(self) -> Config:
+        for name in self.variants:
+            self.variant_config(name)
+        return self
+
+    def variant_config(self, name: str) -> Config:
+        """The config of one variant: this one with the variant's settings applied.
+
+        >>> cfg = parse_config({"normalizers": ["batch"], "variants": {
+        ...     "small": {"train.batch_size": 8}, "labels": {"train.sampler":
+        ...     {"kind": "labels", "labels_per_batch": 4, "per_label": 32}}}})
+        >>> [(n, c.train.batch_size, c.train.sampler.kind) for n, c in cfg.variant_configs()]
+        [('small', 8, 'iid'), ('labels', 128, 'labels')]
+        """
+        if name not in self.variants:
+            raise KeyError(f"no variant {name!r}; the variants are {list(self.variants)}")
+        raw = self.to_dict()
+        raw.pop("variants")
+        for key, value in self.variants[name].items():
+            try:
+                _set_dotted(raw, key, copy.deepcopy(value))
+            except ConfigError as err:
+                raise _PathError(("variants", name, key), str(err).split(": ", 1)[-1]) from None
+        try:
+            return parse_config(raw, source="~")
+        except ConfigError as err:
+            raise _PathError(("variants", name), str(err).removeprefix("~: ")) from None
+
+    def variant_configs(self) -> list[tuple[str | None, Config]]:
+        """``(variant name, its config)`` for every variant; ``[(None, self)]`` without variants."""
+        if not self.variants:
+            return [(None, self)]
+        return [(name, self.variant_config(name)) for name in self.variants]
 
     @field_validator("normalizers")
     @classmethod
@@ -598,6 +697,7 @@ class Config(_Strict):
             probes.representation.enabled
             or probes.gradient_correlation.enabled
             or probes.gradient_norms.enabled
+            or probes.batch_mean.enabled
         )
         for name in names:
             g, source = self.norm_batch_for(name)
@@ -798,6 +898,10 @@ def _load_yaml(path: Path) -> Any:
         ) from None
 
 
+#: top-level keys a variant may not change
+_NOT_VARIED = ("name", "description", "output", "variants")
+
+
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = raw
@@ -861,5 +965,11 @@ def config_hash(config: Config) -> str:
     data.pop("output", None)
     if not data["model"].get("norm_options"):  # hashes of configs from before the key stay
         data["model"].pop("norm_options", None)
+    if not data.get("variants"):
+        data.pop("variants", None)
+    if data["probes"].get("batch_mean") == BatchMeanProbe().model_dump(mode="json"):
+        data["probes"].pop("batch_mean")
+    if data["train"]["eval_batch_stats"].get("batches") == "consecutive":
+        data["train"]["eval_batch_stats"].pop("batches")
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

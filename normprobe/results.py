@@ -48,7 +48,18 @@ __all__ = [
 ]
 
 #: Columns every row of ``results.parquet`` has, in this order (more may follow).
-METRIC_COLUMNS = ["run", "normalizer", "lr", "seed", "step", "layer", "depth", "metric", "value"]
+METRIC_COLUMNS = [
+    "run",
+    "normalizer",
+    "variant",
+    "lr",
+    "seed",
+    "step",
+    "layer",
+    "depth",
+    "metric",
+    "value",
+]
 #: Tables a run folder may hold besides ``metrics``.
 RUN_TABLES = ("metrics", "hessian_nodes", "hessian_density")
 FINISHED = ("done", "diverged")
@@ -72,13 +83,22 @@ class RunRecord:
     error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    variant: str | None = None  # the config variant; None (no column) without variants
+
+    def identity(self) -> list[tuple[str, Any]]:
+        """The identity columns of the run's rows: run, normalizer, [variant,] lr, seed."""
+        variant = [("variant", self.variant)] if self.variant is not None else []
+        return [
+            ("run", self.run),
+            ("normalizer", self.normalizer),
+            *variant,
+            ("lr", self.lr),
+            ("seed", self.seed),
+        ]
 
     def summary(self) -> dict[str, Any]:
         return {
-            "run": self.run,
-            "normalizer": self.normalizer,
-            "lr": self.lr,
-            "seed": self.seed,
+            **dict(self.identity()),
             "status": self.status,
             "seconds": round(self.seconds, 3),
             "diverged_step": self.diverged_step,
@@ -118,16 +138,9 @@ def _write_table_atomic(frame: pd.DataFrame, path: Path) -> None:
 
 
 def _with_identity(frame: pd.DataFrame, record: RunRecord) -> pd.DataFrame:
-    """Prefix the run's identity columns (run, normalizer, lr, seed)."""
+    """Prefix the run's identity columns (run, normalizer, [variant,] lr, seed)."""
     frame = frame.copy()
-    for i, (key, value) in enumerate(
-        [
-            ("run", record.run),
-            ("normalizer", record.normalizer),
-            ("lr", record.lr),
-            ("seed", record.seed),
-        ]
-    ):
+    for i, (key, value) in enumerate(record.identity()):
         if key in frame.columns:
             frame = frame.drop(columns=key)
         frame.insert(i, key, value)
@@ -201,7 +214,7 @@ def _concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
 
 
 def _select_lrs(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
-    """Mark, per normalizer, the learning rate with the best mean final test accuracy."""
+    """Mark, per normalizer (and variant), the learning rate with the best mean final test accuracy."""
     runs = runs.copy()
     runs["final_test_acc"] = float("nan")
     runs["selected"] = False
@@ -212,15 +225,13 @@ def _select_lrs(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
         return runs
     last = acc.sort_values("step").groupby("run").tail(1).set_index("run")["value"]
     runs["final_test_acc"] = runs["run"].map(last)
-    usable = runs[runs["status"] == "done"]
-    for _, group in usable.groupby("normalizer"):
-        by_lr = group.groupby("lr")["final_test_acc"].mean().dropna()
+    keys = ["normalizer", "variant"] if "variant" in runs else ["normalizer"]
+    for _, group in runs.groupby(keys, dropna=False):
+        done = group[group["status"] == "done"]
+        by_lr = done.groupby("lr")["final_test_acc"].mean().dropna()
         if by_lr.empty:
             continue
-        best = by_lr.idxmax()
-        runs.loc[
-            (runs["normalizer"] == group["normalizer"].iloc[0]) & (runs["lr"] == best), "selected"
-        ] = True
+        runs.loc[group.index[group["lr"] == by_lr.idxmax()], "selected"] = True
     return runs
 
 
@@ -334,6 +345,8 @@ class Results:
         runs = self.runs.set_index("run") if "run" in self.runs else self.runs
         m = self.metrics
         columns = {"normalizer": object, "lr": float, "seed": int, "status": object}
+        if "variant" in runs:
+            columns = {"normalizer": object, "variant": object, **columns}
         out = pd.DataFrame(
             {c: runs[c] if c in runs else pd.Series(dtype=t) for c, t in columns.items()}
         )

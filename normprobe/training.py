@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,6 +26,7 @@ __all__ = [
     "TrainOutcome",
     "minibatches",
     "label_minibatches",
+    "label_grouped_batches",
     "evaluate",
     "evaluate_batch_stats",
     "norm_batch_of",
@@ -107,6 +108,42 @@ def label_minibatches(
             parts.append(order[used[c] : used[c] + per_label])
             used[c] += per_label
         yield torch.cat(parts)
+
+
+def label_grouped_batches(
+    labels: torch.Tensor, labels_per_batch: int, per_label: int, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """Fixed non-i.i.d. index batches over a set, each example used at most once.
+
+    Each batch is ``labels_per_batch`` distinct labels x ``per_label``
+    examples each, grouped by label, as :func:`label_minibatches` draws them
+    for training. Every label's examples are shuffled and cut into chunks of
+    ``per_label`` (a shorter remainder is left out); batches are then built
+    greedily from the labels with the most chunks left (ties broken at
+    random), which uses every chunk whenever that is possible. Chunks of
+    fewer than ``labels_per_batch`` labels left at the end are left out.
+
+    >>> y = torch.arange(20) % 4                       # 4 labels x 5 examples
+    >>> batches = label_grouped_batches(y, 2, 2, torch.Generator().manual_seed(0))
+    >>> len(batches), [sorted(set(y[b].tolist())).__len__() for b in batches]
+    (4, [2, 2, 2, 2])
+    >>> len(torch.cat(batches).unique())               # 4 x 2 chunks of 2, none twice
+    16
+    """
+    chunks: list[list[torch.Tensor]] = []
+    for c in torch.unique(labels):
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        whole = len(members) // per_label * per_label
+        chunks.append(list(members[:whole].split(per_label)) if whole else [])
+    batches = []
+    while True:
+        tiebreak = torch.rand(len(chunks), generator=generator).tolist()
+        ranked = sorted(range(len(chunks)), key=lambda i: (-len(chunks[i]), tiebreak[i]))
+        chosen = [i for i in ranked[:labels_per_batch] if chunks[i]]
+        if len(chosen) < labels_per_batch:
+            return batches
+        batches.append(torch.cat([chunks[i].pop() for i in chosen]))
 
 
 def training_loss(
@@ -197,9 +234,18 @@ def _split(n: int, batch_size: int, multiple: int | None = None) -> list[tuple[i
 
 @torch.no_grad()
 def evaluate_batch_stats(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int | None = None,
+    batches: Sequence[torch.Tensor] | None = None,
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy without aggregated statistics (each batch's own).
+
+    ``batches``: index batches to evaluate instead of consecutive ones (e.g.
+    :func:`label_grouped_batches`); the means are then over the examples
+    they hold.
 
     The model runs in train mode under :func:`normprobe.state.frozen_statistics`,
     on consecutive batches of ``batch_size`` examples in the given order
@@ -217,8 +263,23 @@ def evaluate_batch_stats(
         for module in model.modules():
             if isinstance(module, nn.modules.dropout._DropoutNd):
                 module.eval()
-        total_loss, correct = _evaluated(model, x, y, batch_size, norm_batch_of(model))
-    return total_loss / len(x), correct / len(x)
+        if batches is None:
+            if batch_size is None:
+                raise ValueError("evaluate_batch_stats needs batch_size or batches")
+            total_loss, correct = _evaluated(model, x, y, batch_size, norm_batch_of(model))
+            count = len(x)
+        else:
+            device = next(model.parameters()).device
+            total_loss, correct, count = 0.0, 0, 0
+            for index in batches:
+                out = model(x[index].to(device))
+                yb = y[index].to(device)
+                total_loss += F.cross_entropy(out, yb, reduction="sum").item()
+                correct += int((out.argmax(dim=1) == yb).sum())
+                count += len(index)
+            if count == 0:
+                raise ValueError("evaluate_batch_stats got no examples in batches")
+    return total_loss / count, correct / count
 
 
 def make_optimizer(
@@ -264,6 +325,7 @@ def train(
     eval_batch_size: int = 512,
     eval_train_samples: int = 1024,
     batch_stats_size: int | None = None,
+    batch_stats_batches: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
     batches: Iterator[torch.Tensor] | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> TrainOutcome:
@@ -275,7 +337,10 @@ def train(
     whatever ``measure(step, model)`` returns. With ``batch_stats_size``,
     also ``train_loss_batchstats``, ``train_acc_batchstats``,
     ``test_loss_batchstats`` and ``test_acc_batchstats``
-    (:func:`evaluate_batch_stats` with batches of that size).
+    (:func:`evaluate_batch_stats` with batches of that size), or with
+    ``batch_stats_batches`` = (index batches into the first
+    ``eval_train_samples`` training examples, index batches into the test
+    set), the same four on those batches.
 
     ``batches`` yields the index batches to train on (e.g.
     :func:`label_minibatches`); default: :func:`minibatches` of
@@ -307,12 +372,13 @@ def train(
                 },
             )
         )
-        if batch_stats_size is not None:
+        if batch_stats_size is not None or batch_stats_batches is not None:
+            on_train, on_test = batch_stats_batches or (None, None)
             train_loss, train_acc = evaluate_batch_stats(
-                model, x_eval, y_eval, batch_size=batch_stats_size
+                model, x_eval, y_eval, batch_size=batch_stats_size, batches=on_train
             )
             test_loss, test_acc = evaluate_batch_stats(
-                model, *test_split, batch_size=batch_stats_size
+                model, *test_split, batch_size=batch_stats_size, batches=on_test
             )
             frames.append(
                 _rows(

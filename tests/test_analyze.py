@@ -447,3 +447,56 @@ def test_per_normalizer_options_with_microbatches_run_to_done(tmp_path: Path) ->
     assert norms and all((n.stat_fraction, n.norm_batch) == (0.25, 8) for n in norms)
     batch = build_run_model(cfg, "batch", 0, data.dataset)
     assert {getattr(m, "norm_batch", 0) for m in batch.modules()} >= {4}
+
+
+def test_variants_run_as_one_analysis_with_a_variant_column(tmp_path: Path) -> None:
+    config = {
+        **SMALL,
+        "normalizers": ["batch", "regnorm"],
+        "train": {**SMALL["train"], "lr": [0.01, 0.05]},
+        "probes": {
+            "representation": False,
+            "gradient_correlation": False,
+            "gradient_norms": False,
+            "batch_mean": True,
+            "schedule": [0, 12],
+        },
+        "hessian": {"enabled": False},
+        "variants": {
+            "labels": {
+                "train.sampler": {"kind": "labels", "labels_per_batch": 4, "per_label": 8},
+                "train.eval_batch_stats": {"enabled": True, "batches": "sampler"},
+            },
+            "bs16": {"train.batch_size": 16, "normalizers": ["batch"]},
+        },
+    }
+    results = analyze(config, out=tmp_path, quiet=True)
+    runs = results.runs.set_index("run")
+    assert sorted(runs.index) == sorted(
+        f"{n}_{v}_lr{lr}_seed0"
+        for n, v in [("batch", "labels"), ("regnorm", "labels"), ("batch", "bs16")]
+        for lr in ("0.01", "0.05")
+    )
+    assert set(runs["status"]) == {"done"}
+    # one selected learning rate per (normalizer, variant)
+    assert runs.groupby(["normalizer", "variant"])["selected"].sum().tolist() == [1, 1, 1]
+    m = results.metrics
+    assert m.columns[:5].tolist() == ["run", "normalizer", "variant", "lr", "seed"]
+    assert (m["run"].str.split("_").str[1] == m["variant"]).all()
+    # label-grouped evaluation only where asked for
+    stats = m[m["metric"] == "test_acc_batchstats"]
+    assert set(stats["variant"]) == {"labels"} and len(stats) == 8
+    assert results.manifest["config"]["variants"]["bs16"] == {
+        "train.batch_size": 16,
+        "normalizers": ["batch"],
+    }
+    assert results.summary().columns[:3].tolist() == ["normalizer", "variant", "lr"]
+    # batch_mean rows for the normalization layers (3 in an MLP of depth 3) at both steps
+    means = m[m["metric"] == "batch_mean_sq"]
+    assert len(means) == 6 * 3 * 2
+    batch = means[means["normalizer"] == "batch"]["value"]
+    assert batch.abs().max() < 1e-10  # Batch Norm centres every channel of its batch
+    assert means[means["normalizer"] == "regnorm"]["value"].min() > 1e-6
+    # resume: nothing left to do, the same tables come back
+    again = analyze(config, out=tmp_path, quiet=True)
+    pd.testing.assert_frame_equal(results.metrics, again.metrics, check_exact=True)

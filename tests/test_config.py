@@ -152,6 +152,30 @@ CLI_CASES = {
         "train.eval_batch_stats.batch_size",
         "use 8 or 12",
     ),
+    "a variant with an unknown key": (
+        BASE + "variants: {small: {train.batch_sise: 8}}\n",
+        "variants.small: train.batch_sise",
+        "did you mean 'batch_size'",
+    ),
+    "a variant that changes the output": (
+        BASE + "variants: {small: {output: elsewhere}}\n",
+        "variants.small.output",
+        "the same for every variant",
+    ),
+    "a variant the dataset cannot serve": (
+        BASE + "variants: {labels: {train.batch_size: 24, train.sampler: {kind: labels, "
+        "labels_per_batch: 12, per_label: 2}}}\n",
+        "variants.labels: train.sampler.labels_per_batch",
+        "use labels_per_batch <= 10",
+    ),
+    "sampler evaluation batches without a label sampler": (
+        BASE.replace(
+            "batch_size: 16}",
+            "batch_size: 16, eval_batch_stats: {enabled: true, batches: sampler}}",
+        ),
+        "train.eval_batch_stats.batches",
+        "set train.sampler to {kind: labels",
+    ),
     "malformed yaml": ("model: {name: mlp\nnormalizers: [batch\n", "line", "malformed YAML"),
 }
 
@@ -287,10 +311,65 @@ def test_per_normalizer_options_merge_and_the_old_key_still_works() -> None:
                 "normalizers": ["batch"],
             }
         )
-    # a config without norm_options hashes as before the key existed
+    # a config that leaves the newer keys at their defaults hashes as before they existed
     plain = parse_config({"normalizers": ["batch"]})
     data = plain.to_dict()
     data.pop("output", None)
     data["model"].pop("norm_options")
+    data.pop("variants")
+    data["probes"].pop("batch_mean")
+    data["train"]["eval_batch_stats"].pop("batches")
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     assert config_hash(plain) == hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_variants_change_settings_per_variant_and_name_runs() -> None:
+    from normprobe.analyze import plan_runs
+
+    cfg = parse_config(
+        {
+            "normalizers": ["batch", "balanced"],
+            "train": {"batch_size": 32},
+            "variants": {
+                "micro4": {"model.norm_options.default.norm_batch": 4},
+                "quarter": {
+                    "normalizers": ["balanced"],
+                    "model.norm_options.balanced": {"stat_fraction": 0.25},
+                },
+                "labels": {
+                    "train.sampler": {"kind": "labels", "labels_per_batch": 4, "per_label": 8},
+                    "train.eval_batch_stats": {"enabled": True, "batches": "sampler"},
+                },
+            },
+        }
+    )
+    configs = dict(cfg.variant_configs())
+    assert configs["micro4"].norm_options_for("batch") == {"norm_batch": 4}
+    assert configs["quarter"].normalizer_names() == ["balanced"]
+    assert configs["quarter"].norm_options_for("balanced") == {"stat_fraction": 0.25}
+    assert configs["labels"].train.sampler.per_label == 8
+    assert all(not c.variants for c in configs.values())
+    runs = [spec.run for spec in plan_runs(cfg)]
+    assert runs == [
+        "batch_micro4_lr0.1_seed0",
+        "balanced_micro4_lr0.1_seed0",
+        "balanced_quarter_lr0.1_seed0",
+        "batch_labels_lr0.1_seed0",
+        "balanced_labels_lr0.1_seed0",
+    ]
+    # the variants are part of the hash; without them the hash is the plain config's
+    assert config_hash(cfg) != config_hash(parse_config({**cfg.to_dict(), "variants": {}}))
+    plain = {k: v for k, v in cfg.to_dict().items() if k != "variants"}
+    assert config_hash(parse_config(plain)) == config_hash(parse_config({**plain, "variants": {}}))
+    # a variant value replaces the key it names, validated like the file
+    with pytest.raises(ConfigError, match=r"variants\.bad: train\.batch_size: 30 is not a "):
+        parse_config(
+            {
+                **cfg.to_dict(),
+                "variants": {
+                    "bad": {"train.batch_size": 30, "model.norm_options.default.norm_batch": 4}
+                },
+            }
+        )
+    with pytest.raises(ConfigError, match=r"variants\.a_b: a variant name"):
+        parse_config({"variants": {"a_b": {}}})

@@ -11,6 +11,7 @@ from normprobe.state import frozen_statistics
 from normprobe.training import (
     evaluate,
     evaluate_batch_stats,
+    label_grouped_batches,
     label_minibatches,
     make_optimizer,
     minibatches,
@@ -175,3 +176,44 @@ def test_microbatch_models_evaluate_every_example_in_whole_microbatches() -> Non
     assert acc == (out.argmax(1) == y).float().mean().item()
     # batch-train in eval mode is the same normalization as train mode with frozen statistics
     assert bs_loss == pytest.approx(loss, rel=1e-5) and bs_acc == acc
+
+
+@pytest.mark.parametrize(
+    ("sizes", "k", "n", "expected"),
+    [
+        ([36, 36, 35, 37, 9], 4, 8, 4),  # chunks 4,4,4,4,1: 17 chunks make 4 batches of 4
+        ([5, 5, 5], 2, 2, 3),  # chunks 2,2,2: all 6 used, never two of one label together
+        ([20, 2, 2], 2, 2, 2),  # label 0 has 10 chunks, but only 2 partners
+    ],
+)
+def test_grouped_eval_batches_are_label_grouped_and_use_each_example_once(
+    sizes, k, n, expected
+) -> None:
+    y = _labels(sizes)
+    batches = label_grouped_batches(y, k, n, torch.Generator().manual_seed(3))
+    used = torch.cat(batches)
+    assert len(used.unique()) == len(used)  # no example twice
+    for batch in batches:
+        counts = torch.bincount(y[batch])
+        assert len(batch) == k * n and sorted(counts[counts > 0].tolist()) == [n] * k
+    assert len(batches) == expected  # the most batches these chunks can make
+    again = label_grouped_batches(y, k, n, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+
+
+def test_batch_stats_evaluation_on_given_batches_equals_a_hand_computation() -> None:
+    model, x, y = _trained("batch")
+    before = _state(model)
+    batches = [torch.tensor([0, 5, 9, 11]), torch.tensor([2, 3, 50, 60, 70, 80])]
+    loss, acc = evaluate_batch_stats(model, x, y, batches=batches)
+    clone = build_model("mlp", "batch", seed=0, input_shape=(10,), num_classes=4, depth=3, width=32)
+    clone.load_state_dict(before)
+    with torch.no_grad(), frozen_statistics(clone):
+        clone.train()
+        out = torch.cat([clone(x[b]) for b in batches])
+    target = y[torch.cat(batches)]
+    assert loss == pytest.approx(F.cross_entropy(out, target).item(), rel=1e-6)
+    assert acc == int((out.argmax(1) == target).sum()) / len(target)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="batch_size or batches"):
+        evaluate_batch_stats(model, x, y)

@@ -5,6 +5,7 @@
 - :func:`gradient_correlation`: cosine of two minibatches' gradients per layer;
 - :func:`gradient_norms` and :func:`growth_rate`: gradient norm with depth and
   its per-layer growth towards the input;
+- :func:`batch_mean`: each normalization layer's batch mean, RegNorm's regularizer value;
 - :class:`Probe`: the context manager they are built on, for writing new probes.
 
 Each probe returns a tidy ``pandas.DataFrame`` (columns ``layer``, ``depth``,
@@ -25,6 +26,7 @@ the model exactly as found. This package never imports ``normprobe.norms`` or
 
 from __future__ import annotations
 
+from normprobe.probes.batchmean import batch_mean
 from normprobe.probes.capture import LayerCall, Layers, Mode, Probe, ProbeError, select_layers
 from normprobe.probes.gradients import (
     LossFn,
@@ -41,6 +43,7 @@ __all__ = [
     "gradient_norms",
     "gradient_statistics",
     "growth_rate",
+    "batch_mean",
     "Probe",
     "LayerCall",
     "select_layers",

@@ -12,6 +12,8 @@ from torch import nn
 import normprobe
 from normprobe.probes import (
     Probe,
+    ProbeError,
+    batch_mean,
     gradient_correlation,
     gradient_norms,
     representation_correlation,
@@ -61,7 +63,15 @@ def _probes(x: torch.Tensor, x_other: torch.Tensor, y: torch.Tensor) -> dict[str
             model(x)
             assert p.activations
 
+    def batch_means(model: nn.Module) -> None:
+        try:
+            batch_mean(model, x)
+            batch_mean(model, x, mode="eval")
+        except ProbeError as err:  # none, weight, scaled-weight: nothing to measure
+            assert "no normalization layers" in str(err)
+
     return {
+        "batch_mean": batch_means,
         "noise": lambda m: representation_correlation(m, x),
         "independent": lambda m: representation_correlation(
             m, x, pairing="independent", x_other=x_other
