@@ -3,6 +3,8 @@
 - :mod:`normprobe.plotting.style`: the fixed color and marker of every normalizer.
 - :mod:`normprobe.plotting.figures`: ``fig1a`` ... ``fig6b`` and the generic
   :func:`depth_profile`, :func:`through_training`, :func:`hessian_density_panels`.
+- :mod:`normprobe.plotting.experiments`: :func:`fig5` (batch size) and the
+  appendix studies :func:`fig_renorm`, :func:`fig_balnorm`, :func:`fig_regnorm_mean`.
 - :mod:`normprobe.plotting.gallery`: :func:`plot_results`, every figure a
   results directory supports, written to files (``normprobe plot``).
 
@@ -11,6 +13,7 @@
 True
 """
 
+from normprobe.plotting.experiments import fig5, fig_balnorm, fig_regnorm_mean, fig_renorm
 from normprobe.plotting.figures import (
     FigureSkipped,
     caption,
@@ -54,6 +57,10 @@ __all__ = [
     "fig4",
     "fig6a",
     "fig6b",
+    "fig5",
+    "fig_renorm",
+    "fig_balnorm",
+    "fig_regnorm_mean",
     # files
     "FIGURES",
     "PlotReport",

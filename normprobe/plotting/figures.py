@@ -199,7 +199,7 @@ def _legend(ax: Axes) -> None:
             line.remove()
 
 
-def caption(data: Data | None, extra: str = "") -> str:
+def caption(data: Data | None, extra: str = "", *, band: str = "min-max") -> str:
     """The run's key settings, for the line under a figure.
 
     >>> caption(None, "step 0")
@@ -222,8 +222,8 @@ def caption(data: Data | None, extra: str = "") -> str:
         else:
             parts.append(f"untrained, probe batch {data_cfg.get('probe_batch')}")
         seeds = len(train.get("seeds", []))
-        band = ": median, band min-max" if seeds > 1 else ""
-        parts.append(f"{seeds} seed{'s' if seeds != 1 else ''}{band}")
+        spread = f": median, band {band}" if seeds > 1 else ""
+        parts.append(f"{seeds} seed{'s' if seeds != 1 else ''}{spread}")
     if extra:
         parts.append(extra)
     return " · ".join(p for p in parts if p)

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from normprobe.plotting import experiments as E
 from normprobe.plotting import figures as F
 from normprobe.plotting.style import style_context
 from normprobe.results import Results
@@ -36,6 +37,7 @@ __all__ = ["FIGURES", "FigureSpec", "PlotReport", "model_variant", "figure_name"
 Variant = Literal["mlp", "wrn", "wrn-skip", "custom"]
 SUFFIX: dict[str, str] = {"mlp": "_mlp", "wrn": "", "wrn-skip": "_skip", "custom": "_custom"}
 FORMATS = ("png", "pdf", "svg")
+ALL = ("mlp", "wrn", "wrn-skip", "custom")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,30 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec("fig4", F.fig4, "Hessian spectral density at step 50, one panel per normalizer"),
     FigureSpec("fig6a", F.fig6a, "Hessian outlier ratio λ1/λK through training"),
     FigureSpec("fig6b", F.fig6b, "largest Hessian eigenvalue λ1 through training"),
+    FigureSpec(
+        "fig5",
+        E.fig5,
+        "final test accuracy against batch size, with and without aggregated statistics",
+        plain_for=ALL,
+    ),
+    FigureSpec(
+        "figA_renorm",
+        E.fig_renorm,
+        "BatchNorm vs Batch Renorm on microbatches and non-i.i.d. batches (002)",
+        plain_for=ALL,
+    ),
+    FigureSpec(
+        "figA_balnorm",
+        E.fig_balnorm,
+        "BalNorm vs BatchNorm and GroupNorm: loss and accuracy through training (000)",
+        plain_for=ALL,
+    ),
+    FigureSpec(
+        "figA_regnorm_mean",
+        E.fig_regnorm_mean,
+        "each layer's batch mean R_l through training, RegNorm vs LayerNorm (003 appendix)",
+        plain_for=ALL,
+    ),
 )
 
 

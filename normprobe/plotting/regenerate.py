@@ -38,6 +38,10 @@ GROUPS: tuple[Group, ...] = (
     Group("fig2_wrn_skip_init", ("fig2a_skip", "fig2b_skip")),
     Group("fig3_4_6_wrn_training", ("fig3a", "fig3b", "fig3c", "fig4", "fig6a", "fig6b")),
     Group("fig4_wrn_skip_training", ("fig4_skip",)),
+    Group("fig5_batch_size", ("fig5",)),
+    Group("renorm_small_noniid", ("figA_renorm",)),
+    Group("balnorm_convergence", ("figA_balnorm",)),
+    Group("regnorm_batch_mean", ("figA_regnorm_mean",)),
 )
 
 

@@ -1,0 +1,421 @@
+"""Figures of the training-time experiments: batch size (003 fig. 5) and the appendix studies.
+
+- :func:`fig5`: final test accuracy against the training batch size, with
+  aggregated statistics at test time (eval mode) and without them (each test
+  batch's own statistics), one panel per normalizer;
+- :func:`fig_renorm`: BatchNorm against Batch Renorm on i.i.d., microbatch
+  and non-i.i.d. minibatches (seed 002), test accuracy through training in
+  eval mode and in training mode;
+- :func:`fig_balnorm`: BalNorm against BatchNorm and GroupNorm (seed 000),
+  train and test loss and accuracy through training;
+- :func:`fig_regnorm_mean`: each layer's batch mean ``R_l`` through training
+  (003 appendix), RegNorm against LayerNorm.
+
+Each analysis is one config with ``variants`` (a ``variant`` column in the
+tables); lines are the median over seeds with the interquartile range as a
+band (000 sec. 6.5: the asymmetry of accuracy across seeds is the point), at
+the learning rate selected per normalizer and variant. Like every figure,
+these read stored tables only.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from normprobe.plotting.figures import (
+    FigureSkipped,
+    _config,
+    _log_y,
+    _rows,
+    _with_model,
+    caption,
+)
+from normprobe.plotting.style import color, label, marker, norm_order, style_context
+from normprobe.results import Results
+
+__all__ = ["fig5", "fig_renorm", "fig_balnorm", "fig_regnorm_mean", "variant_setting"]
+
+IQR = ("pi", 50)  # seaborn's percentile interval of width 50: the 25th to the 75th percentile
+
+
+def variant_setting(data: Results, variant: str | None, dotted: str) -> Any:
+    """The value of config key ``dotted`` (e.g. ``train.batch_size``) in a variant's runs.
+
+    Read from the stored config: the base value, replaced by the variant's own
+    setting of that key or of a section holding it.
+
+    >>> r = Results(".", pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), pd.DataFrame(),
+    ...     {"config": {"train": {"batch_size": 64}, "variants": {"bs8": {"train.batch_size": 8},
+    ...      "lab": {"train": {"batch_size": 32}}}}})
+    >>> [variant_setting(r, v, "train.batch_size") for v in (None, "bs8", "lab", "other")]
+    [64, 8, 32, 64]
+    """
+    config = copy.deepcopy(_config(data))
+    changes = (config.get("variants") or {}).get(variant, {}) if variant is not None else {}
+    for key, value in changes.items():
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _final(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each run's row at its last measured step."""
+    last = rows.groupby("run")["step"].transform("max")
+    return rows[rows["step"] == last]
+
+
+def _need_variants(rows: pd.DataFrame, what: str) -> None:
+    if "variant" not in rows or rows["variant"].isna().all():
+        raise FigureSkipped(f"{what} needs an analysis with variants (a 'variant' column)")
+
+
+def _figure_caption(fig: Figure, data: Results, extra: str) -> None:
+    fig.text(
+        0.01,
+        0.005,
+        caption(data, extra, band="interquartile range"),
+        fontsize=7,
+        color="#444444",
+        va="bottom",
+        wrap=True,
+    )
+
+
+def _panel_grid(count: int, cols: int, size: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    cols = min(cols, count)
+    rows = math.ceil(count / cols)
+    fig = plt.figure(figsize=(size[0] * cols + 1.6, size[1] * rows + 0.9))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _line(ax: Axes, rows: pd.DataFrame, x: str, **style: Any) -> None:
+    """One median line with an interquartile band over seeds."""
+    sns.lineplot(
+        data=rows,
+        x=x,
+        y="value",
+        estimator="median",
+        errorbar=IQR,
+        err_kws={"alpha": 0.15, "linewidth": 0},
+        markersize=4,
+        markeredgewidth=0.6,
+        ax=ax,
+        **style,
+    )
+
+
+# --------------------------------------------------------------------------- figure 5
+
+
+def fig5(data: Results, fig: Figure | None = None) -> Figure:
+    """5: final test accuracy against training batch size, with and without aggregated stats.
+
+    One panel per normalizer; solid: eval mode (running statistics, "aggregated");
+    dashed: each test batch normalized with its own statistics, test batches
+    as large as the training batches (``train.eval_batch_stats``). The batch
+    size of each variant is read from the stored config.
+    """
+    agg = _final(_rows(data, "test_acc"))
+    own = _final(_rows(data, "test_acc_batchstats"))
+    _need_variants(agg, "figure 5")
+    sizes = {v: variant_setting(data, v, "train.batch_size") for v in agg["variant"].unique()}
+    if any(s is None for s in sizes.values()):
+        raise FigureSkipped("figure 5 could not read each variant's train.batch_size")
+    if len(set(sizes.values())) < 2:
+        raise FigureSkipped("figure 5 needs variants with at least two training batch sizes")
+    frames = []
+    for rows, how in ((agg, "aggregated"), (own, "batch")):
+        rows = rows.copy()
+        rows["batch_size"] = rows["variant"].map(sizes)
+        rows["evaluation"] = how
+        frames.append(rows)
+    rows = pd.concat(frames, ignore_index=True)
+    order = norm_order(rows["normalizer"].unique())
+    with style_context():
+        if fig is None:
+            fig, axes = _panel_grid(len(order), 4, (2.5, 2.1))
+        else:
+            axes = np.atleast_2d(fig.subplots(math.ceil(len(order) / 4), min(4, len(order))))
+        ticks = sorted(set(sizes.values()))
+        low = rows["value"].min()
+        for ax, norm in zip(axes.flat, order):
+            mine = rows[rows["normalizer"] == norm]
+            for how, dashes in (("aggregated", ""), ("batch", (4, 2))):
+                part = mine[mine["evaluation"] == how]
+                if len(part):
+                    _line(
+                        ax,
+                        part,
+                        "batch_size",
+                        color=color(norm),
+                        marker=marker(norm),
+                        dashes=dashes,
+                        linestyle="-" if how == "aggregated" else "--",
+                    )
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+            ax.minorticks_off()
+            ax.set_ylim(max(0.0, low - 0.02), 1.0)
+            ax.set_title(label(norm), loc="left", fontsize=9, color=color(norm))
+            ax.set_xlabel("training batch size")
+            ax.set_ylabel("final test accuracy")
+        handles = [
+            Line2D([], [], color="#333333", ls="-", label="aggregated statistics (eval mode)"),
+            Line2D([], [], color="#333333", ls="--", label="test batch's own statistics"),
+        ]
+        fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
+        fig.suptitle(
+            _with_model("5  Test accuracy against batch size", data), x=0.01, ha="left"
+        )
+        fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+        steps = agg["step"].max()
+        _figure_caption(
+            fig,
+            data,
+            f"accuracy after {steps} steps · test batches as large as the training batches "
+            "for the dashed lines",
+        )
+    return fig
+
+
+# --------------------------------------------------------------------------- seed 002
+
+
+def _variant_text(data: Results, variant: str) -> str:
+    sampler = variant_setting(data, variant, "train.sampler") or {}
+    norm_options = variant_setting(data, variant, "model.norm_options") or {}
+    micro = {o.get("norm_batch") for o in norm_options.values() if isinstance(o, dict)} - {None}
+    batch = variant_setting(data, variant, "train.batch_size")
+    if isinstance(sampler, dict) and sampler.get("kind") == "labels":
+        return (
+            f"{variant}: non-i.i.d., {sampler['labels_per_batch']} labels x "
+            f"{sampler['per_label']} per batch"
+        )
+    if micro:
+        return f"{variant}: batches of {batch} normalized in microbatches of {min(micro)}"
+    return f"{variant}: i.i.d. batches of {batch}"
+
+
+def fig_renorm(data: Results, fig: Figure | None = None) -> Figure:
+    """002: test accuracy through training, BatchNorm vs Batch Renorm, one panel per variant.
+
+    Solid: eval mode (moving averages); dashed: "training mode", each test
+    batch normalized with its own statistics (for a non-i.i.d. variant with
+    ``batches: sampler``, test batches drawn like the training batches).
+    """
+    agg = _rows(data, "test_acc")
+    _need_variants(agg, "the Batch Renorm figure")
+    if "batch-renorm" not in set(agg["normalizer"]):
+        raise FigureSkipped("the Batch Renorm figure needs runs of batch-renorm")
+    try:
+        own = _rows(data, "test_acc_batchstats")
+    except FigureSkipped:
+        own = agg.iloc[0:0]
+    variants = list(dict.fromkeys(agg["variant"]))
+    order = norm_order(agg["normalizer"].unique())
+    with style_context():
+        if fig is None:
+            fig, axes = _panel_grid(len(variants), 3, (3.2, 2.6))
+        else:
+            axes = np.atleast_2d(fig.subplots(1, len(variants)))
+        for ax, variant in zip(axes.flat, variants):
+            for norm in order:
+                for rows, ls in ((agg, "-"), (own, "--")):
+                    part = rows[(rows["variant"] == variant) & (rows["normalizer"] == norm)]
+                    if len(part):
+                        _line(ax, part, "step", color=color(norm), linestyle=ls)
+            ax.set_title(_variant_text(data, variant), loc="left", fontsize=8)
+            ax.set_xlabel("training step")
+            ax.set_ylabel("test accuracy")
+            ax.set_ylim(max(0.0, min(agg["value"].quantile(0.05), 0.9) - 0.05), 1.0)
+        handles = [Line2D([], [], color=color(n), label=label(n)) for n in order] + [
+            Line2D([], [], color="#333333", ls="-", label="eval mode (moving averages)"),
+            Line2D([], [], color="#333333", ls="--", label="training mode (batch statistics)"),
+        ]
+        fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
+        fig.suptitle(
+            _with_model("Batch Renorm vs BatchNorm (seed 002)", data), x=0.01, ha="left"
+        )
+        fig.tight_layout(rect=(0, 0.06, 1, 0.9))
+        _figure_caption(fig, data, "")
+    return fig
+
+
+# --------------------------------------------------------------------------- seed 000
+
+
+def _line_key(data: Results, norm: str, variant: Any) -> str:
+    """``BalNorm`` or ``BalNorm, quarter-batch statistics`` from the variant's options."""
+    if variant is None or (isinstance(variant, float) and math.isnan(variant)):
+        return label(norm)
+    options = variant_setting(data, variant, "model.norm_options") or {}
+    mine = {**(options.get("default") or {}), **(options.get(norm) or {})}
+    fraction = mine.get("stat_fraction")
+    if fraction is not None and fraction != 1:
+        share = {0.25: "quarter", 0.5: "half"}.get(fraction, f"{fraction:g}")
+        return f"{label(norm)}, {share}-batch statistics"
+    return label(norm)
+
+
+def fig_balnorm(data: Results, fig: Figure | None = None, *, panels: Sequence[str] = ()) -> Figure:
+    """000: train and test loss and accuracy through training, one line per normalizer setting.
+
+    Runs that differ only in their variant and give the same line (e.g. a
+    BatchNorm run in every variant) are drawn once, from the first variant.
+    """
+    metrics = list(panels) or ["train_loss", "test_loss", "train_acc", "test_acc"]
+    if "balanced" not in set(_rows(data, metrics[0])["normalizer"]):
+        raise FigureSkipped("the BalNorm figure needs runs of the balanced normalizer")
+    frames = []
+    for metric in metrics:
+        rows = _rows(data, metric).copy()
+        if "variant" in rows:
+            first = rows.groupby("normalizer")["variant"].transform("first")
+            keys = {
+                (n, v): _line_key(data, n, v)
+                for n, v in rows[["normalizer", "variant"]].drop_duplicates().itertuples(False)
+            }
+            rows["line"] = [keys[(n, v)] for n, v in zip(rows["normalizer"], rows["variant"])]
+            # one line per distinct setting: drop a variant that repeats the first one's line
+            repeat = (rows["variant"] != first) & (
+                rows["line"] == [keys[(n, f)] for n, f in zip(rows["normalizer"], first)]
+            )
+            rows = rows[~repeat]
+        else:
+            rows["line"] = rows["normalizer"].map(label)
+        frames.append(rows)
+    rows = pd.concat(frames, ignore_index=True)
+    rank = {n: i for i, n in enumerate(norm_order(rows["normalizer"].unique()))}
+    declared = list(_config(data).get("variants") or {})
+    place = {v: i for i, v in enumerate(declared)}
+    keyed = rows[["normalizer", "line"]].assign(
+        variant=rows["variant"] if "variant" in rows else None
+    ).drop_duplicates()
+    keyed["order"] = [
+        (rank[n], place.get(v, len(place))) for n, v in zip(keyed["normalizer"], keyed["variant"])
+    ]
+    lines = list(dict.fromkeys(keyed.sort_values("order")["line"]))
+    norm_of = dict(zip(rows["line"], rows["normalizer"]))
+    titles = {
+        "train_loss": "training loss",
+        "test_loss": "test loss",
+        "train_acc": "training accuracy",
+        "test_acc": "test accuracy",
+    }
+    with style_context():
+        if fig is None:
+            fig, axes = _panel_grid(len(metrics), 2, (3.3, 2.4))
+        else:
+            axes = np.atleast_2d(fig.subplots(math.ceil(len(metrics) / 2), 2))
+        for ax, metric in zip(axes.flat, metrics):
+            part = rows[rows["metric"] == metric]
+            for line in lines:
+                mine = part[part["line"] == line]
+                if len(mine):
+                    dashed = line != label(norm_of[line])
+                    _line(
+                        ax,
+                        mine,
+                        "step",
+                        color=color(norm_of[line]),
+                        marker=marker(norm_of[line]),
+                        linestyle="--" if dashed else "-",
+                    )
+            ax.set_xscale("symlog", linthresh=100)
+            ax.set_xlabel("training step (linear to 100, log after)")
+            ax.set_ylabel(titles.get(metric, metric))
+            if metric.endswith("loss"):
+                _log_y(ax)
+        handles = [
+            Line2D(
+                [],
+                [],
+                color=color(norm_of[line]),
+                marker=marker(norm_of[line]),
+                ls="--" if line != label(norm_of[line]) else "-",
+                label=line,
+            )
+            for line in lines
+        ]
+        fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
+        fig.suptitle(_with_model("BalNorm vs BatchNorm (seed 000)", data), x=0.01, ha="left")
+        fig.tight_layout(rect=(0, 0.05, 1, 0.9))
+        _figure_caption(fig, data, "")
+    return fig
+
+
+# --------------------------------------------------------------------------- RegNorm batch mean
+
+
+def fig_regnorm_mean(data: Results, fig: Figure | None = None) -> Figure:
+    """003 appendix: each normalization layer's batch mean ``R_l`` through training (log scale).
+
+    One panel per normalizer, one line per layer (darker: deeper), median over
+    seeds with the interquartile band. RegNorm's loss term drives ``R_l`` to zero.
+    """
+    rows = _rows(data, "batch_mean_sq")
+    rows = rows[rows["value"] > 0]
+    if rows.empty or rows["step"].nunique() < 2:
+        raise FigureSkipped("batch_mean_sq was measured at one step only")
+    order = norm_order(rows["normalizer"].unique())
+    depths = sorted(rows["depth"].dropna().unique())
+    shades = sns.color_palette("viridis_r", n_colors=len(depths))
+    lo, hi = rows["value"].min(), rows["value"].max()
+    with style_context():
+        if fig is None:
+            fig, axes = _panel_grid(len(order), 4, (2.6, 2.3))
+        else:
+            axes = np.atleast_2d(fig.subplots(1, len(order)))
+        for ax, norm in zip(axes.flat, order):
+            mine = rows[rows["normalizer"] == norm]
+            for shade, depth in zip(shades, depths):
+                part = mine[mine["depth"] == depth]
+                if len(part):
+                    _line(ax, part, "step", color=shade)
+            ax.set_yscale("log")
+            ax.set_ylim(lo / 2, hi * 2)
+            _log_y(ax)
+            ax.set_title(label(norm), loc="left", fontsize=9, color=color(norm))
+            ax.set_xlabel("training step")
+            ax.set_ylabel("R_l = mean_c (mean_B u)²")
+        handles = [
+            Line2D([], [], color=shades[0], label=f"layer {int(depths[0])} (first)"),
+            Line2D([], [], color=shades[-1], label=f"layer {int(depths[-1])} (last)"),
+        ]
+        fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
+        fig.suptitle(
+            _with_model("Batch mean of each normalized layer (003 appendix)", data),
+            x=0.01,
+            ha="left",
+        )
+        fig.tight_layout(rect=(0, 0.06, 1, 0.92))
+        lam = _config(data).get("train", {}).get("regnorm_lambda")
+        _figure_caption(
+            fig,
+            data,
+            f"RegNorm/PreRegNorm loss term λ = {lam} · probe batch of "
+            f"{_config(data).get('data', {}).get('probe_batch')} training examples, train mode",
+        )
+    return fig
