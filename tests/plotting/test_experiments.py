@@ -64,7 +64,7 @@ def _batch_size_results() -> Results:
     sizes = {"bs8": 8, "bs64": None, "bs512": 512}
     rows = []
     for norm, gap in (("batch", 0.3), ("layer", 0.0)):
-        for variant, size in sizes.items():
+        for variant in sizes:
             for seed in SEEDS:
                 acc = 0.9 + SEED_OFFSET[seed] * 0.1
                 small = 1.0 if variant == "bs8" else 0.0
