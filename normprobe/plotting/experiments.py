@@ -89,10 +89,15 @@ def _need_variants(rows: pd.DataFrame, what: str) -> None:
 
 
 def _figure_caption(fig: Figure, data: Results, extra: str) -> None:
+    text = caption(data, extra, band="interquartile range")
+    variants = _config(data).get("variants") or {}
+    base = variant_setting(data, None, "train.batch_size")
+    if any(variant_setting(data, v, "train.batch_size") != base for v in variants):
+        text = text.replace(f", batch {base},", ", batch per variant,")
     fig.text(
         0.01,
         0.005,
-        caption(data, extra, band="interquartile range"),
+        text,
         fontsize=7,
         color="#444444",
         va="bottom",
@@ -159,9 +164,9 @@ def fig5(data: Results, fig: Figure | None = None) -> Figure:
         else:
             axes = np.atleast_2d(fig.subplots(math.ceil(len(order) / 4), min(4, len(order))))
         ticks = sorted(set(sizes.values()))
-        low = rows["value"].min()
         for ax, norm in zip(axes.flat, order):
             mine = rows[rows["normalizer"] == norm]
+            low = mine["value"].min()
             for how, dashes in (("aggregated", ""), ("batch", (4, 2))):
                 part = mine[mine["evaluation"] == how]
                 if len(part):
@@ -177,7 +182,7 @@ def fig5(data: Results, fig: Figure | None = None) -> Figure:
             ax.set_xscale("log", base=2)
             ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
             ax.minorticks_off()
-            ax.set_ylim(max(0.0, low - 0.02), 1.0)
+            ax.set_ylim(max(0.0, low - 0.02), 1.0 + 0.1 * (1.0 - low) / 4)
             ax.set_title(label(norm), loc="left", fontsize=9, color=color(norm))
             ax.set_xlabel("training batch size")
             ax.set_ylabel("final test accuracy")
@@ -195,7 +200,7 @@ def fig5(data: Results, fig: Figure | None = None) -> Figure:
             fig,
             data,
             f"accuracy after {steps} steps · test batches as large as the training batches "
-            "for the dashed lines",
+            "for the dashed lines · y axes differ per panel",
         )
     return fig
 
@@ -245,12 +250,22 @@ def fig_renorm(data: Results, fig: Figure | None = None) -> Figure:
                 for rows, ls in ((agg, "-"), (own, "--")):
                     part = rows[(rows["variant"] == variant) & (rows["normalizer"] == norm)]
                     if len(part):
-                        _line(ax, part, "step", color=color(norm), linestyle=ls)
+                        _line(
+                            ax,
+                            part,
+                            "step",
+                            color=color(norm),
+                            linestyle=ls,
+                            marker=marker(norm),
+                            markevery=3,
+                        )
             ax.set_title(_variant_text(data, variant), loc="left", fontsize=8)
             ax.set_xlabel("training step")
             ax.set_ylabel("test accuracy")
             ax.set_ylim(max(0.0, min(agg["value"].quantile(0.05), 0.9) - 0.05), 1.0)
-        handles = [Line2D([], [], color=color(n), label=label(n)) for n in order] + [
+        handles = [
+            Line2D([], [], color=color(n), marker=marker(n), label=label(n)) for n in order
+        ] + [
             Line2D([], [], color="#333333", ls="-", label="eval mode (moving averages)"),
             Line2D([], [], color="#333333", ls="--", label="training mode (batch statistics)"),
         ]
