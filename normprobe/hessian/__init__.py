@@ -9,6 +9,13 @@
 - The math, free of models: :func:`lanczos`, :func:`gauss_quadrature`,
   :func:`stochastic_lanczos_quadrature`, :func:`hutchinson`,
   :func:`extreme_eigenpairs`, :func:`gaussian_density`, :func:`blas_threads`.
+- Several processes (:mod:`normprobe.hessian.distributed`): when
+  ``torch.distributed`` is initialized (``torchrun``) with more than one
+  rank, each rank's ``data`` is its shard of the probe set; products,
+  gradient and loss are summed over the ranks by one all-reduce, weighted by
+  sample count, and every rank returns the same result (``distributed=False``
+  opts out). ``norm_mode="train"`` then means each rank's own chunks' batch
+  statistics, as data-parallel training without ``SyncBatchNorm``.
 
 This package works on any ``torch.nn.Module`` and never imports
 ``normprobe.norms`` or ``normprobe.models``.

@@ -6,7 +6,10 @@ of ``n`` samples taken in chunks; with chunk sizes ``n_c``,
 mean over the chunk) on chunk ``c``. :class:`HessianOperator` applies it to
 vectors, optionally restricted to a subset of the parameters (one layer, one
 block: the others are held fixed) and exposes it as a
-``scipy.sparse.linalg.LinearOperator``.
+``scipy.sparse.linalg.LinearOperator``. Under ``torch.distributed`` the
+chunks may be spread over ranks, ``n`` counting every rank's samples, and
+each product is summed over the ranks by one all-reduce
+(:mod:`normprobe.hessian.distributed`).
 
 How (measured on this machine, 2 cores, float32, 512 samples in 4 chunks of
 128, HVP time / gradient time, best of 7 with one torch thread):
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -63,6 +67,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from normprobe.hessian.distributed import (
+    ShardGroup,
+    bits_checksum,
+    mantissa_bits,
+    position_weights,
+    shard_group,
+)
 from normprobe.hessian.lanczos import HessianError
 from normprobe.state import frozen_statistics, preserved
 
@@ -174,13 +185,16 @@ def _as_batch(obj: Any) -> Batch:
     return obj.x, obj.y
 
 
-def split_chunks(data: Data, chunk_size: int = 128) -> list[Batch]:
+def split_chunks(data: Data, chunk_size: int = 128, *, allow_empty: bool = False) -> list[Batch]:
     """The probe set as a list of ``(x, y)`` chunks.
 
     A single ``(x, y)`` (or a ``normprobe.data.Split``) is cut into
     ``ceil(n / chunk_size)`` chunks of nearly equal size (never a chunk of 1
     that a batch-statistic normalizer could not take); an iterable of
     ``(x, y)`` pairs is taken as the chunks, unchanged, read once.
+    ``allow_empty`` returns no chunks for an ``(x, y)`` of zero rows or an
+    empty iterable (a rank with no share of a sharded probe set) instead of
+    raising.
 
     >>> x, y = torch.zeros(10, 2), torch.zeros(10)
     >>> [len(c[0]) for c in split_chunks((x, y), chunk_size=4)]
@@ -190,6 +204,8 @@ def split_chunks(data: Data, chunk_size: int = 128) -> list[Batch]:
         raise HessianError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if _is_batch(data):
         x, y = _as_batch(data)
+        if allow_empty and x.dim() > 0 and len(x) == 0 and y.dim() > 0 and len(y) == 0:
+            return []
         _check_pair(x, y, "data")
         num = math.ceil(len(x) / chunk_size)
         return list(zip(torch.tensor_split(x, num), torch.tensor_split(y, num)))
@@ -210,7 +226,7 @@ def split_chunks(data: Data, chunk_size: int = 128) -> list[Batch]:
         x, y = _as_batch(item)
         _check_pair(x, y, f"data chunk {i}")
         chunks.append((x, y))
-    if not chunks:
+    if not chunks and not allow_empty:
         raise HessianError("data has no chunks; pass at least one (x, y) pair")
     return chunks
 
@@ -317,6 +333,18 @@ class HessianOperator:
     the model's dtype on its device. Use as a context manager (or call
     :meth:`release`) to free the cached graphs early.
 
+    Several processes: when ``torch.distributed`` is initialized and the
+    group (``process_group``, default the default group) has more than one
+    rank, ``data`` is this rank's shard of the probe set
+    (:mod:`normprobe.hessian.distributed`): ``n`` is the sum over the ranks,
+    every product, gradient and loss is summed over the ranks by one
+    all-reduce (on the model's device), and all ranks get the same numbers.
+    These methods are then collectives: call them on every rank, in the
+    same order. A rank may hold no data (``x`` of zero rows). ``norm_mode="train"``
+    uses each rank's own chunks' batch statistics, as data-parallel training
+    without ``SyncBatchNorm``. ``distributed=False`` uses this rank's data
+    alone; ``True`` requires an initialized group.
+
     >>> torch.manual_seed(0) and None
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     >>> data = torch.randn(32, 3), torch.randint(0, 2, (32,))
@@ -337,7 +365,49 @@ class HessianOperator:
         chunk_size: int = 128,
         weight_scaled: bool = False,
         graph_memory: int = 2 * 2**30,
+        distributed: bool | None = None,
+        process_group: Any = None,
     ) -> None:
+        #: the ranks sharing the probe set, or None for one process
+        self.shards: ShardGroup | None = shard_group(distributed, process_group)
+        try:
+            self._set_up(model, loss_fn, data, params, norm_mode, chunk_size, weight_scaled)
+        except Exception as err:
+            if self.shards is None:
+                raise
+            self._agree(err)  # every rank raises, not only this one: no rank is left waiting
+        self.graph_memory = int(graph_memory)
+        if self.shards is None:
+            self.num_samples = self.local_samples
+            self.rank_samples: tuple[int, ...] = (self.local_samples,)
+            self._num_chunks = self.local_chunks
+        else:
+            self._agree(None)
+        #: chunk weights ``n_c / n`` with ``n`` over every rank: summing the ranks' products gives ``H``
+        self.chunk_weights = [len(x) / self.num_samples for x, _ in self.chunks]
+        self.matvecs = 0
+        self.num_outputs: int | None = None
+        self.graph_bytes = 0
+        self._graphs: list[_Graph | None] | None = None
+        self._gradient: torch.Tensor | None = None
+        self._loss: float | None = None
+        self._versions: tuple[int, ...] | None = None
+        self._leaves: list[torch.Tensor] = []
+        self._tracked: list[torch.Tensor] = []
+        self._params_check = 0
+        self._vector_weights: torch.Tensor | None = None
+
+    def _set_up(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Data,
+        params: ParamSelection,
+        norm_mode: NormMode,
+        chunk_size: int,
+        weight_scaled: bool,
+    ) -> None:
+        """Everything the construction checks and computes from this rank's arguments alone."""
         if norm_mode not in NORM_MODES:
             raise HessianError(
                 f"norm_mode must be one of {', '.join(NORM_MODES)}, got {norm_mode!r}; 'train' "
@@ -357,29 +427,83 @@ class HessianOperator:
         self.device, self.dtype = first.device, first.dtype
         if not self.dtype.is_floating_point:
             raise HessianError(f"parameters must be floating point, got {self.dtype}")
-        self.chunks = [self._to_model(x, y) for x, y in split_chunks(data, chunk_size)]
-        self.num_samples = int(sum(len(x) for x, _ in self.chunks))
-        self.chunk_weights = [len(x) / self.num_samples for x, _ in self.chunks]
+        chunks = split_chunks(data, chunk_size, allow_empty=self.shards is not None)
+        self.chunks = [self._to_model(x, y) for x, y in chunks]
+        #: this rank's sample count (all of them in one process)
+        self.local_samples = int(sum(len(x) for x, _ in self.chunks))
         self.chunk_size = chunk_size
-        self.graph_memory = int(graph_memory)
         self.weight_scaled = weight_scaled
         self.scales = self._weight_scales() if weight_scaled else None
         self._weight_norm = _uses_weight_norm(model)
-        self.matvecs = 0
-        self.num_outputs: int | None = None
-        self.graph_bytes = 0
-        self._graphs: list[_Graph | None] | None = None
-        self._gradient: torch.Tensor | None = None
-        self._loss: float | None = None
-        self._versions: tuple[int, ...] | None = None
-        self._leaves: list[torch.Tensor] = []
-        self._tracked: list[torch.Tensor] = []
+
+    def _agree(self, failure: Exception | None) -> None:
+        """The ranks compare their setup in one all-reduce; all raise together, or none does.
+
+        Each rank contributes: whether its arguments were refused, its sample
+        and chunk counts, the Hessian's dimension, and checksums of the
+        model's parameters and buffers. Sets the totals over the ranks.
+        """
+        assert self.shards is not None
+        ok = failure is None
+        row = [
+            int(not ok),
+            self.local_samples if ok else 0,
+            self.local_chunks if ok else 0,
+            self.dim if ok else 0,
+            bits_checksum(list(self.model.parameters())) if ok else 0,
+            bits_checksum(list(self.model.buffers())) if ok else 0,
+        ]
+        table = self.shards.gather_ints(row, getattr(self, "device", None))
+        if failure is not None:
+            raise failure
+        failed = [r for r, t in enumerate(table) if t[0]]
+        if failed:
+            raise HessianError(
+                f"rank(s) {', '.join(map(str, failed))} could not set up the Hessian (the reason "
+                f"is raised there); every rank stops"
+            )
+        samples, chunks, dims, params, buffers = (list(col) for col in list(zip(*table))[1:])
+        if len(set(dims)) > 1:
+            raise HessianError(
+                f"the ranks take the Hessian over different numbers of parameters ({dims} by "
+                f"rank); every rank must pass the same model and params=..."
+            )
+        if len(set(params)) > 1:
+            odd = [r for r, c in enumerate(params) if c != params[0]]
+            raise HessianError(
+                f"the model's parameters on rank(s) {', '.join(map(str, odd))} differ from rank "
+                f"0's; the ranks share one model (broadcast the parameters from rank 0, as "
+                f"DistributedDataParallel does when it wraps the model)"
+            )
+        if len(set(buffers)) > 1 and self.norm_mode == "eval":
+            warnings.warn(
+                "the model's buffers (running statistics) differ between the ranks, so with "
+                "norm_mode='eval' each rank's shard uses its own; for one set, broadcast them "
+                "from rank 0 first (for b in model.buffers(): torch.distributed.broadcast(b, 0))",
+                stacklevel=3,
+            )
+        self.num_samples = int(sum(samples))
+        self.rank_samples = tuple(samples)
+        self._num_chunks = int(sum(chunks))
+        if self.num_samples == 0:
+            raise HessianError("no rank has any sample; pass each rank its shard of the probe set")
 
     # -- public ----------------------------------------------------------------------------
 
     @property
     def num_chunks(self) -> int:
+        """The number of chunks, over every rank."""
+        return self._num_chunks
+
+    @property
+    def local_chunks(self) -> int:
+        """This rank's number of chunks (all of them in one process)."""
         return len(self.chunks)
+
+    @property
+    def world_size(self) -> int:
+        """How many ranks share the probe set (1 in one process)."""
+        return 1 if self.shards is None else self.shards.size
 
     @property
     def cached_chunks(self) -> int:
@@ -391,20 +515,18 @@ class HessianOperator:
         if not isinstance(v, torch.Tensor) or v.shape != (self.dim,):
             shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise HessianError(f"matvec needs a vector of shape ({self.dim},), got {shape}")
-        self._ensure_graphs()
-        u = v.to(device=self.device, dtype=self.dtype)
-        if self.scales is not None:
-            u = u * self.scales
-        parts = [t.view(s) for t, s in zip(torch.split(u, self.numels), self.shapes)]
-        graphs = self._graphs or []
-        # one backward pass through all cached graphs (they share the leaves): sum_c H_c v
-        total = self._second_backward([g for g in graphs if g is not None], parts, keep=True)
-        for chunk, weight, graph in zip(self.chunks, self.chunk_weights, graphs):
-            if graph is None:
-                with self._guard():
-                    graph = self._build(chunk, weight, measure=False)
-                total += self._second_backward([graph], parts, keep=False)
-                del graph
+        failure = None
+        try:
+            total, checks = self._local_matvec(v)
+        except Exception as err:
+            if self.shards is None:
+                raise
+            # the other ranks wait in the all-reduce: join it, and all raise together
+            total, checks, failure = self._zeros(), [0, 0], err
+        if self.shards is not None:  # sum_c (n_c / n) H_c v over every rank's chunks
+            total, _ = self.shards.reduce_with_checks(
+                total, checks, ("vectors", "parameters"), failure=failure
+            )
         if self.scales is not None:
             total *= self.scales
         self.matvecs += 1
@@ -418,13 +540,11 @@ class HessianOperator:
 
     def gradient(self) -> torch.Tensor:
         """The gradient of the mean loss (flat, model dtype), a by-product of the first product."""
-        self._ensure_graphs()
-        return self._gradient.clone()  # type: ignore[union-attr]
+        return self._first_order()[0]
 
     def loss(self) -> float:
         """The mean loss over the probe set."""
-        self._ensure_graphs()
-        return float(self._loss)  # type: ignore[arg-type]
+        return self._first_order()[1]
 
     def as_linear_operator(self, dtype: Any = np.float64) -> scipy.sparse.linalg.LinearOperator:
         """This operator as a ``scipy.sparse.linalg.LinearOperator`` (symmetric: rmatvec = matvec).
@@ -444,6 +564,7 @@ class HessianOperator:
 
     def release(self) -> None:
         """Free the cached graphs (they are rebuilt on the next product)."""
+        self._vector_weights = None
         self._graphs = None
         self._gradient = None
         self._leaves = []
@@ -456,12 +577,66 @@ class HessianOperator:
         self.release()
 
     def __repr__(self) -> str:
+        ranks = "" if self.shards is None else f", ranks={self.shards.size}"
         return (
             f"HessianOperator(dim={self.dim}, samples={self.num_samples}, "
-            f"chunks={self.num_chunks}, norm_mode={self.norm_mode!r}, dtype={self.dtype})"
+            f"chunks={self.num_chunks}{ranks}, norm_mode={self.norm_mode!r}, dtype={self.dtype})"
         )
 
     # -- internals -------------------------------------------------------------------------
+
+    def _local_matvec(self, v: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """This rank's ``sum_c (n_c / n) H_c (D v)``, and the checksums the ranks compare."""
+        self._ensure_graphs()
+        u = v.to(device=self.device, dtype=self.dtype)
+        checks = []
+        if self.shards is not None:
+            if self._vector_weights is None:  # 16 bytes per parameter, kept: hashing is slower
+                self._vector_weights = position_weights(self.dim, device=self.device)
+            vector = bits_checksum([u], mantissa_bits(self.dtype), weights=self._vector_weights)
+            checks = [vector, self._params_check]
+        if self.scales is not None:
+            u = u * self.scales
+        parts = [t.view(s) for t, s in zip(torch.split(u, self.numels), self.shapes)]
+        graphs = self._graphs or []
+        # one backward pass through all cached graphs (they share the leaves): sum_c H_c v
+        total = self._second_backward([g for g in graphs if g is not None], parts, keep=True)
+        for chunk, weight, graph in zip(self.chunks, self.chunk_weights, graphs):
+            if graph is None:
+                with self._guard():
+                    graph = self._build(chunk, weight, measure=False)
+                total += self._second_backward([graph], parts, keep=False)
+                del graph
+        return total, checks
+
+    def _zeros(self) -> torch.Tensor:
+        return torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+
+    def _first_order(self) -> tuple[torch.Tensor, float]:
+        """The gradient and the loss, summed over the ranks (one all-reduce, in float64)."""
+        failure = None
+        try:
+            self._ensure_graphs()
+            gradient = self._gradient.clone()  # type: ignore[union-attr]
+            loss = float(self._loss)  # type: ignore[arg-type]
+        except Exception as err:
+            if self.shards is None:
+                raise
+            gradient, loss, failure = self._zeros(), 0.0, err  # join the all-reduce, then raise
+        if self.shards is None:
+            return gradient, loss
+        packed = torch.cat([gradient.double(), gradient.new_tensor([loss], dtype=torch.float64)])
+        # a rank without data learns the output width from the others
+        packed, rows = self.shards.reduce_with_checks(
+            packed,
+            [self._params_check],
+            ("parameters",),
+            extra=[self.num_outputs or 0],
+            failure=failure,
+        )
+        if self.num_outputs is None and max(r[0] for r in rows) > 0:
+            self.num_outputs = int(max(r[0] for r in rows))
+        return packed[:-1].to(self.dtype), float(packed[-1])
 
     def _to_model(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
         if x.is_floating_point() and x.dtype != self.dtype:
@@ -504,6 +679,10 @@ class HessianOperator:
             return
         # first use, or the parameters/buffers changed since the graphs were built
         self._tracked = list(self.model.parameters()) + list(self.model.buffers())
+        if self.shards is not None:
+            self._params_check = bits_checksum(
+                list(self.model.parameters()), mantissa_bits(self.dtype)
+            )
         if self.weight_scaled:
             self.scales = self._weight_scales()
         graphs: list[_Graph | None] = []

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from normprobe.hessian.distributed import ShardGroup, shard_group
 from normprobe.hessian.hvp import (
     Data,
     HessianOperator,
@@ -76,7 +77,9 @@ class HessianSpectrum:
     Hutchinson values ``v^T H v``. ``weight_norms``: Frobenius norm of every
     parameter tensor in the Hessian (eigenvalues of scale-invariant weights
     scale as ``1/||w||^2``, so read spectra of different normalizers with
-    them). ``matvecs`` and ``seconds`` per piece.
+    them). ``matvecs`` and ``seconds`` per piece. ``num_samples`` and
+    ``num_chunks`` count every rank's, ``world_size`` the ranks that shared
+    the probe set (1 in one process).
     """
 
     dim: int
@@ -106,6 +109,7 @@ class HessianSpectrum:
     matvecs: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     messages: tuple[str, ...] = ()
+    world_size: int = 1
 
     # -- derived values ----------------------------------------------------------------------
 
@@ -311,18 +315,53 @@ def _eig_row(metric: str, index: int, pairs: Eigenpairs, i: int) -> dict[str, An
     }
 
 
-def _subsample(data: Data, n_samples: int | None, seed: int) -> Data:
-    """A seeded random subset of ``n_samples`` rows of a single ``(x, y)`` probe set."""
-    if n_samples is None or not _is_batch(data):
+def _subsample(
+    data: Data,
+    n_samples: int | None,
+    seed: int,
+    shards: ShardGroup | None = None,
+    device: torch.device | None = None,
+) -> Data:
+    """A seeded random subset of ``n_samples`` rows of a single ``(x, y)`` probe set.
+
+    Sharded over ranks, the subset is that of one process on the
+    concatenation of the shards in rank order (the same seeded permutation
+    of all the rows, drawn on every rank), and each rank keeps the rows of
+    its own shard: one exchange of the shard sizes, on every rank.
+    """
+    if n_samples is None:
         return data
-    if n_samples < 1:
+    batch = _is_batch(data)
+    if batch and n_samples < 1:
         raise HessianError(f"n_samples must be positive or None, got {n_samples}")
-    x, y = _as_batch(data)
-    if len(x) <= n_samples:
-        return x, y
+    if shards is None:
+        if not batch:
+            return data
+        x, y = _as_batch(data)
+        if len(x) <= n_samples:
+            return x, y
+        gen = torch.Generator().manual_seed(seed)
+        index = torch.randperm(len(x), generator=gen)[:n_samples].sort().values
+        return x[index.to(x.device)], y[index.to(y.device)]
+    rows = 0
+    if batch:
+        x, y = _as_batch(data)
+        rows = len(x) if x.dim() > 0 else 0
+    table = shards.gather_ints([int(batch), rows], device)
+    if len({kind for kind, _ in table}) > 1:
+        raise HessianError(
+            "some ranks pass one (x, y) probe set and others an iterable of chunks; pass the "
+            "same kind of data on every rank"
+        )
+    counts = [count for _, count in table]
+    total = sum(counts)
+    if not batch or total <= n_samples:
+        return data
+    offset = sum(counts[: shards.rank])
     gen = torch.Generator().manual_seed(seed)
-    index = torch.randperm(len(x), generator=gen)[:n_samples].sort().values
-    return x[index.to(x.device)], y[index.to(y.device)]
+    index = torch.randperm(total, generator=gen)[:n_samples].sort().values
+    mine = index[(index >= offset) & (index < offset + rows)] - offset
+    return x[mine.to(x.device)], y[mine.to(y.device)]
 
 
 def _selection_label(params: ParamSelection, op: HessianOperator, model: nn.Module) -> str:
@@ -357,6 +396,8 @@ def hessian_spectrum(
     weight_scaled: bool = False,
     graph_memory: int = 2 * 2**30,
     seed: int = 0,
+    distributed: bool | None = None,
+    process_group: Any = None,
 ) -> HessianSpectrum:
     """Hessian spectrum of the mean loss of ``model`` over a probe set (DESIGN.md, Probes 4).
 
@@ -396,6 +437,22 @@ def hessian_spectrum(
     ``seed + 1`` (top) and ``seed + 2`` (smallest), the probe subset from
     ``seed``.
 
+    Several processes (``torchrun``): when ``torch.distributed`` is
+    initialized and the group (``process_group``, default the default group)
+    has more than one rank, call this on every rank with the same arguments
+    and that rank's shard as ``data`` (:mod:`normprobe.hessian.distributed`).
+    Products, gradient and loss are summed over the ranks by one all-reduce
+    each, weighted by sample counts, and every rank returns the same
+    spectrum: that of one process on the shards concatenated in rank order
+    whenever the ranks' chunks are that process's chunks (always in
+    ``norm_mode="eval"``; in ``"train"`` each rank's chunks have their own
+    batch statistics, as data-parallel training without ``SyncBatchNorm``).
+    ``n_samples`` counts the whole probe set, as in one process: the subset
+    is one process's subset of the concatenation, each rank keeping its own
+    rows. ``distributed=False`` computes on this rank's data alone (pass it
+    when only some ranks call this: the others would be waited for);
+    ``True`` requires an initialized group.
+
     >>> torch.manual_seed(0) and None
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     >>> data = torch.randn(64, 4), torch.randint(0, 3, (64,))
@@ -419,7 +476,9 @@ def hessian_spectrum(
             f"trace_samples must be an integer >= 2 (a standard error needs two), "
             f"got {trace_samples!r}"
         )
-    data = _subsample(data, n_samples, seed)
+    shards = shard_group(distributed, process_group)
+    first = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+    data = _subsample(data, n_samples, seed, shards, None if first is None else first.device)
     op = HessianOperator(
         model,
         loss_fn,
@@ -429,6 +488,8 @@ def hessian_spectrum(
         chunk_size=chunk_size,
         weight_scaled=weight_scaled,
         graph_memory=graph_memory,
+        distributed=distributed,
+        process_group=process_group,
     )
     both_double = dtype == torch.float64 and op.dtype == torch.float64
     coarse = torch.float64 if both_double else torch.float32
@@ -567,6 +628,7 @@ def hessian_spectrum(
         matvecs=matvecs,
         seconds=seconds,
         messages=tuple(messages),
+        world_size=op.world_size,
         **results,
     )
     for message in messages:
