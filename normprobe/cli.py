@@ -43,6 +43,8 @@ examples:
   normprobe analyze analyses/quickstart.yaml
   normprobe analyze analyses/quickstart.yaml --set normalizers=[batch,layer] --set train.steps=50
   normprobe analyze my.yaml --out runs/again --force
+  normprobe analyze my.yaml --jobs 2                   two runs at once, in worker processes
+  normprobe analyze my.yaml --executor ray --address auto      each run a task on a Ray cluster
 
 Finished runs are kept: run the same command again after an interruption and
 it does only what is missing (--force redoes everything). Results:
@@ -82,6 +84,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a config value by its dotted key (repeatable), e.g. train.steps=100",
+    )
+    p_an.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="where the runs execute: local (this machine, the default) or ray (each run a "
+        "Ray task; needs pip install 'normprobe[ray]')",
+    )
+    p_an.add_argument(
+        "--jobs",
+        type=_positive_int,
+        metavar="N",
+        help="runs at once: local, N worker processes (default: one run at a time, in this "
+        "process); ray, the CPUs of the local Ray instance and the most runs in flight. "
+        "Each worker uses train.threads torch threads, 1 if unset",
+    )
+    p_an.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="the Ray cluster to submit to (with --executor ray): 'auto' for the cluster this "
+        "machine joined with `ray start`, or HEAD_IP:6379; default: a local Ray instance",
     )
     p_an.set_defaults(func=cmd_analyze)
 
@@ -174,11 +197,28 @@ def add_figures_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"give a positive number, got {value}")
+    return value
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from normprobe.analyze import analyze, summary_line
 
     results = analyze(
-        args.config, out=args.out, force=args.force, quiet=args.quiet, overrides=args.overrides
+        args.config,
+        out=args.out,
+        force=args.force,
+        quiet=args.quiet,
+        overrides=args.overrides,
+        executor=args.executor,
+        jobs=args.jobs,
+        address=args.address,
     )
     if not args.quiet and len(results.runs):
         table = results.summary()
