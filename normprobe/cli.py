@@ -27,7 +27,9 @@ examples:
 Figure names follow seed 003 (1a/1b MLP at init, 2a/2b WRN at init, 3a-c
 through training, 4 Hessian density at step 50, 6a/6b outlier ratio and
 largest eigenvalue); WRN with skips adds _skip, the MLP's training figures
-_mlp. Plotting reads the stored tables only; it never trains or probes.
+_mlp. Analyses with variants also give fig5 (accuracy against batch size)
+and the appendix figures figA_renorm, figA_balnorm and figA_regnorm_mean.
+Plotting reads the stored tables only; it never trains or probes.
 """
 
 FIGURES_EXAMPLES = """\

@@ -174,11 +174,15 @@ def _evaluated(
     device = next(model.parameters()).device
     total_loss, correct = 0.0, 0
     for start, stop, first in _split(len(x), batch_size, multiple):
-        out = model(x[start:stop].to(device))[first - start :]
-        yb = y[first:stop].to(device)
-        total_loss += F.cross_entropy(out, yb, reduction="sum").item()
-        correct += int((out.argmax(dim=1) == yb).sum())
+        loss, right = _scored(model(x[start:stop].to(device))[first - start :], y[first:stop])
+        total_loss, correct = total_loss + loss, correct + right
     return total_loss, correct
+
+
+def _scored(out: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """Summed cross-entropy and the number of correct predictions of one batch's output."""
+    y = y.to(out.device)
+    return F.cross_entropy(out, y, reduction="sum").item(), int((out.argmax(dim=1) == y).sum())
 
 
 @torch.no_grad()
@@ -272,11 +276,8 @@ def evaluate_batch_stats(
             device = next(model.parameters()).device
             total_loss, correct, count = 0.0, 0, 0
             for index in batches:
-                out = model(x[index].to(device))
-                yb = y[index].to(device)
-                total_loss += F.cross_entropy(out, yb, reduction="sum").item()
-                correct += int((out.argmax(dim=1) == yb).sum())
-                count += len(index)
+                loss, right = _scored(model(x[index].to(device)), y[index])
+                total_loss, correct, count = total_loss + loss, correct + right, count + len(index)
             if count == 0:
                 raise ValueError("evaluate_batch_stats got no examples in batches")
     return total_loss / count, correct / count
