@@ -34,7 +34,7 @@ def test_equals_the_penalty_regnorm_adds_to_the_loss(norm: str, norm_batch: int 
     frame = batch_mean(model, x)
     model.train()
     model(x)
-    expected = {name: float(p) for name, p in penalties(model).items()}
+    expected = {name: float(p.detach()) for name, p in penalties(model).items()}
     assert dict(zip(frame["layer"], frame["value"])) == pytest.approx(expected, rel=1e-6)
     assert frame["depth"].tolist() == [1, 2, 3, 4] and set(frame["mode"]) == {"train"}
 
