@@ -57,18 +57,20 @@ from normprobe.state import frozen_statistics, preserved
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def probe_set(model_name: str) -> Batch:
+def probe_set(model_name: str, samples: int = 512) -> Batch:
+    """``samples`` fixed training examples of digits (16x16 for the WRN), in index order."""
     ds = normprobe.load_dataset("digits", **({"size": 16} if model_name == "wrn" else {}))
-    index = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(0))[:512]
+    index = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(0))[:samples]
     index = index.sort().values
     return ds.train.x[index], ds.train.y[index]
 
 
-def build(model_name: str, x: torch.Tensor) -> nn.Module:
+def build(model_name: str, x: torch.Tensor, wrn_depth: int = 16) -> nn.Module:
+    """A BatchNorm MLP (3 x 32) or WRN-``wrn_depth``-1 for inputs like ``x``."""
     if model_name == "mlp":
         return normprobe.build_model("mlp", "batch", seed=0, depth=3, width=32, input_shape=64)
     return normprobe.build_model(
-        "wrn", "batch", seed=0, depth=16, widen=1, input_shape=tuple(x.shape[1:])
+        "wrn", "batch", seed=0, depth=wrn_depth, widen=1, input_shape=tuple(x.shape[1:])
     )
 
 

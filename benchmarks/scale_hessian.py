@@ -35,27 +35,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from torch import nn
 
-import normprobe
+# the models and probe sets of the single-process benchmark (same folder, on sys.path)
+from hessian import build, probe_set
+
 from normprobe.hessian import HessianOperator
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def probe_set(model_name: str, samples: int) -> Batch:
-    ds = normprobe.load_dataset("digits", **({"size": 16} if model_name == "wrn" else {}))
-    index = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(0))[:samples]
-    index = index.sort().values
-    return ds.train.x[index], ds.train.y[index]
-
-
-def build(model_name: str, x: torch.Tensor) -> nn.Module:
-    if model_name == "mlp":
-        return normprobe.build_model("mlp", "batch", seed=0, depth=3, width=32, input_shape=64)
-    return normprobe.build_model(
-        "wrn", "batch", seed=0, depth=10, widen=1, input_shape=tuple(x.shape[1:])
-    )
 
 
 def _per_hvp(op: HessianOperator, hvps: int) -> float:
@@ -85,7 +71,7 @@ def _rank(rank: int, port: int, model_name: str, data: Batch, settings: dict, ou
             if rank == 0
             else (x[len(x) // 2 :], y[len(x) // 2 :])
         )
-        model = build(model_name, x)
+        model = build(model_name, x, wrn_depth=10)
         chunk_size, hvps = settings["chunk_size"], settings["hvps"]
         sharded = HessianOperator(model, F.cross_entropy, half, chunk_size=chunk_size)
         alone = HessianOperator(

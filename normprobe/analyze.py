@@ -72,6 +72,22 @@ class RunSpec:
         variant = f"_{self.variant}" if self.variant is not None else ""
         return f"{self.normalizer}{variant}_lr{self.lr:g}_seed{self.seed}"
 
+    def failed(
+        self, error: str, seconds: float = 0.0, info: dict[str, Any] | None = None
+    ) -> RunRecord:
+        """The record of this run ending as ``failed`` with ``error``."""
+        return RunRecord(
+            self.run,
+            self.normalizer,
+            self.lr,
+            self.seed,
+            "failed",
+            variant=self.variant,
+            seconds=seconds,
+            error=error,
+            info=info or {},
+        )
+
 
 def plan_runs(
     config: Config,
@@ -516,16 +532,10 @@ def _run_one(
     except KeyboardInterrupt:
         raise
     except Exception as err:
-        return RunRecord(
-            spec.run,
-            spec.normalizer,
-            spec.lr,
-            spec.seed,
-            "failed",
-            variant=spec.variant,
-            seconds=time.perf_counter() - start,
-            error=f"{type(err).__name__}: {err}",
-            info={"traceback": traceback.format_exc(limit=8)},
+        return spec.failed(
+            f"{type(err).__name__}: {err}",
+            time.perf_counter() - start,
+            {"traceback": traceback.format_exc(limit=8)},
         )
     finally:
         if bar is not None:

@@ -115,20 +115,6 @@ def worker_threads(threads: int | None) -> int:
     return threads if threads is not None else 1
 
 
-def failed_record(spec: RunSpec, error: str, seconds: float = 0.0) -> RunRecord:
-    """The record of a run that could not finish for a reason outside the run."""
-    return RunRecord(
-        spec.run,
-        spec.normalizer,
-        spec.lr,
-        spec.seed,
-        "failed",
-        variant=spec.variant,
-        seconds=seconds,
-        error=error,
-    )
-
-
 # ---------------------------------------------------------------------------
 # The worker side: the same in a local worker process and in a Ray task.
 
@@ -315,7 +301,7 @@ def _pool_loop(
                 except BrokenProcessPool:
                     lost.append(spec)
                 except Exception as err:  # the call itself failed outside the run
-                    records.append(failed_record(spec, f"{type(err).__name__}: {err}"))
+                    records.append(spec.failed(f"{type(err).__name__}: {err}"))
             if lost or not intact:
                 # a broken pool fails every run in flight; collect them all
                 for future in wait(running)[0]:
@@ -325,7 +311,7 @@ def _pool_loop(
                     except BrokenProcessPool:
                         lost.append(spec)
                     except Exception as err:
-                        records.append(failed_record(spec, f"{type(err).__name__}: {err}"))
+                        records.append(spec.failed(f"{type(err).__name__}: {err}"))
                 # the pool kills its workers when it breaks, but misses one that it was
                 # still starting then (and would wait for it forever): stop them all
                 _stop_workers(pool)
@@ -363,8 +349,7 @@ def _requeue(
         tries = deaths.get(spec.run, 0)
         if tries > retries:
             records.append(
-                failed_record(
-                    spec,
+                spec.failed(
                     f"WorkerDied: the worker process died running this run alone {tries} times "
                     "(killed, out of memory, or a crash in native code); not retried further",
                 )
@@ -457,10 +442,10 @@ def run_on_ray(
                     record = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:  # raised outside the run itself
                     cause = err.cause if getattr(err, "cause", None) is not None else err
-                    record = failed_record(spec, f"{type(cause).__name__}: {cause}")
+                    record = spec.failed(f"{type(cause).__name__}: {cause}")
                 except ray.exceptions.RayError as err:  # worker or node lost, retries spent
-                    record = failed_record(
-                        spec, f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+                    record = spec.failed(
+                        f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
                     )
                     log(f"{spec.run}: Ray could not finish it: {type(err).__name__}")
                 if queue:  # keep the cluster busy while the driver writes

@@ -63,7 +63,14 @@ import torch.distributed as dist
 
 from normprobe.hessian.lanczos import HessianError
 
-__all__ = ["ShardGroup", "shard_group", "bits_checksum", "position_weights", "mantissa_bits"]
+__all__ = [
+    "ShardGroup",
+    "raise_failures",
+    "shard_group",
+    "bits_checksum",
+    "position_weights",
+    "mantissa_bits",
+]
 
 _INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 _PRIME = 2**31 - 1  # a Mersenne prime
@@ -198,14 +205,7 @@ class ShardGroup:
         slots[self.rank] = torch.tensor(row, dtype=total.dtype)
         buffer = self.all_reduce(torch.cat([total.reshape(-1), slots.reshape(-1)]))
         seen = buffer[total.numel() :].view(self.size, len(row)).tolist()
-        if failure is not None:
-            raise failure
-        failed = [r for r, s in enumerate(seen) if s[0]]
-        if failed:
-            raise HessianError(
-                f"rank(s) {', '.join(map(str, failed))} failed computing their share (the error "
-                f"is raised there); every rank stops"
-            )
+        raise_failures([s[0] for s in seen], failure, "failed computing their share (the error")
         for j, name in enumerate(names, start=1):
             column = [r[j] for r in seen]
             odd = [r for r, c in enumerate(column) if c != column[0]]
@@ -268,3 +268,18 @@ def shard_group(distributed: bool | None = None, process_group: Any = None) -> S
     if size == 1 and distributed is None:
         return None
     return ShardGroup(group=process_group, rank=rank, size=size)
+
+
+def raise_failures(flags: Sequence[float], failure: BaseException | None, what: str) -> None:
+    """After an exchange of failure flags: this rank's own error, else one naming the others.
+
+    ``what`` continues "rank(s) 1, 3 ..." up to the opening parenthesis of
+    "(the ... is raised there)".
+    """
+    if failure is not None:
+        raise failure
+    failed = [r for r, flag in enumerate(flags) if flag]
+    if failed:
+        raise HessianError(
+            f"rank(s) {', '.join(map(str, failed))} {what} is raised there); every rank stops"
+        )

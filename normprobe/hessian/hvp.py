@@ -72,6 +72,7 @@ from normprobe.hessian.distributed import (
     bits_checksum,
     mantissa_bits,
     position_weights,
+    raise_failures,
     shard_group,
 )
 from normprobe.hessian.lanczos import HessianError
@@ -454,14 +455,7 @@ class HessianOperator:
             bits_checksum(list(self.model.buffers())) if ok else 0,
         ]
         table = self.shards.gather_ints(row, getattr(self, "device", None))
-        if failure is not None:
-            raise failure
-        failed = [r for r, t in enumerate(table) if t[0]]
-        if failed:
-            raise HessianError(
-                f"rank(s) {', '.join(map(str, failed))} could not set up the Hessian (the reason "
-                f"is raised there); every rank stops"
-            )
+        raise_failures([t[0] for t in table], failure, "could not set up the Hessian (the reason")
         samples, chunks, dims, params, buffers = (list(col) for col in list(zip(*table))[1:])
         if len(set(dims)) > 1:
             raise HessianError(

@@ -191,9 +191,7 @@ def fig5(data: Results, fig: Figure | None = None) -> Figure:
             Line2D([], [], color="#333333", ls="--", label="test batch's own statistics"),
         ]
         fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
-        fig.suptitle(
-            _with_model("5  Test accuracy against batch size", data), x=0.01, ha="left"
-        )
+        fig.suptitle(_with_model("5  Test accuracy against batch size", data), x=0.01, ha="left")
         fig.tight_layout(rect=(0, 0.05, 1, 0.95))
         steps = agg["step"].max()
         _figure_caption(
@@ -270,9 +268,7 @@ def fig_renorm(data: Results, fig: Figure | None = None) -> Figure:
             Line2D([], [], color="#333333", ls="--", label="training mode (batch statistics)"),
         ]
         fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
-        fig.suptitle(
-            _with_model("Batch Renorm vs BatchNorm (seed 002)", data), x=0.01, ha="left"
-        )
+        fig.suptitle(_with_model("Batch Renorm vs BatchNorm (seed 002)", data), x=0.01, ha="left")
         fig.tight_layout(rect=(0, 0.06, 1, 0.9))
         _figure_caption(fig, data, "")
     return fig
@@ -325,9 +321,11 @@ def fig_balnorm(data: Results, fig: Figure | None = None, *, panels: Sequence[st
     rank = {n: i for i, n in enumerate(norm_order(rows["normalizer"].unique()))}
     declared = list(_config(data).get("variants") or {})
     place = {v: i for i, v in enumerate(declared)}
-    keyed = rows[["normalizer", "line"]].assign(
-        variant=rows["variant"] if "variant" in rows else None
-    ).drop_duplicates()
+    keyed = (
+        rows[["normalizer", "line"]]
+        .assign(variant=rows["variant"] if "variant" in rows else None)
+        .drop_duplicates()
+    )
     keyed["order"] = [
         (rank[n], place.get(v, len(place))) for n, v in zip(keyed["normalizer"], keyed["variant"])
     ]
