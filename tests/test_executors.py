@@ -47,7 +47,7 @@ def assert_same_tables(a: Results, b: Results) -> None:
 
 
 def stamps(directory: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in (directory / "runs").glob("*/run.json")}
+    return {p.parent.name: p.stat().st_mtime_ns for p in (directory / "runs").glob("*/run.json")}
 
 
 def write_failing_factory(root: Path) -> Path:
