@@ -6,7 +6,9 @@
 (3, 8, 8)
 
 Loaders: ``digits`` (scikit-learn, no download), ``synthetic`` (no files),
-``mnist`` and ``cifar10`` (from files under a ``root`` the user names).
+``mnist`` and ``cifar10`` (from files under a ``root`` the user names), and
+``text`` (byte-level next-token windows of a file the user names, or of
+Python's standard library sources, no download).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from normprobe.data.cifar10 import load_cifar10
 from normprobe.data.digits import load_digits
 from normprobe.data.mnist import load_mnist
 from normprobe.data.synthetic import load_synthetic
+from normprobe.data.text import load_text
 from normprobe.errors import DatasetError
 from normprobe.registry import Registry
 
@@ -38,6 +41,7 @@ DATASETS.register("digits", load_digits)
 DATASETS.register("synthetic", load_synthetic)
 DATASETS.register("mnist", load_mnist)
 DATASETS.register("cifar10", load_cifar10, aliases=("cifar-10",))
+DATASETS.register("text", load_text)
 
 
 def _options(loader: Callable[..., Dataset]) -> dict[str, inspect.Parameter]:
@@ -108,7 +112,7 @@ def describe() -> dict[str, str]:
     In registration order, for a CLI's ``list datasets``.
 
     >>> list(describe())
-    ['digits', 'synthetic', 'mnist', 'cifar10']
+    ['digits', 'synthetic', 'mnist', 'cifar10', 'text']
     """
     return {name: _first_line(loader) for name, loader in DATASETS.items()}
 

@@ -12,10 +12,14 @@ __all__ = ["Dataset", "Split", "standardize"]
 
 @dataclass(frozen=True)
 class Split:
-    """One split: inputs ``x`` (float32) and integer class labels ``y`` (int64)."""
+    """One split: inputs ``x`` (float32) and integer class labels ``y`` (int64).
+
+    For next-token prediction (``text``) ``x`` holds int64 token windows and
+    ``y`` the next token at every position, both ``(N, T)``.
+    """
 
     x: torch.Tensor  # (N, *input_shape)
-    y: torch.Tensor  # (N,)
+    y: torch.Tensor  # (N,); (N, T) for next-token targets
 
     def __post_init__(self) -> None:
         if self.x.shape[0] != self.y.shape[0]:

@@ -1,7 +1,7 @@
 """Swap the normalization layers of a user's model for a normprobe normalizer.
 
 A model that already contains torch ``BatchNorm``/``GroupNorm``/
-``InstanceNorm``/``LayerNorm`` layers can be studied with any normalizer that
+``InstanceNorm``/``LayerNorm``/``RMSNorm`` layers can be studied with any normalizer that
 sits between the affine op and the nonlinearity: each such layer is replaced
 by the normalizer built for its channel count. Normalizers that need the
 affine op's input or weight (``weight``, ``scaled-weight``, ``weight-meanbn``,
@@ -26,6 +26,7 @@ SWAPPABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.GroupNorm,
     nn.modules.instancenorm._InstanceNorm,
     nn.LayerNorm,
+    nn.RMSNorm,
 )
 
 
@@ -39,18 +40,19 @@ def swappable() -> list[str]:
 
 
 class _ChannelsFirst2D(nn.Module):
-    """Guard for a swapped ``nn.LayerNorm(D)``: only (N, D) inputs have channels on axis 1."""
+    """Guard for a swapped ``nn.LayerNorm(D)``/``nn.RMSNorm(D)``: only (N, D) has channels on axis 1."""
 
-    def __init__(self, inner: nn.Module, name: str) -> None:
+    def __init__(self, inner: nn.Module, name: str, was: str = "LayerNorm") -> None:
         super().__init__()
         self.inner = inner
         self.name = name
+        self.was = was
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             raise NormalizerError(
-                f"layer {self.name!r} was a LayerNorm over the last axis and got input of shape "
-                f"{tuple(x.shape)}; normprobe normalizers take channels on axis 1, so a LayerNorm "
+                f"layer {self.name!r} was a {self.was} over the last axis and got input of shape "
+                f"{tuple(x.shape)}; normprobe normalizers take channels on axis 1, so a {self.was} "
                 f"can be swapped only where its input is (N, features). Keep this layer, or swap "
                 f"only the BatchNorm/GroupNorm layers of the model"
             )
@@ -60,12 +62,13 @@ class _ChannelsFirst2D(nn.Module):
 def _channels(module: nn.Module, name: str) -> int:
     if isinstance(module, nn.GroupNorm):
         return module.num_channels
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         shape = tuple(module.normalized_shape)
+        kind = type(module).__name__
         if len(shape) != 1:
             raise NormalizerError(
-                f"layer {name!r} is LayerNorm{shape}, normalizing several trailing axes; only "
-                f"LayerNorm over one axis of (N, features) activations can be swapped"
+                f"layer {name!r} is {kind}{shape}, normalizing several trailing axes; only "
+                f"{kind} over one axis of (N, features) activations can be swapped"
             )
         return shape[0]
     return module.num_features
@@ -114,8 +117,8 @@ def swap_norms(model: nn.Module, norm: str, **options: Any) -> list[str]:
                 ref = next(module.buffers(), None)
             if ref is not None:
                 new.to(device=ref.device, dtype=ref.dtype)
-        if isinstance(module, nn.LayerNorm) and spec.name != "none":
-            new = _ChannelsFirst2D(new, name)
+        if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and spec.name != "none":
+            new = _ChannelsFirst2D(new, name, type(module).__name__)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)

@@ -40,6 +40,7 @@ from normprobe.norms.layer import (
     PreLayerNorm,
     PreRegNorm,
     RegNorm,
+    RMSNorm,
     default_groups,
     instance_on_dense_message,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "LayerNorm",
     "GroupNorm",
     "InstanceNorm",
+    "RMSNorm",
     "RegNorm",
     "PreLayerNorm",
     "PreRegNorm",
@@ -301,6 +303,15 @@ for _spec in [
         aliases=("batchrenorm",),
     ),
     NormSpec(
+        "rms",
+        "per example over all channels (and space), root mean square without centring, "
+        "per-channel gain, no shift; eval same; RMSNorm, Zhang & Sennrich 2019",
+        _post(RMSNorm),
+        affine_bias=True,  # no centring and no shift of its own: the affine op's bias matters
+        standalone=RMSNorm,
+        aliases=("rmsnorm",),
+    ),
+    NormSpec(
         "balanced",
         "weights balanced with the batch's input sums per input channel; "
         "eval uses running input sums; BalNorm/EquiNorm (seeds 000, 001)",
@@ -358,7 +369,7 @@ def build(
     ``norm_batch`` (microbatch or "ghost batch" statistics, see
     :mod:`normprobe.norms.batch`) is an option of every normalizer that looks
     across examples (the batch-statistic ones, RegNorm's penalty, balanced).
-    For the others (none, layer, group, instance, weight, scaled-weight,
+    For the others (none, layer, group, instance, rms, weight, scaled-weight,
     prelayer) it is accepted and dropped: their statistics are per example, so
     splitting the batch into microbatches changes nothing, and one
     ``norm_options`` can then serve every normalizer of an analysis. Any other

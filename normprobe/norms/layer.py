@@ -1,8 +1,9 @@
-"""Normalizers with per-example statistics: layer, group, instance, RegNorm, PreLayerNorm.
+"""Normalizers with per-example statistics: layer, group, instance, RMS, RegNorm, PreLayerNorm.
 
 None of these look across the batch, so train and eval mode are the same.
-``layer``, ``group`` and ``instance`` call torch's kernels and so equal
-``GroupNorm(1, C)``, ``GroupNorm(G, C)`` and ``InstanceNorm2d(affine=True)``.
+``layer``, ``group``, ``instance`` and ``rms`` call torch's kernels and so equal
+``GroupNorm(1, C)``, ``GroupNorm(G, C)``, ``InstanceNorm2d(affine=True)`` and
+``RMSNorm``.
 RegNorm and PreRegNorm also record the batch-mean penalty of DESIGN.md
 (003 sec. 3.2) for :func:`normprobe.norms.regularization`.
 """
@@ -20,6 +21,7 @@ from normprobe.norms.base import (
     EPS,
     Normalizer,
     batch_axes,
+    channel_view,
     check_norm_batch,
     describe_layer,
     feature_axes,
@@ -31,6 +33,7 @@ __all__ = [
     "LayerNorm",
     "GroupNorm",
     "InstanceNorm",
+    "RMSNorm",
     "RegNorm",
     "PreLayerNorm",
     "PreRegNorm",
@@ -47,6 +50,43 @@ class LayerNorm(Normalizer):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         self._check_input(z)
         return F.group_norm(z, 1, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(Normalizer):
+    """RMSNorm (Zhang & Sennrich 2019): ``z / sqrt(mean_F z^2 + eps)`` with a per-channel gain.
+
+    No mean is subtracted and there is no shift (``bias`` is None). The mean
+    of squares is over the feature axes, (C) dense and (C, *spatial) conv, as
+    for ``layer``, so a dense layer equals ``torch.nn.RMSNorm(C)`` and a conv
+    layer equals ``torch.nn.RMSNorm((C, H, W))`` with its gain repeated over
+    (H, W). ``eps`` defaults to 1e-5 (DESIGN.md); ``eps=None`` takes torch's
+    own default, the machine epsilon of the input's dtype. A sequence
+    ``(N, T, D)`` is normalized per position by passing it as ``(N * T, D)``.
+
+    >>> norm = RMSNorm(4)
+    >>> norm(torch.tensor([[3.0, -3.0, 3.0, -3.0]])).round(decimals=3)
+    tensor([[ 1., -1.,  1., -1.]], grad_fn=<RoundBackward1>)
+    """
+
+    norm_name = "rms"
+
+    def __init__(self, num_features: int, *, eps: float | None = EPS) -> None:
+        if eps is not None and (
+            isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 1
+        ):
+            raise NormalizerError(
+                f"rms norm eps must be a number in [0, 1) or None (torch's default, the machine "
+                f"epsilon of the input's dtype), got {eps!r}; e.g. eps=1e-5"
+            )
+        super().__init__(num_features, eps=eps, affine=False)
+        self.weight = nn.Parameter(torch.ones(num_features))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        self._check_input(z)
+        if z.dim() == 2:  # one value per channel: torch's kernel applies the gain itself
+            return F.rms_norm(z, z.shape[1:], self.weight, self.eps)
+        u = F.rms_norm(z, z.shape[1:], None, self.eps)
+        return u if self.weight is None else u * channel_view(self.weight, u)
 
 
 def default_groups(num_channels: int, max_groups: int = 32) -> int:

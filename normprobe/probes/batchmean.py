@@ -16,7 +16,8 @@ to None), so the value does not depend on the learned gain and shift. For a
 layer with microbatches (``norm_batch = g``) in train mode, the mean is taken
 per group of ``g`` consecutive examples and ``R_l`` is the mean over groups,
 as in RegNorm's penalty. Channels are axis 1 (``(N, C, *spatial)``), except
-for ``torch.nn.LayerNorm``, whose channels are its ``normalized_shape`` axes.
+for ``torch.nn.LayerNorm`` and ``torch.nn.RMSNorm``, whose channels are their
+``normalized_shape`` axes.
 
 >>> import torch
 >>> from torch import nn
@@ -65,7 +66,7 @@ def batch_mean_sq(
 
 
 def _channel_axes(module: nn.Module, u: torch.Tensor) -> tuple[int, ...]:
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         k = len(module.normalized_shape)
         return tuple(range(u.dim() - k, u.dim()))
     if u.dim() < 2:

@@ -9,7 +9,7 @@ from normprobe.errors import DatasetError, NormprobeError, UnknownNameError
 
 
 def test_registration_order() -> None:
-    assert DATASETS.names() == ["digits", "synthetic", "mnist", "cifar10"]
+    assert DATASETS.names() == ["digits", "synthetic", "mnist", "cifar10", "text"]
 
 
 def test_describe_gives_one_line_per_loader() -> None:

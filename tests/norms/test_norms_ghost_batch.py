@@ -21,7 +21,7 @@ from normprobe.models.mlp import MLP
 from normprobe.norms.balanced import balanced_weight
 
 GHOST = ["batch", "batch-train", "bmlv", "lmbv", "batch-renorm", "weight-meanbn"]
-PER_EXAMPLE = ["none", "layer", "group", "weight", "scaled-weight", "prelayer"]
+PER_EXAMPLE = ["none", "layer", "group", "rms", "weight", "scaled-weight", "prelayer"]
 
 
 def _affine(kind: str, seed: int) -> nn.Module:

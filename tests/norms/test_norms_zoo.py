@@ -16,9 +16,10 @@ from normprobe.errors import NormalizerError, UnknownNameError
 from normprobe.norms.balanced import BalancedInputWarning
 
 ALL = norms.normalizers()
-SIXTEEN = [
+DESIGN_TABLE = [
     "none", "batch", "batch-train", "layer", "group", "instance", "weight", "scaled-weight",
-    "weight-meanbn", "bmlv", "lmbv", "prelayer", "regnorm", "preregnorm", "batch-renorm", "balanced",
+    "weight-meanbn", "bmlv", "lmbv", "prelayer", "regnorm", "preregnorm", "batch-renorm", "rms",
+    "balanced",
 ]  # fmt: skip
 BATCH_STATS = ["batch", "batch-train", "bmlv", "lmbv", "batch-renorm", "weight-meanbn"]
 
@@ -39,8 +40,8 @@ def _kinds(name: str) -> list[str]:
 CASES = [(n, k) for n in ALL for k in _kinds(n)]
 
 
-def test_registry_holds_the_sixteen_of_design_and_the_equinorm_alias() -> None:
-    assert ALL == SIXTEEN == normprobe.normalizers()
+def test_registry_holds_the_normalizers_of_design_and_the_equinorm_alias() -> None:
+    assert ALL == DESIGN_TABLE == normprobe.normalizers()
     assert norms.spec("equinorm") is norms.spec("balanced")
     assert norms.NORMS.aliases()["equinorm"] == "balanced"
     for name in ALL:
@@ -191,7 +192,13 @@ def test_redundant_bias_is_dropped_and_needed_bias_kept() -> None:
     for name in ALL:
         layer = norms.build(name, nn.Conv2d(3, 8, 3))
         assert (layer.affine.bias is not None) == norms.spec(name).affine_bias, name
-    assert {n for n in ALL if norms.spec(n).affine_bias} == {"none", "weight", "scaled-weight"}
+    # rms neither subtracts a mean nor has a shift of its own, so the bias is not redundant
+    assert {n for n in ALL if norms.spec(n).affine_bias} == {
+        "none",
+        "weight",
+        "scaled-weight",
+        "rms",
+    }
 
 
 def test_batch_renorm_total_steps_follows_the_run() -> None:
