@@ -500,3 +500,42 @@ def test_variants_run_as_one_analysis_with_a_variant_column(tmp_path: Path) -> N
     # resume: nothing left to do, the same tables come back
     again = analyze(config, out=tmp_path, quiet=True)
     pd.testing.assert_frame_equal(results.metrics, again.metrics, check_exact=True)
+
+
+def test_structural_probes_run_on_the_schedule_and_feed_the_properties_table(
+    tmp_path: Path,
+) -> None:
+    from normprobe.properties import measure_properties
+
+    config = {
+        **SMALL,
+        "normalizers": ["none", "batch", "layer"],
+        "probes": {
+            "representation": False,
+            "gradient_correlation": False,
+            "gradient_norms": False,
+            "batch_dependence": True,
+            "train_eval_gap": True,
+            "signal": True,
+            "schedule": [0, 12],
+        },
+        "hessian": {"enabled": False},
+    }
+    results = analyze(config, out=tmp_path, quiet=True)
+    m = results.metrics
+    depend = m[m["metric"] == "batch_dependence"]
+    # 3 activation layers and the output, train and eval mode, at both steps
+    assert len(depend) == 3 * 4 * 2 * 2
+    by = depend.groupby(["normalizer", "mode"])["value"].max()
+    assert by[("layer", "train")] == 0 and by[("none", "train")] == 0
+    assert by[("batch", "train")] > 1e-3 and by[("batch", "eval")] == 0
+    gap = m[(m["metric"] == "train_eval_gap") & (m["layer"] == "output")]
+    assert len(gap) == 3 * 2 and gap.groupby("normalizer")["value"].max()["batch"] > 1e-3
+    signal = m[m["metric"].isin(["signal_sq_mean", "signal_var"])]
+    assert len(signal) == 3 * 3 * 2 * 2
+    table = measure_properties(results, normalizers=["none", "batch", "layer"])
+    verdicts = table.wide("verdict")
+    assert verdicts["batch_size"].tolist() == ["+", "-", "+"]
+    assert verdicts["train_test"].tolist() == ["+", "-", "+"]
+    assert verdicts.loc["batch", "scaling"] == "+"
+    assert verdicts.loc["none", "depth"] == "not measured"  # no deep variant

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from normprobe.plotting import experiments as E
 from normprobe.plotting import figures as F
+from normprobe.plotting.properties import properties_figure
 from normprobe.plotting.style import style_context
 from normprobe.results import Results
 
@@ -92,6 +93,12 @@ FIGURES: tuple[FigureSpec, ...] = (
         "figA_balnorm",
         E.fig_balnorm,
         "BalNorm vs BatchNorm and GroupNorm: loss and accuracy through training (000)",
+        plain_for=ALL,
+    ),
+    FigureSpec(
+        "properties",
+        properties_figure,
+        "the measured properties table (003 Table 2) as a heatmap: verdicts and numbers",
         plain_for=ALL,
     ),
     FigureSpec(
