@@ -234,7 +234,11 @@ def _batch_size(metrics: pd.DataFrame) -> pd.DataFrame:
 
 def _train_test(metrics: pd.DataFrame) -> pd.DataFrame:
     rows = _main(metrics)
-    return _exact(rows[rows["layer"] == "output"], "train_eval_gap")
+    rows = rows[(rows["layer"] == "output") & (rows["metric"] == "train_eval_gap")]
+    # after training: at init the running statistics have not seen any data yet
+    return _exact(
+        rows[rows["step"] == rows.groupby("run")["step"].transform("max")], "train_eval_gap"
+    )
 
 
 def _confusion(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -353,7 +357,8 @@ CRITERIA: tuple[Criterion, ...] = (
         "at init, the pre-activations' second moment q = (mean over channels of the squared "
         "channel mean) + (mean channel variance) per depth: its spread over depth in decades "
         "(max - min of log10 q), and the largest centring fraction (squared mean) / q",
-        "+ when the spread is at most 1 decade and the centring fraction at most 0.5",
+        "+ when the spread is at most 1 decade and the centring fraction at most 0.5 (channel "
+        "means no larger than their spread)",
         "probes.signal at step 0",
         _scaling,
     ),
@@ -406,8 +411,8 @@ CRITERIA: tuple[Criterion, ...] = (
         "train_test",
         "Consistent training and test behavior",
         "train = test",
-        "the train/eval gap at the output: the largest relative difference, over steps, between "
-        "train-mode and eval-mode outputs on the same batch",
+        "the train/eval gap at the output after training (the last probe step): the relative "
+        "difference between train-mode and eval-mode outputs on the same batch, largest over seeds",
         f"+ when at most {EXACT_TOL:g}",
         "probes.train_eval_gap",
         _train_test,

@@ -119,6 +119,7 @@ def test_batch_size_and_train_test_are_exact_criteria() -> None:
         _row("batch", "train_eval_gap", 0.3, layer="output", mode="train-eval"),
         _row("bmlv", "train_eval_gap", 0.5, layer="a", mode="train-eval"),  # not the output
         _row("bmlv", "train_eval_gap", 1e-9, layer="output", mode="train-eval"),  # float noise
+        _row("bmlv", "train_eval_gap", 9.0, layer="output", mode="train-eval", step=0),  # init
     ]
     verdicts, cells = _verdicts(rows, "batch_size", ["layer", "batch"])
     assert verdicts == {"layer": "+", "batch": "-"}
