@@ -302,7 +302,7 @@ def make_measure(
                             "layer": [None],
                             "depth": [float("nan")],
                             "metric": ["grad_growth_rate"],
-                            "value": [growth_rate(frame)],
+                            "value": [_growth_or_nan(frame, growth_rate)],
                         }
                     )
                 )
@@ -563,6 +563,17 @@ def _run_one(
         info={"measure_seconds": round(outcome.measure_seconds, 3)},
         tables=tables,
     )
+
+
+def _growth_or_nan(frame: pd.DataFrame, growth_rate: Callable[[pd.DataFrame], float]) -> float:
+    """The growth rate, or NaN where it is undefined (a layer whose gradient is exactly zero,
+    as in a network that died in training): a measurement, not a reason to fail the run."""
+    from normprobe.probes import ProbeError
+
+    try:
+        return growth_rate(frame)
+    except ProbeError:
+        return float("nan")
 
 
 def _structural(

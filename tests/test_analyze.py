@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -539,3 +540,25 @@ def test_structural_probes_run_on_the_schedule_and_feed_the_properties_table(
     assert verdicts["train_test"].tolist() == ["+", "-", "+"]
     assert verdicts.loc["batch", "scaling"] == "+"
     assert verdicts.loc["none", "depth"] == "not measured"  # no deep variant
+
+
+def test_an_undefined_growth_rate_is_recorded_as_nan_not_a_failed_run() -> None:
+    """A dead network (zero gradients in early layers) has no log-linear growth rate."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from normprobe.analyze import _growth_or_nan
+    from normprobe.probes import gradient_norms, growth_rate
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].bias.fill_(-100.0)  # every unit of the first layer is dead
+    frame = gradient_norms(net, F.cross_entropy, (torch.randn(8, 3), torch.zeros(8).long()))
+    assert frame[frame["metric"] == "grad_norm"]["value"].tolist()[:2] == [0.0, 0.0]
+    assert math.isnan(_growth_or_nan(frame, growth_rate))
+    alive = gradient_norms(
+        nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+        F.cross_entropy,
+        (torch.randn(8, 3), torch.zeros(8).long()),
+    )
+    assert _growth_or_nan(alive, growth_rate) == growth_rate(alive)
