@@ -465,6 +465,9 @@ class HessianConfig(_Strict):
     norm_mode: Literal["train", "eval"] = "train"
     chunk_size: int = Field(128, ge=2)
     dtype: Literal["float32", "float64"] = "float64"
+    # K of the outlier ratio lambda_1 / lambda_K (None: the dataset's number of classes, as in
+    # 003 sec. 6, which calls K "a heuristic guess"); the top max(top_k, K) eigenvalues are found
+    outlier_k: int | None = Field(None, ge=1)
 
 
 class Config(_Strict):
@@ -969,6 +972,8 @@ def config_hash(config: Config) -> str:
         data.pop("variants", None)
     if data["probes"].get("batch_mean") == BatchMeanProbe().model_dump(mode="json"):
         data["probes"].pop("batch_mean")
+    if data["hessian"].get("outlier_k", 0) is None:
+        data["hessian"].pop("outlier_k")
     if data["train"]["eval_batch_stats"].get("batches") == "consecutive":
         data["train"]["eval_batch_stats"].pop("batches")
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
