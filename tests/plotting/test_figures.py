@@ -287,7 +287,11 @@ def test_every_group_has_a_quick_and_a_paper_config_that_validate() -> None:
     for group in GROUPS:
         quick, _ = load_config(config_path(root, group.name, "quick"))
         paper, _ = load_config(config_path(root, group.name, "paper"))
-        assert quick.data.name == "digits"
-        assert paper.data.name in ("mnist", "cifar10")
+        if quick.model.name == "transformer":  # language models: text at both scales
+            assert quick.data.name == paper.data.name == "text"
+            assert paper.model.options["width"] > quick.model.options["width"]
+        else:
+            assert quick.data.name == "digits"
+            assert paper.data.name in ("mnist", "cifar10")
         assert paper.train.steps >= quick.train.steps
         assert list(paper.variants) == list(quick.variants)  # the same figure panels
