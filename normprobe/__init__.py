@@ -6,9 +6,11 @@ Public API, grouped by topic:
 - models: :func:`build_model`, :data:`MODELS`
 - data: :func:`load_dataset`, :data:`DATASETS`, :class:`Dataset`
 - probes: :func:`representation_correlation`, :func:`gradient_correlation`,
-  :func:`gradient_norms`, :func:`growth_rate`, :class:`Probe`
+  :func:`gradient_norms`, :func:`growth_rate`, :func:`batch_dependence`,
+  :func:`train_eval_gap`, :func:`signal_statistics`, :class:`Probe`
 - Hessian: :func:`hessian_spectrum`, :class:`HessianOperator`, :class:`HessianSpectrum`
-- experiments: :func:`analyze`, :func:`load_results`, :class:`Results`
+- experiments: :func:`analyze`, :func:`load_results`, :class:`Results`,
+  :func:`measure_properties` (seed 003's Table 2, measured)
 
 >>> import normprobe
 >>> "batch" in normprobe.normalizers()
@@ -28,11 +30,15 @@ from normprobe.norms import NORMS, normalizers
 from normprobe.norms import build as build_norm
 from normprobe.probes import (
     Probe,
+    batch_dependence,
     gradient_correlation,
     gradient_norms,
     growth_rate,
     representation_correlation,
+    signal_statistics,
+    train_eval_gap,
 )
+from normprobe.properties import measure_properties
 from normprobe.results import Results, load_results
 
 try:
@@ -59,6 +65,9 @@ __all__ = [
     "gradient_correlation",
     "gradient_norms",
     "growth_rate",
+    "batch_dependence",
+    "train_eval_gap",
+    "signal_statistics",
     "Probe",
     # Hessian
     "hessian_spectrum",
@@ -68,6 +77,7 @@ __all__ = [
     "analyze",
     "load_results",
     "Results",
+    "measure_properties",
     # errors
     "NormprobeError",
 ]

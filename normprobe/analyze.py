@@ -342,10 +342,14 @@ def make_measure(
                             "layer": [None],
                             "depth": [float("nan")],
                             "metric": ["grad_growth_rate"],
-                            "value": [growth_rate(frame)],
+                            "value": [_growth_or_nan(frame, growth_rate)],
                         }
                     )
                 )
+        if step in probe_steps:
+            frames.extend(
+                tagged(f, step) for f in _structural(model, pc, batch_a[0], batch_b[0], seed)
+            )
         if step in probe_steps and pc.batch_mean.enabled and has_norm_layers(model):
             from normprobe.probes import batch_mean
 
@@ -498,7 +502,9 @@ def _run_one(
     tc = config.train
     start = time.perf_counter()
     hessian_tables: dict[str, list[pd.DataFrame]] = {"hessian_nodes": [], "hessian_density": []}
-    probe_steps = set(config.probes.schedule.resolve(tc.steps)) if _any_probe(config) else set()
+    probe_steps = (
+        set(config.probes.schedule.resolve(tc.steps)) if config.probes.any_enabled() else set()
+    )
     hessian_steps = (
         set(config.hessian.schedule.resolve(tc.steps)) if config.hessian.enabled else set()
     )
@@ -599,14 +605,36 @@ def _run_one(
     )
 
 
-def _any_probe(config: Config) -> bool:
-    p = config.probes
-    return (
-        p.representation.enabled
-        or p.gradient_correlation.enabled
-        or p.gradient_norms.enabled
-        or p.batch_mean.enabled
-    )
+def _growth_or_nan(frame: pd.DataFrame, growth_rate: Callable[[pd.DataFrame], float]) -> float:
+    """The growth rate, or NaN where it is undefined (a layer whose gradient is exactly zero,
+    as in a network that died in training): a measurement, not a reason to fail the run."""
+    from normprobe.probes import ProbeError
+
+    try:
+        return growth_rate(frame)
+    except ProbeError:
+        return float("nan")
+
+
+def _structural(
+    model: nn.Module, pc: Any, x: torch.Tensor, x_other: torch.Tensor, seed: int
+) -> list[pd.DataFrame]:
+    """The structural probes the config turns on (for the properties table)."""
+    from normprobe.probes.structure import batch_dependence, signal_statistics, train_eval_gap
+
+    frames = []
+    if pc.batch_dependence.enabled:
+        for mode in ("train", "eval"):
+            frames.append(
+                batch_dependence(
+                    model, x, x_other, layers=pc.batch_dependence.layers, mode=mode, seed=seed
+                )
+            )
+    if pc.train_eval_gap.enabled:
+        frames.append(train_eval_gap(model, x, layers=pc.train_eval_gap.layers, seed=seed))
+    if pc.signal.enabled:
+        frames.append(signal_statistics(model, x, layers=pc.signal.layers, seed=seed))
+    return frames
 
 
 def has_norm_layers(model: nn.Module) -> bool:

@@ -14,8 +14,21 @@ examples:
   normprobe analyze my.yaml --set train.steps=100 --out runs/short
   normprobe plot runs/quickstart                       every figure its results support
   normprobe figures                                    rerun analyses/ and redraw figures/
+  normprobe properties runs/figures/properties                 seed 003's Table 2, measured
   normprobe list                 show the registered normalizers, models and datasets
   normprobe list normalizers     only the normalizers
+"""
+
+PROPERTIES_EXAMPLES = """\
+examples:
+  normprobe analyze analyses/properties.yaml && normprobe properties runs/figures/properties
+  normprobe properties runs/figures/properties --out figures --format png,pdf
+  normprobe properties runs/figures/fig3_4_6_wrn_training   what those results measure
+
+Each cell is +, - or "not measured" next to the measured number; the
+criteria (quantity, comparison, threshold) are the table's footnotes and
+the docstring of normprobe.properties. Relative criteria compare with the
+none and batch rows of the same results.
 """
 
 PLOT_EXAMPLES = """\
@@ -141,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_figures_arguments(p_fig)
     p_fig.set_defaults(func=cmd_figures)
 
+    p_prop = sub.add_parser(
+        "properties",
+        help="the measured properties table (seed 003 Table 2) of an analysis' results",
+        description="Judge every normalizer on the ten properties of seed 003's Table 2 from "
+        "the stored results of an analysis, and write the table as Markdown "
+        "(properties.md, with the paper's verdicts alongside), CSV (properties.csv) and a "
+        "heatmap (properties.png). Prints the Markdown table.",
+        epilog=PROPERTIES_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p_prop.add_argument("results", metavar="RESULTS_DIR", help="output folder of an analysis")
+    p_prop.add_argument(
+        "--out", metavar="DIR", help="where to write (default: RESULTS_DIR/properties)"
+    )
+    p_prop.add_argument(
+        "--format", default="png", help="comma-separated heatmap formats: png, pdf, svg"
+    )
+    p_prop.set_defaults(func=cmd_properties)
+
     p_list = sub.add_parser(
         "list",
         help="list the registered normalizers, models and datasets",
@@ -242,6 +274,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
         print(line)
     if not report.written:
         print(f"no figure drawn: the results in {args.results} support none of them")
+    return 0
+
+
+def cmd_properties(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from normprobe.plotting.gallery import _formats
+    from normprobe.properties import measure_properties
+
+    formats = _formats(args.format)
+    table = measure_properties(args.results)
+    out = Path(args.out) if args.out else Path(args.results) / "properties"
+    paths = table.write(out, formats)
+    print(table.to_markdown())
+    print("## Against seed 003 Table 2\n")
+    print(table.against_paper())
+    print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "BatchStatsEval",
     "ProbesConfig",
     "BatchMeanProbe",
+    "StructuralProbe",
     "HessianConfig",
     "Schedule",
     "load_config",
@@ -432,6 +433,14 @@ class BatchMeanProbe(_Strict):
     mode: Literal["train", "eval"] = "train"
 
 
+class StructuralProbe(_Strict):
+    """A structural probe for the properties table: batch dependence (train and eval mode),
+    train/eval gap, or signal-propagation statistics (off by default)."""
+
+    enabled: bool = False
+    layers: LayerSpec = None
+
+
 def _probe_switch(value: Any) -> Any:
     return {"enabled": value} if isinstance(value, bool) else value
 
@@ -443,11 +452,36 @@ class ProbesConfig(_Strict):
     gradient_correlation: GradientProbe = Field(default_factory=GradientProbe)
     gradient_norms: GradientProbe = Field(default_factory=GradientProbe)
     batch_mean: BatchMeanProbe = Field(default_factory=BatchMeanProbe)
+    batch_dependence: StructuralProbe = Field(default_factory=StructuralProbe)
+    train_eval_gap: StructuralProbe = Field(default_factory=StructuralProbe)
+    signal: StructuralProbe = Field(default_factory=StructuralProbe)
     schedule: Schedule = Field(default_factory=lambda: Schedule(every=50))
 
     _switch = field_validator(
-        "representation", "gradient_correlation", "gradient_norms", "batch_mean", mode="before"
+        "representation",
+        "gradient_correlation",
+        "gradient_norms",
+        "batch_mean",
+        "batch_dependence",
+        "train_eval_gap",
+        "signal",
+        mode="before",
     )(_probe_switch)
+
+    def any_enabled(self) -> bool:
+        """Whether any probe runs (then the probe schedule and the probe batches matter)."""
+        return any(
+            getattr(self, name).enabled
+            for name in (
+                "representation",
+                "gradient_correlation",
+                "gradient_norms",
+                "batch_mean",
+                "batch_dependence",
+                "train_eval_gap",
+                "signal",
+            )
+        )
 
 
 class HessianConfig(_Strict):
@@ -695,13 +729,7 @@ class Config(_Strict):
     def _batch_sizes_fit(self, names: list[str]) -> None:
         """Every batch a normalizer with ``norm_batch`` sees in train mode is a multiple of it."""
         tc, hc = self.train, self.hessian
-        probes = self.probes
-        any_probe = (
-            probes.representation.enabled
-            or probes.gradient_correlation.enabled
-            or probes.gradient_norms.enabled
-            or probes.batch_mean.enabled
-        )
+        any_probe = self.probes.any_enabled()
         for name in names:
             g, source = self.norm_batch_for(name)
             if g is None:
@@ -974,6 +1002,9 @@ def config_hash(config: Config) -> str:
         data["probes"].pop("batch_mean")
     if data["hessian"].get("outlier_k", 0) is None:
         data["hessian"].pop("outlier_k")
+    for key in ("batch_dependence", "train_eval_gap", "signal"):
+        if data["probes"].get(key) == StructuralProbe().model_dump(mode="json"):
+            data["probes"].pop(key)
     if data["train"]["eval_batch_stats"].get("batches") == "consecutive":
         data["train"]["eval_batch_stats"].pop("batches")
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))

@@ -617,3 +617,64 @@ def test_language_model_config_mistakes_are_one_line_errors(tmp_path: Path) -> N
         normprobe.models.transformer.sequence_normalizers("pre")
     )
     assert any(line.startswith("skipping batch:") and "causal" in line for line in lines)
+
+
+def test_structural_probes_run_on_the_schedule_and_feed_the_properties_table(
+    tmp_path: Path,
+) -> None:
+    from normprobe.properties import measure_properties
+
+    config = {
+        **SMALL,
+        "normalizers": ["none", "batch", "layer"],
+        "probes": {
+            "representation": False,
+            "gradient_correlation": False,
+            "gradient_norms": False,
+            "batch_dependence": True,
+            "train_eval_gap": True,
+            "signal": True,
+            "schedule": [0, 12],
+        },
+        "hessian": {"enabled": False},
+    }
+    results = analyze(config, out=tmp_path, quiet=True)
+    m = results.metrics
+    depend = m[m["metric"] == "batch_dependence"]
+    # 3 activation layers and the output, train and eval mode, at both steps
+    assert len(depend) == 3 * 4 * 2 * 2
+    by = depend.groupby(["normalizer", "mode"])["value"].max()
+    assert by[("layer", "train")] == 0 and by[("none", "train")] == 0
+    assert by[("batch", "train")] > 1e-3 and by[("batch", "eval")] == 0
+    gap = m[(m["metric"] == "train_eval_gap") & (m["layer"] == "output")]
+    assert len(gap) == 3 * 2 and gap.groupby("normalizer")["value"].max()["batch"] > 1e-3
+    signal = m[m["metric"].isin(["signal_sq_mean", "signal_var"])]
+    assert len(signal) == 3 * 3 * 2 * 2
+    table = measure_properties(results, normalizers=["none", "batch", "layer"])
+    verdicts = table.wide("verdict")
+    assert verdicts["batch_size"].tolist() == ["+", "-", "+"]
+    assert verdicts["train_test"].tolist() == ["+", "-", "+"]
+    assert verdicts.loc["batch", "scaling"] == "+"
+    assert verdicts.loc["none", "depth"] == "not measured"  # no deep variant
+
+
+def test_an_undefined_growth_rate_is_recorded_as_nan_not_a_failed_run() -> None:
+    """A dead network (zero gradients in early layers) has no log-linear growth rate."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from normprobe.analyze import _growth_or_nan
+    from normprobe.probes import gradient_norms, growth_rate
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        net[0].bias.fill_(-100.0)  # every unit of the first layer is dead
+    frame = gradient_norms(net, F.cross_entropy, (torch.randn(8, 3), torch.zeros(8).long()))
+    assert frame[frame["metric"] == "grad_norm"]["value"].tolist()[:2] == [0.0, 0.0]
+    assert math.isnan(_growth_or_nan(frame, growth_rate))
+    alive = gradient_norms(
+        nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
+        F.cross_entropy,
+        (torch.randn(8, 3), torch.zeros(8).long()),
+    )
+    assert _growth_or_nan(alive, growth_rate) == growth_rate(alive)

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from normprobe.plotting import experiments as E
 from normprobe.plotting import figures as F
+from normprobe.plotting.properties import properties_figure
 from normprobe.plotting.style import style_context
 from normprobe.results import Results
 
@@ -106,6 +107,12 @@ FIGURES: tuple[FigureSpec, ...] = (
         "Transformer LM: test perplexity, representations at init, Hessian outlier ratio",
         ("transformer",),
         ("transformer",),
+    ),
+    FigureSpec(
+        "properties",
+        properties_figure,
+        "the measured properties table (003 Table 2) as a heatmap: verdicts and numbers",
+        plain_for=ALL,
     ),
     FigureSpec(
         "figA_regnorm_mean",

@@ -43,6 +43,7 @@ GROUPS: tuple[Group, ...] = (
     Group("balnorm_convergence", ("figA_balnorm",)),
     Group("regnorm_batch_mean", ("figA_regnorm_mean",)),
     Group("transformer", ("figT_transformer",)),
+    Group("properties", ("properties",)),
 )
 
 

@@ -6,6 +6,8 @@
 - :func:`gradient_norms` and :func:`growth_rate`: gradient norm with depth and
   its per-layer growth towards the input;
 - :func:`batch_mean`: each normalization layer's batch mean, RegNorm's regularizer value;
+- :func:`batch_dependence`, :func:`train_eval_gap`, :func:`signal_statistics`:
+  structural probes for the properties table (:mod:`normprobe.probes.structure`);
 - :class:`Probe`: the context manager they are built on, for writing new probes.
 
 Each probe returns a tidy ``pandas.DataFrame`` (columns ``layer``, ``depth``,
@@ -36,6 +38,7 @@ from normprobe.probes.gradients import (
     growth_rate,
 )
 from normprobe.probes.signal import PAIRINGS, Pairing, representation_correlation
+from normprobe.probes.structure import batch_dependence, signal_statistics, train_eval_gap
 
 __all__ = [
     "representation_correlation",
@@ -44,6 +47,9 @@ __all__ = [
     "gradient_statistics",
     "growth_rate",
     "batch_mean",
+    "batch_dependence",
+    "train_eval_gap",
+    "signal_statistics",
     "Probe",
     "LayerCall",
     "select_layers",

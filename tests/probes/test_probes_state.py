@@ -18,6 +18,7 @@ from normprobe.probes import (
     gradient_norms,
     representation_correlation,
 )
+from normprobe.probes.structure import batch_dependence, signal_statistics, train_eval_gap
 
 
 def _model(norm: str) -> tuple[nn.Module, tuple[int, ...]]:
@@ -81,6 +82,10 @@ def _probes(x: torch.Tensor, x_other: torch.Tensor, y: torch.Tensor) -> dict[str
         "grad_norms": lambda m: gradient_norms(m, F.cross_entropy, (x, y)),
         "grad_norms_eval": lambda m: gradient_norms(m, F.cross_entropy, (x, y), mode="eval"),
         "Probe": user_probe,
+        "batch_dependence": lambda m: batch_dependence(m, x, x_other),
+        "batch_dependence_eval": lambda m: batch_dependence(m, x, x_other, mode="eval"),
+        "train_eval_gap": lambda m: train_eval_gap(m, x),
+        "signal": lambda m: signal_statistics(m, x),
     }
 
 

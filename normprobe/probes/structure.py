@@ -1,0 +1,268 @@
+"""Structural probes: batch dependence, train/eval consistency, signal-propagation statistics.
+
+These feed the measured properties table (:mod:`normprobe.properties`, seed
+003 Table 2).
+
+- :func:`batch_dependence`: how much the outputs of the first half of a
+  minibatch change when the second half is replaced by other examples.
+  ``||h_k(X) - h_k(X')|| / ||h_k(X)||`` (Frobenius norms over the kept
+  examples ``k``), per layer and at the model's output. A normalizer without
+  batch statistics gives exactly 0 (the same arithmetic runs on the kept
+  rows); batch statistics (BatchNorm, BMLV, LMBV, Batch Renorm, BalNorm's
+  input sums) in train mode give a positive number. Measured in ``mode``
+  ("train" as in training; "eval": BatchNorm uses its running statistics and
+  is independent of the batch, Batch-Train is not).
+- :func:`train_eval_gap`: ``||h_train(X) - h_eval(X)|| / ||h_eval(X)||`` on the
+  same batch, per layer and at the output: zero when a network computes the
+  same function in training and at test time.
+- :func:`signal_statistics`: per depth, the input of each selected layer
+  (by default the activation modules, so the pre-activations ``z_hat``),
+  summarised as in signal propagation plots (Brock et al. 2021):
+  ``signal_sq_mean`` = mean over channels of the squared channel mean and
+  ``signal_var`` = mean over channels of the channel variance, both over the
+  batch and spatial axes (channel axis 1, biased moments).
+
+All three leave the model exactly as found (:func:`~normprobe.probes.capture.session`)
+and never update running statistics. Sums run in float64.
+
+>>> import torch
+>>> from torch import nn
+>>> torch.manual_seed(0) and None
+>>> net = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2))
+>>> x, other = torch.randn(16, 6), torch.randn(16, 6)
+>>> batch_dependence(net, x, other)["value"].tolist()   # layer norm: per example
+[0.0, 0.0]
+>>> net[1] = nn.BatchNorm1d(8)
+>>> bool((batch_dependence(net, x, other)["value"] > 0).all())
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from normprobe.probes.capture import (
+    Layers,
+    Mode,
+    Probe,
+    ProbeError,
+    check_same_layers,
+    select_layers,
+    session,
+    to_model,
+    unpack_batch,
+)
+
+__all__ = ["batch_dependence", "train_eval_gap", "signal_statistics", "relative_change"]
+
+OUTPUT = "output"
+
+
+def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||a||`` in float64 (0 when both are 0; inf when only ``a`` is).
+
+    >>> relative_change(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 4.0]))
+    0.0
+    >>> relative_change(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 4.0]))
+    0.6
+    """
+    a, b = a.detach().double(), b.detach().double()
+    diff = float(torch.linalg.vector_norm(a - b))
+    if diff == 0.0:
+        return 0.0
+    scale = float(torch.linalg.vector_norm(a))
+    return diff / scale if scale > 0 else float("inf")
+
+
+def _inputs(x: object, what: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, Sequence) and not isinstance(x, str):
+        return unpack_batch(x, what)[0]
+    raise ProbeError(f"{what} must be a tensor or an (inputs, targets) batch, got {type(x)}")
+
+
+def _outputs(
+    model: nn.Module, x: torch.Tensor, layers: Layers, mode: Mode, seed: int
+) -> tuple[list, dict[str, torch.Tensor], torch.Tensor]:
+    """One pass: the selected layers' calls, their outputs, and the model's output."""
+    with Probe(model, layers, mode=mode, seed=seed) as probe, torch.no_grad():
+        out = model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            raise ProbeError(
+                f"the model returned {type(out).__name__}; these probes compare tensor outputs"
+            )
+        return probe.calls, probe.activations, out.detach().clone()
+
+
+def _rows(calls: list, values: dict[str, float], out_value: float, metric: str, mode: str):
+    rows = [
+        {
+            "layer": c.label,
+            "depth": c.depth,
+            "metric": metric,
+            "value": values[c.label],
+            "module": c.name,
+            "module_type": c.module_type,
+            "mode": mode,
+        }
+        for c in calls
+    ]
+    rows.append(
+        {
+            "layer": OUTPUT,
+            "depth": len(calls) + 1,
+            "metric": metric,
+            "value": out_value,
+            "module": "",
+            "module_type": "output",
+            "mode": mode,
+        }
+    )
+    return pd.DataFrame(rows)
+
+
+def batch_dependence(
+    model: nn.Module,
+    x: torch.Tensor | Sequence[torch.Tensor],
+    x_other: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    layers: Layers = None,
+    mode: Mode = "train",
+    keep: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """How much the first ``keep`` examples' outputs change when the rest of the batch changes.
+
+    ``X`` is ``x``; ``X'`` keeps ``x[:keep]`` and takes its other rows from
+    ``x_other`` (a disjoint minibatch of the same shape); ``keep`` defaults to
+    half the batch. Both passes run in ``mode`` with the same batch size.
+    Returns one row per selected layer call (default rule: the activation
+    modules) and one for the model's output (``layer`` "output"), metric
+    ``batch_dependence``, value ``||h(X)[:keep] - h(X')[:keep]|| / ||h(X)[:keep]||``.
+    """
+    x = to_model(_inputs(x, "x"), model)
+    x_other = to_model(_inputs(x_other, "x_other"), model)
+    n = x.shape[0]
+    if n < 2:
+        raise ProbeError(
+            f"batch_dependence needs a minibatch of at least 2 examples (one kept, one "
+            f"replaced), got {n}"
+        )
+    if x_other.shape != x.shape:
+        raise ProbeError(
+            f"x_other must have the shape of x, {tuple(x.shape)}, got {tuple(x_other.shape)}; "
+            f"take two disjoint minibatches of the same size"
+        )
+    keep = n // 2 if keep is None else keep
+    if not 1 <= keep < n:
+        raise ProbeError(f"keep must be between 1 and {n - 1} (the batch size minus 1), got {keep}")
+    mixed = torch.cat([x[:keep], x_other[keep:]])
+    if torch.equal(mixed, x):
+        raise ProbeError(
+            "x_other's rows after keep equal x's; batch_dependence needs a disjoint minibatch"
+        )
+    calls, first, out = _outputs(model, x, layers, mode, seed)
+    calls_b, second, out_b = _outputs(model, mixed, layers, mode, seed)
+    check_same_layers(calls, calls_b, "the two minibatches")
+    values = {
+        c.label: relative_change(first[c.label][:keep], second[c.label][:keep]) for c in calls
+    }
+    return _rows(calls, values, relative_change(out[:keep], out_b[:keep]), "batch_dependence", mode)
+
+
+def train_eval_gap(
+    model: nn.Module,
+    x: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    layers: Layers = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """``||h_train(X) - h_eval(X)|| / ||h_eval(X)||`` per layer and at the output, one batch.
+
+    The train-mode pass uses batch statistics without updating running
+    statistics (dropout off in both passes), so the gap is what switching
+    ``model.eval()`` changes. Metric ``train_eval_gap``, ``mode`` "train-eval".
+    """
+    x = to_model(_inputs(x, "x"), model)
+    calls, train, out = _outputs(model, x, layers, "train", seed)
+    calls_e, evals, out_e = _outputs(model, x, layers, "eval", seed)
+    check_same_layers(calls, calls_e, "the train-mode and eval-mode passes")
+    values = {c.label: relative_change(evals[c.label], train[c.label]) for c in calls}
+    return _rows(calls, values, relative_change(out_e, out), "train_eval_gap", "train-eval")
+
+
+def signal_statistics(
+    model: nn.Module,
+    x: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    layers: Layers = None,
+    mode: Mode = "train",
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Signal-propagation statistics of each selected layer's input, by depth.
+
+    Default layers: the activation modules (so the statistics are of the
+    pre-activations), else the normalization modules, else Linear/Conv.
+    Two rows per layer call: ``signal_sq_mean`` (mean over channels of the
+    squared channel mean) and ``signal_var`` (mean over channels of the
+    channel variance); channels are axis 1, moments over every other axis.
+    """
+    x = to_model(_inputs(x, "x"), model)
+    selected = select_layers(model, layers)
+    records: list[tuple[str, str, torch.Tensor]] = []
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                records.append((name, type(module).__name__, _moments(name, args[0])))
+
+        return record
+
+    with session(model, mode, seed), torch.no_grad():
+        handles = [m.register_forward_pre_hook(hook(name)) for name, m in selected.items()]
+        try:
+            model(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+    if not records:
+        raise ProbeError(
+            f"none of the selected layers ({', '.join(list(selected)[:6])}) ran in the forward "
+            f"pass; name the layers to probe with layers=..."
+        )
+    rows, seen = [], {}
+    for depth, (name, module_type, (sq_mean, var)) in enumerate(records, start=1):
+        seen[name] = seen.get(name, 0) + 1
+        label = name if seen[name] == 1 else f"{name}#{seen[name]}"
+        for metric, value in (("signal_sq_mean", sq_mean), ("signal_var", var)):
+            rows.append(
+                {
+                    "layer": label,
+                    "depth": depth,
+                    "metric": metric,
+                    "value": value,
+                    "module": name,
+                    "module_type": module_type,
+                    "mode": mode,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _moments(name: str, z: torch.Tensor) -> tuple[float, float]:
+    if z.dim() < 2 or z.shape[0] < 1:
+        raise ProbeError(
+            f"layer {name!r} got an input of shape {tuple(z.shape)}; signal statistics need "
+            f"(N, C, ...) with channels on axis 1"
+        )
+    z = z.detach().double().transpose(0, 1).reshape(z.shape[1], -1)
+    mean = z.mean(dim=1)
+    var = (z - mean[:, None]).square().mean(dim=1)
+    return float(mean.square().mean()), float(var.mean())
