@@ -262,7 +262,13 @@ def test_cli_plot_on_a_directory_with_missing_metrics_skips_instead_of_failing(
     assert "wrote fig2a" in printed
     assert "skipped fig2b: no 'grad_norm' rows" in printed
     assert "skipped fig4:" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["fig2a.png", "fig3a.png", "fig3b.png"]
+    # the properties heatmap reads test accuracy and representation correlation too
+    assert sorted(p.name for p in out.iterdir()) == [
+        "fig2a.png",
+        "fig3a.png",
+        "fig3b.png",
+        "properties.png",
+    ]
 
 
 def test_cli_plot_rejects_an_unknown_format_in_one_line(
