@@ -31,7 +31,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from normprobe.config import Config, ConfigError, config_hash, import_factory, load_config
@@ -158,6 +157,18 @@ def prepare_data(config: Config, dataset: Any = None) -> ProbeData:
             f"train.batch_size: {config.train.batch_size} is larger than the training set ({n})"
         )
     sampler = config.train.sampler
+    rc = config.probes.representation
+    if rc.enabled and rc.pairing == "noise" and not dataset.train.x.is_floating_point():
+        raise ConfigError(
+            f"probes.representation.pairing: 'noise' adds Gaussian noise to the inputs, but "
+            f"dataset {config.data.name!r} gives {str(dataset.train.x.dtype).replace('torch.', '')}"
+            f" inputs (token ids); use pairing: independent (a disjoint minibatch) or within"
+        )
+    if sampler.kind == "labels" and dataset.train.y.dim() > 1:
+        raise ConfigError(
+            f"train.sampler: the labels sampler groups examples by their class label, but "
+            f"dataset {config.data.name!r} has a target per position; use sampler: iid"
+        )
     if sampler.kind == "labels":
         counts = torch.bincount(dataset.train.y)
         present = int((counts > 0).sum())
@@ -189,6 +200,7 @@ def build_run_model(config: Config, normalizer: str, seed: int, dataset: Any) ->
     options = dict(mc.options)
     norm_options = config.norm_options_for(normalizer)
     if mc.name is not None:
+        _check_model_fits_data(config, dataset)
         options.pop("norm_options", None)
         if norm_options:
             options["norm_options"] = norm_options
@@ -217,8 +229,33 @@ def build_run_model(config: Config, normalizer: str, seed: int, dataset: Any) ->
     return model
 
 
-def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(output, target)
+def _check_model_fits_data(config: Config, dataset: Any) -> None:
+    """A zoo model meets data it can read: token windows for the transformer, features otherwise."""
+    from normprobe.models import MODELS
+
+    name = MODELS.canonical(config.model.name)
+    x, y = dataset.train.x, dataset.train.y
+    tokens = not x.is_floating_point() and x.dim() == 2 and y.shape == x.shape
+    if name == "transformer" and not tokens:
+        raise ConfigError(
+            f"model.name: the transformer reads token ids (N, T) with a next-token target per "
+            f"position, but dataset {config.data.name!r} gives inputs "
+            f"{str(x.dtype).replace('torch.', '')} {tuple(x.shape[1:])} and targets "
+            f"{tuple(y.shape[1:]) or 'one per example'}; use data: {{name: text}}"
+        )
+    if name != "transformer" and y.dim() > 1:
+        raise ConfigError(
+            f"model.name: {name!r} classifies real-valued inputs, but dataset "
+            f"{config.data.name!r} gives token ids (N, T) with a next-token target per position; "
+            f"use model: {{name: transformer}}"
+        )
+    context = config.model.options.get("context")
+    if name == "transformer" and isinstance(context, int) and context < x.shape[1]:
+        raise ConfigError(
+            f"model.options.context: {context} is shorter than the data's windows of "
+            f"{x.shape[1]} tokens (data.options.window); set context >= {x.shape[1]}, or "
+            f"window <= {context}"
+        )
 
 
 def _to(
@@ -238,7 +275,8 @@ def make_measure(
 ) -> Callable[[int, nn.Module], list[pd.DataFrame]]:
     """The callback the training loop calls at each scheduled step."""
     pc, hc = config.probes, config.hessian
-    num_classes = getattr(data.dataset, "num_classes", None)
+    # K of the outlier ratio lambda_1 / lambda_K: the classes (003 sec. 6) unless the config says
+    num_classes = hc.outlier_k or getattr(data.dataset, "num_classes", None)
     batch_a, batch_b, hessian_set = (
         _to(data.batch_a, device),
         _to(data.batch_b, device),
@@ -251,6 +289,10 @@ def make_measure(
         return frame
 
     def measure(step: int, model: nn.Module) -> list[pd.DataFrame]:
+        from normprobe.training import loss_for
+
+        # mean cross-entropy: per example, or per token for a language model
+        loss_fn = loss_for(model)
         frames: list[pd.DataFrame] = []
         if step in probe_steps:
             from normprobe.probes import (
@@ -277,21 +319,19 @@ def make_measure(
             if gc.enabled and gn.enabled and (gc.layers, gc.mode) == (gn.layers, gn.mode):
                 # batch_a's gradients serve both probes: one pass pair instead of three passes
                 both = gradient_statistics(
-                    model, _cross_entropy, batch_a, batch_b, layers=gc.layers, mode=gc.mode
+                    model, loss_fn, batch_a, batch_b, layers=gc.layers, mode=gc.mode
                 )
                 frames.append(tagged(both[both["metric"] == "grad_corr"], step))
                 norms: pd.DataFrame | None = both[both["metric"] != "grad_corr"]
             else:
                 if gc.enabled:
                     frame = gradient_correlation(
-                        model, _cross_entropy, batch_a, batch_b, layers=gc.layers, mode=gc.mode
+                        model, loss_fn, batch_a, batch_b, layers=gc.layers, mode=gc.mode
                     )
                     frames.append(tagged(frame, step))
                 norms = None
                 if gn.enabled:
-                    norms = gradient_norms(
-                        model, _cross_entropy, batch_a, layers=gn.layers, mode=gn.mode
-                    )
+                    norms = gradient_norms(model, loss_fn, batch_a, layers=gn.layers, mode=gn.mode)
             if norms is not None:
                 frame = norms.reset_index(drop=True)
                 frames.append(tagged(frame, step))
@@ -322,7 +362,7 @@ def make_measure(
 
             spectrum = hessian_spectrum(
                 model,
-                _cross_entropy,
+                loss_fn,
                 _hessian_chunks(hessian_set, hc.chunk_size, norm_batch_of(model)),
                 what=tuple(dict.fromkeys(hc.pieces)),
                 n_samples=None,  # the set drawn by prepare_data, data.hessian_samples long
@@ -834,10 +874,14 @@ def _report(record: RunRecord) -> str:
     }[record.status]
     final = ""
     if record.status == "done":
-        acc = record.tables["metrics"]
-        acc = acc[acc["metric"] == "test_acc"]
-        if len(acc):
-            final = f", test acc {acc.sort_values('step')['value'].iloc[-1]:.3f}"
+        metrics = record.tables["metrics"]
+        for metric, label, fmt in (
+            ("test_acc", "test acc", ".3f"),
+            ("test_perplexity", "ppl", ".2f"),
+        ):
+            rows = metrics[metrics["metric"] == metric]
+            if len(rows):
+                final += f", {label} {rows.sort_values('step')['value'].iloc[-1]:{fmt}}"
     return f"{record.run}: {record.status}{detail} in {record.seconds:.1f}s{final}"
 
 

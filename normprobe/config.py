@@ -499,6 +499,9 @@ class HessianConfig(_Strict):
     norm_mode: Literal["train", "eval"] = "train"
     chunk_size: int = Field(128, ge=2)
     dtype: Literal["float32", "float64"] = "float64"
+    # K of the outlier ratio lambda_1 / lambda_K (None: the dataset's number of classes, as in
+    # 003 sec. 6, which calls K "a heuristic guess"); the top max(top_k, K) eigenvalues are found
+    outlier_k: int | None = Field(None, ge=1)
 
 
 class Config(_Strict):
@@ -997,6 +1000,8 @@ def config_hash(config: Config) -> str:
         data.pop("variants", None)
     if data["probes"].get("batch_mean") == BatchMeanProbe().model_dump(mode="json"):
         data["probes"].pop("batch_mean")
+    if data["hessian"].get("outlier_k", 0) is None:
+        data["hessian"].pop("outlier_k")
     for key in ("batch_dependence", "train_eval_gap", "signal"):
         if data["probes"].get(key) == StructuralProbe().model_dump(mode="json"):
             data["probes"].pop(key)

@@ -214,24 +214,42 @@ def _concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
 
 
 def _select_lrs(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
-    """Mark, per normalizer (and variant), the learning rate with the best mean final test accuracy."""
+    """Mark, per normalizer (and variant), the learning rate with the best mean final test score.
+
+    The score is the test accuracy; for language models (runs that record
+    ``test_perplexity``, whose final value goes into ``final_test_perplexity``)
+    it is the lowest mean final test loss, the mean token cross-entropy.
+    """
     runs = runs.copy()
     runs["final_test_acc"] = float("nan")
     runs["selected"] = False
     if metrics.empty or runs.empty:
         return runs
-    acc = metrics[metrics["metric"] == "test_acc"]
-    if acc.empty:
+
+    def final(metric: str) -> pd.Series | None:
+        rows = metrics[metrics["metric"] == metric]
+        if rows.empty:
+            return None
+        return rows.sort_values("step").groupby("run").tail(1).set_index("run")["value"]
+
+    last = final("test_acc")
+    if last is None:
         return runs
-    last = acc.sort_values("step").groupby("run").tail(1).set_index("run")["value"]
     runs["final_test_acc"] = runs["run"].map(last)
+    score, best = "final_test_acc", "max"
+    perplexity = final("test_perplexity")
+    if perplexity is not None:
+        runs["final_test_perplexity"] = runs["run"].map(perplexity)
+        runs["final_test_loss"] = runs["run"].map(final("test_loss"))
+        score, best = "final_test_loss", "min"
     keys = ["normalizer", "variant"] if "variant" in runs else ["normalizer"]
     for _, group in runs.groupby(keys, dropna=False):
         done = group[group["status"] == "done"]
-        by_lr = done.groupby("lr")["final_test_acc"].mean().dropna()
+        by_lr = done.groupby("lr")[score].mean().dropna()
         if by_lr.empty:
             continue
-        runs.loc[group.index[group["lr"] == by_lr.idxmax()], "selected"] = True
+        chosen = by_lr.idxmax() if best == "max" else by_lr.idxmin()
+        runs.loc[group.index[group["lr"] == chosen], "selected"] = True
     return runs
 
 

@@ -1,7 +1,10 @@
 """The training loop of one run, with measurements at scheduled steps.
 
 Step ``t`` means "after ``t`` optimizer updates": step 0 is the initialized
-model. At every scheduled step the loop records train/test loss and accuracy
+model. Losses are cross-entropies averaged over every target: one per example
+for a classifier, one per token for a language model (a model with
+``classes_last = True`` whose scores ``(N, T, K)`` meet targets ``(N, T)``;
+:func:`cross_entropy`), whose runs also record perplexity. At every scheduled step the loop records train/test loss and accuracy
 and calls the ``measure`` callback (probes, Hessian), which must leave the
 model as it found it (``normprobe.state.preserved``) and use its own random
 generators, so measuring never changes the training trajectory.
@@ -24,6 +27,9 @@ from normprobe.state import frozen_statistics, preserved
 
 __all__ = [
     "TrainOutcome",
+    "cross_entropy",
+    "loss_for",
+    "classes_last",
     "minibatches",
     "label_minibatches",
     "label_grouped_batches",
@@ -146,13 +152,66 @@ def label_grouped_batches(
         batches.append(torch.cat([chunks[i].pop() for i in chosen]))
 
 
+def classes_last(model: nn.Module) -> bool:
+    """Whether ``model``'s scores have the classes on the last axis (``classes_last = True``).
+
+    A language model's ``(N, T, K)`` next-token scores do (the zoo's
+    transformer); a classifier's ``(N, K)`` follow torch's convention of
+    classes on axis 1. Declared by the model, not guessed from shapes: an
+    ``(N, T, K)`` output with ``T == K`` fits both readings.
+    """
+    return bool(getattr(model, "classes_last", False))
+
+
+def cross_entropy(
+    output: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    classes_last: bool = False,
+    reduction: Literal["mean", "sum"] = "mean",
+) -> torch.Tensor:
+    """Cross-entropy over every target: torch's ``F.cross_entropy``, or per token with classes last.
+
+    With ``classes_last``, ``output`` ``(..., K)`` and ``target`` of its
+    leading shape (a language model's ``(N, T, K)`` against ``(N, T)``) are
+    flattened to ``(N * T, K)`` and ``(N * T,)``: the mean is over all
+    ``N * T`` tokens, whose ``exp`` is the perplexity.
+
+    >>> out, y = torch.zeros(2, 3, 4), torch.zeros(2, 3, dtype=torch.long)
+    >>> round(cross_entropy(out, y, classes_last=True).item(), 4)  # log 4
+    1.3863
+    """
+    if not classes_last:
+        return F.cross_entropy(output, target, reduction=reduction)
+    if output.shape[:-1] != target.shape:
+        raise ValueError(
+            f"scores with the classes on the last axis must have the targets' shape plus one "
+            f"axis: targets {tuple(target.shape)} want scores {(*target.shape, 'K')}, got "
+            f"{tuple(output.shape)}"
+        )
+    return F.cross_entropy(
+        output.reshape(-1, output.shape[-1]), target.reshape(-1), reduction=reduction
+    )
+
+
+def loss_for(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The mean cross-entropy ``loss_fn(output, target)`` for ``model`` (probes, Hessian)."""
+    if classes_last(model):
+        return _token_cross_entropy
+    return F.cross_entropy
+
+
+def _token_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return cross_entropy(output, target, classes_last=True)
+
+
 def training_loss(
     model: nn.Module, output: torch.Tensor, target: torch.Tensor, lam: float
 ) -> torch.Tensor:
-    """Cross-entropy plus ``lam`` times the RegNorm penalties of the last forward pass."""
+    """Cross-entropy (per token for a language model) plus ``lam`` times the RegNorm penalties."""
     from normprobe.norms import regularization
 
-    loss = F.cross_entropy(output, target)
+    loss = cross_entropy(output, target, classes_last=classes_last(model))
     if lam:
         loss = loss + lam * regularization(model)
     return loss
@@ -172,17 +231,20 @@ def _evaluated(
 ) -> tuple[float, float]:
     """Summed cross-entropy and correct count over ``_split`` batches (model mode as set)."""
     device = next(model.parameters()).device
+    last = classes_last(model)
     total_loss, correct = 0.0, 0
     for start, stop, first in _split(len(x), batch_size, multiple):
-        loss, right = _scored(model(x[start:stop].to(device))[first - start :], y[first:stop])
+        out = model(x[start:stop].to(device))[first - start :]
+        loss, right = _scored(out, y[first:stop], last)
         total_loss, correct = total_loss + loss, correct + right
     return total_loss, correct
 
 
-def _scored(out: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-    """Summed cross-entropy and the number of correct predictions of one batch's output."""
+def _scored(out: torch.Tensor, y: torch.Tensor, last: bool = False) -> tuple[float, int]:
+    """Summed cross-entropy and the number of correct predictions (per target) of one batch."""
     y = y.to(out.device)
-    return F.cross_entropy(out, y, reduction="sum").item(), int((out.argmax(dim=1) == y).sum())
+    loss = cross_entropy(out, y, classes_last=last, reduction="sum").item()
+    return loss, int((out.argmax(dim=-1 if last else 1) == y).sum())
 
 
 @torch.no_grad()
@@ -191,14 +253,15 @@ def evaluate(
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy in eval mode, in batches; the model is left as found.
 
-    With microbatch normalizers (``norm_batch``, see :func:`norm_batch_of`;
+    Means over every target: per example, or per token for ``(N, T)``
+    next-token targets (:func:`cross_entropy`). With microbatch normalizers (``norm_batch``, see :func:`norm_batch_of`;
     eval mode uses them in ``batch-train``) every batch is a multiple of
     ``norm_batch``: see :func:`_split` for the last batch.
     """
     with preserved(model):
         model.eval()
         total_loss, correct = _evaluated(model, x, y, batch_size, norm_batch_of(model))
-    return total_loss / len(x), correct / len(x)
+    return total_loss / y.numel(), correct / y.numel()
 
 
 def _split(n: int, batch_size: int, multiple: int | None = None) -> list[tuple[int, int, int]]:
@@ -271,13 +334,15 @@ def evaluate_batch_stats(
             if batch_size is None:
                 raise ValueError("evaluate_batch_stats needs batch_size or batches")
             total_loss, correct = _evaluated(model, x, y, batch_size, norm_batch_of(model))
-            count = len(x)
+            count = y.numel()
         else:
             device = next(model.parameters()).device
+            last = classes_last(model)
             total_loss, correct, count = 0.0, 0, 0
             for index in batches:
-                loss, right = _scored(model(x[index].to(device)), y[index])
-                total_loss, correct, count = total_loss + loss, correct + right, count + len(index)
+                loss, right = _scored(model(x[index].to(device)), y[index], last)
+                total_loss, correct = total_loss + loss, correct + right
+                count += y[index].numel()
             if count == 0:
                 raise ValueError("evaluate_batch_stats got no examples in batches")
     return total_loss / count, correct / count
@@ -297,6 +362,14 @@ def make_optimizer(
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(momentum, 0.999), weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; use 'sgd' or 'adam'")
+
+
+def _perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean token cross-entropy; inf where that overflows (a diverging run)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def _rows(step: int, values: dict[str, float]) -> pd.DataFrame:
@@ -334,7 +407,9 @@ def train(
 
     Records ``batch_loss`` at every update and, at each measured step,
     ``train_loss``, ``train_acc`` (on the first ``eval_train_samples``
-    training examples), ``test_loss`` and ``test_acc`` (eval mode), plus
+    training examples), ``test_loss`` and ``test_acc`` (eval mode; for
+    next-token targets ``(N, T)`` means per token, and ``train_perplexity``
+    and ``test_perplexity``, ``exp`` of the mean token cross-entropy), plus
     whatever ``measure(step, model)`` returns. With ``batch_stats_size``,
     also ``train_loss_batchstats``, ``train_acc_batchstats``,
     ``test_loss_batchstats`` and ``test_acc_batchstats``
@@ -350,6 +425,7 @@ def train(
     start = time.perf_counter()
     device = next(model.parameters()).device
     x_train, y_train = train_split
+    per_token = y_train.dim() > 1  # next-token targets (N, T): language modelling
     x_eval, y_eval = x_train[:eval_train_samples], y_train[:eval_train_samples]
     if batches is None:
         batches = minibatches(len(x_train), batch_size, torch.Generator().manual_seed(seed))
@@ -362,17 +438,16 @@ def train(
         t0 = time.perf_counter()
         train_loss, train_acc = evaluate(model, x_eval, y_eval, batch_size=eval_batch_size)
         test_loss, test_acc = evaluate(model, *test_split, batch_size=eval_batch_size)
-        frames.append(
-            _rows(
-                step,
-                {
-                    "train_loss": train_loss,
-                    "train_acc": train_acc,
-                    "test_loss": test_loss,
-                    "test_acc": test_acc,
-                },
-            )
-        )
+        values = {
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+        }
+        if per_token:
+            values["train_perplexity"] = _perplexity(train_loss)
+            values["test_perplexity"] = _perplexity(test_loss)
+        frames.append(_rows(step, values))
         if batch_stats_size is not None or batch_stats_batches is not None:
             on_train, on_test = batch_stats_batches or (None, None)
             train_loss, train_acc = evaluate_batch_stats(

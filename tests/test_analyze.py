@@ -503,6 +503,122 @@ def test_variants_run_as_one_analysis_with_a_variant_column(tmp_path: Path) -> N
     pd.testing.assert_frame_equal(results.metrics, again.metrics, check_exact=True)
 
 
+# --------------------------------------------------------------------------- language models
+
+
+def _text_file(tmp_path: Path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    words = ["def", "return", "self", "import", "for", "in", "if", "else", "x", "(", ")", ":"]
+    picks = torch.randint(0, len(words), (4000,), generator=g).tolist()
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(words[i] for i in picks))
+    return path
+
+
+def _lm_config(tmp_path: Path) -> dict:
+    return {
+        "model": {
+            "name": "transformer",
+            "options": {"depth": 2, "width": 16, "heads": 2, "mlp_ratio": 2},
+        },
+        "normalizers": ["layer", "prelayer"],
+        "data": {
+            "name": "text",
+            "options": {"path": str(_text_file(tmp_path)), "window": 16},
+            "probe_batch": 16,
+            "hessian_samples": 16,
+        },
+        "train": {"optimizer": "adam", "lr": [0.003, 0.01], "steps": 6, "batch_size": 16},
+        "probes": {"representation": {"pairing": "independent"}, "schedule": [0, 6]},
+        "hessian": {
+            "schedule": [0, 6],
+            "pieces": ["top", "trace"],
+            "top_k": 4,
+            "outlier_k": 4,
+            "trace_samples": 4,
+            "chunk_size": 8,
+        },
+        "variants": {
+            "pre": {},
+            "post": {"normalizers": ["layer"], "model.options.placement": "post"},
+        },
+    }
+
+
+def test_a_transformer_on_text_records_perplexity_probes_and_the_hessian(tmp_path: Path) -> None:
+    lines: list[str] = []
+    results = analyze(_lm_config(tmp_path), out=tmp_path / "out", log=lines.append)
+    runs = results.runs
+    assert set(runs["status"]) == {"done"} and len(runs) == 3 * 2
+    assert set(zip(runs["normalizer"], runs["variant"])) == {
+        ("layer", "pre"),
+        ("prelayer", "pre"),
+        ("layer", "post"),
+    }
+    m = results.metrics
+    metrics = set(m["metric"])
+    assert {"test_perplexity", "train_perplexity", "repr_corr_independent"} <= metrics
+    assert {"grad_corr", "grad_norm", "outlier_ratio", "trace"} <= metrics
+    ppl, loss = (
+        m[m["metric"] == k].set_index(["run", "step"])["value"]
+        for k in ("test_perplexity", "test_loss")
+    )
+    pd.testing.assert_series_equal(ppl, loss.map(math.exp), check_names=False)
+    # per-token accuracy is a fraction of the tokens
+    acc = m[m["metric"] == "test_acc"]["value"]
+    assert ((acc >= 0) & (acc <= 1)).all()
+    # the outlier ratio uses K = hessian.outlier_k
+    assert set(m[m["metric"] == "outlier_ratio"]["index"]) == {4}
+    # representations of (N, T, D) activations, probed at the MLP activations of each block
+    rep = m[(m["metric"] == "repr_corr_independent") & (m["step"] == 0)]
+    assert set(rep["layer"]) == {"input", "blocks.0.mlp.act", "blocks.1.mlp.act"}
+    assert set(rep[rep["layer"] != "input"]["shape"]) == {"16x32"}  # T x (mlp_ratio * D)
+    # learning rate chosen by the lowest final test loss, and the runs table has the perplexity
+    for _, group in runs.groupby(["normalizer", "variant"]):
+        best = group.groupby("lr")["final_test_loss"].mean().idxmin()
+        assert set(group[group["selected"]]["lr"]) == {best}
+    assert runs["final_test_perplexity"].notna().all()
+    assert any("ppl" in line for line in lines)
+
+
+def test_language_model_config_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    config = _lm_config(tmp_path)
+    config.pop("variants")
+    bad = [
+        ({"normalizers": ["batch"]}, r"normalizers\[0\]: 'batch' does not fit.*causal mask"),
+        (
+            {"model": {**config["model"], "options": {"context": 8}}},
+            r"model\.options\.context: 8 is shorter than the data's windows of 16 tokens",
+        ),
+        (
+            {"model": {"name": "mlp"}},
+            r"model\.name: 'mlp' classifies real-valued inputs.*name: transformer",
+        ),
+        (
+            {"data": {"name": "digits"}},
+            r"model\.name: the transformer reads token ids.*data: \{name: text\}",
+        ),
+        (
+            {"probes": {"representation": {"pairing": "noise"}}},
+            r"probes\.representation\.pairing: 'noise' adds Gaussian noise.*independent",
+        ),
+    ]
+    for change, pattern in bad:
+        with pytest.raises(ConfigError, match=pattern) as err:
+            analyze({**config, **change}, out=tmp_path / "bad", quiet=True, force=True)
+        assert "\n" not in str(err.value)
+    # with normalizers: all, the ones the transformer refuses are skipped with their reason
+    lines: list[str] = []
+    quick = {**config, "normalizers": "all", "hessian": {"enabled": False}}
+    quick["train"] = {**config["train"], "steps": 1, "lr": 0.003}
+    quick["probes"] = {"representation": {"pairing": "independent"}, "schedule": [0]}
+    results = analyze(quick, out=tmp_path / "all", log=lines.append)
+    assert set(results.runs["normalizer"]) == set(
+        normprobe.models.transformer.sequence_normalizers("pre")
+    )
+    assert any(line.startswith("skipping batch:") and "causal" in line for line in lines)
+
+
 def test_structural_probes_run_on_the_schedule_and_feed_the_properties_table(
     tmp_path: Path,
 ) -> None:

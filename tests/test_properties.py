@@ -299,3 +299,11 @@ def test_plot_draws_the_heatmap_or_says_why_not(tmp_path) -> None:
     (empty / "manifest.json").write_text("{}")
     report = plot_results(empty, tmp_path / "figs2", only=["properties"])
     assert "no property measured" in report.skipped["properties"]
+
+
+def test_the_sequence_row_agrees_with_the_normalizers_the_transformer_takes() -> None:
+    from normprobe.models.transformer import sequence_problem
+
+    for norm in normprobe.normalizers():
+        leaks = sequence_leak(norm) > 0
+        assert leaks == (sequence_problem(norm, "pre") is not None), norm

@@ -1,4 +1,4 @@
-"""Training features: the non-i.i.d. label sampler and evaluation with batch statistics."""
+"""Training features: the label sampler, evaluation with batch statistics, per-token losses."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import torch.nn.functional as F
 from normprobe.models import build_model
 from normprobe.state import frozen_statistics
 from normprobe.training import (
+    cross_entropy,
     evaluate,
     evaluate_batch_stats,
     label_grouped_batches,
     label_minibatches,
     make_optimizer,
     minibatches,
+    train,
 )
 
 
@@ -217,3 +219,79 @@ def test_batch_stats_evaluation_on_given_batches_equals_a_hand_computation() -> 
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="batch_size or batches"):
         evaluate_batch_stats(model, x, y)
+
+
+# --------------------------------------------------------------------------- language models
+
+
+def _lm(norm: str = "layer"):
+    return build_model(
+        "transformer", norm, seed=0, num_classes=16, context=6, depth=1, width=8, heads=2
+    )
+
+
+def test_token_cross_entropy_is_the_mean_over_every_token() -> None:
+    g = torch.Generator().manual_seed(0)
+    out, y = torch.randn(3, 5, 7, generator=g), torch.randint(0, 7, (3, 5), generator=g)
+    per_token = [
+        F.cross_entropy(out[i, t][None], y[i, t][None]) for i in range(3) for t in range(5)
+    ]
+    mean = cross_entropy(out, y, classes_last=True)
+    torch.testing.assert_close(mean, torch.stack(per_token).mean())
+    torch.testing.assert_close(
+        cross_entropy(out, y, classes_last=True, reduction="sum"), torch.stack(per_token).sum()
+    )
+    # T == K: the model's declaration, not the shapes, says where the classes are
+    square = torch.randn(2, 4, 4, generator=g)
+    target = torch.randint(0, 4, (2, 4), generator=g)
+    assert not torch.equal(
+        cross_entropy(square, target, classes_last=True), cross_entropy(square, target)
+    )
+    with pytest.raises(ValueError, match=r"targets \(3, 5\) want scores \(3, 5, 'K'\)"):
+        cross_entropy(out[:, :4], y, classes_last=True)
+
+
+def test_evaluate_a_language_model_per_token_and_record_perplexity() -> None:
+    model = _lm()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 16, (10, 6), generator=g)
+    y = torch.randint(0, 16, (10, 6), generator=g)
+    loss, acc = evaluate(model, x, y, batch_size=4)
+    with torch.no_grad():
+        model.eval()
+        out = model(x)
+    torch.testing.assert_close(
+        torch.tensor(loss), F.cross_entropy(out.reshape(-1, 16), y.reshape(-1)), rtol=1e-6, atol=0
+    )
+    assert acc == pytest.approx(float((out.argmax(-1) == y).float().mean()))
+    fresh = _lm()
+    outcome = train(
+        fresh,
+        (x, y),
+        (x[:4], y[:4]),
+        optimizer=torch.optim.Adam(fresh.parameters(), lr=1e-3),
+        steps=2,
+        batch_size=4,
+        seed=0,
+        measure_steps={0, 2},
+    )
+    rows = outcome.frames[0].set_index("metric")["value"]
+    assert rows["test_perplexity"] == pytest.approx(torch.tensor(rows["test_loss"]).exp().item())
+    assert rows["train_perplexity"] == pytest.approx(torch.tensor(rows["train_loss"]).exp().item())
+
+
+def test_classifier_tables_get_no_perplexity() -> None:
+    model = build_model("mlp", "layer", seed=0, depth=1, width=8, input_shape=4, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 4, generator=g), torch.randint(0, 3, (12,), generator=g)
+    outcome = train(
+        model,
+        (x, y),
+        (x, y),
+        optimizer=make_optimizer("sgd", model.parameters(), lr=0.1),
+        steps=1,
+        batch_size=4,
+        seed=0,
+        measure_steps={0},
+    )
+    assert set(outcome.frames[0]["metric"]) == {"train_loss", "train_acc", "test_loss", "test_acc"}

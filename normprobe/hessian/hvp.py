@@ -749,7 +749,10 @@ class HessianOperator:
                 materialize_grads=True,
             )
         if self.num_outputs is None and isinstance(out, torch.Tensor) and out.dim() >= 2:
-            self.num_outputs = int(out.shape[1])
+            # the number of classes: axis 1 (torch's convention), or the last axis for a model
+            # that declares its scores classes-last (a language model's (N, T, K))
+            last = getattr(self.model, "classes_last", False) is True
+            self.num_outputs = int(out.shape[-1] if last else out.shape[1])
         return _Graph(grads=grads, loss=float(loss.detach()) * weight, nbytes=sum(seen.values()))
 
     def _second_backward(

@@ -418,8 +418,10 @@ def hessian_spectrum(
       100 steps in float64); raw nodes and weights kept, smoothed by
       :meth:`HessianSpectrum.density`.
     - ``top``: the ``k`` largest eigenvalues (at least ``K`` =
-      ``num_classes``, default the model's output width) by ARPACK, and the
-      outlier ratio ``lambda_1 / lambda_K``.
+      ``num_classes``, default the model's output width: axis 1 of its
+      output, the last axis for a model with ``classes_last = True`` such as
+      a language model's ``(N, T, K)`` scores) by ARPACK, and the outlier
+      ratio ``lambda_1 / lambda_K``.
     - ``smallest``: the smallest eigenvalue (ARPACK on ``lambda_1 I - H``).
     - ``trace``: Hutchinson with ``trace_samples`` Rademacher probes; the
       first ``num_vectors`` of them are the SLQ start vectors, and when the

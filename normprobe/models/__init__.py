@@ -18,14 +18,16 @@ from torch import nn
 
 from normprobe.errors import ModelError
 from normprobe.models.mlp import MLP
+from normprobe.models.transformer import Transformer
 from normprobe.models.wrn import WideResNet
 from normprobe.registry import Registry
 
-__all__ = ["MODELS", "build_model", "model_options", "MLP", "WideResNet"]
+__all__ = ["MODELS", "build_model", "model_options", "MLP", "WideResNet", "Transformer"]
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 MODELS.register("mlp", MLP)
 MODELS.register("wrn", WideResNet, aliases=("wideresnet",))
+MODELS.register("transformer", Transformer)
 
 
 def model_options(name: str) -> dict[str, Any]:

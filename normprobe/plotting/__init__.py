@@ -4,7 +4,8 @@
 - :mod:`normprobe.plotting.figures`: ``fig1a`` ... ``fig6b`` and the generic
   :func:`depth_profile`, :func:`through_training`, :func:`hessian_density_panels`.
 - :mod:`normprobe.plotting.experiments`: :func:`fig5` (batch size) and the
-  appendix studies :func:`fig_renorm`, :func:`fig_balnorm`, :func:`fig_regnorm_mean`.
+  appendix studies :func:`fig_renorm`, :func:`fig_balnorm`, :func:`fig_regnorm_mean`,
+  and :func:`fig_transformer` (a Transformer language model, 003 sec. 7).
 - :mod:`normprobe.plotting.gallery`: :func:`plot_results`, every figure a
   results directory supports, written to files (``normprobe plot``).
 
@@ -13,7 +14,13 @@
 True
 """
 
-from normprobe.plotting.experiments import fig5, fig_balnorm, fig_regnorm_mean, fig_renorm
+from normprobe.plotting.experiments import (
+    fig5,
+    fig_balnorm,
+    fig_regnorm_mean,
+    fig_renorm,
+    fig_transformer,
+)
 from normprobe.plotting.figures import (
     FigureSkipped,
     caption,
@@ -61,6 +68,7 @@ __all__ = [
     "fig_renorm",
     "fig_balnorm",
     "fig_regnorm_mean",
+    "fig_transformer",
     # files
     "FIGURES",
     "PlotReport",

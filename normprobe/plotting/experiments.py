@@ -9,7 +9,11 @@
 - :func:`fig_balnorm`: BalNorm against BatchNorm and GroupNorm (seed 000),
   train and test loss and accuracy through training;
 - :func:`fig_regnorm_mean`: each layer's batch mean ``R_l`` through training
-  (003 appendix), RegNorm against LayerNorm.
+  (003 appendix), RegNorm against LayerNorm;
+- :func:`fig_transformer`: a Transformer language model (003 sec. 7, LM1B):
+  test perplexity through training, representation correlation with depth
+  at initialization and the Hessian outlier ratio at a few steps, one line
+  per normalizer and placement (pre-LN solid, post-LN dashed).
 
 Each analysis is one config with ``variants`` (a ``variant`` column in the
 tables); lines are the median over seeds with the interquartile range as a
@@ -32,19 +36,29 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from normprobe.plotting.figures import (
+    REPR_LABEL,
     FigureSkipped,
     _config,
     _log_y,
     _rows,
     _with_model,
     caption,
+    repr_metric,
 )
 from normprobe.plotting.style import color, label, marker, norm_order, style_context
 from normprobe.results import Results
 
-__all__ = ["fig5", "fig_renorm", "fig_balnorm", "fig_regnorm_mean", "variant_setting"]
+__all__ = [
+    "fig5",
+    "fig_renorm",
+    "fig_balnorm",
+    "fig_regnorm_mean",
+    "fig_transformer",
+    "variant_setting",
+]
 
 IQR = ("pi", 50)  # seaborn's percentile interval of width 50: the 25th to the 75th percentile
 
@@ -431,4 +445,142 @@ def fig_regnorm_mean(data: Results, fig: Figure | None = None) -> Figure:
             f"RegNorm/PreRegNorm loss term λ = {lam} · probe batch of "
             f"{_config(data).get('data', {}).get('probe_batch')} training examples, train mode",
         )
+    return fig
+
+
+# --------------------------------------------------------------------------- transformer
+
+
+def _placement(data: Results, variant: Any) -> str:
+    """``pre`` or ``post``: the transformer's ``model.options.placement`` in a variant's runs."""
+    if variant is None or (isinstance(variant, float) and math.isnan(variant)):
+        variant = None
+    options = variant_setting(data, variant, "model.options") or {}
+    placement = variant_setting(data, variant, "model.options.placement")
+    return str(placement or options.get("placement") or "pre")
+
+
+def _with_lines(data: Results, rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with a ``line`` column: normalizer and placement (``LayerNorm, post-LN``)."""
+    rows = rows.copy()
+    variants = rows["variant"] if "variant" in rows else pd.Series(None, index=rows.index)
+    placements = {v: _placement(data, v) for v in variants.drop_duplicates()}
+    rows["placement"] = [placements[v] for v in variants]
+    rows["line"] = [
+        label(n) if n == "none" else f"{label(n)}, {p}-LN"
+        for n, p in zip(rows["normalizer"], rows["placement"])
+    ]
+    return rows
+
+
+def fig_transformer(data: Results, fig: Figure | None = None) -> Figure:
+    """003 sec. 7 (LM1B) at small scale: a Transformer language model under each normalizer.
+
+    Three panels, one line per normalizer and placement (pre-LN solid,
+    post-LN dashed), median over seeds with the interquartile band, at the
+    learning rate with the lowest final test loss: test perplexity through
+    training (log scale); representation correlation against depth at
+    initialization; the Hessian outlier ratio ``lambda_1 / lambda_K`` at the
+    steps it was measured (log scale). The caption gives each line's final
+    median perplexity.
+    """
+    ppl = _with_lines(data, _rows(data, "test_perplexity"))
+    metric = repr_metric(data)
+    rep = _with_lines(data, _rows(data, metric))
+    rep = rep[rep["step"] == rep["step"].min()]
+    try:
+        ratio = _with_lines(data, _rows(data, "outlier_ratio"))
+    except FigureSkipped:
+        ratio = None
+    rank = {n: i for i, n in enumerate(norm_order(ppl["normalizer"].unique()))}
+    keyed = ppl[["normalizer", "placement", "line"]].drop_duplicates()
+    keyed = keyed.assign(
+        order=[(rank[n], p != "pre") for n, p in zip(keyed.normalizer, keyed.placement)]
+    )
+    lines = list(keyed.sort_values("order")["line"])
+    norm_of = dict(zip(keyed["line"], keyed["normalizer"]))
+    post = {line for line, p in zip(keyed["line"], keyed["placement"]) if p == "post"}
+
+    def draw(ax: Axes, rows: pd.DataFrame | None, x: str) -> None:
+        if rows is None:
+            return
+        for line in lines:
+            mine = rows[rows["line"] == line]
+            if len(mine):
+                _line(
+                    ax,
+                    mine,
+                    x,
+                    color=color(norm_of[line]),
+                    marker=marker(norm_of[line]),
+                    linestyle="--" if line in post else "-",
+                )
+
+    with style_context():
+        if fig is None:
+            fig, axes = _panel_grid(3, 3, (3.3, 2.7))
+        else:
+            axes = np.atleast_2d(fig.subplots(1, 3))
+        ax_ppl, ax_rep, ax_ratio = axes.flat[:3]
+        draw(ax_ppl, ppl, "step")
+        ax_ppl.set_xlabel("training step")
+        ax_ppl.set_ylabel("test perplexity (bytes)")
+        # the scale of training, not of initialization: an unnormalized stream can start with
+        # enormous logits (a perplexity of 1e10 and more), which the caption reports instead
+        medians = ppl.groupby(["line", "step"])["value"].median()
+        trained = medians[medians.index.get_level_values("step") > ppl["step"].min()]
+        off_scale = ""
+        if len(trained):
+            hi = float(trained.max()) * 1.5
+            ax_ppl.set_ylim(float(ppl["value"].min()) * 0.9, hi)
+            start = medians[medians.index.get_level_values("step") == ppl["step"].min()]
+            above = start[start > hi]
+            if len(above):
+                off_scale = " · off scale at step 0: " + ", ".join(
+                    f"{line} {value:.3g}" for (line, _), value in above.items()
+                )
+        _log_y(ax_ppl)
+        ax_ppl.set_title("a  test perplexity", loc="left", fontsize=9)
+        draw(ax_rep, rep, "depth")
+        ax_rep.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_rep.set_xlabel("depth (layer in execution order; 0: input)")
+        ax_rep.set_ylabel(REPR_LABEL.get(metric, metric))
+        ax_rep.set_title("b  representations at initialization", loc="left", fontsize=9)
+        if ratio is not None:
+            draw(ax_ratio, ratio, "step")
+            k = ratio["index"].dropna().unique() if "index" in ratio else []
+            ax_ratio.set_ylabel(f"λ1 / λ{int(k[0])}" if len(k) == 1 else "λ1 / λK")
+            _log_y(ax_ratio)
+        else:
+            ax_ratio.text(
+                0.5, 0.5, "no Hessian in the results", ha="center", transform=ax_ratio.transAxes
+            )
+        ax_ratio.set_xlabel("training step")
+        ax_ratio.set_title("c  Hessian outlier ratio", loc="left", fontsize=9)
+        handles = [
+            Line2D(
+                [],
+                [],
+                color=color(norm_of[line]),
+                marker=marker(norm_of[line]),
+                ls="--" if line in post else "-",
+                label=line,
+            )
+            for line in lines
+        ]
+        fig.legend(
+            handles=handles,
+            loc="upper left",
+            bbox_to_anchor=(0.01, 0.93),
+            ncols=len(handles),
+            frameon=False,
+            fontsize=8,
+        )
+        fig.suptitle(
+            _with_model("Normalizers in a language model (003 sec. 7)", data), x=0.01, ha="left"
+        )
+        fig.tight_layout(rect=(0, 0.08, 1, 0.88))
+        final = _final(ppl).groupby("line")["value"].median()
+        summary = ", ".join(f"{line} {final[line]:.2f}" for line in lines if line in final)
+        _figure_caption(fig, data, f"final median test perplexity: {summary}{off_scale}")
     return fig

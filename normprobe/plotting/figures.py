@@ -130,6 +130,8 @@ def model_text(data: Any) -> str:
         return f"WRN-{depth}-{widen} {'with' if skip else 'without'} skips"
     if model.get("name") == "mlp":
         return f"MLP, {options.get('depth', 10)} x {options.get('width', 128)}"
+    if model.get("name") == "transformer":
+        return f"Transformer LM, {options.get('depth', 2)} blocks x {options.get('width', 64)}"
     if model.get("factory"):
         return str(model["factory"]).split(":")[-1]
     return ""

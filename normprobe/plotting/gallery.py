@@ -35,10 +35,16 @@ from normprobe.results import Results
 
 __all__ = ["FIGURES", "FigureSpec", "PlotReport", "model_variant", "figure_name", "plot_results"]
 
-Variant = Literal["mlp", "wrn", "wrn-skip", "custom"]
-SUFFIX: dict[str, str] = {"mlp": "_mlp", "wrn": "", "wrn-skip": "_skip", "custom": "_custom"}
+Variant = Literal["mlp", "wrn", "wrn-skip", "transformer", "custom"]
+SUFFIX: dict[str, str] = {
+    "mlp": "_mlp",
+    "wrn": "",
+    "wrn-skip": "_skip",
+    "transformer": "_transformer",
+    "custom": "_custom",
+}
 FORMATS = ("png", "pdf", "svg")
-ALL = ("mlp", "wrn", "wrn-skip", "custom")
+ALL = ("mlp", "wrn", "wrn-skip", "transformer", "custom")
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,13 @@ FIGURES: tuple[FigureSpec, ...] = (
         plain_for=ALL,
     ),
     FigureSpec(
+        "figT_transformer",
+        E.fig_transformer,
+        "Transformer LM: test perplexity, representations at init, Hessian outlier ratio",
+        ("transformer",),
+        ("transformer",),
+    ),
+    FigureSpec(
         "properties",
         properties_figure,
         "the measured properties table (003 Table 2) as a heatmap: verdicts and numbers",
@@ -117,6 +130,8 @@ def model_variant(results: Results) -> Variant:
         return "wrn-skip" if (model.get("options") or {}).get("skip", True) else "wrn"
     if model.get("name") == "mlp":
         return "mlp"
+    if model.get("name") == "transformer":
+        return "transformer"
     return "custom"
 
 

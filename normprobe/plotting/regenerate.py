@@ -42,6 +42,7 @@ GROUPS: tuple[Group, ...] = (
     Group("renorm_small_noniid", ("figA_renorm",)),
     Group("balnorm_convergence", ("figA_balnorm",)),
     Group("regnorm_batch_mean", ("figA_regnorm_mean",)),
+    Group("transformer", ("figT_transformer",)),
     Group("properties", ("properties",)),
 )
 

@@ -200,3 +200,69 @@ def test_plot_results_skips_the_experiment_figures_for_other_analyses(tmp_path: 
     )
     assert report.written == {}
     assert set(report.skipped) == {"fig5", "figA_renorm", "figA_balnorm", "figA_regnorm_mean"}
+
+
+def _transformer_results() -> Results:
+    rows = []
+    lines = {("none", "pre"): 20.0, ("layer", "pre"): 12.0, ("prelayer", "pre"): 11.5}
+    lines[("layer", "post")] = 12.5
+    for (norm, variant), final in lines.items():
+        for seed in SEEDS:
+            for step in (0, 50, 100):
+                ppl = 256 * (final / 256) ** (step / 100) * (1 + SEED_OFFSET[seed] / 10)
+                rows.append(_row(norm, variant, seed, step, "test_perplexity", ppl))
+            for depth in range(4):
+                value = 0.9 - 0.1 * depth + SEED_OFFSET[seed] / 10
+                layer = "input" if depth == 0 else f"blocks.{depth - 1}.mlp.act"
+                rows.append(
+                    _row(
+                        norm,
+                        variant,
+                        seed,
+                        0,
+                        "repr_corr_independent",
+                        value,
+                        layer=layer,
+                        depth=depth,
+                    )
+                )
+            for step in (0, 50, 100):
+                rows.append(
+                    _row(norm, variant, seed, step, "outlier_ratio", 2.0 + step / 50, index=10)
+                )
+    config = {
+        "model": {"name": "transformer", "options": {"depth": 3, "width": 32}},
+        "data": {"name": "text", "options": {}, "probe_batch": 64},
+        "train": {"optimizer": "adam", "batch_size": 32, "steps": 100, "seeds": SEEDS},
+        "variants": {"pre": {}, "post": {"model.options.placement": "post"}},
+    }
+    return _results(rows, config)
+
+
+def test_transformer_figure_three_panels_one_line_per_normalizer_and_placement(tmp_path) -> None:
+    data = _transformer_results()
+    fig = E.fig_transformer(data)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 3
+    ppl, rep, ratio = axes
+    assert [len([ln for ln in ax.get_lines() if len(ln.get_xdata())]) for ax in axes] == [4] * 3
+    assert ppl.get_yscale() == "log" and ratio.get_yscale() == "log"
+    assert ratio.get_ylabel() == "λ1 / λ10"
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    # the zoo's legend order, pre-LN before post-LN
+    assert labels == [
+        "LayerNorm, pre-LN",
+        "LayerNorm, post-LN",
+        "PreLayerNorm, pre-LN",
+        "no normalization",
+    ]
+    dashed = [ln for ln in ppl.get_lines() if ln.get_linestyle() == "--" and len(ln.get_xdata())]
+    assert len(dashed) == 1  # post-LN
+    # the median line: seed offsets -0.2, 0, +0.1 -> the median is seed 1's curve
+    none = [ln for ln in ppl.get_lines() if ln.get_color() == style.color("none")][0]
+    assert none.get_ydata()[-1] == pytest.approx(20.0)
+    caption = fig.texts[-1].get_text()
+    assert "final median test perplexity" in caption and "PreLayerNorm, pre-LN 11.50" in caption
+    report = plot_results(data, tmp_path, only=["figT_transformer"])
+    assert list(report.written) == ["figT_transformer"]
+    assert (tmp_path / "figT_transformer.png").exists()

@@ -262,7 +262,13 @@ def test_cli_plot_on_a_directory_with_missing_metrics_skips_instead_of_failing(
     assert "wrote fig2a" in printed
     assert "skipped fig2b: no 'grad_norm' rows" in printed
     assert "skipped fig4:" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["fig2a.png", "fig3a.png", "fig3b.png"]
+    # the properties heatmap reads test accuracy and representation correlation too
+    assert sorted(p.name for p in out.iterdir()) == [
+        "fig2a.png",
+        "fig3a.png",
+        "fig3b.png",
+        "properties.png",
+    ]
 
 
 def test_cli_plot_rejects_an_unknown_format_in_one_line(
@@ -287,7 +293,11 @@ def test_every_group_has_a_quick_and_a_paper_config_that_validate() -> None:
     for group in GROUPS:
         quick, _ = load_config(config_path(root, group.name, "quick"))
         paper, _ = load_config(config_path(root, group.name, "paper"))
-        assert quick.data.name == "digits"
-        assert paper.data.name in ("mnist", "cifar10")
+        if quick.model.name == "transformer":  # language models: text at both scales
+            assert quick.data.name == paper.data.name == "text"
+            assert paper.model.options["width"] > quick.model.options["width"]
+        else:
+            assert quick.data.name == "digits"
+            assert paper.data.name in ("mnist", "cifar10")
         assert paper.train.steps >= quick.train.steps
         assert list(paper.variants) == list(quick.variants)  # the same figure panels

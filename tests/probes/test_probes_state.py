@@ -133,3 +133,46 @@ def test_probe_passes_never_update_running_statistics_even_inside_the_block(norm
             assert torch.equal(before[k], v), k
         # still the batch statistics of each pass (train mode), as in training
         assert torch.equal(model(x), first) and model.training and p.layers
+
+
+def _transformer_cases() -> list[tuple[str, str]]:
+    from normprobe.models.transformer import sequence_normalizers
+
+    pre = [(n, "pre") for n in sequence_normalizers("pre")]
+    return pre + [(n, "post") for n in sequence_normalizers("post") if n != "none"]
+
+
+@pytest.mark.parametrize(("norm", "placement"), _transformer_cases())
+def test_every_probe_leaves_a_transformer_as_found(norm: str, placement: str) -> None:
+    from normprobe.training import loss_for
+
+    model = normprobe.build_model(
+        "transformer",
+        norm,
+        seed=0,
+        num_classes=11,
+        context=5,
+        depth=2,
+        width=8,
+        heads=2,
+        mlp_ratio=2,
+        placement=placement,
+    )
+    g = torch.Generator().manual_seed(0)
+    x, x_other, y = torch.randint(0, 11, (3, 6, 5), generator=g)
+    loss_fn = loss_for(model)
+    (loss_fn(model(x), y) + normprobe.norms.regularization(model)).backward()
+    model.blocks[0].zero_grad(set_to_none=True)
+    model.blocks[1].eval()
+    model.blocks[1].attn.out.affine.weight.requires_grad_(False)
+    before = _state(model)
+    rng = torch.get_rng_state()
+    probes = _probes(x, x_other, y)
+    probes.pop("noise")  # token ids take no Gaussian noise (a clear error, tested elsewhere)
+    probes["grad_corr"] = lambda m: gradient_correlation(m, loss_fn, (x, y), (x_other, y))
+    probes["grad_norms"] = lambda m: gradient_norms(m, loss_fn, (x, y))
+    probes["grad_norms_eval"] = lambda m: gradient_norms(m, loss_fn, (x, y), mode="eval")
+    for name, probe in probes.items():
+        probe(model)
+        _assert_same(before, _state(model), f"transformer {norm} {placement}, {name}")
+    assert torch.equal(torch.get_rng_state(), rng)
