@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Regenerate every figure of the gallery: run each analysis in analyses/, then plot.
 
-    python figures/regenerate.py                  quick scale (digits, CPU, about an hour)
+    python figures/regenerate.py                  quick scale (digits, CPU, about two hours)
     python figures/regenerate.py --scale paper    the seed paper's settings (datasets, GPU)
     python figures/regenerate.py --plot-only      redraw from runs/figures without training
 
