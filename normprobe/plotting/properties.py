@@ -64,9 +64,12 @@ def heatmap(table) -> Figure:
 
 def properties_figure(results: Results) -> Figure:
     """The heatmap of ``results`` (skipped when nothing but the normalizer-only row is measured)."""
-    from normprobe.properties import NOT_MEASURED, measure_properties
+    from normprobe.properties import NOT_MEASURED, PropertiesError, measure_properties
 
-    table = measure_properties(results)
+    try:
+        table = measure_properties(results)
+    except PropertiesError as err:  # no measurements at all
+        raise FigureSkipped(str(err)) from None
     measured = table.cells[
         (table.cells["property"] != "sequential") & (table.cells["verdict"] != NOT_MEASURED)
     ]

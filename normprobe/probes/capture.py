@@ -561,6 +561,15 @@ def _applied_weights(name: str, module: nn.Module) -> dict[str, torch.Tensor | N
     return {"weight": weight, "bias": bias}
 
 
+def inputs_of(x: object, what: str) -> torch.Tensor:
+    """The inputs of ``x``: a tensor, or the first item of an ``(inputs, targets)`` batch."""
+    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+        return x[0]  # an (inputs, targets) batch
+    if not isinstance(x, torch.Tensor):
+        raise ProbeError(f"{what} must be a tensor of inputs (or an (x, y) batch), got {x!r:.60}")
+    return x
+
+
 def unpack_batch(batch: Any, what: str = "batch") -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y)`` from a batch given as a 2-sequence of tensors; a clear error otherwise."""
     if (

@@ -33,6 +33,7 @@ from normprobe.probes.capture import (
     Probe,
     ProbeError,
     check_same_layers,
+    inputs_of,
     to_model,
 )
 
@@ -181,14 +182,14 @@ def representation_correlation(
             f"'independent' (a disjoint batch passed as x_other) or 'within' (cosine between the "
             f"examples of one batch)"
         )
-    x = to_model(_inputs(x, "x"), model)
+    x = to_model(inputs_of(x, "x"), model)
     if pairing == "independent":
         if x_other is None:
             raise ProbeError(
                 "pairing='independent' compares two disjoint minibatches: pass the second one "
                 "as x_other=, with the same shape as x"
             )
-        x_other = to_model(_inputs(x_other, "x_other"), model)
+        x_other = to_model(inputs_of(x_other, "x_other"), model)
         if x_other.shape != x.shape:
             raise ProbeError(
                 f"x_other must have the shape of x, {tuple(x.shape)}, got {tuple(x_other.shape)}; "
@@ -239,14 +240,6 @@ def _correlate(first: tuple | None, h: torch.Tensor) -> torch.Tensor:
         return torch.full((), float("nan"), device=h.device)
     a_centred, a_norm, _ = first
     return pearson_centred(a_centred, a_norm, h)
-
-
-def _inputs(x: object, what: str) -> torch.Tensor:
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
-        return x[0]  # an (inputs, targets) batch
-    if not isinstance(x, torch.Tensor):
-        raise ProbeError(f"{what} must be a tensor of inputs (or an (x, y) batch), got {x!r:.60}")
-    return x
 
 
 def _within(h: torch.Tensor, call: LayerCall, n: int) -> torch.Tensor:

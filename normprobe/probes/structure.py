@@ -51,10 +51,10 @@ from normprobe.probes.capture import (
     Probe,
     ProbeError,
     check_same_layers,
+    inputs_of,
     select_layers,
     session,
     to_model,
-    unpack_batch,
 )
 
 __all__ = ["batch_dependence", "train_eval_gap", "signal_statistics", "relative_change"]
@@ -76,14 +76,6 @@ def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
         return 0.0
     scale = float(torch.linalg.vector_norm(a))
     return diff / scale if scale > 0 else float("inf")
-
-
-def _inputs(x: object, what: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, Sequence) and not isinstance(x, str):
-        return unpack_batch(x, what)[0]
-    raise ProbeError(f"{what} must be a tensor or an (inputs, targets) batch, got {type(x)}")
 
 
 def _outputs(
@@ -147,8 +139,8 @@ def batch_dependence(
     modules) and one for the model's output (``layer`` "output"), metric
     ``batch_dependence``, value ``||h(X)[:keep] - h(X')[:keep]|| / ||h(X)[:keep]||``.
     """
-    x = to_model(_inputs(x, "x"), model)
-    x_other = to_model(_inputs(x_other, "x_other"), model)
+    x = to_model(inputs_of(x, "x"), model)
+    x_other = to_model(inputs_of(x_other, "x_other"), model)
     n = x.shape[0]
     if n < 2:
         raise ProbeError(
@@ -190,7 +182,7 @@ def train_eval_gap(
     statistics (dropout off in both passes), so the gap is what switching
     ``model.eval()`` changes. Metric ``train_eval_gap``, ``mode`` "train-eval".
     """
-    x = to_model(_inputs(x, "x"), model)
+    x = to_model(inputs_of(x, "x"), model)
     calls, train, out = _outputs(model, x, layers, "train", seed)
     calls_e, evals, out_e = _outputs(model, x, layers, "eval", seed)
     check_same_layers(calls, calls_e, "the train-mode and eval-mode passes")
@@ -214,7 +206,7 @@ def signal_statistics(
     squared channel mean) and ``signal_var`` (mean over channels of the
     channel variance); channels are axis 1, moments over every other axis.
     """
-    x = to_model(_inputs(x, "x"), model)
+    x = to_model(inputs_of(x, "x"), model)
     selected = select_layers(model, layers)
     records: list[tuple[str, str, torch.Tensor]] = []
 
