@@ -299,7 +299,6 @@ def make_measure(
                 gradient_correlation,
                 gradient_norms,
                 gradient_statistics,
-                growth_rate,
                 representation_correlation,
             )
 
@@ -342,7 +341,7 @@ def make_measure(
                             "layer": [None],
                             "depth": [float("nan")],
                             "metric": ["grad_growth_rate"],
-                            "value": [_growth_or_nan(frame, growth_rate)],
+                            "value": [_growth_or_nan(frame)],
                         }
                     )
                 )
@@ -605,10 +604,10 @@ def _run_one(
     )
 
 
-def _growth_or_nan(frame: pd.DataFrame, growth_rate: Callable[[pd.DataFrame], float]) -> float:
+def _growth_or_nan(frame: pd.DataFrame) -> float:
     """The growth rate, or NaN where it is undefined (a layer whose gradient is exactly zero,
     as in a network that died in training): a measurement, not a reason to fail the run."""
-    from normprobe.probes import ProbeError
+    from normprobe.probes import ProbeError, growth_rate
 
     try:
         return growth_rate(frame)

@@ -280,13 +280,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_properties(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from normprobe.plotting.gallery import _formats
     from normprobe.properties import measure_properties
 
-    formats = _formats(args.format)
     table = measure_properties(args.results)
     out = Path(args.out) if args.out else Path(args.results) / "properties"
-    paths = table.write(out, formats)
+    paths = table.write(out, args.format)
     print(table.to_markdown())
     print("## Against seed 003 Table 2\n")
     print(table.against_paper())

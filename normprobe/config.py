@@ -441,6 +441,18 @@ class StructuralProbe(_Strict):
     layers: LayerSpec = None
 
 
+#: the probes of ``probes:``, each ``true``/``false`` or its options
+PROBES = (
+    "representation",
+    "gradient_correlation",
+    "gradient_norms",
+    "batch_mean",
+    "batch_dependence",
+    "train_eval_gap",
+    "signal",
+)
+
+
 def _probe_switch(value: Any) -> Any:
     return {"enabled": value} if isinstance(value, bool) else value
 
@@ -457,31 +469,11 @@ class ProbesConfig(_Strict):
     signal: StructuralProbe = Field(default_factory=StructuralProbe)
     schedule: Schedule = Field(default_factory=lambda: Schedule(every=50))
 
-    _switch = field_validator(
-        "representation",
-        "gradient_correlation",
-        "gradient_norms",
-        "batch_mean",
-        "batch_dependence",
-        "train_eval_gap",
-        "signal",
-        mode="before",
-    )(_probe_switch)
+    _switch = field_validator(*PROBES, mode="before")(_probe_switch)
 
     def any_enabled(self) -> bool:
         """Whether any probe runs (then the probe schedule and the probe batches matter)."""
-        return any(
-            getattr(self, name).enabled
-            for name in (
-                "representation",
-                "gradient_correlation",
-                "gradient_norms",
-                "batch_mean",
-                "batch_dependence",
-                "train_eval_gap",
-                "signal",
-            )
-        )
+        return any(getattr(self, name).enabled for name in PROBES)
 
 
 class HessianConfig(_Strict):

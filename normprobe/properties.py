@@ -602,8 +602,14 @@ class PropertyTable:
                     )
         return pd.DataFrame(rows, columns=["normalizer", "property", "paper", "measured"])
 
-    def write(self, out: str | Path, formats: Sequence[str] = ("png",)) -> list[Path]:
-        """``properties.md``, ``properties.csv`` and the heatmap ``properties.<format>``."""
+    def write(self, out: str | Path, formats: str | Sequence[str] = ("png",)) -> list[Path]:
+        """``properties.md``, ``properties.csv`` and the heatmap ``properties.<format>``.
+
+        ``formats``: a list or a comma-separated string of png, pdf, svg.
+        """
+        from normprobe.plotting.gallery import _formats
+
+        formats = _formats(formats)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         written = []

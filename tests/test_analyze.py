@@ -671,10 +671,10 @@ def test_an_undefined_growth_rate_is_recorded_as_nan_not_a_failed_run() -> None:
         net[0].bias.fill_(-100.0)  # every unit of the first layer is dead
     frame = gradient_norms(net, F.cross_entropy, (torch.randn(8, 3), torch.zeros(8).long()))
     assert frame[frame["metric"] == "grad_norm"]["value"].tolist()[:2] == [0.0, 0.0]
-    assert math.isnan(_growth_or_nan(frame, growth_rate))
+    assert math.isnan(_growth_or_nan(frame))
     alive = gradient_norms(
         nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)),
         F.cross_entropy,
         (torch.randn(8, 3), torch.zeros(8).long()),
     )
-    assert _growth_or_nan(alive, growth_rate) == growth_rate(alive)
+    assert _growth_or_nan(alive) == growth_rate(alive)
