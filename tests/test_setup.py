@@ -23,7 +23,10 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one() -> Non
     assert len(commands) == 2, commands
     install_and_run, install_and_test = commands
     assert install_and_run.startswith("pip install . && normprobe ")
-    assert "[test]" in install_and_test and "pytest" in install_and_test
+    extras = re.search(r'"\.\[([\w,-]+)\]"', install_and_test)
+    assert extras is not None, install_and_test
+    assert {"test", "docs"} <= set(extras.group(1).split(",")), install_and_test
+    assert "pytest" in install_and_test
     ci = (ROOT / ".ci" / "run").read_text()
     assert install_and_test in ci.splitlines()
 
