@@ -76,6 +76,8 @@ __all__ = [
     "layout",
     "same_layout",
     "call_model",
+    "call_args",
+    "check_call",
     "prediction",
     "compute_loss",
     "model_device",
@@ -200,15 +202,19 @@ def batch_size(
         if t.dim() == 0:
             raise error(f"{what}: input {label} is a scalar; every input needs the examples on axis 0")
         sizes.append((label, t.shape[0]))
-    if isinstance(targets, torch.Tensor) and targets.dim() > 0:
-        sizes.append(("targets", targets.shape[0]))
     if len({n for _, n in sizes}) > 1:
         listed = ", ".join(f"{label}: {n}" for label, n in sizes)
         raise error(
-            f"{what}: the tensors disagree on the number of examples (axis 0): {listed}; every "
-            f"input and the targets need one row per example"
+            f"{what}: the input tensors disagree on the number of examples (axis 0): {listed}; "
+            f"every input needs one row per example"
         )
-    return sizes[0][1]
+    n = sizes[0][1]
+    if isinstance(targets, torch.Tensor) and targets.dim() > 0 and len(targets) != n:
+        raise error(
+            f"{what}: x has {n} samples but y has shape {tuple(targets.shape)}; pass one target "
+            f"per sample"
+        )
+    return n
 
 
 def take(inputs: Inputs, index: slice | torch.Tensor) -> Inputs:
@@ -318,6 +324,20 @@ def same_layout(a: Inputs, b: Inputs) -> str | None:
 
 
 # --------------------------------------------------------------------------- calling the model
+
+
+def call_args(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments that pass ``inputs`` to a model."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple):
+        return inputs, {}
+    return (inputs,), {}
+
+
+def check_call(model: nn.Module, inputs: Inputs, error: ErrorType = BatchError) -> None:
+    """Refuse inputs the model's ``forward`` cannot take (see :func:`call_model`)."""
+    _check_signature(model, inputs, error)
 
 
 def _check_signature(model: nn.Module, inputs: Inputs, error: ErrorType) -> None:
