@@ -83,6 +83,7 @@ __all__ = [
     "model_device",
     "model_dtype",
     "attributes_kept",
+    "dropout_off",
 ]
 
 
@@ -501,3 +502,31 @@ def attributes_kept(modules: nn.Module | list[nn.Module]) -> Iterator[None]:
             for key, value in before.items():
                 if now.get(key, _MISSING) is not value:
                     now[key] = value
+
+
+@contextmanager
+def dropout_off(model: nn.Module) -> Iterator[None]:
+    """Every dropout of ``model`` switched off, also the rates that attention passes to SDPA.
+
+    ``nn.Dropout`` modules go to eval mode with ``p = 0``, and float
+    attributes whose name contains ``dropout`` (``attention_dropout``) are set
+    to 0: Hugging Face attention passes such a rate to
+    ``F.scaled_dot_product_attention`` whenever the attention module is in
+    training mode, whatever its dropout submodule's mode. Everything is put
+    back on exit (flags by the caller's :func:`normprobe.state.preserved`).
+    """
+    saved: list[tuple[nn.Module, str, Any]] = []
+    try:
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
+                saved.append((m, "p", m.p))
+                m.p = 0.0
+            for key, value in list(vars(m).items()):
+                if "dropout" in key and isinstance(value, float) and not isinstance(value, bool):
+                    saved.append((m, key, value))
+                    setattr(m, key, 0.0)
+        yield
+    finally:
+        for m, key, value in reversed(saved):
+            setattr(m, key, value)

@@ -78,6 +78,7 @@ from normprobe.batch import (
     check_call,
     chunk_batch,
     compute_loss,
+    dropout_off,
     is_batch,
     prediction,
     split_batch,
@@ -771,9 +772,8 @@ class HessianOperator:
             stack.enter_context(attributes_kept(self.model))
             if self.norm_mode == "train":
                 self.model.train()
-                for m in self.model.modules():
-                    if isinstance(m, nn.modules.dropout._DropoutNd):
-                        m.eval()  # a random operator would make Lanczos meaningless
+                # a random operator would make Lanczos meaningless; attention dropout included
+                stack.enter_context(dropout_off(self.model))
                 stack.enter_context(frozen_statistics(self.model))
             else:
                 self.model.eval()

@@ -39,6 +39,7 @@ from normprobe.batch import (
     Inputs,
     attributes_kept,
     call_model,
+    dropout_off,
     check_inputs,
     model_device,
     model_dtype,
@@ -319,8 +320,8 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
 
     Inside: ``mode`` ("train": batch-statistic normalizers use the batch's
     statistics, as in training; "eval": running statistics), running
-    statistics frozen (never updated), dropout modules in eval mode (a probe
-    measures the network, not its dropout noise), and the global random state
+    statistics frozen (never updated), dropout off (:func:`normprobe.batch.dropout_off`,
+    attention dropout included: a probe measures the network, not its dropout noise), and the global random state
     forked and seeded with ``seed`` (any other randomness in the model, e.g.
     attention dropout, is reproducible and the caller's random state is left
     alone). On exit, buffers, ``.grad``, ``training`` flags, ``requires_grad``
@@ -342,9 +343,8 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
         stack.enter_context(_forked_random_state(model, seed))
         if any(m.training != training for m in modules):
             model.train(training)
-        for m in modules:
-            if training and isinstance(m, nn.modules.dropout._DropoutNd):
-                m.eval()
+        if training:
+            stack.enter_context(dropout_off(model))
         yield model
 
 
