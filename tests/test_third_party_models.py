@@ -11,8 +11,10 @@ download.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -355,3 +357,25 @@ def test_no_warning_or_output_on_a_float64_gpt2() -> None:
         warnings.simplefilter("error")
         spec = normprobe.hessian_spectrum(model, _lm_loss, batch, what="trace", trace_samples=2)
     assert torch.isfinite(torch.tensor(spec.trace))
+
+
+@pytest.mark.slow
+def test_the_readme_s_own_model_example_reports_what_the_readme_says(monkeypatch) -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Your own model", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)\n```", section, flags=re.S).group(1)
+    seen: dict[str, object] = {}
+    real = normprobe.hessian_spectrum
+
+    def recording(*args: object, **kwargs: object) -> object:
+        seen["spec"] = real(*args, **kwargs)
+        return seen["spec"]
+
+    monkeypatch.setattr(normprobe, "hessian_spectrum", recording)
+    namespace: dict[str, object] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    spec = seen["spec"]
+    assert spec.num_classes == 32 and spec.dim == 7360
+    assert spec.top_eigenvalues == pytest.approx([7.32, 6.79, 5.76], abs=0.006)
+    assert spec.outlier_ratio == pytest.approx(5.21, abs=0.006)
+    assert "rms" in type(namespace["model"].transformer.ln_f.inner).__name__.lower()
