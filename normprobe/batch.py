@@ -125,13 +125,15 @@ def check_inputs(inputs: Any, what: str = "inputs", error: ErrorType = BatchErro
         )
     if isinstance(inputs, Mapping):
         if not any(isinstance(v, torch.Tensor) for v in inputs.values()):
-            raise error(
-                f"{what} is a mapping without any tensor ({list(inputs)!r}); {_CONTRACT}"
-            )
+            raise error(f"{what} is a mapping without any tensor ({list(inputs)!r}); {_CONTRACT}")
         if not all(isinstance(k, str) for k in inputs):
-            raise error(f"{what}: a mapping of inputs needs string keyword names, got {list(inputs)!r}")
+            raise error(
+                f"{what}: a mapping of inputs needs string keyword names, got {list(inputs)!r}"
+            )
         return dict(inputs)
-    raise error(f"{what} must be a tensor, a tuple or a dict of tensors, got {type(inputs).__name__}")
+    raise error(
+        f"{what} must be a tensor, a tuple or a dict of tensors, got {type(inputs).__name__}"
+    )
 
 
 def is_batch(obj: Any) -> bool:
@@ -201,7 +203,9 @@ def batch_size(
     sizes = []
     for label, t in input_tensors(inputs):
         if t.dim() == 0:
-            raise error(f"{what}: input {label} is a scalar; every input needs the examples on axis 0")
+            raise error(
+                f"{what}: input {label} is a scalar; every input needs the examples on axis 0"
+            )
         sizes.append((label, t.shape[0]))
     if len({n for _, n in sizes}) > 1:
         listed = ", ".join(f"{label}: {n}" for label, n in sizes)
@@ -380,7 +384,9 @@ def call_model(model: nn.Module, inputs: Inputs, error: ErrorType = BatchError) 
     return model(inputs)
 
 
-def prediction(outputs: Any, pick: OutputPick = None, error: ErrorType = BatchError) -> torch.Tensor:
+def prediction(
+    outputs: Any, pick: OutputPick = None, error: ErrorType = BatchError
+) -> torch.Tensor:
     """The prediction in a model's outputs, by the module's rule or by ``pick``.
 
     >>> prediction((torch.zeros(2), torch.ones(3))).shape
@@ -421,7 +427,9 @@ def prediction(outputs: Any, pick: OutputPick = None, error: ErrorType = BatchEr
         return chosen
     if isinstance(outputs, torch.Tensor):
         return outputs
-    logits = outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+    logits = (
+        outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+    )
     if isinstance(logits, torch.Tensor):
         return logits
     if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
@@ -450,7 +458,9 @@ def compute_loss(
 ) -> torch.Tensor:
     """``loss_fn(prediction(outputs), targets)``, or the model's own loss when ``loss_fn`` is None."""
     if loss_fn is None:
-        own = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+        own = (
+            outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+        )
         if not isinstance(own, torch.Tensor):
             raise error(
                 f"loss_fn=None takes the model's own loss (outputs.loss), but the model returned "

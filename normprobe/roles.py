@@ -36,7 +36,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -104,6 +103,7 @@ def is_normalizer(module: nn.Module) -> bool:
     feature): ``LlamaRMSNorm``, ``T5LayerNorm``; weight-norm
     parametrizations (``_WeightNorm``) do not.
 
+    >>> import torch
     >>> class LlamaRMSNorm(nn.Module):
     ...     def __init__(self):
     ...         super().__init__()
@@ -229,6 +229,4 @@ def find_blocks(model: nn.Module) -> dict[str, nn.Module]:
             if counts[type(child)] >= 2 and _composite(child):
                 candidates[f"{name}.{child_name}" if name else child_name] = child
     names = list(candidates)
-    return {
-        n: m for n, m in candidates.items() if not any(o.startswith(n + ".") for o in names)
-    }
+    return {n: m for n, m in candidates.items() if not any(o.startswith(n + ".") for o in names)}

@@ -13,7 +13,9 @@ pytest.importorskip("transformers")
 
 
 @pytest.mark.slow
-def test_a_hugging_face_factory_trains_on_text_with_swapped_norms(tmp_path: Path, monkeypatch) -> None:
+def test_a_hugging_face_factory_trains_on_text_with_swapped_norms(
+    tmp_path: Path, monkeypatch
+) -> None:
     package = tmp_path / "hfpkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -41,12 +43,20 @@ def test_a_hugging_face_factory_trains_on_text_with_swapped_norms(tmp_path: Path
         },
         "train": {"optimizer": "adam", "lr": 0.003, "batch_size": 8, "steps": 4},
         "probes": {"representation": {"pairing": "independent"}, "schedule": [0, 4]},
-        "hessian": {"schedule": [4], "pieces": ["top"], "top_k": 2, "outlier_k": 2, "chunk_size": 8},
+        "hessian": {
+            "schedule": [4],
+            "pieces": ["top"],
+            "top_k": 2,
+            "outlier_k": 2,
+            "chunk_size": 8,
+        },
     }
     results = analyze(config, out=tmp_path / "out", quiet=True)
     assert set(results.runs["status"]) == {"done"}
     metrics = results.metrics
-    assert {"train_loss", "test_loss", "grad_norm", "repr_corr_independent"} <= set(metrics["metric"])
+    assert {"train_loss", "test_loss", "grad_norm", "repr_corr_independent"} <= set(
+        metrics["metric"]
+    )
     # the representations are the blocks' outputs, the gradients every Conv1D and lm_head
     layers = set(metrics.query("metric == 'repr_corr_independent'")["layer"])
     assert {"transformer.h.0", "transformer.h.1"} <= layers

@@ -29,7 +29,9 @@ def test_split_batch_takes_tensor_tuple_and_dict_inputs_and_says_what_is_wrong()
     assert split_batch((x, y))[0] is x
     assert split_batch([(x, m), None])[0] == (x, m)
     assert list(split_batch(({"a": x, "use_cache": False}, y))[0]) == ["a", "use_cache"]
-    with pytest.raises(BatchError, match=r"must be an \(inputs, targets\) pair, got tuple of length 3"):
+    with pytest.raises(
+        BatchError, match=r"must be an \(inputs, targets\) pair, got tuple of length 3"
+    ):
         split_batch((x, m, y))
     with pytest.raises(BatchError, match="targets must be a tensor or None, got list"):
         split_batch((x, [0, 1]))
@@ -47,7 +49,9 @@ def test_chunks_and_device_moves_cut_and_cast_every_tensor_alike() -> None:
     chunks = chunk_batch({"x": x, "ids": ids, "flag": True}, ids * 2, 3)
     assert [len(c[0]["x"]) for c in chunks] == [4, 3, 3]
     for inputs, targets in chunks:  # rows stay together
-        assert torch.equal(inputs["x"][:, 0].long(), inputs["ids"]) and torch.equal(targets, inputs["ids"] * 2)
+        assert torch.equal(inputs["x"][:, 0].long(), inputs["ids"]) and torch.equal(
+            targets, inputs["ids"] * 2
+        )
         assert inputs["flag"] is True
     moved = to_device((x, ids), torch.device("cpu"), torch.float64)
     assert moved[0].dtype == torch.float64 and moved[1].dtype == torch.int64  # ids keep theirs

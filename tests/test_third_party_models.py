@@ -110,7 +110,9 @@ def _bert_batches() -> tuple[tuple, tuple]:
         ids = torch.randint(1, V, (N, T), generator=g)
         mask = torch.ones(N, T, dtype=torch.long)
         mask[: N // 2, -2:] = 0  # padding at the end of half the sequences
-        out.append(({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 3, (N,), generator=g)))
+        out.append(
+            ({"input_ids": ids, "attention_mask": mask}, torch.randint(0, 3, (N,), generator=g))
+        )
     return out[0], out[1]
 
 
@@ -149,9 +151,7 @@ WEIGHT_LAYERS = {
         )
     ]
     + ["bert.pooler.dense", "classifier"],
-    "resnet": ["stem"]
-    + [f"layer1.{i}.conv{j}" for i in range(2) for j in (1, 2)]
-    + ["fc"],
+    "resnet": ["stem"] + [f"layer1.{i}.conv{j}" for i in range(2) for j in (1, 2)] + ["fc"],
 }
 BLOCKS = {
     "gpt2": ["transformer.h.0", "transformer.h.1"],
@@ -194,19 +194,25 @@ def test_every_probe_and_the_hessian_run_cover_the_rule_and_leave_the_model(case
 
     grads = gradient_norms(model, loss_fn, a)
     assert grads.query("metric == 'grad_norm'")["layer"].tolist() == WEIGHT_LAYERS[case]
-    assert grads["value"].notna().all() and (grads.query("metric == 'grad_norm'")["value"] > 0).all()
+    assert (
+        grads["value"].notna().all() and (grads.query("metric == 'grad_norm'")["value"] > 0).all()
+    )
     assert grads["layer_rule"].iloc[0].startswith("weights: modules owning a weight")
     corr = gradient_correlation(model, loss_fn, a, b)
     assert corr["layer"].tolist() == WEIGHT_LAYERS[case] and corr["value"].between(-1, 1).all()
     stats = gradient_statistics(model, loss_fn, a, b)
     assert set(stats["metric"]) == {"grad_corr", "grad_norm", "grad_norm_ratio"}
     with_norms = gradient_norms(model, loss_fn, a, embeddings=True, norms=True)
-    assert set(with_norms["role"]) == {"weight", "norm"} | ({"embedding"} if case != "resnet" else set())
+    assert set(with_norms["role"]) == {"weight", "norm"} | (
+        {"embedding"} if case != "resnet" else set()
+    )
 
     if case == "resnet":
         rep = representation_correlation(model, _inputs(a))
     else:  # token ids: no noise, a second batch
-        rep = representation_correlation(model, _inputs(a), pairing="independent", x_other=_inputs(b))
+        rep = representation_correlation(
+            model, _inputs(a), pairing="independent", x_other=_inputs(b)
+        )
     assert rep["layer"].tolist() == ["input", *BLOCKS[case]]
     assert rep["layer_rule"].iloc[0].startswith("blocks:")
     assert rep["value"].between(-1, 1).all()
@@ -290,7 +296,9 @@ def test_changing_the_attention_mask_changes_the_probes() -> None:
     assert (diff.iloc[1:] > 1e-6).all()
     g_padded = gradient_norms(model, F.cross_entropy, (inputs, targets))
     g_full = gradient_norms(model, F.cross_entropy, (full, targets))
-    assert not torch.allclose(torch.tensor(g_padded["value"].values), torch.tensor(g_full["value"].values))
+    assert not torch.allclose(
+        torch.tensor(g_padded["value"].values), torch.tensor(g_full["value"].values)
+    )
 
 
 def test_a_dropped_input_is_caught() -> None:
@@ -300,9 +308,7 @@ def test_a_dropped_input_is_caught() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.embed = nn.Embedding(V, 8)
-            self.blocks = nn.ModuleList(
-                nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2)
-            )
+            self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2))
 
         def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             h = self.embed(ids) * mask[..., None]
@@ -328,7 +334,9 @@ def test_a_dropped_input_is_caught() -> None:
         representation_correlation(resnet, (x, y))
     with pytest.raises(ProbeError, match=r"cannot take the inputs, a dict with keys \['ids'\]"):
         representation_correlation(model, {"ids": ids}, pairing="within")
-    with pytest.raises(ProbeError, match=r"must be an \(inputs, targets\) pair, got tuple of length 3"):
+    with pytest.raises(
+        ProbeError, match=r"must be an \(inputs, targets\) pair, got tuple of length 3"
+    ):
         gradient_norms(model, F.cross_entropy, (ids, ones, ids))
     with pytest.raises(ProbeError, match="disagree on the number of examples"):
         gradient_norms(model, None, ((ids, ones[:3]), None))
@@ -345,7 +353,9 @@ def test_the_model_s_own_loss_and_a_named_output() -> None:
     # (Hugging Face's loss upcasts the logits with .float(): float32, even for a float64 model)
     assert own["value"].tolist() == pytest.approx(mine["value"].tolist(), rel=1e-6)
     named = gradient_norms(model, _lm_loss, ({"input_ids": x}, y), output="logits")
-    assert named["value"].tolist() == pytest.approx(gradient_norms(model, _lm_loss, (x, y))["value"].tolist())
+    assert named["value"].tolist() == pytest.approx(
+        gradient_norms(model, _lm_loss, (x, y))["value"].tolist()
+    )
     with pytest.raises(ProbeError, match=r"output='hidden' names no key or attribute"):
         gradient_norms(model, _lm_loss, (x, y), output="hidden")
 

@@ -136,7 +136,9 @@ def parameter_roles(model: nn.Module) -> dict[str, str]:
     """
     roles = {}
     for module_name, module in model.named_modules():
-        role = "embedding" if is_embedding(module) else "norm" if is_normalizer(module) else "weight"
+        role = (
+            "embedding" if is_embedding(module) else "norm" if is_normalizer(module) else "weight"
+        )
         for name, _ in module.named_parameters(recurse=False, prefix=module_name):
             roles.setdefault(name, role)
     # parametrized weights: the originals live in module.parametrizations.weight

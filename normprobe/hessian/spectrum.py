@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from normprobe.hessian.distributed import ShardGroup, shard_group
 from normprobe.batch import OutputPick, batch_size, take
+from normprobe.hessian.distributed import ShardGroup, shard_group
 from normprobe.hessian.hvp import (
     Data,
     HessianOperator,

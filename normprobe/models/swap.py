@@ -187,7 +187,11 @@ def swap_norms(model: nn.Module, norm: str, **options: Any) -> list[str]:
         t for t in targets if not any(t[0].startswith(o[0] + ".") for o in targets if o is not t)
     ]
     problem = sequence_problem(spec.name, "post") if spec.name != "none" else None
-    if problem is not None and any(kind == "last" for _, _, kind in targets) and _has_attention(model):
+    if (
+        problem is not None
+        and any(kind == "last" for _, _, kind in targets)
+        and _has_attention(model)
+    ):
         last = [name for name, _, kind in targets if kind == "last"]
         raise NormalizerError(
             f"normalizer {spec.name!r} cannot replace the last-axis normalization layers of a model "

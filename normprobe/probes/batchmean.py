@@ -90,9 +90,7 @@ def _affine_off(module: nn.Module) -> Iterator[None]:
         module._parameters.update(saved)
 
 
-def batch_mean(
-    model: nn.Module, x: Inputs, *, mode: Mode = "train", seed: int = 0
-) -> pd.DataFrame:
+def batch_mean(model: nn.Module, x: Inputs, *, mode: Mode = "train", seed: int = 0) -> pd.DataFrame:
     """``R_l`` (metric ``batch_mean_sq``) of every normalization layer on minibatch ``x``.
 
     One row per call of a normalization layer, in call order (``depth`` 1,

@@ -39,8 +39,8 @@ from normprobe.batch import (
     Inputs,
     attributes_kept,
     call_model,
-    dropout_off,
     check_inputs,
+    dropout_off,
     model_device,
     model_dtype,
     split_batch,
@@ -96,6 +96,7 @@ MODES: tuple[str, ...] = ("train", "eval")
 #: the default representation rules (see :func:`select_layers`); a model may name one for
 #: itself with a class attribute ``representation_layers``
 REPRESENTATION_RULES: tuple[str, ...] = ("activations", "blocks", "normalizers", "weights")
+
 
 @dataclass(frozen=True)
 class LayerCall:

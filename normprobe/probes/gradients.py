@@ -215,9 +215,7 @@ def _role(module: nn.Module) -> str:
 
 def frozen_before(probe: Probe) -> dict[str, bool]:
     """Module name -> whether its weight is frozen in the model (read before the probe is entered)."""
-    return {
-        name: owns_weight(m) and is_frozen(m) for name, m in probe.selected.items()
-    }
+    return {name: owns_weight(m) and is_frozen(m) for name, m in probe.selected.items()}
 
 
 def _summed(tensors: list[torch.Tensor]) -> torch.Tensor:

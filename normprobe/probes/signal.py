@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from normprobe.batch import (
-    layout as _layout,
     Inputs,
     batch_size,
     flat_inputs,
@@ -42,6 +41,9 @@ from normprobe.batch import (
     inputs_equal,
     map_floating,
     same_layout,
+)
+from normprobe.batch import (
+    layout as _layout,
 )
 from normprobe.probes.capture import (
     LayerCall,

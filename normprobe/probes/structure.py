@@ -44,15 +44,17 @@ import torch
 from torch import nn
 
 from normprobe.batch import (
-    layout as _layout,
     Inputs,
-    call_model,
     batch_size,
+    call_model,
     concat,
     inputs_equal,
     prediction,
     same_layout,
     take,
+)
+from normprobe.batch import (
+    layout as _layout,
 )
 from normprobe.probes.capture import (
     Layers,

@@ -34,7 +34,9 @@ def _seq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _data(n: int = 6, t: int = 5, d: int = 4, k: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return torch.randn(n, t, d, generator=g, dtype=torch.float64), torch.randint(0, k, (n, t), generator=g)
+    return torch.randn(n, t, d, generator=g, dtype=torch.float64), torch.randint(
+        0, k, (n, t), generator=g
+    )
 
 
 def _exact(model: nn.Module, loss_fn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -61,7 +63,9 @@ def test_multihead_attention_on_cpu_matches_the_exact_hessian() -> None:
         v = torch.randn(op.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         torch.testing.assert_close(op.matvec(v), exact @ v, rtol=1e-9, atol=1e-12)
     spec = hessian_spectrum(model, _seq_loss, (x, y), what="top", k=2, num_classes=3)
-    assert spec.top_eigenvalues == pytest.approx(torch.linalg.eigvalsh(exact).flip(0)[:2].numpy(), rel=1e-7)
+    assert spec.top_eigenvalues == pytest.approx(
+        torch.linalg.eigvalsh(exact).flip(0)[:2].numpy(), rel=1e-7
+    )
 
 
 @pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
@@ -74,7 +78,9 @@ def test_half_precision_models_get_float32_products_not_nan(low: torch.dtype) ->
     reference.load_state_dict({k: v.float() for k, v in half.state_dict().items()})
     spec = hessian_spectrum(half, F.cross_entropy, (x.to(low), y), what=("top", "trace"), k=3)
     # the same parameters, and the half inputs, in float32: the same products
-    ref = hessian_spectrum(reference, F.cross_entropy, (x.to(low).float(), y), what=("top", "trace"), k=3)
+    ref = hessian_spectrum(
+        reference, F.cross_entropy, (x.to(low).float(), y), what=("top", "trace"), k=3
+    )
     assert spec.model_dtype == str(low).replace("torch.", "") and spec.product_dtype == "float32"
     assert torch.isfinite(torch.as_tensor(spec.top_eigenvalues)).all()
     assert spec.top_eigenvalues == pytest.approx(ref.top_eigenvalues, rel=1e-4)
@@ -99,7 +105,10 @@ def test_k_comes_from_an_explicit_classes_axis_never_the_sequence_axis() -> None
         warnings.simplefilter("always")
         spec = hessian_spectrum(model, _seq_loss, (x, y), what="top", k=2)
     assert spec.num_classes is None and len(spec.top.values) == 2  # no 7 eigenvalues computed
-    assert any("outlier ratio not computed" in str(w.message) and "num_classes=" in str(w.message) for w in caught)
+    assert any(
+        "outlier ratio not computed" in str(w.message) and "num_classes=" in str(w.message)
+        for w in caught
+    )
     assert "outlier_ratio" not in set(spec.to_frame()["metric"])
     model.classes_last = True
     assert hessian_spectrum(model, _seq_loss, (x, y), what="top", k=2).num_classes == 3
@@ -129,7 +138,10 @@ def test_gradient_probes_and_the_hessian_share_and_report_the_layer_options() ->
     spec = hessian_spectrum(net, F.cross_entropy, (ids, y), what="trace", trace_samples=2)
     assert spec.excluded == {"2.weight": "frozen", "2.bias": "frozen"}
     frame = spec.to_frame().query("metric == 'excluded_param'")
-    assert frame[["layer", "reason"]].values.tolist() == [["2.weight", "frozen"], ["2.bias", "frozen"]]
+    assert frame[["layer", "reason"]].values.tolist() == [
+        ["2.weight", "frozen"],
+        ["2.bias", "frozen"],
+    ]
     only = hessian_spectrum(net, F.cross_entropy, (ids, y), what="trace", trace_samples=2,
                             embeddings=False, norms=False, frozen=True)  # fmt: skip
     assert only.dim == 4 * 4 + 4 + 4 * 3 + 3
@@ -163,7 +175,9 @@ def test_dict_inputs_and_no_targets_are_chunked_alike() -> None:
     v = torch.randn(whole.dim, dtype=torch.float64)
     # chunks of 4, 3, 3: sum_c (n_c / n) H_c equals the whole batch's Hessian for a per-example loss
     torch.testing.assert_close(chunked.matvec(v), whole.matvec(v))
-    untargeted = HessianOperator(model, loss_of_targets, ({"x": x, "scale": scale}, None), chunk_size=10)
+    untargeted = HessianOperator(
+        model, loss_of_targets, ({"x": x, "scale": scale}, None), chunk_size=10
+    )
     torch.testing.assert_close(untargeted.matvec(v), whole.matvec(v))
     with pytest.raises(HessianError, match=r"cannot take the inputs, a dict with keys \['x'\]"):
         HessianOperator(model, F.cross_entropy, ({"x": x}, y))

@@ -74,7 +74,9 @@ def test_every_per_token_normalizer_swaps_into_a_transformer(norm: str) -> None:
     torch.testing.assert_close(model(other)[0], out[0])
 
 
-@pytest.mark.parametrize("norm", ["batch", "batch-renorm", "bmlv", "lmbv", "batch-train", "instance"])
+@pytest.mark.parametrize(
+    "norm", ["batch", "batch-renorm", "bmlv", "lmbv", "batch-train", "instance"]
+)
 def test_normalizers_that_mix_tokens_are_refused_with_the_reason(norm: str) -> None:
     model = TinyLM(nn.LayerNorm)
     with pytest.raises(NormalizerError, match=r"cannot replace the last-axis.*norm.*causal mask"):
