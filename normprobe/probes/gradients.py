@@ -18,9 +18,11 @@ weight sums the uses.
 Default layers: every module owning a weight that runs (Linear, Conv,
 Hugging Face's ``Conv1D``, a user's own layer; :mod:`normprobe.roles`), in
 execution order (depth 1 is nearest the input; depth is the rank of a
-module's first call). ``embeddings=True``, ``norms=True`` and ``frozen=True``
-take embeddings, normalization gains and frozen weights too, as the Hessian's
-options of the same names do; the ``layer_rule`` column states the rule and
+module's first call). ``embeddings=True`` and ``norms=True`` take
+embeddings and normalization gains too, ``frozen=False`` leaves out frozen
+weights (taken by default, as before; the Hessian's defaults are the
+opposite: embeddings and norms in, frozen out), with the options of the same
+names as the Hessian's; the ``layer_rule`` column states the rule and
 what it left out, ``role`` and ``frozen`` describe each layer. A weight
 shared by two modules (GPT-2's ``lm_head`` and ``wte``) is one tensor: its
 gradient is the total over both uses, reported under each selected module.
