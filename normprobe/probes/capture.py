@@ -495,6 +495,16 @@ class Probe:
         return {c.label: c.depth for c in self._calls}
 
     @property
+    def not_run(self) -> list[str]:
+        """Selected modules that did not run as modules in the last pass (called functionally).
+
+        torch's ``nn.MultiheadAttention`` applies its ``out_proj`` through
+        ``F.multi_head_attention_forward``, so no hook sees it: a probe reports
+        such layers in its ``layer_rule`` rather than dropping them unsaid.
+        """
+        return [name for name in self.selected if name not in self._counts]
+
+    @property
     def activations(self) -> dict[str, torch.Tensor]:
         """Layer label -> detached copy of its output in the last pass (``capture="outputs"``)."""
         self._expect("outputs", "activations")

@@ -269,7 +269,17 @@ def gradient_norms(
     was_frozen = frozen_before(probe)
     with probe:
         grads = layer_gradients(probe, model, loss_fn, batch, output, was_frozen)
-    return _frame(_norm_rows(grads), mode, seed, probe.rule)
+        rule = _stated_rule(probe)
+    return _frame(_norm_rows(grads), mode, seed, rule)
+
+
+def _stated_rule(probe: Probe) -> str:
+    """The probe's layer rule, plus the selected modules that never ran as modules."""
+    missing = probe.not_run
+    if not missing:
+        return probe.rule
+    shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+    return f"{probe.rule}; not run as modules (no gradient row): {shown}"
 
 
 def _probe(
@@ -391,7 +401,8 @@ def _two_batches(
         calls_a = probe.calls
         grads_b = layer_gradients(probe, model, loss_fn, batch_b, output, was_frozen)
         check_same_layers(calls_a, probe.calls, "batch_a and batch_b")
-    return grads_a, grads_b, probe.rule
+        rule = _stated_rule(probe)
+    return grads_a, grads_b, rule
 
 
 def _corr_rows(

@@ -181,3 +181,15 @@ def test_dict_inputs_and_no_targets_are_chunked_alike() -> None:
     torch.testing.assert_close(untargeted.matvec(v), whole.matvec(v))
     with pytest.raises(HessianError, match=r"cannot take the inputs, a dict with keys \['x'\]"):
         HessianOperator(model, F.cross_entropy, ({"x": x}, y))
+
+
+def test_gradient_probes_say_which_weight_layers_never_ran_as_modules() -> None:
+    torch.manual_seed(0)
+    model = Attend().double()
+    x, y = _data()
+    frame = gradient_norms(model, _seq_loss, (x, y))
+    # MultiheadAttention applies out_proj functionally: no row, but said in the rule
+    assert frame.query("metric == 'grad_norm'")["layer"].tolist() == ["head"]
+    assert (
+        frame["layer_rule"].iloc[0].endswith("not run as modules (no gradient row): attn.out_proj")
+    )
