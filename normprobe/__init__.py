@@ -3,7 +3,7 @@
 Public API, grouped by topic:
 
 - normalizers: :func:`normalizers`, :data:`NORMS`, :func:`build_norm`
-- models: :func:`build_model`, :data:`MODELS`
+- models: :func:`build_model`, :data:`MODELS`, :func:`swap_norms` (norms in your own model)
 - data: :func:`load_dataset`, :data:`DATASETS`, :class:`Dataset`
 - probes: :func:`representation_correlation`, :func:`gradient_correlation`,
   :func:`gradient_norms`, :func:`growth_rate`, :func:`batch_dependence`,
@@ -26,6 +26,7 @@ from normprobe.data import DATASETS, Dataset, Split, load_dataset
 from normprobe.errors import NormprobeError
 from normprobe.hessian import HessianOperator, HessianSpectrum, hessian_spectrum
 from normprobe.models import MODELS, build_model
+from normprobe.models.swap import swap_norms
 from normprobe.norms import NORMS, normalizers
 from normprobe.norms import build as build_norm
 from normprobe.probes import (
@@ -55,6 +56,7 @@ __all__ = [
     # models
     "build_model",
     "MODELS",
+    "swap_norms",
     # data
     "load_dataset",
     "DATASETS",

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normprobe.batch import prediction
 from normprobe.state import frozen_statistics, preserved
 
 __all__ = [
@@ -234,7 +235,7 @@ def _evaluated(
     last = classes_last(model)
     total_loss, correct = 0.0, 0
     for start, stop, first in _split(len(x), batch_size, multiple):
-        out = model(x[start:stop].to(device))[first - start :]
+        out = prediction(model(x[start:stop].to(device)))[first - start :]
         loss, right = _scored(out, y[first:stop], last)
         total_loss, correct = total_loss + loss, correct + right
     return total_loss, correct
@@ -340,7 +341,7 @@ def evaluate_batch_stats(
             last = classes_last(model)
             total_loss, correct, count = 0.0, 0, 0
             for index in batches:
-                loss, right = _scored(model(x[index].to(device)), y[index], last)
+                loss, right = _scored(prediction(model(x[index].to(device))), y[index], last)
                 total_loss, correct = total_loss + loss, correct + right
                 count += y[index].numel()
             if count == 0:
@@ -479,7 +480,7 @@ def train(
             break
         index = next(batches)
         xb, yb = x_train[index].to(device), y_train[index].to(device)
-        loss = training_loss(model, model(xb), yb, regnorm_lambda)
+        loss = training_loss(model, prediction(model(xb)), yb, regnorm_lambda)
         value = loss.item()
         losses.append(value)
         if not math.isfinite(value):

@@ -5,7 +5,10 @@
   Hutchinson trace with its standard error, per-layer weight norms; returns
   a :class:`HessianSpectrum` (``density(grid, width)``, ``to_frame()``).
 - :class:`HessianOperator`: ``v -> H v`` for any model, loss and probe set
-  (chunks, ``norm_mode``, parameter subsets), also as a scipy ``LinearOperator``.
+  (chunks, ``norm_mode``, parameter subsets), also as a scipy ``LinearOperator``;
+  batches by the contract of :mod:`normprobe.batch` (tuple and dict inputs,
+  Hugging Face outputs), attention on the math SDPA kernel, half-precision
+  models in float32.
 - The math, free of models: :func:`lanczos`, :func:`gauss_quadrature`,
   :func:`stochastic_lanczos_quadrature`, :func:`hutchinson`,
   :func:`extreme_eigenpairs`, :func:`gaussian_density`, :func:`blas_threads`.
@@ -38,6 +41,8 @@ from normprobe.hessian.hvp import (
     LossFn,
     NormMode,
     ParamSelection,
+    excluded_parameters,
+    parameter_roles,
     select_parameters,
     split_chunks,
     weight_norms,
@@ -78,6 +83,8 @@ __all__ = [
     # the operator
     "HessianOperator",
     "select_parameters",
+    "excluded_parameters",
+    "parameter_roles",
     "split_chunks",
     "weight_norms",
     "LossFn",

@@ -65,8 +65,25 @@ import scipy.sparse.linalg
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
+from normprobe.batch import (
+    Inputs,
+    OutputPick,
+    Targets,
+    attributes_kept,
+    batch_size,
+    call_args,
+    check_call,
+    chunk_batch,
+    compute_loss,
+    dropout_off,
+    is_batch,
+    prediction,
+    split_batch,
+    to_device,
+)
 from normprobe.hessian.distributed import (
     ShardGroup,
     bits_checksum,
@@ -76,6 +93,7 @@ from normprobe.hessian.distributed import (
     shard_group,
 )
 from normprobe.hessian.lanczos import HessianError
+from normprobe.roles import is_embedding, is_normalizer
 from normprobe.state import frozen_statistics, preserved
 
 __all__ = [
@@ -86,29 +104,65 @@ __all__ = [
     "Data",
     "HessianOperator",
     "select_parameters",
+    "parameter_roles",
     "split_chunks",
+    "excluded_parameters",
     "weight_norms",
 ]
 
-#: ``loss_fn(output, target)`` returning the mean loss over the batch (a scalar)
+#: ``loss_fn(prediction, targets)`` returning the mean loss over the batch (a scalar)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``train``: per-chunk batch statistics, running statistics untouched; ``eval``: running statistics
 NormMode = Literal["train", "eval"]
 #: parameter names and/or module name prefixes, a submodule, or None for every trainable parameter
 ParamSelection = str | Sequence[str] | nn.Module | None
-Batch = tuple[torch.Tensor, torch.Tensor]
-#: one ``(x, y)`` probe set (split into chunks here) or an iterable of ``(x, y)`` chunks
+#: ``(inputs, targets)`` by the batch contract (:mod:`normprobe.batch`)
+Batch = tuple[Inputs, Targets]
+#: one ``(inputs, targets)`` probe set (split into chunks here) or an iterable of such chunks
 Data = Batch | Iterable[Batch] | Any
 
 NORM_MODES: tuple[str, ...] = ("train", "eval")
+#: model dtypes whose Hessian-vector products run in float32 (their own precision gives NaN)
+LOW_PRECISION: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
+
+
+def parameter_roles(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> role of the module that owns it: "embedding", "norm" or "weight".
+
+    Roles as :mod:`normprobe.roles` defines them; a bias has its layer's role.
+
+    >>> parameter_roles(nn.Sequential(nn.Embedding(5, 2), nn.LayerNorm(2), nn.Linear(2, 1)))
+    {'0.weight': 'embedding', '1.weight': 'norm', '1.bias': 'norm', '2.weight': 'weight', '2.bias': 'weight'}
+    """
+    roles = {}
+    for module_name, module in model.named_modules():
+        role = (
+            "embedding" if is_embedding(module) else "norm" if is_normalizer(module) else "weight"
+        )
+        for name, _ in module.named_parameters(recurse=False, prefix=module_name):
+            roles.setdefault(name, role)
+    # parametrized weights: the originals live in module.parametrizations.weight
+    for name, _ in model.named_parameters():
+        if name not in roles:
+            roles[name] = "weight"
+    return roles
 
 
 def select_parameters(
-    model: nn.Module, params: ParamSelection = None
+    model: nn.Module,
+    params: ParamSelection = None,
+    *,
+    embeddings: bool = True,
+    norms: bool = True,
+    frozen: bool = False,
 ) -> list[tuple[str, nn.Parameter]]:
     """The ``(name, parameter)`` pairs the Hessian is taken over, in the model's order.
 
-    ``None``: every parameter with ``requires_grad``. A string or a list of
+    ``None``: every parameter with ``requires_grad``, less the embeddings'
+    (``embeddings=False``) and the normalization layers' (``norms=False``),
+    plus the frozen ones with ``frozen=True``: the options the gradient
+    probes share (:mod:`normprobe.roles`); :func:`excluded_parameters` says
+    what was left out and why. A string or a list of
     strings: each is an exact parameter name or a module name whose
     parameters are all taken (``"blocks.0"``, ``"head"``). A module: its
     parameters (it must belong to ``model``).
@@ -123,11 +177,14 @@ def select_parameters(
     if not named:
         raise HessianError(f"{type(model).__name__} has no parameters to take a Hessian over")
     if params is None:
-        chosen = [(n, p) for n, p in named if p.requires_grad]
+        left_out = excluded_parameters(model, embeddings=embeddings, norms=norms, frozen=frozen)
+        chosen = [(n, p) for n, p in named if n not in left_out]
         if not chosen:
             raise HessianError(
-                "no parameter of the model requires grad; name the parameters to use with "
-                "params=... (frozen parameters are included when named)"
+                f"no parameter of the model requires grad or is taken by the rule (left out: "
+                f"{', '.join(f'{n} ({r})' for n, r in list(left_out.items())[:6])}); pass "
+                f"frozen=True, embeddings=True or norms=True, or name the parameters with "
+                f"params=... (frozen parameters are included when named)"
             )
         return chosen
     if isinstance(params, nn.Module):
@@ -159,6 +216,28 @@ def select_parameters(
     return [(n, p) for n, p in named if n in keep]
 
 
+def excluded_parameters(
+    model: nn.Module, *, embeddings: bool = True, norms: bool = True, frozen: bool = False
+) -> dict[str, str]:
+    """Parameter name -> why the default selection leaves it out ("frozen", "embedding", "norm").
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    >>> _ = net[0].bias.requires_grad_(False)
+    >>> excluded_parameters(net, norms=False)
+    {'0.bias': 'frozen', '1.weight': 'norm', '1.bias': 'norm'}
+    """
+    roles = parameter_roles(model)
+    left_out = {}
+    for name, p in model.named_parameters():
+        if roles[name] == "embedding" and not embeddings:
+            left_out[name] = "embedding"
+        elif roles[name] == "norm" and not norms:
+            left_out[name] = "norm"
+        elif not p.requires_grad and not frozen:
+            left_out[name] = "frozen"
+    return left_out
+
+
 def weight_norms(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
     """Frobenius norm of each named tensor (float), in order.
 
@@ -173,56 +252,55 @@ def weight_norms(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
 
 
 def _is_batch(obj: Any) -> bool:
-    if isinstance(obj, (tuple, list)) and len(obj) == 2:
-        return all(isinstance(t, torch.Tensor) for t in obj)
-    return isinstance(getattr(obj, "x", None), torch.Tensor) and isinstance(
-        getattr(obj, "y", None), torch.Tensor
-    )
+    return is_batch(obj)
 
 
 def _as_batch(obj: Any) -> Batch:
-    if isinstance(obj, (tuple, list)):
-        return obj[0], obj[1]
-    return obj.x, obj.y
+    return split_batch(obj, "data", HessianError)
 
 
 def split_chunks(data: Data, chunk_size: int = 128, *, allow_empty: bool = False) -> list[Batch]:
-    """The probe set as a list of ``(x, y)`` chunks.
+    """The probe set as a list of ``(inputs, targets)`` chunks (:mod:`normprobe.batch`).
 
-    A single ``(x, y)`` (or a ``normprobe.data.Split``) is cut into
+    A single batch (or a ``normprobe.data.Split``) is cut into
     ``ceil(n / chunk_size)`` chunks of nearly equal size (never a chunk of 1
-    that a batch-statistic normalizer could not take); an iterable of
-    ``(x, y)`` pairs is taken as the chunks, unchanged, read once.
-    ``allow_empty`` returns no chunks for an ``(x, y)`` of zero rows or an
-    empty iterable (a rank with no share of a sharded probe set) instead of
-    raising.
+    that a batch-statistic normalizer could not take), every input tensor and
+    the targets alike; an iterable of batches is taken as the chunks,
+    unchanged, read once. ``allow_empty`` returns no chunks for a batch of
+    zero rows or an empty iterable (a rank with no share of a sharded probe
+    set) instead of raising.
 
     >>> x, y = torch.zeros(10, 2), torch.zeros(10)
     >>> [len(c[0]) for c in split_chunks((x, y), chunk_size=4)]
     [4, 3, 3]
+    >>> mask = torch.ones(10, 2, dtype=torch.long)
+    >>> [len(c[0]["mask"]) for c in split_chunks(({"x": x, "mask": mask}, None), chunk_size=5)]
+    [5, 5]
     """
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise HessianError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if _is_batch(data):
         x, y = _as_batch(data)
-        if allow_empty and x.dim() > 0 and len(x) == 0 and y.dim() > 0 and len(y) == 0:
+        n = batch_size(x, y, "data", HessianError)
+        if allow_empty and n == 0:
             return []
         _check_pair(x, y, "data")
-        num = math.ceil(len(x) / chunk_size)
-        return list(zip(torch.tensor_split(x, num), torch.tensor_split(y, num)))
+        return chunk_batch(x, y, math.ceil(n / chunk_size))
     try:
         items = list(data)
     except TypeError:
         raise HessianError(
-            f"data must be an (x, y) pair of tensors or an iterable of (x, y) chunks, "
+            f"data must be an (inputs, targets) batch or an iterable of such chunks, "
             f"got {type(data).__name__}"
         ) from None
     chunks = []
     for i, item in enumerate(items):
         if not _is_batch(item):
             raise HessianError(
-                f"data chunk {i} is not an (x, y) pair of tensors (got {type(item).__name__}); "
-                f"pass (x, y) or an iterable of (x, y) pairs"
+                f"data chunk {i} is not an (x, y) pair of inputs and targets (got "
+                f"{type(item).__name__}); "
+                f"pass (x, y) or an iterable of (x, y) pairs, with x a tensor, a tuple or a dict "
+                f"of tensors and y a tensor or None"
             )
         x, y = _as_batch(item)
         _check_pair(x, y, f"data chunk {i}")
@@ -232,39 +310,15 @@ def split_chunks(data: Data, chunk_size: int = 128, *, allow_empty: bool = False
     return chunks
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor, what: str) -> None:
-    if x.dim() == 0 or len(x) == 0:
-        raise HessianError(f"{what}: x has no samples (shape {tuple(x.shape)})")
-    if y.dim() == 0 or len(y) != len(x):
+def _check_pair(x: Inputs, y: Targets, what: str) -> None:
+    n = batch_size(x, None, what, HessianError)
+    if n == 0:
+        raise HessianError(f"{what}: x has no samples (an empty batch)")
+    if y is not None and (y.dim() == 0 or len(y) != n):
         raise HessianError(
-            f"{what}: x has {len(x)} samples but y has shape {tuple(y.shape)}; "
+            f"{what}: x has {n} samples but y has shape {tuple(y.shape)}; "
             f"pass one target per sample"
         )
-
-
-@contextmanager
-def _attributes_kept(model: nn.Module) -> Iterator[None]:
-    """Put back every plain attribute a forward pass rebinds (e.g. RegNorm's ``penalty``).
-
-    :func:`normprobe.state.preserved` covers parameters, buffers, grads and
-    flags, but not a tensor a module stores as a plain attribute; such a
-    tensor would keep a whole autograd graph alive after the Hessian
-    computation. Attributes added during the block are removed.
-    """
-    saved = [(m, dict(vars(m))) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, before in saved:
-            now = vars(m)
-            for key in [k for k in now if k not in before]:
-                del now[key]
-            for key, value in before.items():
-                if now.get(key, _MISSING) is not value:
-                    now[key] = value
-
-
-_MISSING = object()
 
 
 def _weight_norm_decomposed(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -289,6 +343,22 @@ class _PlainWeightNorm(TorchFunctionMode):
         if func is torch._weight_norm:
             return _weight_norm_decomposed(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _compute_dtype(model_dtype: torch.dtype, asked: torch.dtype | None) -> torch.dtype:
+    """The dtype of the products: ``asked``, else float32 for a half-precision model, else its own.
+
+    float16 and bfloat16 second derivatives overflow or lose every digit (NaN
+    eigenvalues), so such a model's parameters, buffers and floating inputs
+    are cast for the Hessian's forward pass; the model itself is untouched.
+    """
+    if asked is None:
+        return torch.float32 if model_dtype in LOW_PRECISION else model_dtype
+    if asked not in (torch.float32, torch.float64):
+        raise HessianError(
+            f"the products' dtype must be torch.float32 or torch.float64, got {asked}"
+        )
+    return asked
 
 
 def _uses_weight_norm(model: nn.Module) -> bool:
@@ -330,8 +400,26 @@ class HessianOperator:
     invariant to the weight's scale), as google/spectral-density's
     ``normalize_model``.
 
-    Vectors may have any float dtype and come back in it; products run in
-    the model's dtype on its device. Use as a context manager (or call
+    ``data`` follows the batch contract (:mod:`normprobe.batch`): inputs a
+    tensor, a tuple (positional) or a dict (keyword arguments, e.g.
+    ``input_ids`` and ``attention_mask``), targets a tensor or None; the
+    loss is ``loss_fn(prediction, targets)`` with the prediction read by the
+    contract's rule or ``output=``, or the model's own ``outputs.loss`` when
+    ``loss_fn`` is None. ``params=None`` takes every trainable parameter;
+    ``embeddings=False``, ``norms=False`` leave out those layers' and
+    ``frozen=True`` adds the frozen ones (the gradient probes' options);
+    :attr:`excluded` lists what was left out and why. Attention through
+    ``F.scaled_dot_product_attention`` runs on its math kernel inside the
+    products (the fused kernels have no double backward). ``num_classes``
+    sets K for the outlier ratio; otherwise it is read from an ``(N, K)``
+    prediction, or the last axis of a model with ``classes_last = True``,
+    and left unknown (with :attr:`classes_problem`) for other shapes.
+
+    Vectors may have any float dtype and come back in it; products run on
+    the model's device in ``product_dtype``: by default the model's dtype,
+    float32 for a float16/bfloat16 model (whose own precision gives NaN);
+    parameters, buffers and floating inputs are cast for the Hessian's
+    forward pass only. A non-finite product raises a :class:`HessianError`. Use as a context manager (or call
     :meth:`release`) to free the cached graphs early.
 
     Several processes: when ``torch.distributed`` is initialized and the
@@ -358,7 +446,7 @@ class HessianOperator:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None,
         data: Data,
         *,
         params: ParamSelection = None,
@@ -368,9 +456,20 @@ class HessianOperator:
         graph_memory: int = 2 * 2**30,
         distributed: bool | None = None,
         process_group: Any = None,
+        output: OutputPick = None,
+        num_classes: int | None = None,
+        embeddings: bool = True,
+        norms: bool = True,
+        frozen: bool = False,
+        product_dtype: torch.dtype | None = None,
     ) -> None:
         #: the ranks sharing the probe set, or None for one process
         self.shards: ShardGroup | None = shard_group(distributed, process_group)
+        #: which part of the model's outputs is the prediction (:func:`normprobe.batch.prediction`)
+        self.output = output
+        #: which parameters the default selection takes (:func:`select_parameters`)
+        self.roles = {"embeddings": embeddings, "norms": norms, "frozen": frozen}
+        self._compute_dtype = product_dtype
         try:
             self._set_up(model, loss_fn, data, params, norm_mode, chunk_size, weight_scaled)
         except Exception as err:
@@ -385,9 +484,13 @@ class HessianOperator:
         else:
             self._agree(None)
         #: chunk weights ``n_c / n`` with ``n`` over every rank: summing the ranks' products gives ``H``
-        self.chunk_weights = [len(x) / self.num_samples for x, _ in self.chunks]
+        self.chunk_weights = [batch_size(x) / self.num_samples for x, _ in self.chunks]
         self.matvecs = 0
-        self.num_outputs: int | None = None
+        #: K, the number of classes: ``num_classes``, else read from the first pass's prediction
+        #: when its classes axis is certain (:meth:`_classes`); None otherwise
+        self.num_outputs: int | None = num_classes
+        #: why K could not be read from the outputs (None when it was, or was given)
+        self.classes_problem: str | None = None
         self.graph_bytes = 0
         self._graphs: list[_Graph | None] | None = None
         self._gradient: torch.Tensor | None = None
@@ -419,19 +522,25 @@ class HessianOperator:
         self.model = model
         self.loss_fn = loss_fn
         self.norm_mode: NormMode = norm_mode
-        self.named = select_parameters(model, params)
+        self.named = select_parameters(model, params, **self.roles)
+        #: parameters the default selection left out, with the reason ({} when params= names them)
+        self.excluded = excluded_parameters(model, **self.roles) if params is None else {}
         self.names = [n for n, _ in self.named]
         self.shapes = [p.shape for _, p in self.named]
         self.numels = [p.numel() for _, p in self.named]
         self.dim = int(sum(self.numels))
         first = self.named[0][1]
-        self.device, self.dtype = first.device, first.dtype
-        if not self.dtype.is_floating_point:
-            raise HessianError(f"parameters must be floating point, got {self.dtype}")
+        #: the model's own dtype, and ``dtype``, the one the products run in
+        self.device, self.model_dtype = first.device, first.dtype
+        if not self.model_dtype.is_floating_point:
+            raise HessianError(f"parameters must be floating point, got {self.model_dtype}")
+        self.dtype = _compute_dtype(self.model_dtype, self._compute_dtype)
         chunks = split_chunks(data, chunk_size, allow_empty=self.shards is not None)
         self.chunks = [self._to_model(x, y) for x, y in chunks]
+        for x, _ in self.chunks[:1]:
+            check_call(model, x, HessianError)
         #: this rank's sample count (all of them in one process)
-        self.local_samples = int(sum(len(x) for x, _ in self.chunks))
+        self.local_samples = int(sum(batch_size(x) for x, _ in self.chunks))
         self.chunk_size = chunk_size
         self.weight_scaled = weight_scaled
         self.scales = self._weight_scales() if weight_scaled else None
@@ -523,6 +632,13 @@ class HessianOperator:
             )
         if self.scales is not None:
             total *= self.scales
+        if not bool(torch.isfinite(total).all()):
+            raise HessianError(
+                f"a Hessian-vector product is not finite (model dtype "
+                f"{str(self.model_dtype).replace('torch.', '')}, products in "
+                f"{str(self.dtype).replace('torch.', '')}); the loss or its curvature overflows "
+                f"at these parameters: check that the loss is finite, or pass dtype=torch.float64"
+            )
         self.matvecs += 1
         self._versions = self._state_versions()
         return total.to(dtype=v.dtype, device=v.device)
@@ -632,10 +748,8 @@ class HessianOperator:
             self.num_outputs = int(max(r[0] for r in rows))
         return packed[:-1].to(self.dtype), float(packed[-1])
 
-    def _to_model(self, x: torch.Tensor, y: torch.Tensor) -> Batch:
-        if x.is_floating_point() and x.dtype != self.dtype:
-            x = x.to(self.dtype)
-        return x.to(self.device), y.to(self.device)
+    def _to_model(self, x: Inputs, y: Targets) -> Batch:
+        return to_device(x, self.device, self.dtype), None if y is None else y.to(self.device)
 
     def _weight_scales(self) -> torch.Tensor:
         scales = []
@@ -657,12 +771,11 @@ class HessianOperator:
     def _guard(self) -> Iterator[None]:
         with ExitStack() as stack:
             stack.enter_context(preserved(self.model))
-            stack.enter_context(_attributes_kept(self.model))
+            stack.enter_context(attributes_kept(self.model))
             if self.norm_mode == "train":
                 self.model.train()
-                for m in self.model.modules():
-                    if isinstance(m, nn.modules.dropout._DropoutNd):
-                        m.eval()  # a random operator would make Lanczos meaningless
+                # a random operator would make Lanczos meaningless; attention dropout included
+                stack.enter_context(dropout_off(self.model))
                 stack.enter_context(frozen_statistics(self.model))
             else:
                 self.model.eval()
@@ -675,7 +788,7 @@ class HessianOperator:
         self._tracked = list(self.model.parameters()) + list(self.model.buffers())
         if self.shards is not None:
             self._params_check = bits_checksum(
-                list(self.model.parameters()), mantissa_bits(self.dtype)
+                list(self.model.parameters()), mantissa_bits(self.model_dtype)
             )
         if self.weight_scaled:
             self.scales = self._weight_scales()
@@ -683,7 +796,7 @@ class HessianOperator:
         gradient = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         loss, used = 0.0, 0
         # the leaves of every chunk's graph: detached views of the selected parameters
-        self._leaves = [p.detach().requires_grad_(True) for _, p in self.named]
+        self._leaves = [self._cast(p).requires_grad_(True) for _, p in self.named]
         with self._guard():
             for chunk, weight in zip(self.chunks, self.chunk_weights):
                 graph = self._build(chunk, weight, measure=True)
@@ -707,9 +820,10 @@ class HessianOperator:
         values: dict[str, torch.Tensor] = dict(zip(self.names, leaves))
         for n, p in self.model.named_parameters():
             if n not in selected:
-                values[n] = p.detach()
+                values[n] = self._cast(p)
         for n, b in self.model.named_buffers():
-            values[n] = b.clone()  # a forward that updates buffers in place writes to the clone
+            # a forward that updates buffers in place writes to the clone
+            values[n] = self._cast(b) if self.dtype != self.model_dtype else b.clone()
         seen: dict[int, int] = {}
         exclude = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
 
@@ -729,8 +843,13 @@ class HessianOperator:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
             if self._weight_norm:
                 stack.enter_context(_PlainWeightNorm())
-            out = functional_call(self.model, values, (x,), strict=False)
-            loss = self.loss_fn(out, y)
+            # attention through F.scaled_dot_product_attention (nn.MultiheadAttention, Hugging
+            # Face's "sdpa") takes the math kernel, whose double backward exists; the fused CPU
+            # and GPU kernels have none
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            args, kwargs = call_args(x)
+            out = functional_call(self.model, values, args, kwargs, strict=False)
+            loss = compute_loss(self.loss_fn, out, y, self.output, HessianError)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
                 raise HessianError(
@@ -748,12 +867,46 @@ class HessianOperator:
                 allow_unused=True,
                 materialize_grads=True,
             )
-        if self.num_outputs is None and isinstance(out, torch.Tensor) and out.dim() >= 2:
-            # the number of classes: axis 1 (torch's convention), or the last axis for a model
-            # that declares its scores classes-last (a language model's (N, T, K))
-            last = getattr(self.model, "classes_last", False) is True
-            self.num_outputs = int(out.shape[-1] if last else out.shape[1])
+        if self.num_outputs is None and self.classes_problem is None:
+            self._classes(out)
         return _Graph(grads=grads, loss=float(loss.detach()) * weight, nbytes=sum(seen.values()))
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        """A detached copy of a parameter or buffer in the products' dtype (floating ones only)."""
+        t = t.detach()
+        return t.to(self.dtype) if t.is_floating_point() and t.dtype != self.dtype else t
+
+    def _classes(self, out: Any) -> None:
+        """K from an explicit classes axis of the prediction, never a guess (sets classes_problem).
+
+        ``(N, K)``: axis 1. More axes: the last one when the model says its
+        scores are classes-last (``classes_last = True``, as language models'
+        ``(N, T, K)``); otherwise axis 1 could be the sequence and the last a
+        feature, so K is not read and :attr:`classes_problem` says how to give it.
+        """
+        try:
+            pred = prediction(out, self.output, HessianError)
+        except HessianError:
+            if self.loss_fn is not None:
+                raise
+            pred = None  # the model's own loss: the prediction is not needed for the loss
+        if pred is None or pred.dim() < 2:
+            self.classes_problem = (
+                "the model's prediction has no classes axis (shape "
+                f"{None if pred is None else tuple(pred.shape)}); pass num_classes= for the "
+                f"outlier ratio"
+            )
+        elif pred.dim() == 2:
+            self.num_outputs = int(pred.shape[1])
+        elif getattr(self.model, "classes_last", False) is True:
+            self.num_outputs = int(pred.shape[-1])
+        else:
+            self.classes_problem = (
+                f"the model's prediction has shape {tuple(pred.shape)}, and which axis holds the "
+                f"classes is not declared (axis 1 may be a sequence, as in a language model's "
+                f"(N, T, V)); pass num_classes=, or set classes_last = True on the model when the "
+                f"last axis holds the classes"
+            )
 
     def _second_backward(
         self, graphs: Sequence[_Graph], parts: Sequence[torch.Tensor], *, keep: bool

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from normprobe.batch import OutputPick, batch_size, take
 from normprobe.hessian.distributed import ShardGroup, shard_group
 from normprobe.hessian.hvp import (
     Data,
@@ -79,7 +80,10 @@ class HessianSpectrum:
     scale as ``1/||w||^2``, so read spectra of different normalizers with
     them). ``matvecs`` and ``seconds`` per piece. ``num_samples`` and
     ``num_chunks`` count every rank's, ``world_size`` the ranks that shared
-    the probe set (1 in one process).
+    the probe set (1 in one process). ``excluded``: the parameters the
+    default selection left out, with the reason ("frozen", "embedding",
+    "norm"); ``product_dtype`` the dtype the Hessian-vector products ran in
+    (float32 for a float16/bfloat16 model, ``model_dtype``).
     """
 
     dim: int
@@ -110,6 +114,8 @@ class HessianSpectrum:
     seconds: dict[str, float] = field(default_factory=dict)
     messages: tuple[str, ...] = ()
     world_size: int = 1
+    excluded: dict[str, str] = field(default_factory=dict)
+    product_dtype: str = ""
 
     # -- derived values ----------------------------------------------------------------------
 
@@ -204,7 +210,9 @@ class HessianSpectrum:
         (with ``stderr``), ``trace_sample`` (``vector`` = probe), ``slq_node``
         (``vector`` = start vector, ``index`` = node, ``weight``, ``residual`` =
         Ritz residual norm),
-        ``weight_norm`` (``layer`` = parameter name). Eigenvalue rows carry
+        ``weight_norm`` (``layer`` = parameter name), ``excluded_param``
+        (``layer`` = a parameter the default selection left out, ``reason``
+        why; value NaN). Eigenvalue rows carry
         ``residual``, ``tolerance``, ``converged`` and ``matvecs`` (of that
         solve, residual checks included); node rows ``steps`` (Lanczos steps
         of that start vector); the trace row ``stderr`` and ``samples``.
@@ -255,7 +263,9 @@ class HessianSpectrum:
                     )
         for name, norm in self.weight_norms.items():
             rows.append({"metric": "weight_norm", "layer": name, "value": norm})
-        frame = pd.DataFrame(rows, columns=_COLUMNS[: _COLUMNS.index("layer") + 1])
+        for name, reason in self.excluded.items():
+            rows.append({"metric": "excluded_param", "layer": name, "reason": reason})
+        frame = pd.DataFrame(rows, columns=_COLUMNS[: _COLUMNS.index("reason") + 1])
         for col in ("index", "vector", "steps", "matvecs", "samples"):
             frame[col] = frame[col].astype("Int64")
         frame["converged"] = frame["converged"].astype("boolean")
@@ -300,6 +310,7 @@ _COLUMNS = [
     "matvecs",
     "samples",
     "layer",
+    "reason",
 ]
 
 
@@ -338,15 +349,16 @@ def _subsample(
         if not batch:
             return data
         x, y = _as_batch(data)
-        if len(x) <= n_samples:
+        n = batch_size(x, y, "data", HessianError)
+        if n <= n_samples:
             return x, y
         gen = torch.Generator().manual_seed(seed)
-        index = torch.randperm(len(x), generator=gen)[:n_samples].sort().values
-        return x[index.to(x.device)], y[index.to(y.device)]
+        index = torch.randperm(n, generator=gen)[:n_samples].sort().values
+        return take(x, index), None if y is None else y[index.to(y.device)]
     rows = 0
     if batch:
         x, y = _as_batch(data)
-        rows = len(x) if x.dim() > 0 else 0
+        rows = batch_size(x, y, "data", HessianError)
     table = shards.gather_ints([int(batch), rows], device)
     if len({kind for kind, _ in table}) > 1:
         raise HessianError(
@@ -361,7 +373,7 @@ def _subsample(
     gen = torch.Generator().manual_seed(seed)
     index = torch.randperm(total, generator=gen)[:n_samples].sort().values
     mine = index[(index >= offset) & (index < offset + rows)] - offset
-    return x[mine.to(x.device)], y[mine.to(y.device)]
+    return take(x, mine), None if y is None else y[mine.to(y.device)]
 
 
 def _selection_label(params: ParamSelection, op: HessianOperator, model: nn.Module) -> str:
@@ -398,17 +410,31 @@ def hessian_spectrum(
     seed: int = 0,
     distributed: bool | None = None,
     process_group: Any = None,
+    output: OutputPick = None,
+    embeddings: bool = True,
+    norms: bool = True,
+    frozen: bool = False,
+    product_dtype: torch.dtype | None = None,
 ) -> HessianSpectrum:
     """Hessian spectrum of the mean loss of ``model`` over a probe set (DESIGN.md, Probes 4).
 
-    ``data``: one ``(x, y)`` probe set, of which a seeded random subset of
-    ``n_samples`` rows is used (all rows if fewer or ``None``) and cut into
-    chunks of at most ``chunk_size``; or an iterable of ``(x, y)`` chunks
-    used as given. ``H = sum_c (n_c / n) H_c``; ``norm_mode`` picks batch
+    ``data``: one ``(inputs, targets)`` probe set by the batch contract
+    (:mod:`normprobe.batch`: inputs a tensor, a tuple or a dict such as
+    ``{"input_ids": ..., "attention_mask": ...}``, targets a tensor or None),
+    of which a seeded random subset of ``n_samples`` rows is used (all rows
+    if fewer or ``None``) and cut into chunks of at most ``chunk_size``; or
+    an iterable of such chunks used as given. The loss is
+    ``loss_fn(prediction, targets)`` (``output=`` picks the prediction;
+    ``loss_fn=None`` takes the model's own ``outputs.loss``). ``H = sum_c (n_c / n) H_c``; ``norm_mode`` picks batch
     statistics per chunk (``train``, running statistics untouched) or the
     running statistics (``eval``); ``params`` restricts the Hessian to some
-    parameters (a layer, a block) for per-layer spectra. The model is left
-    exactly as found.
+    parameters (a layer, a block) for per-layer spectra; by default every
+    trainable parameter, less embeddings (``embeddings=False``) or
+    normalization gains (``norms=False``), plus frozen ones with
+    ``frozen=True`` (the gradient probes' options; what is left out is in
+    :attr:`HessianSpectrum.excluded`). Attention runs on the math SDPA
+    kernel inside the products; a float16/bfloat16 model's products run in
+    float32 (``product_dtype`` to choose). The model is left exactly as found.
 
     ``what`` selects the pieces (each can be asked for alone):
 
@@ -418,10 +444,12 @@ def hessian_spectrum(
       100 steps in float64); raw nodes and weights kept, smoothed by
       :meth:`HessianSpectrum.density`.
     - ``top``: the ``k`` largest eigenvalues (at least ``K`` =
-      ``num_classes``, default the model's output width: axis 1 of its
-      output, the last axis for a model with ``classes_last = True`` such as
-      a language model's ``(N, T, K)`` scores) by ARPACK, and the outlier
-      ratio ``lambda_1 / lambda_K``.
+      ``num_classes``, by default read from an explicit classes axis: axis 1
+      of an ``(N, K)`` prediction, the last axis for a model with
+      ``classes_last = True`` such as a language model's ``(N, T, K)``
+      scores; for other shapes K is not guessed, the outlier ratio is not
+      reported and a warning says to pass ``num_classes=``) by ARPACK, and
+      the outlier ratio ``lambda_1 / lambda_K``.
     - ``smallest``: the smallest eigenvalue (ARPACK on ``lambda_1 I - H``).
     - ``trace``: Hutchinson with ``trace_samples`` Rademacher probes; the
       first ``num_vectors`` of them are the SLQ start vectors, and when the
@@ -470,6 +498,10 @@ def hessian_spectrum(
         raise HessianError(f"what must name pieces from {', '.join(PIECES)}, got {what!r}")
     if dtype not in (torch.float32, torch.float64):
         raise HessianError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise HessianError(f"num_classes must be a positive integer or None, got {num_classes!r}")
     for name, value in (("steps", steps), ("num_vectors", num_vectors), ("k", k)):
         if not isinstance(value, int) or value < 1:
             raise HessianError(f"{name} must be a positive integer, got {value!r}")
@@ -492,6 +524,12 @@ def hessian_spectrum(
         graph_memory=graph_memory,
         distributed=distributed,
         process_group=process_group,
+        output=output,
+        num_classes=num_classes,
+        embeddings=embeddings,
+        norms=norms,
+        frozen=frozen,
+        product_dtype=product_dtype,
     )
     both_double = dtype == torch.float64 and op.dtype == torch.float64
     coarse = torch.float64 if both_double else torch.float32
@@ -514,6 +552,8 @@ def hessian_spectrum(
         if K is None and "top" in pieces:
             op.loss()  # one pass over the data tells the output width
             K = op.num_outputs
+            if K is None and op.classes_problem is not None:
+                messages.append(f"outlier ratio not computed: {op.classes_problem}")
         quad = None
         if "density" in pieces:
             quad = timed(
@@ -618,7 +658,9 @@ def hessian_spectrum(
         norm_mode=norm_mode,
         params=_selection_label(params, op, model),
         dtype=str(dtype).replace("torch.", ""),
-        model_dtype=str(op.dtype).replace("torch.", ""),
+        model_dtype=str(op.model_dtype).replace("torch.", ""),
+        product_dtype=str(op.dtype).replace("torch.", ""),
+        excluded=dict(op.excluded),
         seed=seed,
         steps=steps,
         num_vectors=num_vectors,

@@ -10,6 +10,11 @@
   structural probes for the properties table (:mod:`normprobe.probes.structure`);
 - :class:`Probe`: the context manager they are built on, for writing new probes.
 
+Inputs and batches follow one contract (:mod:`normprobe.batch`): a tensor, a
+tuple of tensors (positional) or a dict (keyword arguments), with targets
+for the gradient probes; layers are chosen by role (:mod:`normprobe.roles`)
+and the ``layer_rule`` column says how.
+
 Each probe returns a tidy ``pandas.DataFrame`` (columns ``layer``, ``depth``,
 ``metric``, ``value``, ...), runs the model in train mode by default (batch
 statistics, as in training) without updating running statistics, and leaves

@@ -39,7 +39,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from normprobe.probes.capture import Mode, ProbeError, is_normalizer, session, to_model
+from normprobe.batch import Inputs, call_model
+from normprobe.probes.capture import Mode, ProbeError, inputs_of, is_normalizer, session, to_model
 
 __all__ = ["batch_mean", "batch_mean_sq"]
 
@@ -89,9 +90,7 @@ def _affine_off(module: nn.Module) -> Iterator[None]:
         module._parameters.update(saved)
 
 
-def batch_mean(
-    model: nn.Module, x: torch.Tensor, *, mode: Mode = "train", seed: int = 0
-) -> pd.DataFrame:
+def batch_mean(model: nn.Module, x: Inputs, *, mode: Mode = "train", seed: int = 0) -> pd.DataFrame:
     """``R_l`` (metric ``batch_mean_sq``) of every normalization layer on minibatch ``x``.
 
     One row per call of a normalization layer, in call order (``depth`` 1,
@@ -115,7 +114,7 @@ def batch_mean(
     with session(model, mode, seed), torch.no_grad():
         handles = [m.register_forward_pre_hook(record) for m in norms]
         try:
-            model(to_model(x, model))
+            call_model(model, to_model(inputs_of(x, "x"), model), ProbeError)
         finally:
             for handle in handles:
                 handle.remove()

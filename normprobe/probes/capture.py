@@ -1,8 +1,10 @@
 """Layer selection, execution-order depths and hooks for any ``torch.nn.Module``.
 
-A probe picks layers by module name, by type or by regex (default: every
-activation module, else every normalization module, else every Linear/Conv;
-DESIGN.md, Probes), runs the model, and numbers the layers in the order they
+A probe picks layers by module name, by type or by regex, or by role
+(:mod:`normprobe.roles`; default for representations: the model's blocks,
+else every activation module, else every normalization module, else every
+Linear/Conv; for gradients: every module owning a weight), runs the model
+on inputs given by the batch contract (:mod:`normprobe.batch`), and numbers the layers in the order they
 ran, so a model whose modules are registered out of order, or that calls one
 module twice, still gets the right depths. A module called ``k > 1`` times in
 one forward pass appears once per call, labelled ``name``, ``name#2``, ...
@@ -22,7 +24,6 @@ are removed and the model is left exactly as found (also on an exception).
 from __future__ import annotations
 
 import difflib
-import itertools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -34,7 +35,29 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from normprobe.batch import (
+    Inputs,
+    attributes_kept,
+    call_model,
+    check_inputs,
+    dropout_off,
+    model_device,
+    model_dtype,
+    split_batch,
+    to_device,
+)
 from normprobe.errors import NormprobeError
+from normprobe.roles import (
+    ACTIVATION_TYPES,
+    AFFINE_TYPES,
+    NORMALIZER_TYPES,
+    find_blocks,
+    is_activation,
+    is_affine,
+    is_normalizer,
+    weight_layers,
+    weight_rule,
+)
 from normprobe.state import frozen_statistics, preserved
 
 __all__ = [
@@ -46,6 +69,8 @@ __all__ = [
     "LayerCall",
     "Probe",
     "select_layers",
+    "resolve_layers",
+    "REPRESENTATION_RULES",
     "session",
     "ACTIVATION_TYPES",
     "NORMALIZER_TYPES",
@@ -68,55 +93,9 @@ Capture = Literal["outputs", "weights"]
 #: ``reduce(call, output)``: what a Probe keeps from one layer call's output
 Reduce = Callable[["LayerCall", torch.Tensor], Any]
 MODES: tuple[str, ...] = ("train", "eval")
-
-ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Hardtanh,  # and ReLU6
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Tanhshrink,
-    nn.LogSigmoid,
-    nn.Threshold,
-    nn.GLU,
-)
-NORMALIZER_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,  # BatchNorm*, InstanceNorm*, SyncBatchNorm
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.RMSNorm,
-    nn.LocalResponseNorm,
-)
-AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
-
-
-def is_activation(module: nn.Module) -> bool:
-    """An elementwise nonlinearity module (ReLU, GELU, Tanh, ...); not Identity or Softmax."""
-    return isinstance(module, ACTIVATION_TYPES)
-
-
-def is_normalizer(module: nn.Module) -> bool:
-    """torch's normalization layers, and any module whose class sets ``is_normalizer = True``."""
-    return getattr(type(module), "is_normalizer", False) is True or isinstance(
-        module, NORMALIZER_TYPES
-    )
-
-
-def is_affine(module: nn.Module) -> bool:
-    """A Linear or Conv layer (weight-parametrized ones included)."""
-    return isinstance(module, AFFINE_TYPES)
+#: the default representation rules (see :func:`select_layers`); a model may name one for
+#: itself with a class attribute ``representation_layers``
+REPRESENTATION_RULES: tuple[str, ...] = ("activations", "blocks", "normalizers", "weights")
 
 
 @dataclass(frozen=True)
@@ -144,21 +123,56 @@ def select_layers(
     layers: Layers = None,
     *,
     default: Literal["representations", "gradients"] = "representations",
+    embeddings: bool = False,
+    norms: bool = False,
+    frozen: bool = True,
 ) -> dict[str, nn.Module]:
     """The modules named by ``layers``, by qualified name, in registration order.
 
     ``layers`` is ``None`` (the default rule), a list of module names, a module
     type or tuple of types, or a regex matched against whole names. The
-    default rule for representations is DESIGN.md's: every activation module,
-    else every normalization module, else every Linear/Conv; for gradients it
-    is every Linear/Conv (the layers that own a weight). Depths are not known
-    here: they come from running the model (:class:`Probe`).
+    default rule for representations: every activation module, if there are
+    activation modules and some run inside the model's blocks (DESIGN.md;
+    an MLP's hidden layers, a ResNet whose ReLU follows the residual add);
+    else the blocks' outputs, i.e. the residual stream
+    (:func:`normprobe.roles.find_blocks`: GPT-2's ``transformer.h.{i}``, a
+    ResNet with ``F.relu``, ``nn.TransformerEncoder``'s layers); else every
+    activation module, else every normalization module, else every
+    Linear/Conv. A model may choose one of these rules for itself with a
+    class attribute ``representation_layers`` ("activations", "blocks",
+    "normalizers" or "weights"), e.g. a transformer whose ``nn.GELU``
+    modules would otherwise be taken.
+    For gradients: every module owning a weight
+    (:func:`normprobe.roles.weight_layers`, with the ``embeddings``, ``norms``
+    and ``frozen`` options). Depths are not known here: they come from
+    running the model (:class:`Probe`). :func:`resolve_layers` also says
+    which rule chose them.
 
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     >>> list(select_layers(net)), list(select_layers(net, default="gradients"))
     (['1'], ['0', '2'])
     >>> list(select_layers(net, r"[02]"))
     ['0', '2']
+    """
+    return resolve_layers(
+        model, layers, default=default, embeddings=embeddings, norms=norms, frozen=frozen
+    )[0]
+
+
+def resolve_layers(
+    model: nn.Module,
+    layers: Layers = None,
+    *,
+    default: Literal["representations", "gradients"] = "representations",
+    embeddings: bool = False,
+    norms: bool = False,
+    frozen: bool = True,
+) -> tuple[dict[str, nn.Module], str]:
+    """:func:`select_layers`, and the rule that chose the layers, as a result table states it.
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> resolve_layers(net)[1]
+    'activations: activation modules'
     """
     named = {name: m for name, m in model.named_modules() if name}
     if not named:
@@ -167,13 +181,27 @@ def select_layers(
             f"model (e.g. a Sequential of Linear and ReLU modules)"
         )
     if layers is None:
-        return _default_layers(named, default)
+        if default == "gradients":
+            chosen, left_out = weight_layers(
+                model, embeddings=embeddings, norms=norms, frozen=frozen
+            )
+            if not chosen:
+                raise ProbeError(
+                    f"no module of the model owns a weight that the rule takes "
+                    f"({weight_rule(embeddings, norms, frozen, left_out)}); pass embeddings=True, "
+                    f"norms=True or frozen=True, or name the layers with layers=[...]"
+                )
+            return chosen, "weights: " + weight_rule(embeddings, norms, frozen, left_out)
+        if default != "representations":
+            raise ProbeError(f"default must be 'representations' or 'gradients', got {default!r}")
+        return _default_layers(model, named)
     if isinstance(layers, str):
-        return _by_regex(named, layers)
+        return _by_regex(named, layers), f"regex: {layers}"
     if isinstance(layers, type) or _all_types(layers):
-        return _by_type(named, layers)
+        types = [layers] if isinstance(layers, type) else list(layers)
+        return _by_type(named, layers), "type: " + ", ".join(t.__name__ for t in types)
     if isinstance(layers, Sequence) and all(isinstance(n, str) for n in layers):
-        return _by_names(named, list(layers))
+        return _by_names(named, list(layers)), "named"
     raise ProbeError(
         f"layers must be None (the default rule), a list of module names, a module type or tuple "
         f"of types, or a regex string; got {type(layers).__name__} {layers!r}"
@@ -184,25 +212,52 @@ def _all_types(layers: object) -> bool:
     return isinstance(layers, tuple) and bool(layers) and all(isinstance(t, type) for t in layers)
 
 
+_RULE_TEXT = {
+    "blocks": "blocks: repeated submodules of a ModuleList/Sequential (the residual stream)",
+    "activations": "activations: activation modules",
+    "normalizers": "normalizers: normalization modules",
+    "weights": "weights: Linear/Conv modules",
+}
+
+
 def _default_layers(
-    named: dict[str, nn.Module], default: Literal["representations", "gradients"]
-) -> dict[str, nn.Module]:
-    if default == "representations":
-        rules = [("activation", is_activation), ("normalization", is_normalizer)]
-    elif default == "gradients":
-        rules = []
-    else:
-        raise ProbeError(f"default must be 'representations' or 'gradients', got {default!r}")
-    rules.append(("Linear/Conv", is_affine))
-    for _, rule in rules:
-        chosen = {name: m for name, m in named.items() if rule(m)}
+    model: nn.Module, named: dict[str, nn.Module]
+) -> tuple[dict[str, nn.Module], str]:
+    rules = {
+        "blocks": lambda: find_blocks(model),
+        "activations": lambda: {n: m for n, m in named.items() if is_activation(m)},
+        "normalizers": lambda: {n: m for n, m in named.items() if is_normalizer(m)},
+        "weights": lambda: {n: m for n, m in named.items() if is_affine(m)},
+    }
+    declared = getattr(model, "representation_layers", None)
+    if declared is not None:
+        if declared not in rules:
+            raise ProbeError(
+                f"{type(model).__name__}.representation_layers is {declared!r}; it must be one of "
+                f"{', '.join(REPRESENTATION_RULES)}"
+            )
+        chosen = rules[declared]()
         if chosen:
-            return chosen
-    kinds = " or ".join(kind for kind, _ in rules)
+            return chosen, _RULE_TEXT[declared] + f" (declared by {type(model).__name__})"
+    blocks = rules["blocks"]()
+    acts = rules["activations"]()
+    inside = any(n.startswith(b + ".") for n in acts for b in blocks)
+    if acts and (inside or not blocks):
+        # DESIGN.md's rule: activation modules; inside the blocks they include the block outputs'
+        # nonlinearity (a ResNet's relu after the residual add, an MLP's hidden layers)
+        note = "" if not blocks else " (inside the blocks)"
+        return acts, _RULE_TEXT["activations"] + note
+    if blocks:
+        note = " (no activation module inside them)" if acts else " (no activation modules)"
+        return blocks, _RULE_TEXT["blocks"] + note
+    for rule in ("normalizers", "weights"):
+        chosen = rules[rule]()
+        if chosen:
+            return chosen, _RULE_TEXT[rule] + " (no blocks or activation modules)"
     raise ProbeError(
-        f"the model has no {kinds} modules for the default layer rule; name the layers to probe "
-        f"with layers=[...] (module names), a module type, or a regex; modules: "
-        f"{_preview(list(named))}"
+        f"the model has no activation or normalization or Linear/Conv modules (and no blocks) "
+        f"for the default layer rule; name the layers to probe with layers=[...] (module names), a module "
+        f"type, or a regex; modules: {_preview(list(named))}"
     )
 
 
@@ -266,8 +321,8 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
 
     Inside: ``mode`` ("train": batch-statistic normalizers use the batch's
     statistics, as in training; "eval": running statistics), running
-    statistics frozen (never updated), dropout modules in eval mode (a probe
-    measures the network, not its dropout noise), and the global random state
+    statistics frozen (never updated), dropout off (:func:`normprobe.batch.dropout_off`,
+    attention dropout included: a probe measures the network, not its dropout noise), and the global random state
     forked and seeded with ``seed`` (any other randomness in the model, e.g.
     attention dropout, is reproducible and the caller's random state is left
     alone). On exit, buffers, ``.grad``, ``training`` flags, ``requires_grad``
@@ -284,14 +339,13 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
     training = mode == "train"
     with ExitStack() as stack:
         stack.enter_context(preserved(model))
-        stack.enter_context(_attributes_kept(modules))
+        stack.enter_context(attributes_kept(modules))
         stack.enter_context(frozen_statistics(model))
         stack.enter_context(_forked_random_state(model, seed))
         if any(m.training != training for m in modules):
             model.train(training)
-        for m in modules:
-            if training and isinstance(m, nn.modules.dropout._DropoutNd):
-                m.eval()
+        if training:
+            stack.enter_context(dropout_off(model))
         yield model
 
 
@@ -301,32 +355,6 @@ def _check_mode(mode: str) -> None:
             f"mode must be 'train' (batch statistics, as in training) or 'eval' (running "
             f"statistics), got {mode!r}"
         )
-
-
-# attributes every nn.Module has; preserved() and frozen_statistics() handle the rest of torch's
-_MODULE_KEYS = frozenset(vars(nn.Module()))
-_PLAIN = (torch.Tensor, bool, int, float, type(None))
-
-
-@contextmanager
-def _attributes_kept(modules: list[nn.Module]) -> Iterator[None]:
-    """Restore plain attributes (tensors, numbers, flags) a forward pass may overwrite.
-
-    Buffers and parameters are :func:`preserved`'s job; this covers the
-    rest, e.g. the penalty RegNorm records on every pass (with its autograd
-    graph) or a module's "already warned" flag.
-    """
-    saved = [
-        (m, key, value)
-        for m in modules
-        for key, value in vars(m).items()
-        if key not in _MODULE_KEYS and isinstance(value, _PLAIN)
-    ]
-    try:
-        yield
-    finally:
-        for m, key, value in saved:
-            m.__dict__[key] = value
 
 
 @contextmanager
@@ -343,26 +371,10 @@ def _forked_random_state(model: nn.Module, seed: int) -> Iterator[None]:
         yield
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a model without either)."""
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter (torch's default otherwise)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
-
-
-def to_model(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """``x`` on the model's device; floating-point inputs in the model's dtype."""
-    if not isinstance(x, torch.Tensor):
-        raise ProbeError(f"expected a tensor of inputs, got {type(x).__name__}")
-    dtype = model_dtype(model) if x.is_floating_point() else x.dtype
-    return x.to(device=model_device(model), dtype=dtype)
+def to_model(x: Inputs, model: nn.Module) -> Inputs:
+    """Inputs on the model's device; floating-point tensors in the model's dtype (batch contract)."""
+    inputs = check_inputs(x, "inputs", ProbeError)
+    return to_device(inputs, model_device(model), model_dtype(model))
 
 
 # --------------------------------------------------------------------------- capture
@@ -408,6 +420,9 @@ class Probe:
         seed: int = 0,
         capture: Capture = "outputs",
         reduce: Reduce | None = None,
+        embeddings: bool = False,
+        norms: bool = False,
+        frozen: bool = True,
     ) -> None:
         _check_mode(mode)
         if capture not in ("outputs", "weights"):
@@ -420,7 +435,10 @@ class Probe:
         self.capture = capture
         self.reduce = reduce
         default = "representations" if capture == "outputs" else "gradients"
-        self.selected = select_layers(model, layers, default=default)
+        #: name -> module, and the rule that chose them (shown in the probes' tables)
+        self.selected, self.rule = resolve_layers(
+            model, layers, default=default, embeddings=embeddings, norms=norms, frozen=frozen
+        )
         # explicitly named layers must all run; a default, type or regex selection
         # drops modules that never ran (e.g. MultiheadAttention.out_proj, called functionally)
         named = isinstance(layers, Sequence) and not isinstance(layers, str)
@@ -477,6 +495,16 @@ class Probe:
         return {c.label: c.depth for c in self._calls}
 
     @property
+    def not_run(self) -> list[str]:
+        """Selected modules that did not run as modules in the last pass (called functionally).
+
+        torch's ``nn.MultiheadAttention`` applies its ``out_proj`` through
+        ``F.multi_head_attention_forward``, so no hook sees it: a probe reports
+        such layers in its ``layer_rule`` rather than dropping them unsaid.
+        """
+        return [name for name in self.selected if name not in self._counts]
+
+    @property
     def activations(self) -> dict[str, torch.Tensor]:
         """Layer label -> detached copy of its output in the last pass (``capture="outputs"``)."""
         self._expect("outputs", "activations")
@@ -492,6 +520,10 @@ class Probe:
         """Layer label -> ``{"weight": W, "bias": b}`` applied in the last pass (``capture="weights"``)."""
         self._expect("weights", "weights")
         return dict(self._records)
+
+    def run(self, inputs: Inputs) -> Any:
+        """One pass of the model on ``inputs`` by the batch contract (tensor, tuple or dict)."""
+        return call_model(self.model, inputs, ProbeError)
 
     def _expect(self, capture: Capture, what: str) -> None:
         if self.capture != capture:
@@ -536,10 +568,18 @@ class Probe:
 
 
 def _output(name: str, output: Any) -> torch.Tensor:
+    """A layer's representation: its output tensor, or the first item of a tuple it returns.
+
+    The first item is the hidden state by the convention of torch's and
+    Hugging Face's blocks (the rest: attention weights, caches).
+    """
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
     if not isinstance(output, torch.Tensor):
         raise ProbeError(
             f"layer {name!r} returned {type(output).__name__}, not a tensor; representation "
-            f"probes need layers that return one tensor: choose another layer (e.g. a submodule)"
+            f"probes need layers that return a tensor (or a tuple whose first item is one): "
+            f"choose another layer (e.g. a submodule)"
         )
     return output
 
@@ -561,25 +601,21 @@ def _applied_weights(name: str, module: nn.Module) -> dict[str, torch.Tensor | N
     return {"weight": weight, "bias": bias}
 
 
-def inputs_of(x: object, what: str) -> torch.Tensor:
-    """The inputs of ``x``: a tensor, or the first item of an ``(inputs, targets)`` batch."""
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
-        return x[0]  # an (inputs, targets) batch
-    if not isinstance(x, torch.Tensor):
-        raise ProbeError(f"{what} must be a tensor of inputs (or an (x, y) batch), got {x!r:.60}")
-    return x
+def inputs_of(x: object, what: str) -> Inputs:
+    """``x`` checked as the inputs of a representation probe (batch contract: no targets).
+
+    A tensor, a tuple of tensors (the model's positional inputs) or a dict
+    (its keyword inputs). An ``(inputs, targets)`` batch is not accepted
+    here: its targets would reach the model as a second input
+    (:func:`normprobe.batch.call_model` refuses that when ``forward`` takes
+    one input).
+    """
+    return check_inputs(x, what, ProbeError)
 
 
-def unpack_batch(batch: Any, what: str = "batch") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` from a batch given as a 2-sequence of tensors; a clear error otherwise."""
-    if (
-        isinstance(batch, (tuple, list))
-        and len(batch) == 2
-        and all(isinstance(t, torch.Tensor) for t in batch)
-    ):
-        return batch[0], batch[1]
-    got = type(batch).__name__ + (f" of length {len(batch)}" if hasattr(batch, "__len__") else "")
-    raise ProbeError(f"{what} must be an (inputs, targets) pair of tensors, got {got}")
+def unpack_batch(batch: Any, what: str = "batch") -> tuple[Inputs, torch.Tensor | None]:
+    """``(inputs, targets)`` of a batch by the contract (:mod:`normprobe.batch`); a clear error otherwise."""
+    return split_batch(batch, what, ProbeError)
 
 
 def check_same_layers(first: Sequence[LayerCall], second: Sequence[LayerCall], what: str) -> None:

@@ -15,8 +15,23 @@ correlation) are that weight and the bias it applies, if any. A module called
 several times in a pass contributes one row: the gradient with respect to its
 weight sums the uses.
 
-Default layers: every Linear/Conv that runs, in execution order (depth 1 is
-nearest the input; depth is the rank of a module's first call).
+Default layers: every module owning a weight that runs (Linear, Conv,
+Hugging Face's ``Conv1D``, a user's own layer; :mod:`normprobe.roles`), in
+execution order (depth 1 is nearest the input; depth is the rank of a
+module's first call). ``embeddings=True`` and ``norms=True`` take
+embeddings and normalization gains too, ``frozen=False`` leaves out frozen
+weights (taken by default, as before; the Hessian's defaults are the
+opposite: embeddings and norms in, frozen out), with the options of the same
+names as the Hessian's; the ``layer_rule`` column states the rule and
+what it left out, ``role`` and ``frozen`` describe each layer. A weight
+shared by two modules (GPT-2's ``lm_head`` and ``wte``) is one tensor: its
+gradient is the total over both uses, reported under each selected module.
+
+Batches follow the batch contract (:mod:`normprobe.batch`): ``(inputs,
+targets)`` with inputs a tensor, a tuple or a dict; the loss is
+``loss_fn(prediction, targets)`` with the prediction read from the model's
+outputs by the contract's rule or by ``output=``; ``loss_fn=None`` takes the
+model's own ``outputs.loss``.
 """
 
 from __future__ import annotations
@@ -24,22 +39,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from normprobe.batch import OutputPick, compute_loss, model_device, to_device
 from normprobe.probes.capture import (
     Layers,
     Mode,
     Probe,
     ProbeError,
     check_same_layers,
-    model_device,
     to_model,
     unpack_batch,
 )
+from normprobe.roles import is_embedding, is_frozen, is_normalizer, owns_weight
 
 __all__ = [
     "LossFn",
@@ -55,7 +72,8 @@ __all__ = [
 
 #: ``loss_fn(output, target) -> mean loss``, e.g. ``torch.nn.functional.cross_entropy``
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Batch = Sequence[torch.Tensor]
+#: ``(inputs, targets)`` by the batch contract (:mod:`normprobe.batch`)
+Batch = Sequence[Any]
 
 
 # --------------------------------------------------------------------------- pure math
@@ -105,6 +123,8 @@ class LayerGradient:
     shape: str
     weight: torch.Tensor  # d loss / d (applied weight), summed over distinct applied tensors
     bias: torch.Tensor | None  # d loss / d (applied bias), if the layer has one
+    role: str = "weight"  # "weight", "embedding" or "norm" (normprobe.roles)
+    frozen: bool = False  # the layer's weight had requires_grad=False in the model
 
     def params(self) -> torch.Tensor:
         """The gradient with respect to all the layer's parameters, flattened (weight, then bias)."""
@@ -114,19 +134,27 @@ class LayerGradient:
 
 
 def layer_gradients(
-    probe: Probe, model: nn.Module, loss_fn: LossFn, batch: Batch
+    probe: Probe,
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    batch: Batch,
+    output: OutputPick = None,
+    frozen: dict[str, bool] | None = None,
 ) -> list[LayerGradient]:
     """Run one forward and one backward (``torch.autograd.grad``) for all probed layers at once.
 
-    ``probe`` must be an active ``Probe(model, ..., capture="weights")``.
-    Layers are returned in order of their first call.
+    ``probe`` must be an active ``Probe(model, ..., capture="weights")``;
+    ``frozen`` maps module names to whether their weight was frozen before
+    the probe made it differentiable (:func:`frozen_before`). Layers are
+    returned in order of their first call.
     """
     if probe.capture != "weights" or probe.model is not model:
         raise ProbeError("layer_gradients needs an active Probe(model, capture='weights')")
     x, y = unpack_batch(batch)
-    x, y = to_model(x, model), y.to(model_device(model))
+    x = to_model(x, model)
+    y = None if y is None else to_device(y, model_device(model))
     with torch.enable_grad():
-        loss = loss_fn(model(x), y)
+        loss = compute_loss(loss_fn, probe.run(x), y, output, ProbeError)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ProbeError(
@@ -174,9 +202,22 @@ def layer_gradients(
                 shape="x".join(map(str, weight.shape)),
                 weight=weight,
                 bias=bias,
+                role=_role(probe.selected[name]),
+                frozen=bool((frozen or {}).get(name, False)),
             )
         )
     return result
+
+
+def _role(module: nn.Module) -> str:
+    if is_embedding(module):
+        return "embedding"
+    return "norm" if is_normalizer(module) else "weight"
+
+
+def frozen_before(probe: Probe) -> dict[str, bool]:
+    """Module name -> whether its weight is frozen in the model (read before the probe is entered)."""
+    return {name: owns_weight(m) and is_frozen(m) for name, m in probe.selected.items()}
 
 
 def _summed(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -188,17 +229,25 @@ def _summed(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def gradient_norms(
     model: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     batch: Batch,
     *,
     layers: Layers = None,
     mode: Mode = "train",
     seed: int = 0,
+    output: OutputPick = None,
+    embeddings: bool = False,
+    norms: bool = False,
+    frozen: bool = True,
 ) -> pd.DataFrame:
     """Frobenius norm of the gradient of the mean loss w.r.t. each layer's weight, by depth.
 
-    ``batch`` is ``(x, y)``; ``loss_fn(model(x), y)`` must return the mean
-    loss. The probe differentiates exactly that loss: to include RegNorm's
+    ``batch`` is ``(inputs, targets)`` (:mod:`normprobe.batch`: inputs a
+    tensor, a tuple or a dict); ``loss_fn(prediction, targets)`` must return
+    the mean loss (``output=`` says which part of the outputs is the
+    prediction; ``loss_fn=None`` takes the model's own ``outputs.loss``).
+    Layers: every module owning a weight (module docstring; ``embeddings``,
+    ``norms``, ``frozen`` widen the rule). The probe differentiates exactly that loss: to include RegNorm's
     penalty pass ``lambda out, y: F.cross_entropy(out, y) + lam *
     normprobe.norms.regularization(model)``. The model runs in ``mode``
     (default "train", batch statistics) and is left exactly as found.
@@ -206,7 +255,8 @@ def gradient_norms(
     Returns two rows per layer: ``grad_norm`` and ``grad_norm_ratio`` (to the
     deepest layer's norm, usually the head's); columns ``layer``, ``depth``
     (1 nearest the input), ``metric``, ``value``, ``module_type``, ``shape``
-    (of the weight), ``calls``, ``mode``, ``probe_seed``. See :func:`growth_rate`.
+    (of the weight), ``calls``, ``mode``, ``probe_seed``, ``role``,
+    ``frozen``, ``layer_rule``. See :func:`growth_rate`.
 
     >>> torch.manual_seed(0) and None
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -215,9 +265,42 @@ def gradient_norms(
     >>> frame.query("metric == 'grad_norm_ratio'").value.tolist()[-1]
     1.0
     """
-    with Probe(model, layers, mode=mode, seed=seed, capture="weights") as probe:
-        grads = layer_gradients(probe, model, loss_fn, batch)
-    return _frame(_norm_rows(grads), mode, seed)
+    probe = _probe(model, layers, mode, seed, embeddings, norms, frozen)
+    was_frozen = frozen_before(probe)
+    with probe:
+        grads = layer_gradients(probe, model, loss_fn, batch, output, was_frozen)
+        rule = _stated_rule(probe)
+    return _frame(_norm_rows(grads), mode, seed, rule)
+
+
+def _stated_rule(probe: Probe) -> str:
+    """The probe's layer rule, plus the selected modules that never ran as modules."""
+    missing = probe.not_run
+    if not missing:
+        return probe.rule
+    shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+    return f"{probe.rule}; not run as modules (no gradient row): {shown}"
+
+
+def _probe(
+    model: nn.Module,
+    layers: Layers,
+    mode: Mode,
+    seed: int,
+    embeddings: bool,
+    norms: bool,
+    frozen: bool,
+) -> Probe:
+    return Probe(
+        model,
+        layers,
+        mode=mode,
+        seed=seed,
+        capture="weights",
+        embeddings=embeddings,
+        norms=norms,
+        frozen=frozen,
+    )
 
 
 def _norm_rows(grads: list[LayerGradient]) -> list[tuple[LayerGradient, str, float]]:
@@ -233,20 +316,24 @@ def _norm_rows(grads: list[LayerGradient]) -> list[tuple[LayerGradient, str, flo
 
 def gradient_correlation(
     model: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     batch_a: Batch,
     batch_b: Batch,
     *,
     layers: Layers = None,
     mode: Mode = "train",
     seed: int = 0,
+    output: OutputPick = None,
+    embeddings: bool = False,
+    norms: bool = False,
+    frozen: bool = True,
 ) -> pd.DataFrame:
     """Cosine similarity of two minibatches' gradients of the mean loss, per layer (gradient confusion).
 
     For each layer, the gradients with respect to its parameters (the weight
     it applies and its bias, flattened together) on ``batch_a`` and on
-    ``batch_b``, two disjoint ``(x, y)`` minibatches, are compared by cosine
-    similarity. Each batch is its own forward pass (its own batch statistics
+    ``batch_b``, two disjoint ``(inputs, targets)`` minibatches (batch
+    contract, as :func:`gradient_norms`), are compared by cosine similarity. Each batch is its own forward pass (its own batch statistics
     in train mode). Rows: ``metric="grad_corr"``; columns as
     :func:`gradient_norms`.
 
@@ -257,19 +344,25 @@ def gradient_correlation(
     >>> gradient_correlation(net, nn.functional.cross_entropy, a, b).layer.tolist()
     ['0', '2']
     """
-    grads_a, grads_b = _two_batches(model, loss_fn, batch_a, batch_b, layers, mode, seed)
-    return _frame(_corr_rows(grads_a, grads_b), mode, seed)
+    grads_a, grads_b, rule = _two_batches(
+        model, loss_fn, batch_a, batch_b, layers, mode, seed, output, (embeddings, norms, frozen)
+    )
+    return _frame(_corr_rows(grads_a, grads_b), mode, seed, rule)
 
 
 def gradient_statistics(
     model: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     batch_a: Batch,
     batch_b: Batch,
     *,
     layers: Layers = None,
     mode: Mode = "train",
     seed: int = 0,
+    output: OutputPick = None,
+    embeddings: bool = False,
+    norms: bool = False,
+    frozen: bool = True,
 ) -> pd.DataFrame:
     """:func:`gradient_correlation` and :func:`gradient_norms` (of ``batch_a``) from one set of passes.
 
@@ -284,25 +377,32 @@ def gradient_statistics(
     >>> gradient_statistics(net, nn.functional.cross_entropy, a, b).metric.unique().tolist()
     ['grad_corr', 'grad_norm', 'grad_norm_ratio']
     """
-    grads_a, grads_b = _two_batches(model, loss_fn, batch_a, batch_b, layers, mode, seed)
-    return _frame(_corr_rows(grads_a, grads_b) + _norm_rows(grads_a), mode, seed)
+    grads_a, grads_b, rule = _two_batches(
+        model, loss_fn, batch_a, batch_b, layers, mode, seed, output, (embeddings, norms, frozen)
+    )
+    return _frame(_corr_rows(grads_a, grads_b) + _norm_rows(grads_a), mode, seed, rule)
 
 
 def _two_batches(
     model: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     batch_a: Batch,
     batch_b: Batch,
     layers: Layers,
     mode: Mode,
     seed: int,
-) -> tuple[list[LayerGradient], list[LayerGradient]]:
-    with Probe(model, layers, mode=mode, seed=seed, capture="weights") as probe:
-        grads_a = layer_gradients(probe, model, loss_fn, batch_a)
+    output: OutputPick,
+    roles: tuple[bool, bool, bool],
+) -> tuple[list[LayerGradient], list[LayerGradient], str]:
+    probe = _probe(model, layers, mode, seed, *roles)
+    was_frozen = frozen_before(probe)
+    with probe:
+        grads_a = layer_gradients(probe, model, loss_fn, batch_a, output, was_frozen)
         calls_a = probe.calls
-        grads_b = layer_gradients(probe, model, loss_fn, batch_b)
+        grads_b = layer_gradients(probe, model, loss_fn, batch_b, output, was_frozen)
         check_same_layers(calls_a, probe.calls, "batch_a and batch_b")
-    return grads_a, grads_b
+        rule = _stated_rule(probe)
+    return grads_a, grads_b, rule
 
 
 def _corr_rows(
@@ -312,7 +412,9 @@ def _corr_rows(
     return [(g, "grad_corr", v) for g, v in zip(grads_a, values.double().cpu().tolist())]
 
 
-def _frame(rows: list[tuple[LayerGradient, str, float]], mode: str, seed: int) -> pd.DataFrame:
+def _frame(
+    rows: list[tuple[LayerGradient, str, float]], mode: str, seed: int, rule: str
+) -> pd.DataFrame:
     n = len(rows)
     return pd.DataFrame(
         {
@@ -325,6 +427,9 @@ def _frame(rows: list[tuple[LayerGradient, str, float]], mode: str, seed: int) -
             "calls": [g.calls for g, _, _ in rows],
             "mode": [mode] * n,
             "probe_seed": [seed] * n,
+            "role": [g.role for g, _, _ in rows],
+            "frozen": [g.frozen for g, _, _ in rows],
+            "layer_rule": [rule] * n,
         }
     )
 

@@ -14,18 +14,37 @@ minibatch (N x features; a transformer's (N, T, D) output entirely). Pairings
   representations of one minibatch (Yang et al. 2019's gram matrix).
 
 The input itself is the row at depth 0 (``layer="input"``): the reference
-point that the correlation of every later layer is compared with.
+point that the correlation of every later layer is compared with (several
+inputs: all of them flattened per example and concatenated).
+
+Inputs follow the batch contract (:mod:`normprobe.batch`): a tensor, a tuple
+of tensors (positional) or a dict (keyword arguments, e.g. ``input_ids`` and
+``attention_mask``), every one passed to the model. The noise pairing
+perturbs the floating-point inputs only (features, embeddings), never
+integer ones (token ids, masks); inputs with no floating-point tensor need
+``independent``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import pandas as pd
 import torch
 from torch import nn
 
+from normprobe.batch import (
+    Inputs,
+    batch_size,
+    flat_inputs,
+    input_tensors,
+    inputs_equal,
+    map_floating,
+    same_layout,
+)
+from normprobe.batch import (
+    layout as _layout,
+)
 from normprobe.probes.capture import (
     LayerCall,
     Layers,
@@ -140,10 +159,10 @@ def noisy_copy(x: torch.Tensor, scale: float, generator: torch.Generator) -> tor
 
 def representation_correlation(
     model: nn.Module,
-    x: torch.Tensor | Sequence[torch.Tensor],
+    x: Inputs,
     *,
     pairing: Pairing = "noise",
-    x_other: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    x_other: Inputs | None = None,
     layers: Layers = None,
     mode: Mode = "train",
     noise_scale: float = 0.3,
@@ -151,8 +170,10 @@ def representation_correlation(
 ) -> pd.DataFrame:
     """Correlation of each layer's representations of two similar minibatches, by depth.
 
-    ``x`` is a minibatch of inputs (or an ``(inputs, targets)`` batch, whose
-    targets are ignored). ``pairing`` chooses the second minibatch (module
+    ``x`` is a minibatch of inputs: a tensor, a tuple of tensors (the
+    model's positional inputs) or a dict (its keyword inputs), all passed
+    to the model (an ``(inputs, targets)`` batch is refused when the model
+    takes one input: pass ``batch[0]``). ``pairing`` chooses the second minibatch (module
     docstring); ``x_other`` is the disjoint minibatch for
     ``pairing="independent"``. Both minibatches run through the model in
     ``mode`` (default "train": batch-statistic normalizers use each batch's
@@ -166,7 +187,8 @@ def representation_correlation(
     ``layer``, ``depth``, ``metric`` (``repr_corr_noise``,
     ``repr_corr_independent`` or ``repr_cos_within``), ``value``, ``pairing``,
     ``module``, ``call``, ``module_type``, ``shape`` (one example's
-    representation), ``mode``, ``probe_seed`` (``seed``). A constant
+    representation), ``mode``, ``probe_seed`` (``seed``), ``layer_rule``
+    (how the layers were chosen, e.g. the blocks of a transformer). A constant
     representation has an undefined correlation (NaN). A module called twice
     has rows ``name`` and ``name#2`` (``call`` 1 and 2).
 
@@ -183,6 +205,7 @@ def representation_correlation(
             f"examples of one batch)"
         )
     x = to_model(inputs_of(x, "x"), model)
+    n = batch_size(x, None, "x", ProbeError)
     if pairing == "independent":
         if x_other is None:
             raise ProbeError(
@@ -190,12 +213,13 @@ def representation_correlation(
                 "as x_other=, with the same shape as x"
             )
         x_other = to_model(inputs_of(x_other, "x_other"), model)
-        if x_other.shape != x.shape:
+        differs = same_layout(x, x_other)
+        if differs is not None:
             raise ProbeError(
-                f"x_other must have the shape of x, {tuple(x.shape)}, got {tuple(x_other.shape)}; "
-                f"take two disjoint minibatches of the same size"
+                f"x_other must have the shape of x, {_layout(x)}, got {_layout(x_other)}; take "
+                f"two disjoint minibatches of the same size"
             )
-        if torch.equal(x_other, x):
+        if inputs_equal(x_other, x):
             raise ProbeError(
                 "x_other equals x; pairing='independent' needs a disjoint minibatch (or use "
                 "pairing='within' for one batch)"
@@ -210,29 +234,41 @@ def representation_correlation(
             raise ProbeError(
                 f"noise_scale must be a finite number >= 0 (DESIGN.md: 0.3), got {noise_scale!r}"
             )
-        generator = torch.Generator(device=x.device).manual_seed(seed)
-        x_other = noisy_copy(x, noise_scale, generator)
+        device = input_tensors(x)[0][1].device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        x_other, changed = map_floating(x, lambda t: noisy_copy(t, noise_scale, generator))
+        if not changed:
+            kinds = ", ".join(f"{k} ({t.dtype})" for k, t in input_tensors(x))
+            raise ProbeError(
+                f"the noise pairing perturbs floating-point inputs, and these inputs have none "
+                f"({kinds}); for token ids use pairing='independent' with a second batch as "
+                f"x_other"
+            )
 
     # Statistics are computed inside the hooks, while each output is fresh: only the
     # first batch's centred representations are held, the second batch's are not stored.
     with Probe(model, layers, mode=mode, seed=seed) as probe, torch.no_grad():
         if pairing == "within":
-            n = x.shape[0]
             probe.reduce = lambda call, h: (_within(h, call, n), _shape(h))
-            model(x)
+            probe.run(x)
             calls, kept = probe.calls, probe.reduced
-            values = [mean_offdiagonal_cosine(x), *(kept[c.label][0] for c in calls)]
+            values = [mean_offdiagonal_cosine(flat_inputs(x)), *(kept[c.label][0] for c in calls)]
         else:
             probe.reduce = lambda call, h: (*centred(h), _shape(h))
-            model(x)
+            probe.run(x)
             calls, kept = probe.calls, probe.reduced
             probe.reduce = lambda call, h: _correlate(kept.get(call.label), h)
-            model(x_other)
+            probe.run(x_other)
             check_same_layers(calls, probe.calls, "the two minibatches")
             correlations = probe.reduced
-            values = [pearson(x, x_other), *(correlations[c.label] for c in calls)]
-        shapes = [_shape(x), *(kept[c.label][-1] for c in calls)]
-    return _frame(calls, shapes, values, pairing, mode, seed)
+            values = [
+                pearson(flat_inputs(x), flat_inputs(x_other)),
+                *(correlations[c.label] for c in calls),
+            ]
+        shapes = [_input_shape(x), *(kept[c.label][-1] for c in calls)]
+    frame = _frame(calls, shapes, values, pairing, mode, seed)
+    frame["layer_rule"] = probe.rule
+    return frame
 
 
 def _correlate(first: tuple | None, h: torch.Tensor) -> torch.Tensor:
@@ -254,6 +290,11 @@ def _within(h: torch.Tensor, call: LayerCall, n: int) -> torch.Tensor:
 
 def _shape(t: torch.Tensor) -> str:
     return "x".join(map(str, t.shape[1:])) or "1"
+
+
+def _input_shape(x: Inputs) -> str:
+    """One example's input shape; several inputs joined by "+" (e.g. ``16+16`` for ids and mask)."""
+    return "+".join(_shape(t) for _, t in input_tensors(x))
 
 
 def _frame(

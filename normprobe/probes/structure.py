@@ -39,12 +39,23 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pandas as pd
 import torch
 from torch import nn
 
+from normprobe.batch import (
+    Inputs,
+    batch_size,
+    call_model,
+    concat,
+    inputs_equal,
+    prediction,
+    same_layout,
+    take,
+)
+from normprobe.batch import (
+    layout as _layout,
+)
 from normprobe.probes.capture import (
     Layers,
     Mode,
@@ -79,17 +90,16 @@ def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _outputs(
-    model: nn.Module, x: torch.Tensor, layers: Layers, mode: Mode, seed: int
+    model: nn.Module, x: Inputs, layers: Layers, mode: Mode, seed: int
 ) -> tuple[list, dict[str, torch.Tensor], torch.Tensor]:
-    """One pass: the selected layers' calls, their outputs, and the model's output."""
+    """One pass: the selected layers' calls, their outputs, and the model's prediction.
+
+    The prediction is read from the outputs by the batch contract's rule
+    (:func:`normprobe.batch.prediction`: a tensor, ``.logits``, or a tuple's
+    first item).
+    """
     with Probe(model, layers, mode=mode, seed=seed) as probe, torch.no_grad():
-        out = model(x)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if not isinstance(out, torch.Tensor):
-            raise ProbeError(
-                f"the model returned {type(out).__name__}; these probes compare tensor outputs"
-            )
+        out = prediction(probe.run(x), None, ProbeError)
         return probe.calls, probe.activations, out.detach().clone()
 
 
@@ -122,8 +132,8 @@ def _rows(calls: list, values: dict[str, float], out_value: float, metric: str, 
 
 def batch_dependence(
     model: nn.Module,
-    x: torch.Tensor | Sequence[torch.Tensor],
-    x_other: torch.Tensor | Sequence[torch.Tensor],
+    x: Inputs,
+    x_other: Inputs,
     *,
     layers: Layers = None,
     mode: Mode = "train",
@@ -141,22 +151,23 @@ def batch_dependence(
     """
     x = to_model(inputs_of(x, "x"), model)
     x_other = to_model(inputs_of(x_other, "x_other"), model)
-    n = x.shape[0]
+    n = batch_size(x, None, "x", ProbeError)
     if n < 2:
         raise ProbeError(
             f"batch_dependence needs a minibatch of at least 2 examples (one kept, one "
             f"replaced), got {n}"
         )
-    if x_other.shape != x.shape:
+    differs = same_layout(x, x_other)
+    if differs is not None:
         raise ProbeError(
-            f"x_other must have the shape of x, {tuple(x.shape)}, got {tuple(x_other.shape)}; "
-            f"take two disjoint minibatches of the same size"
+            f"x_other must have the shape of x, {_layout(x)}, got {_layout(x_other)}; take "
+            f"two disjoint minibatches of the same size"
         )
     keep = n // 2 if keep is None else keep
     if not 1 <= keep < n:
         raise ProbeError(f"keep must be between 1 and {n - 1} (the batch size minus 1), got {keep}")
-    mixed = torch.cat([x[:keep], x_other[keep:]])
-    if torch.equal(mixed, x):
+    mixed = concat([take(x, slice(None, keep)), take(x_other, slice(keep, None))])
+    if inputs_equal(mixed, x):
         raise ProbeError(
             "x_other's rows after keep equal x's; batch_dependence needs a disjoint minibatch"
         )
@@ -171,7 +182,7 @@ def batch_dependence(
 
 def train_eval_gap(
     model: nn.Module,
-    x: torch.Tensor | Sequence[torch.Tensor],
+    x: Inputs,
     *,
     layers: Layers = None,
     seed: int = 0,
@@ -192,7 +203,7 @@ def train_eval_gap(
 
 def signal_statistics(
     model: nn.Module,
-    x: torch.Tensor | Sequence[torch.Tensor],
+    x: Inputs,
     *,
     layers: Layers = None,
     mode: Mode = "train",
@@ -220,7 +231,7 @@ def signal_statistics(
     with session(model, mode, seed), torch.no_grad():
         handles = [m.register_forward_pre_hook(hook(name)) for name, m in selected.items()]
         try:
-            model(x)
+            call_model(model, x, ProbeError)
         finally:
             for handle in handles:
                 handle.remove()

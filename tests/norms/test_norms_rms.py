@@ -128,6 +128,11 @@ def test_a_torch_rmsnorm_in_a_user_model_can_be_swapped_and_probed() -> None:
     assert swap_norms(net, "layer") == ["1"]
     assert net(x).shape == (8, 3)
     seq = nn.Sequential(nn.Linear(5, C), nn.RMSNorm(C))
-    swap_norms(seq, "rms")
+    swap_norms(seq, "rms")  # a sequence (N, T, D) is normalized per token
+    x = torch.randn(2, 4, 5)
+    expected = nn.RMSNorm(C, eps=1e-5)(seq[0](x))
+    torch.testing.assert_close(seq(x), expected)
+    batch = nn.Sequential(nn.Linear(5, C), nn.RMSNorm(C))
+    swap_norms(batch, "batch")  # statistics over the batch: (N, D) only
     with pytest.raises(NormalizerError, match="was a RMSNorm over the last axis"):
-        seq(torch.randn(2, 4, 5))
+        batch(torch.randn(2, 4, 5))

@@ -88,7 +88,10 @@ def test_independent_and_within_pairings_match_hand_computations() -> None:
     assert _values(frame) == pytest.approx({"input": _corr(x, x_other), "1": _corr(h, h_other)})
     assert set(frame.metric) == {"repr_corr_independent"}
 
-    frame = representation_correlation(net, (x, torch.zeros(7)), pairing="within")
+    # an (x, y) batch would put y into the model as a second input: refused, not dropped
+    with pytest.raises(ProbeError, match=r"cannot take the inputs, a tuple of 2 tensors"):
+        representation_correlation(net, (x, torch.zeros(7)), pairing="within")
+    frame = representation_correlation(net, x, pairing="within")
     assert _values(frame) == pytest.approx({"input": _within(x), "1": _within(h)})
     assert set(frame.metric) == {"repr_cos_within"}
 
@@ -225,14 +228,9 @@ def test_transformer_encoder_representations_of_shape_n_t_d(mode: str) -> None:
     state = torch.get_rng_state()
     frame = representation_correlation(enc, x, mode=mode)
     assert torch.equal(torch.get_rng_state(), state)
-    # no activation modules (F.relu): the default falls back to the LayerNorms
-    assert frame.layer.tolist() == [
-        "input",
-        "layers.0.norm1",
-        "layers.0.norm2",
-        "layers.1.norm1",
-        "layers.1.norm2",
-    ]
+    # no activation modules (F.relu): the default takes the blocks, the residual stream
+    assert frame.layer.tolist() == ["input", "layers.0", "layers.1"]
+    assert frame["layer_rule"].iloc[0].startswith("blocks:")
     assert set(frame["shape"][1:]) == {"5x16"}
     assert frame.value.between(-1, 1).all()
     # reproducible (attention dropout in train mode runs on a seeded, forked random state)
@@ -244,6 +242,6 @@ def test_transformer_encoder_representations_of_shape_n_t_d(mode: str) -> None:
         with torch.no_grad():
             h, h2 = enc(x), enc(x2)
         enc.train()
-        assert _values(frame)["layers.1.norm2"] == pytest.approx(_corr(h, h2), abs=1e-5)
+        assert _values(frame)["layers.1"] == pytest.approx(_corr(h, h2), abs=1e-5)
     within = representation_correlation(enc, x, pairing="within", mode=mode)
     assert within.value.between(-1, 1).all()

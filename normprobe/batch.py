@@ -1,0 +1,542 @@
+"""The batch contract shared by every probe and the Hessian.
+
+A **batch** is ``(inputs, targets)``:
+
+- ``inputs`` is a tensor (``model(x)``), a tuple of tensors passed
+  positionally (``model(ids, mask)``), or a mapping passed as keyword
+  arguments (``model(**{"input_ids": ids, "attention_mask": mask})``, what a
+  Hugging Face tokenizer returns). Every tensor has the examples on axis 0;
+  a mapping may also carry plain values (``use_cache=False``), passed as
+  given. Representation probes take ``inputs`` alone.
+- ``targets`` is a tensor with the examples on axis 0, or ``None`` (the
+  loss function gets ``None``; or the model computes its own loss).
+
+The **loss** is ``loss_fn(prediction(outputs), targets)``. The
+**prediction** is read from the model's outputs by one rule:
+
+1. a tensor is the prediction;
+2. an object with a ``logits`` attribute (Hugging Face ``ModelOutput``) or
+   a mapping with a ``"logits"`` key gives its logits;
+3. a tuple or list gives its first element.
+
+Anything else, or a different choice, is said with ``output=``: an
+attribute or key name (``"last_hidden_state"``), a position (``1``) or a
+function of the outputs. ``loss_fn=None`` takes the model's own loss
+(``outputs.loss`` or ``outputs["loss"]``, e.g. a Hugging Face model given
+``labels`` among the inputs).
+
+Slicing, chunking and device moves act on every tensor of a batch alike
+(floating-point inputs take the model's dtype, integer ones such as token
+ids keep theirs). Nothing is dropped silently: inputs the model's
+``forward`` cannot take raise an error that says what to pass.
+
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Linear(3, 2)
+>>> inputs, targets = split_batch((torch.randn(4, 3), torch.tensor([0, 1, 1, 0])))
+>>> prediction(call_model(net, inputs)).shape
+torch.Size([4, 2])
+>>> [batch_size(c[0]) for c in chunk_batch(inputs, targets, 2)]
+[2, 2]
+
+This module knows nothing of normprobe's normalizers or models; it also
+holds the small guards that leave a model's plain attributes as found.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from normprobe.errors import NormprobeError
+
+__all__ = [
+    "BatchError",
+    "Inputs",
+    "Targets",
+    "OutputPick",
+    "check_inputs",
+    "split_batch",
+    "is_batch",
+    "input_tensors",
+    "batch_size",
+    "take",
+    "concat",
+    "chunk_batch",
+    "to_device",
+    "map_floating",
+    "flat_inputs",
+    "inputs_equal",
+    "layout",
+    "same_layout",
+    "call_model",
+    "call_args",
+    "check_call",
+    "prediction",
+    "compute_loss",
+    "model_device",
+    "model_dtype",
+    "attributes_kept",
+    "dropout_off",
+]
+
+
+class BatchError(NormprobeError, ValueError):
+    """A batch, its inputs or the model's outputs do not follow the batch contract."""
+
+
+#: a tensor, a tuple of tensors (positional) or a mapping (keyword arguments)
+Inputs = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, Any]
+Targets = torch.Tensor | None
+#: which part of the outputs is the prediction: a key/attribute name, a position or a function
+OutputPick = str | int | Callable[[Any], torch.Tensor] | None
+ErrorType = type[Exception]
+
+_CONTRACT = (
+    "a batch is (inputs, targets) with inputs a tensor, a tuple of tensors (positional "
+    "arguments) or a dict of tensors (keyword arguments), and targets a tensor or None"
+)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def check_inputs(inputs: Any, what: str = "inputs", error: ErrorType = BatchError) -> Inputs:
+    """``inputs`` validated against the contract (a list becomes a tuple); a clear error otherwise.
+
+    >>> check_inputs([torch.zeros(2, 3), torch.ones(2, 3)])[1].shape
+    torch.Size([2, 3])
+    """
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    if isinstance(inputs, (tuple, list)):
+        if inputs and all(isinstance(t, torch.Tensor) for t in inputs):
+            return tuple(inputs)
+        kinds = ", ".join(type(t).__name__ for t in inputs) or "nothing"
+        raise error(
+            f"{what} is a {type(inputs).__name__} of {kinds}; a tuple of inputs must hold tensors "
+            f"only (passed positionally to the model); {_CONTRACT}"
+        )
+    if isinstance(inputs, Mapping):
+        if not any(isinstance(v, torch.Tensor) for v in inputs.values()):
+            raise error(f"{what} is a mapping without any tensor ({list(inputs)!r}); {_CONTRACT}")
+        if not all(isinstance(k, str) for k in inputs):
+            raise error(
+                f"{what}: a mapping of inputs needs string keyword names, got {list(inputs)!r}"
+            )
+        return dict(inputs)
+    raise error(
+        f"{what} must be a tensor, a tuple or a dict of tensors, got {type(inputs).__name__}"
+    )
+
+
+def is_batch(obj: Any) -> bool:
+    """Whether ``obj`` is one ``(inputs, targets)`` batch (or a ``Split`` with ``x`` and ``y``)."""
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:
+        first, second = obj
+        if not (second is None or isinstance(second, torch.Tensor)):
+            return False
+        try:
+            check_inputs(first)
+        except BatchError:
+            return False
+        return True
+    return isinstance(getattr(obj, "x", None), torch.Tensor) and isinstance(
+        getattr(obj, "y", None), torch.Tensor
+    )
+
+
+def split_batch(
+    batch: Any, what: str = "batch", error: ErrorType = BatchError
+) -> tuple[Inputs, Targets]:
+    """``(inputs, targets)`` of a batch, checked: every tensor has the same number of examples.
+
+    >>> inputs, targets = split_batch(({"ids": torch.zeros(2, 5, dtype=torch.long)}, None))
+    >>> list(inputs), targets
+    (['ids'], None)
+    """
+    if isinstance(getattr(batch, "x", None), torch.Tensor) and hasattr(batch, "y"):
+        inputs, targets = batch.x, batch.y
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, targets = batch
+    else:
+        got = type(batch).__name__
+        if isinstance(batch, (tuple, list)):
+            got += f" of length {len(batch)}"
+        raise error(
+            f"{what} must be an (inputs, targets) pair, got {got}; {_CONTRACT}. Several inputs go "
+            f"in one tuple or dict: ((ids, mask), targets) or ({{'input_ids': ids, ...}}, targets)"
+        )
+    inputs = check_inputs(inputs, f"{what}'s inputs", error)
+    if targets is not None and not isinstance(targets, torch.Tensor):
+        raise error(f"{what}'s targets must be a tensor or None, got {type(targets).__name__}")
+    batch_size(inputs, targets, what, error)
+    return inputs, targets
+
+
+def input_tensors(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of ``inputs`` with a label each (``"x"``, ``"inputs[1]"``, or the keyword)."""
+    if isinstance(inputs, torch.Tensor):
+        return [("x", inputs)]
+    if isinstance(inputs, tuple):
+        return [(f"inputs[{i}]", t) for i, t in enumerate(inputs)]
+    return [(k, v) for k, v in inputs.items() if isinstance(v, torch.Tensor)]
+
+
+def batch_size(
+    inputs: Inputs,
+    targets: Targets = None,
+    what: str = "batch",
+    error: ErrorType = BatchError,
+) -> int:
+    """The number of examples: axis 0 of every input tensor (and of the targets), which must agree.
+
+    >>> batch_size((torch.zeros(3, 4), torch.zeros(3)))
+    3
+    """
+    sizes = []
+    for label, t in input_tensors(inputs):
+        if t.dim() == 0:
+            raise error(
+                f"{what}: input {label} is a scalar; every input needs the examples on axis 0"
+            )
+        sizes.append((label, t.shape[0]))
+    if len({n for _, n in sizes}) > 1:
+        listed = ", ".join(f"{label}: {n}" for label, n in sizes)
+        raise error(
+            f"{what}: the input tensors disagree on the number of examples (axis 0): {listed}; "
+            f"every input needs one row per example"
+        )
+    n = sizes[0][1]
+    if isinstance(targets, torch.Tensor) and targets.dim() > 0 and len(targets) != n:
+        raise error(
+            f"{what}: x has {n} samples but y has shape {tuple(targets.shape)}; pass one target "
+            f"per sample"
+        )
+    return n
+
+
+def take(inputs: Inputs, index: slice | torch.Tensor) -> Inputs:
+    """The examples ``index`` (a slice or index tensor along axis 0) of every input tensor."""
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t[index.to(t.device) if isinstance(index, torch.Tensor) else index]
+
+    if isinstance(inputs, torch.Tensor):
+        return pick(inputs)
+    if isinstance(inputs, tuple):
+        return tuple(pick(t) for t in inputs)
+    return {k: pick(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def concat(parts: list[Inputs]) -> Inputs:
+    """Inputs of the same layout joined along axis 0 (plain dict values taken from the first)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, tuple):
+        return tuple(torch.cat(ts) for ts in zip(*parts))
+    return {
+        k: torch.cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) else v
+        for k, v in first.items()
+    }
+
+
+def chunk_batch(inputs: Inputs, targets: Targets, num: int) -> list[tuple[Inputs, Targets]]:
+    """``num`` consecutive chunks of nearly equal size, every tensor cut alike (``tensor_split``)."""
+    n = batch_size(inputs, targets)
+    bounds = [len(part) for part in torch.tensor_split(torch.arange(n), num)]
+    chunks, start = [], 0
+    for size in bounds:
+        part = slice(start, start + size)
+        chunks.append((take(inputs, part), None if targets is None else targets[part]))
+        start += size
+    return chunks
+
+
+def _map(inputs: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, tuple):
+        return tuple(fn(t) for t in inputs)
+    return {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def to_device(inputs: Inputs, device: torch.device, dtype: torch.dtype | None = None) -> Inputs:
+    """Every input tensor on ``device``; floating-point ones in ``dtype`` (integers keep theirs)."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            return t.to(device=device, dtype=dtype)
+        return t.to(device)
+
+    return _map(inputs, move)
+
+
+def map_floating(
+    inputs: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[Inputs, list[str]]:
+    """``fn`` applied to the floating-point input tensors only, and the labels of those it changed.
+
+    Integer inputs (token ids, attention masks as integers) pass unchanged:
+    the noise pairing perturbs features, never ids or masks.
+    """
+    changed = [label for label, t in input_tensors(inputs) if t.is_floating_point()]
+    return _map(inputs, lambda t: fn(t) if t.is_floating_point() else t), changed
+
+
+def flat_inputs(inputs: Inputs) -> torch.Tensor:
+    """Every input tensor flattened per example and concatenated, ``(N, features)`` in float32+."""
+    parts = []
+    for _, t in input_tensors(inputs):
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
+        parts.append(t.reshape(t.shape[0], -1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def inputs_equal(a: Inputs, b: Inputs) -> bool:
+    """Whether two inputs hold equal tensors (same structure, shapes and values)."""
+    ta, tb = input_tensors(a), input_tensors(b)
+    if [label for label, _ in ta] != [label for label, _ in tb]:
+        return False
+    return all(x.shape == y.shape and torch.equal(x, y) for (_, x), (_, y) in zip(ta, tb))
+
+
+def layout(inputs: Inputs) -> str:
+    """The shapes of the inputs, for messages: ``(4, 3)``, or ``input_ids (4, 8), mask (4, 8)``."""
+    if isinstance(inputs, torch.Tensor):
+        return str(tuple(inputs.shape))
+    return ", ".join(f"{label} {tuple(t.shape)}" for label, t in input_tensors(inputs))
+
+
+def same_layout(a: Inputs, b: Inputs) -> str | None:
+    """None if ``a`` and ``b`` have the same inputs with the same shapes, else what differs."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return None if a.shape == b.shape else f"{tuple(b.shape)} for {tuple(a.shape)}"
+    ta, tb = input_tensors(a), input_tensors(b)
+    if [label for label, _ in ta] != [label for label, _ in tb]:
+        return f"inputs {[k for k, _ in ta]} against {[k for k, _ in tb]}"
+    for (label, x), (_, y) in zip(ta, tb):
+        if x.shape != y.shape:
+            return f"{label} of shape {tuple(x.shape)} against {tuple(y.shape)}"
+    return None
+
+
+# --------------------------------------------------------------------------- calling the model
+
+
+def call_args(inputs: Inputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments that pass ``inputs`` to a model."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple):
+        return inputs, {}
+    return (inputs,), {}
+
+
+def check_call(model: nn.Module, inputs: Inputs, error: ErrorType = BatchError) -> None:
+    """Refuse inputs the model's ``forward`` cannot take (see :func:`call_model`)."""
+    _check_signature(model, inputs, error)
+
+
+def _check_signature(model: nn.Module, inputs: Inputs, error: ErrorType) -> None:
+    """Refuse inputs the model's ``forward`` cannot take, before a silent misuse or a deep TypeError."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to check
+        return
+    try:
+        if isinstance(inputs, Mapping):
+            signature.bind(**inputs)
+        elif isinstance(inputs, tuple):
+            signature.bind(*inputs)
+        else:
+            signature.bind(inputs)
+    except TypeError as err:
+        kind = (
+            f"a dict with keys {list(inputs)}"
+            if isinstance(inputs, Mapping)
+            else f"a tuple of {len(inputs)} tensors (passed positionally)"
+            if isinstance(inputs, tuple)
+            else "one tensor"
+        )
+        raise error(
+            f"{type(model).__name__}.forward{signature} cannot take the inputs, {kind}: {err}. "
+            f"Pass exactly what forward takes: one tensor, a tuple of its positional inputs, or a "
+            f"dict of keyword inputs; an (inputs, targets) batch given where inputs alone are "
+            f"expected would put the targets into the model"
+        ) from None
+
+
+def call_model(model: nn.Module, inputs: Inputs, error: ErrorType = BatchError) -> Any:
+    """``model(x)``, ``model(*inputs)`` or ``model(**inputs)`` by the contract, signature checked."""
+    _check_signature(model, inputs, error)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple):
+        return model(*inputs)
+    return model(inputs)
+
+
+def prediction(
+    outputs: Any, pick: OutputPick = None, error: ErrorType = BatchError
+) -> torch.Tensor:
+    """The prediction in a model's outputs, by the module's rule or by ``pick``.
+
+    >>> prediction((torch.zeros(2), torch.ones(3))).shape
+    torch.Size([2])
+    >>> prediction({"loss": torch.tensor(1.0), "logits": torch.zeros(2, 4)}).shape
+    torch.Size([2, 4])
+    >>> prediction({"h": torch.zeros(5)}, pick="h").shape
+    torch.Size([5])
+    """
+    if pick is not None:
+        if callable(pick):
+            chosen = pick(outputs)
+        elif isinstance(pick, int) and not isinstance(pick, bool):
+            try:
+                chosen = outputs[pick]
+            except (TypeError, IndexError, KeyError):
+                raise error(
+                    f"output={pick} takes position {pick} of the outputs, but the model returned "
+                    f"{_describe(outputs)}"
+                ) from None
+        elif isinstance(pick, str):
+            if isinstance(outputs, Mapping) and pick in outputs:
+                chosen = outputs[pick]
+            elif hasattr(outputs, pick):
+                chosen = getattr(outputs, pick)
+            else:
+                raise error(
+                    f"output={pick!r} names no key or attribute of the outputs, "
+                    f"{_describe(outputs)}"
+                )
+        else:
+            raise error(
+                f"output= must be a key or attribute name, a position, or a function of the "
+                f"outputs, got {type(pick).__name__}"
+            )
+        if not isinstance(chosen, torch.Tensor):
+            raise error(f"output={pick!r} gave {type(chosen).__name__}, not a tensor")
+        return chosen
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = (
+        outputs.get("logits") if isinstance(outputs, Mapping) else getattr(outputs, "logits", None)
+    )
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise error(
+        f"cannot tell the prediction in the model's outputs, {_describe(outputs)}: the rule takes a "
+        f"tensor, .logits / ['logits'], or the first item of a tuple; say which with output= (a "
+        f"key or attribute name, a position, or a function of the outputs)"
+    )
+
+
+def _describe(outputs: Any) -> str:
+    if isinstance(outputs, Mapping):
+        return f"a {type(outputs).__name__} with keys {list(outputs)}"
+    if isinstance(outputs, (tuple, list)):
+        return f"a {type(outputs).__name__} of {len(outputs)} items"
+    return f"a {type(outputs).__name__}"
+
+
+def compute_loss(
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None,
+    outputs: Any,
+    targets: Targets,
+    pick: OutputPick = None,
+    error: ErrorType = BatchError,
+) -> torch.Tensor:
+    """``loss_fn(prediction(outputs), targets)``, or the model's own loss when ``loss_fn`` is None."""
+    if loss_fn is None:
+        own = (
+            outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+        )
+        if not isinstance(own, torch.Tensor):
+            raise error(
+                f"loss_fn=None takes the model's own loss (outputs.loss), but the model returned "
+                f"{_describe(outputs)} without one; pass a loss_fn, or the labels among the inputs "
+                f"(Hugging Face models: {{'input_ids': ids, 'labels': ids}})"
+            )
+        return own
+    return loss_fn(prediction(outputs, pick, error), targets)
+
+
+# --------------------------------------------------------------------------- the model's state
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model without either)."""
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (torch's default otherwise)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+_MISSING = object()
+
+
+@contextmanager
+def attributes_kept(modules: nn.Module | list[nn.Module]) -> Iterator[None]:
+    """Put back every attribute a forward pass rebinds on these modules, and remove those it adds.
+
+    :func:`normprobe.state.preserved` covers parameters, buffers, grads and
+    flags; this covers the rest: a tensor a module keeps as a plain
+    attribute (RegNorm's ``penalty``, with its autograd graph), a cache a
+    third-party layer fills on its first call, an "already warned" flag.
+    """
+    mods = list(modules.modules()) if isinstance(modules, nn.Module) else list(modules)
+    saved = [(m, dict(vars(m))) for m in mods]
+    try:
+        yield
+    finally:
+        for m, before in saved:
+            now = vars(m)
+            for key in [k for k in now if k not in before]:
+                del now[key]
+            for key, value in before.items():
+                if now.get(key, _MISSING) is not value:
+                    now[key] = value
+
+
+@contextmanager
+def dropout_off(model: nn.Module) -> Iterator[None]:
+    """Every dropout of ``model`` switched off, also the rates that attention passes to SDPA.
+
+    ``nn.Dropout`` modules go to eval mode with ``p = 0``, and float
+    attributes whose name contains ``dropout`` (``attention_dropout``) are set
+    to 0: Hugging Face attention passes such a rate to
+    ``F.scaled_dot_product_attention`` whenever the attention module is in
+    training mode, whatever its dropout submodule's mode. Everything is put
+    back on exit (flags by the caller's :func:`normprobe.state.preserved`).
+    """
+    saved: list[tuple[nn.Module, str, Any]] = []
+    try:
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
+                saved.append((m, "p", m.p))
+                m.p = 0.0
+            for key, value in list(vars(m).items()):
+                if "dropout" in key and isinstance(value, float) and not isinstance(value, bool):
+                    saved.append((m, key, value))
+                    setattr(m, key, 0.0)
+        yield
+    finally:
+        for m, key, value in reversed(saved):
+            setattr(m, key, value)

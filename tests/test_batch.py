@@ -1,0 +1,145 @@
+"""The batch contract (normprobe.batch) and the roles of layers (normprobe.roles)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+from normprobe.batch import (
+    BatchError,
+    attributes_kept,
+    call_model,
+    chunk_batch,
+    compute_loss,
+    dropout_off,
+    map_floating,
+    prediction,
+    split_batch,
+    to_device,
+)
+from normprobe.roles import find_blocks, is_normalizer, weight_layers
+
+
+def test_split_batch_takes_tensor_tuple_and_dict_inputs_and_says_what_is_wrong() -> None:
+    x, m, y = torch.zeros(4, 3), torch.ones(4, 3, dtype=torch.long), torch.zeros(4)
+    assert split_batch((x, y))[0] is x
+    assert split_batch([(x, m), None])[0] == (x, m)
+    assert list(split_batch(({"a": x, "use_cache": False}, y))[0]) == ["a", "use_cache"]
+    with pytest.raises(
+        BatchError, match=r"must be an \(inputs, targets\) pair, got tuple of length 3"
+    ):
+        split_batch((x, m, y))
+    with pytest.raises(BatchError, match="targets must be a tensor or None, got list"):
+        split_batch((x, [0, 1]))
+    with pytest.raises(BatchError, match=r"x has 4 samples but y has shape \(3,\)"):
+        split_batch((x, y[:3]))
+    with pytest.raises(BatchError, match=r"disagree on the number of examples.*inputs\[1\]: 2"):
+        split_batch(((x, m[:2]), y))
+    with pytest.raises(BatchError, match="a mapping without any tensor"):
+        split_batch(({"a": 1}, y))
+
+
+def test_chunks_and_device_moves_cut_and_cast_every_tensor_alike() -> None:
+    x = torch.arange(10.0)[:, None]
+    ids = torch.arange(10)
+    chunks = chunk_batch({"x": x, "ids": ids, "flag": True}, ids * 2, 3)
+    assert [len(c[0]["x"]) for c in chunks] == [4, 3, 3]
+    for inputs, targets in chunks:  # rows stay together
+        assert torch.equal(inputs["x"][:, 0].long(), inputs["ids"]) and torch.equal(
+            targets, inputs["ids"] * 2
+        )
+        assert inputs["flag"] is True
+    moved = to_device((x, ids), torch.device("cpu"), torch.float64)
+    assert moved[0].dtype == torch.float64 and moved[1].dtype == torch.int64  # ids keep theirs
+    noisy, changed = map_floating({"x": x, "ids": ids}, lambda t: t + 1)
+    assert changed == ["x"] and torch.equal(noisy["ids"], ids) and torch.equal(noisy["x"], x + 1)
+
+
+def test_the_prediction_rule_and_output_picks() -> None:
+    logits = torch.zeros(2, 3)
+    hf_like = SimpleNamespace(loss=torch.tensor(1.5), logits=logits)
+    assert prediction(hf_like) is logits
+    assert prediction({"logits": logits, "loss": 1}) is logits
+    assert prediction((logits, torch.ones(1))) is logits
+    assert prediction((torch.ones(1), logits), 1) is logits
+    assert prediction(hf_like, "loss").shape == ()
+    assert prediction(hf_like, lambda out: out.logits * 2).shape == (2, 3)
+    with pytest.raises(BatchError, match="cannot tell the prediction.*say which with output="):
+        prediction(SimpleNamespace(hidden=logits))
+    with pytest.raises(BatchError, match=r"output=5 takes position 5"):
+        prediction((logits,), 5)
+    assert compute_loss(None, hf_like, None).item() == 1.5
+    with pytest.raises(BatchError, match="loss_fn=None takes the model's own loss"):
+        compute_loss(None, logits, None)
+
+
+def test_call_model_passes_every_input_and_refuses_what_forward_cannot_take() -> None:
+    class Two(nn.Module):
+        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+            return x if mask is None else x * mask
+
+    x, mask = torch.ones(2, 3), torch.zeros(2, 3)
+    assert call_model(Two(), (x, mask)).sum() == 0
+    assert call_model(Two(), {"x": x, "mask": mask}).sum() == 0
+    with pytest.raises(BatchError, match=r"cannot take the inputs, a tuple of 3 tensors"):
+        call_model(Two(), (x, mask, mask))
+    with pytest.raises(BatchError, match=r"a dict with keys \['x', 'other'\]"):
+        call_model(Two(), {"x": x, "other": mask})
+
+
+def test_attributes_kept_and_dropout_off_put_everything_back() -> None:
+    class Cache(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention_dropout = 0.25
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.cached = x  # a third-party layer's cache, added on the first call
+            return self.drop(x) * (1 - self.attention_dropout)
+
+    m = Cache().train()
+    with attributes_kept(m), dropout_off(m):
+        assert torch.equal(m(torch.ones(3)), torch.ones(3))  # no dropout at all
+        assert m.drop.p == 0.0 and m.attention_dropout == 0.0 and not m.drop.training
+    assert not hasattr(m, "cached") and m.drop.p == 0.5 and m.attention_dropout == 0.25
+
+
+def test_roles_find_weights_norms_embeddings_and_blocks() -> None:
+    class Conv1D(nn.Module):  # Hugging Face's transposed linear layer, by its look
+        def __init__(self, nf: int, nx: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+    class RMSish(nn.Module):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(d))
+            self.variance_epsilon = 1e-6
+
+    class LlamaRMSNorm(RMSish):
+        pass
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_fc = Conv1D(4, 4)
+            self.norm = LlamaRMSNorm(4)
+
+    model = nn.Sequential(
+        nn.Embedding(5, 4), nn.ModuleList([Block(), Block()]), weight_norm(nn.Linear(4, 2))
+    )
+    assert is_normalizer(LlamaRMSNorm(4)) and not is_normalizer(model[2].parametrizations.weight[0])
+    chosen, left_out = weight_layers(model)
+    assert list(chosen) == ["1.0.c_fc", "1.1.c_fc", "2"]
+    assert left_out == {"0": "embedding", "1.0.norm": "norm", "1.1.norm": "norm"}
+    chosen, _ = weight_layers(model, embeddings=True, norms=True)
+    assert list(chosen) == ["0", "1.0.c_fc", "1.0.norm", "1.1.c_fc", "1.1.norm", "2"]
+    assert list(find_blocks(model)) == ["1.0", "1.1"]
+    nested = nn.Sequential(nn.Sequential(Block(), Block()), nn.Sequential(Block(), Block()))
+    assert list(find_blocks(nested)) == ["0.0", "0.1", "1.0", "1.1"]  # the innermost
