@@ -155,7 +155,8 @@ WEIGHT_LAYERS = {
 }
 BLOCKS = {
     "gpt2": ["transformer.h.0", "transformer.h.1"],
-    "bert": ["bert.encoder.layer.0", "bert.encoder.layer.1"],
+    # the blocks, then the pooler's tanh (an activation module outside every block)
+    "bert": ["bert.encoder.layer.0", "bert.encoder.layer.1", "bert.pooler.activation"],
     "resnet": ["layer1.0", "layer1.1"],
 }
 # the parameters the Hessian leaves out with embeddings=False, norms=False (besides none frozen)

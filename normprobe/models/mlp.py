@@ -27,6 +27,9 @@ class MLP(nn.Module):
     torch.Size([8, 10])
     """
 
+    #: the probes' default layers: the activation modules, one per hidden layer
+    representation_layers = "activations"
+
     def __init__(
         self,
         norm: str = "none",

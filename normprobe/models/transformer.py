@@ -241,6 +241,9 @@ class Transformer(nn.Module):
     """
 
     classes_last = True
+    #: the probes' default layers: the MLPs' activation modules, as the Transformer figure
+    #: reads them (representation_layers="blocks" would read the residual stream)
+    representation_layers = "activations"
 
     def __init__(
         self,

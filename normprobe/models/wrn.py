@@ -96,6 +96,10 @@ class WideResNet(nn.Module):
     torch.Size([2, 10])
     """
 
+    #: the probes' default layers: every activation module (the stem's, both of each
+    #: block's), the depth axis of the WideResNet figures
+    representation_layers = "activations"
+
     def __init__(
         self,
         norm: str = "none",

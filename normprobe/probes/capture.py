@@ -131,17 +131,17 @@ def select_layers(
 
     ``layers`` is ``None`` (the default rule), a list of module names, a module
     type or tuple of types, or a regex matched against whole names. The
-    default rule for representations: every activation module, if there are
-    activation modules and some run inside the model's blocks (DESIGN.md;
-    an MLP's hidden layers, a ResNet whose ReLU follows the residual add);
-    else the blocks' outputs, i.e. the residual stream
+    default rule for representations: the outputs of the model's blocks, i.e.
+    the residual stream, and any activation module outside them (a stem),
+    when it has blocks
     (:func:`normprobe.roles.find_blocks`: GPT-2's ``transformer.h.{i}``, a
-    ResNet with ``F.relu``, ``nn.TransformerEncoder``'s layers); else every
-    activation module, else every normalization module, else every
+    ResNet's blocks whether its ReLU is a module or ``F.relu``,
+    ``nn.TransformerEncoder``'s layers); else every activation module (an
+    MLP's hidden layers), else every normalization module, else every
     Linear/Conv. A model may choose one of these rules for itself with a
     class attribute ``representation_layers`` ("activations", "blocks",
-    "normalizers" or "weights"), e.g. a transformer whose ``nn.GELU``
-    modules would otherwise be taken.
+    "normalizers" or "weights"); the zoo's models declare "activations", the
+    layers their figures read.
     For gradients: every module owning a weight
     (:func:`normprobe.roles.weight_layers`, with the ``embeddings``, ``norms``
     and ``frozen`` options). Depths are not known here: they come from
@@ -172,7 +172,7 @@ def resolve_layers(
 
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     >>> resolve_layers(net)[1]
-    'activations: activation modules'
+    'activations: activation modules (no blocks)'
     """
     named = {name: m for name, m in model.named_modules() if name}
     if not named:
@@ -241,15 +241,17 @@ def _default_layers(
             return chosen, _RULE_TEXT[declared] + f" (declared by {type(model).__name__})"
     blocks = rules["blocks"]()
     acts = rules["activations"]()
-    inside = any(n.startswith(b + ".") for n in acts for b in blocks)
-    if acts and (inside or not blocks):
-        # DESIGN.md's rule: activation modules; inside the blocks they include the block outputs'
-        # nonlinearity (a ResNet's relu after the residual add, an MLP's hidden layers)
-        note = "" if not blocks else " (inside the blocks)"
-        return acts, _RULE_TEXT["activations"] + note
     if blocks:
-        note = " (no activation module inside them)" if acts else " (no activation modules)"
-        return blocks, _RULE_TEXT["blocks"] + note
+        # a block's output is the residual stream (a ResNet's relu after the add, a transformer
+        # layer's x + mlp(x)); the activation modules inside a transformer's MLP are not. An
+        # activation outside every block (a ResNet's stem) is a layer of its own.
+        outside = {
+            n: m for n, m in acts.items() if not any(n.startswith(b + ".") for b in blocks)
+        }
+        note = " and the activation modules outside them" if outside else ""
+        return {**outside, **blocks}, _RULE_TEXT["blocks"] + note
+    if acts:
+        return acts, _RULE_TEXT["activations"] + " (no blocks)"
     for rule in ("normalizers", "weights"):
         chosen = rules[rule]()
         if chosen:

@@ -194,7 +194,12 @@ def test_residual_cnn_with_groupnorm_and_a_reused_relu() -> None:
     torch.manual_seed(0)
     model = ResCNN()
     x = torch.randn(6, 1, 8, 8)
-    frame = representation_correlation(model, x)
+    # the default: the stem's activation and the blocks' outputs (after the residual add)
+    default = representation_correlation(model, x)
+    assert default.layer.tolist() == ["input", "stem.2", "blocks.0", "blocks.1"]
+    assert default["layer_rule"].iloc[0].startswith("blocks:")
+    # the ReLU modules by type: the reused one is recorded once per call
+    frame = representation_correlation(model, x, layers=nn.ReLU)
     assert frame.layer.tolist() == [
         "input",
         "stem.2",
@@ -211,8 +216,10 @@ def test_residual_cnn_with_groupnorm_and_a_reused_relu() -> None:
     with torch.no_grad():
         h, h2 = model.blocks[0](model.stem(x)), model.blocks[0](model.stem(x2))
     assert _values(frame)["blocks.0.relu#2"] == pytest.approx(_corr(h, h2), abs=1e-5)
-    within = representation_correlation(model, x, pairing="within")
+    within = representation_correlation(model, x, pairing="within", layers=nn.ReLU)
     assert _values(within)["blocks.0.relu#2"] == pytest.approx(_within(h), abs=1e-5)
+    # the block's output is the same tensor as its second ReLU call's
+    assert _values(default)["blocks.0"] == _values(frame)["blocks.0.relu#2"]
 
 
 def _encoder() -> nn.TransformerEncoder:
@@ -245,3 +252,28 @@ def test_transformer_encoder_representations_of_shape_n_t_d(mode: str) -> None:
         assert _values(frame)["layers.1"] == pytest.approx(_corr(h, h2), abs=1e-5)
     within = representation_correlation(enc, x, pairing="within", mode=mode)
     assert within.value.between(-1, 1).all()
+
+
+class _GeluBlock(nn.Module):
+    """A pre-LN transformer-style block whose MLP has an ``nn.GELU`` module."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.ln(x))
+
+
+def test_a_transformer_with_gelu_modules_defaults_to_the_residual_stream() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(_GeluBlock(8), _GeluBlock(8))
+    x = torch.randn(4, 3, 8)
+    frame = representation_correlation(model, x)
+    # the blocks' outputs, not the GELU outputs inside their MLPs
+    assert frame.layer.tolist() == ["input", "0", "1"]
+    with torch.no_grad():
+        h, h2 = model(x), model(x + 1.0)
+    moved = representation_correlation(model, x, x_other=x + 1.0, pairing="independent")
+    assert _values(moved)["1"] == pytest.approx(_corr(h, h2), abs=1e-6)
