@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -49,6 +49,8 @@ __all__ = [
     "Quadrature",
     "Eigenpairs",
     "blas_threads",
+    "default_breakdown_tol",
+    "basis_bytes",
     "rademacher",
     "lanczos",
     "gauss_quadrature",
@@ -117,6 +119,7 @@ class LanczosResult:
     ``breakdown`` (an invariant subspace was found: ``T``'s eigenvalues are
     then exact eigenvalues of ``A`` and the quadrature is exact, not
     truncated). ``basis`` is the ``(steps, dim)`` orthonormal basis when kept.
+    ``breakdown_tol`` is the relative tolerance the breakdown test used.
     """
 
     alpha: torch.Tensor
@@ -126,6 +129,39 @@ class LanczosResult:
     requested: int
     breakdown: bool
     basis: torch.Tensor | None = None
+    breakdown_tol: float = float("nan")
+
+
+def default_breakdown_tol(dtype: torch.dtype) -> float:
+    """``100 * eps`` of ``dtype``: the relative residual below which Lanczos calls the Krylov space invariant.
+
+    At a true breakdown the computed residual is rounding: a few ``eps``
+    times ``||A||`` (2-13 eps measured on low-rank operators from 10k to 2M
+    dimensions, float32 and float64; torch's blocked reductions keep the
+    rounding from growing with the dimension). The tolerance must not grow
+    with the dimension either: the former ``100 * dim * eps`` exceeded 1 in
+    float32 above 84k parameters and stopped every run after one step. A
+    missed breakdown is harmless (the next direction is rounding noise,
+    orthogonalized, whose nodes get weights of order ``(beta / ||T||)^2``); a
+    false one ends the run early, which the spectrum reports and warns about.
+
+    >>> default_breakdown_tol(torch.float32) == 100 * torch.finfo(torch.float32).eps
+    True
+    """
+    return 100 * torch.finfo(dtype).eps
+
+
+def basis_bytes(steps: int, dim: int, dtype: torch.dtype) -> int:
+    """Bytes of a ``(steps, dim)`` Lanczos basis in ``dtype`` (the dominant memory of SLQ).
+
+    >>> basis_bytes(100, 1_000_000, torch.float64) / 2**20
+    762.939453125
+    """
+    return int(steps) * int(dim) * torch.empty(0, dtype=dtype).element_size()
+
+
+def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
 
 
 def lanczos(
@@ -139,6 +175,8 @@ def lanczos(
     device: torch.device | str | None = None,
     keep_basis: bool = False,
     breakdown_tol: float | None = None,
+    basis_dtype: torch.dtype | None = None,
+    basis: torch.Tensor | None = None,
 ) -> LanczosResult:
     """``steps`` Lanczos steps on ``matvec`` with full reorthogonalization.
 
@@ -149,10 +187,22 @@ def lanczos(
     removed more than ``1 - 1/sqrt(2)`` of its norm: "twice is enough"), so
     the basis stays orthonormal to rounding and the Ritz values carry no
     ghost copies. The loop stops early only when the residual norm falls below
-    ``breakdown_tol * ||T||`` (default ``100 * dim * eps`` of ``dtype``),
-    which is recorded in ``breakdown``. The basis costs
-    ``steps * dim * itemsize`` bytes (800 bytes per parameter at
-    ``steps=100`` in float64); it is returned only with ``keep_basis``.
+    ``breakdown_tol * ||T||`` (default :func:`default_breakdown_tol`,
+    ``100 * eps`` of the coarser of ``dtype`` and ``basis_dtype``: relative
+    to the operator's scale, independent of ``dim``), which is recorded in
+    ``breakdown``.
+
+    The matvec sees vectors in ``dtype`` on ``device``; the basis and the
+    orthogonalization use ``basis_dtype`` (default ``dtype``): a float32
+    basis halves the memory and the reorthogonalization time and is as
+    accurate as a float32 matvec (``alpha`` and ``beta`` are stored in
+    float64 either way). ``basis``, if given, is the ``(steps, dim)``
+    buffer to use (on any device, e.g. host memory or a memory-mapped file
+    for a basis that does not fit on the accelerator; its dtype is the basis
+    dtype): each product's result moves there, each new direction moves to
+    ``device``. The basis costs ``steps * dim * itemsize`` bytes
+    (:func:`basis_bytes`: 800 bytes per parameter at ``steps=100`` in
+    float64); it is returned only with ``keep_basis``.
 
     A matrix with three distinct eigenvalues has a 3-dimensional Krylov space:
 
@@ -179,18 +229,46 @@ def lanczos(
     if not torch.isfinite(norm) or norm == 0:
         raise HessianError("the Lanczos start vector is zero or not finite; pass a nonzero one")
     steps = min(steps, dim)
-    eps = torch.finfo(dtype).eps
-    tol = 100 * dim * eps if breakdown_tol is None else breakdown_tol
-    basis = torch.empty(steps, dim, dtype=dtype, device=start.device)
-    basis[0] = start / norm
+    if basis is not None:
+        if basis.dim() != 2 or basis.shape[1] != dim or basis.shape[0] < steps:
+            raise HessianError(
+                f"the basis buffer must have shape (>= {steps}, {dim}), got {tuple(basis.shape)}"
+            )
+        if basis_dtype is not None and basis.dtype != basis_dtype:
+            raise HessianError(
+                f"the basis buffer is {basis.dtype} but basis_dtype={basis_dtype}; pass one"
+            )
+        basis_dtype = basis.dtype
+    basis_dtype = dtype if basis_dtype is None else basis_dtype
+    if basis_dtype not in (torch.float32, torch.float64):
+        raise HessianError(f"basis_dtype must be torch.float32 or torch.float64, got {basis_dtype}")
+    eps = torch.finfo(_coarser(dtype, basis_dtype)).eps
+    tol = (
+        default_breakdown_tol(_coarser(dtype, basis_dtype))
+        if breakdown_tol is None
+        else breakdown_tol
+    )
+    if basis is None:
+        basis = torch.empty(steps, dim, dtype=basis_dtype, device=start.device)
+    home = start.device  # where the matvec lives
+    same = basis.dtype == dtype and basis.device == home
+
+    def to_matvec(v: torch.Tensor) -> torch.Tensor:
+        return v if same else v.to(dtype=dtype, device=home)
+
+    def to_basis(v: torch.Tensor) -> torch.Tensor:
+        return v if same else v.to(dtype=basis.dtype, device=basis.device)
+
+    basis[0] = to_basis(start / norm)
     alpha = torch.zeros(steps, dtype=torch.float64)
     beta = torch.zeros(steps, dtype=torch.float64)
     scale = 0.0  # running bound on ||T|| for the breakdown test
     taken, breakdown, residual = steps, False, 0.0
     for j in range(steps):
-        w = matvec(basis[j]).to(dtype)
+        w = matvec(to_matvec(basis[j])).to(dtype)
         if w.shape != (dim,):
             raise HessianError(f"matvec must return shape ({dim},), got {tuple(w.shape)}")
+        w = to_basis(w)
         # The three-term recurrence, then full reorthogonalization against the whole
         # basis; a second pass runs when the first removed more than 1 - 1/sqrt(2) of
         # the norm (Daniel-Gragg-Kaufman-Stewart: "twice is enough").
@@ -232,6 +310,7 @@ def lanczos(
         requested=steps,
         breakdown=breakdown,
         basis=basis[:taken] if keep_basis else None,
+        breakdown_tol=tol,
     )
 
 
@@ -290,7 +369,8 @@ class Quadrature:
     come from start vector ``j``; ``ritz_residuals[j]`` are the Ritz residual
     norms ``|beta_m s_i[-1]|`` of its nodes (small: the node is an eigenvalue);
     ``first_moments[j]`` is ``q_j^T A q_j`` (``alpha_1``) for the normalized
-    start vector ``q_j``.
+    start vector ``q_j``; ``residual_norms[j]`` the last residual norm (at a
+    breakdown, the one that fell below ``breakdown_tol * ||T||``).
     """
 
     nodes: list[np.ndarray]
@@ -300,6 +380,8 @@ class Quadrature:
     first_moments: list[float]
     requested: int
     ritz_residuals: list[np.ndarray]
+    residual_norms: list[float] = field(default_factory=list)
+    breakdown_tol: float = float("nan")
 
 
 def stochastic_lanczos_quadrature(
@@ -311,12 +393,17 @@ def stochastic_lanczos_quadrature(
     generator: torch.Generator,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    basis_dtype: torch.dtype | None = None,
+    basis: torch.Tensor | None = None,
+    breakdown_tol: float | None = None,
 ) -> Quadrature:
     """SLQ (Ghorbani et al. 2019): ``num_vectors`` Rademacher starts, ``steps`` Lanczos steps each.
 
     The start vectors are the first ``num_vectors`` draws of
     :func:`rademacher` from ``generator`` (normalized); their nodes and
     weights estimate the spectral measure ``(1/dim) sum_i delta(lambda_i)``.
+    ``basis_dtype``, ``basis`` (one ``(steps, dim)`` buffer, reused by every
+    start vector) and ``breakdown_tol`` go to :func:`lanczos`.
 
     >>> a = torch.diag(torch.linspace(-1, 1, 50, dtype=torch.float64))
     >>> q = stochastic_lanczos_quadrature(lambda v: a @ v, 50, 8, 2,
@@ -327,9 +414,21 @@ def stochastic_lanczos_quadrature(
     if num_vectors < 1:
         raise HessianError(f"SLQ needs at least one start vector, got num_vectors={num_vectors}")
     nodes, weights, residuals, taken, breakdown, moments = [], [], [], [], [], []
+    norms: list[float] = []
+    tol = float("nan")
     for _ in range(num_vectors):
         start = rademacher(dim, generator=generator, dtype=dtype, device=device)
-        run = lanczos(matvec, dim, steps, start=start, dtype=dtype, device=device)
+        run = lanczos(
+            matvec,
+            dim,
+            steps,
+            start=start,
+            dtype=dtype,
+            device=device,
+            basis_dtype=basis_dtype,
+            basis=basis,
+            breakdown_tol=breakdown_tol,
+        )
         n, vectors = _tridiagonal_eigh(run.alpha, run.beta)
         nodes.append(n)
         weights.append(vectors[0] ** 2)
@@ -337,8 +436,18 @@ def stochastic_lanczos_quadrature(
         taken.append(run.steps)
         breakdown.append(run.breakdown)
         moments.append(float(run.alpha[0]))
+        norms.append(run.residual_norm)
+        tol = run.breakdown_tol
     return Quadrature(
-        nodes, weights, taken, breakdown, moments, min(steps, dim), ritz_residuals=residuals
+        nodes,
+        weights,
+        taken,
+        breakdown,
+        moments,
+        min(steps, dim),
+        ritz_residuals=residuals,
+        residual_norms=norms,
+        breakdown_tol=tol,
     )
 
 
