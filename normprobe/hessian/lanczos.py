@@ -119,7 +119,9 @@ class LanczosResult:
     ``breakdown`` (an invariant subspace was found: ``T``'s eigenvalues are
     then exact eigenvalues of ``A`` and the quadrature is exact, not
     truncated). ``basis`` is the ``(steps, dim)`` orthonormal basis when kept.
-    ``breakdown_tol`` is the relative tolerance the breakdown test used.
+    ``breakdown_tol`` is the relative tolerance the breakdown test used;
+    ``reorthogonalizations`` counts the steps that reorthogonalized against
+    the whole basis (every step with full reorthogonalization).
     """
 
     alpha: torch.Tensor
@@ -130,6 +132,83 @@ class LanczosResult:
     breakdown: bool
     basis: torch.Tensor | None = None
     breakdown_tol: float = float("nan")
+    reorthogonalizations: int = 0
+
+
+def _reorthogonalize(q: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Classical Gram-Schmidt of ``w`` against the rows of ``q``, twice when needed.
+
+    A second pass runs when the first removed more than ``1 - 1/sqrt(2)`` of
+    the norm (Daniel-Gragg-Kaufman-Stewart: "twice is enough"). Returns the
+    new ``w``, what the passes found along the last row (added to
+    ``alpha``) and the new norm.
+    """
+    before = torch.linalg.vector_norm(w)
+    h = q @ w
+    w = w - q.T @ h
+    da = float(h[-1])
+    after = torch.linalg.vector_norm(w)
+    if after < before / math.sqrt(2.0):
+        h = q @ w
+        w = w - q.T @ h
+        da += float(h[-1])
+        after = torch.linalg.vector_norm(w)
+    return w, da, after
+
+
+class _Orthogonality:
+    """Simon's estimate of ``omega_{j+1,k} ~ q_{j+1}^T q_k`` for partial reorthogonalization.
+
+    From ``A q_k = beta_{k-1} q_{k-1} + alpha_k q_k + beta_k q_{k+1} + f_k``
+    for every ``k``, the orthogonality of the next vector follows from the
+    last two (0-indexed, ``k < j``):
+    ``beta_j w_{j+1,k} = beta_k w_{j,k+1} + (alpha_k - alpha_j) w_{j,k}
+    + beta_{k-1} w_{j,k-1} - beta_{j-1} w_{j-1,k}``, plus the rounding of
+    the products, bounded by ``eps1 (|T_k| + |T_j|)`` with
+    ``eps1 = sqrt(dim) eps / 2`` and added with the sign of the estimate
+    (PROPACK's model). Mutable state: the last two rows of estimates.
+    """
+
+    def __init__(self, steps: int, dim: int, eps: float) -> None:
+        self.eps = eps
+        self.eps1 = 0.5 * math.sqrt(dim) * eps
+        self.delta = math.sqrt(eps)
+        self.prev = np.zeros(steps + 1)  # omega_{j-1, k}
+        self.cur = np.zeros(steps + 1)  # omega_{j, k}
+        self.cur[0] = 1.0
+        self.j = 0
+        self.due = False  # the step after a reorthogonalization reorthogonalizes too
+
+    def advance(self, alpha: np.ndarray, beta: np.ndarray, a_j: float, b_j: float) -> bool:
+        """Estimates for ``q_{j+1}`` from ``alpha[:j]``, ``beta[:j]``, ``alpha_j``, ``beta_j``.
+
+        Returns whether they exceed ``sqrt(eps)`` (reorthogonalize now).
+        """
+        j = self.j
+        new = np.zeros_like(self.cur)
+        if self.due:  # this step reorthogonalized: back to rounding level
+            new[: j + 1] = self.eps1
+            self.due = False
+        elif j:
+            k = np.arange(j)
+            t = beta[k] * self.cur[k + 1] + (alpha[k] - a_j) * self.cur[k]
+            t[1:] += beta[k[1:] - 1] * self.cur[k[1:] - 1]
+            t -= beta[j - 1] * self.prev[k]
+            row_k = np.hypot(alpha[k], beta[k])
+            t += np.where(t >= 0, 1.0, -1.0) * self.eps1 * (row_k + math.hypot(a_j, b_j))
+            new[:j] = t / b_j
+            new[j] = self.eps1
+        else:
+            new[0] = self.eps1
+        new[j + 1] = 1.0
+        self.prev, self.cur = self.cur, new
+        self.j = j + 1
+        return bool(np.abs(new[: j + 1]).max() > self.delta)
+
+    def reset(self) -> None:
+        """After reorthogonalizing ``q_{j+1}``: its estimates to rounding, and the next step's too."""
+        self.cur[: self.j] = self.eps1
+        self.due = True
 
 
 def default_breakdown_tol(dtype: torch.dtype) -> float:
@@ -177,8 +256,10 @@ def lanczos(
     breakdown_tol: float | None = None,
     basis_dtype: torch.dtype | None = None,
     basis: torch.Tensor | None = None,
+    reorthogonalize: Literal["full", "partial"] = "full",
+    matvec_eps: float | None = None,
 ) -> LanczosResult:
-    """``steps`` Lanczos steps on ``matvec`` with full reorthogonalization.
+    """``steps`` Lanczos steps on ``matvec`` with full (or partial) reorthogonalization.
 
     Starts from ``start`` (normalized here) or, when it is None, from a
     Rademacher vector drawn from ``generator``. Every new direction is
@@ -191,6 +272,18 @@ def lanczos(
     ``100 * eps`` of the coarser of ``dtype`` and ``basis_dtype``: relative
     to the operator's scale, independent of ``dim``), which is recorded in
     ``breakdown``.
+
+    ``reorthogonalize="partial"`` (Simon 1984, as in PROPACK) estimates the
+    loss of orthogonality ``omega_jk ~ q_j^T q_k`` by its recurrence
+    (:class:`_Orthogonality`) and reorthogonalizes only when it exceeds
+    ``sqrt(eps)``, then once more at the next step. The basis stays
+    semi-orthogonal, which keeps ``T`` the projection of ``A`` on a nearby
+    orthonormal basis to ``O(eps ||A||)``: the same nodes and weights as
+    full reorthogonalization to rounding, with far fewer passes over the
+    basis (the cost that dominates SLQ beside the products for large models).
+    ``matvec_eps`` is the relative rounding of the products when it is
+    coarser than ``dtype`` (a float32 model's Hessian-vector products in a
+    float64 Lanczos: ``finfo(float32).eps``); the estimate starts from it.
 
     The matvec sees vectors in ``dtype`` on ``device``; the basis and the
     orthogonalization use ``basis_dtype`` (default ``dtype``): a float32
@@ -260,6 +353,11 @@ def lanczos(
         return v if same else v.to(dtype=basis.dtype, device=basis.device)
 
     basis[0] = to_basis(start / norm)
+    if reorthogonalize not in ("full", "partial"):
+        raise HessianError(f"reorthogonalize must be 'full' or 'partial', got {reorthogonalize!r}")
+    noise = eps if matvec_eps is None else max(float(matvec_eps), eps)
+    watch = _Orthogonality(steps, dim, noise) if reorthogonalize == "partial" else None
+    reorthogonalized = 0
     alpha = torch.zeros(steps, dtype=torch.float64)
     beta = torch.zeros(steps, dtype=torch.float64)
     scale = 0.0  # running bound on ||T|| for the breakdown test
@@ -269,26 +367,28 @@ def lanczos(
         if w.shape != (dim,):
             raise HessianError(f"matvec must return shape ({dim},), got {tuple(w.shape)}")
         w = to_basis(w)
-        # The three-term recurrence, then full reorthogonalization against the whole
-        # basis; a second pass runs when the first removed more than 1 - 1/sqrt(2) of
-        # the norm (Daniel-Gragg-Kaufman-Stewart: "twice is enough").
+        # The three-term recurrence, then reorthogonalization against the whole basis
+        # (every step, or where the partial scheme's estimate says so).
         a = float(basis[j] @ w)
         w = w - a * basis[j]
         if j:
             w = w - beta[j - 1].item() * basis[j - 1]
         q = basis[: j + 1]
-        before = torch.linalg.vector_norm(w)
-        h = q @ w
-        w = w - q.T @ h
-        a += float(h[j])
-        after = torch.linalg.vector_norm(w)
-        if after < before / math.sqrt(2.0):
-            h = q @ w
-            w = w - q.T @ h
-            a += float(h[j])
+        if watch is None or watch.due:
+            w, da, after = _reorthogonalize(q, w)
+            a += da
+            reorthogonalized += 1
+        else:
             after = torch.linalg.vector_norm(w)
-        alpha[j] = a
         b = float(after)
+        if watch is not None and j + 1 < steps and b > 0 and math.isfinite(b):
+            if watch.advance(alpha[:j].numpy(), beta[:j].numpy(), a, b) and not watch.due:
+                w, da, after = _reorthogonalize(q, w)
+                a += da
+                b = float(after)
+                reorthogonalized += 1
+                watch.reset()
+        alpha[j] = a
         if not math.isfinite(b) or not math.isfinite(float(alpha[j])):
             raise HessianError(
                 f"the matrix-vector product returned non-finite values at Lanczos step {j + 1}; "
@@ -311,6 +411,7 @@ def lanczos(
         breakdown=breakdown,
         basis=basis[:taken] if keep_basis else None,
         breakdown_tol=tol,
+        reorthogonalizations=reorthogonalized,
     )
 
 
@@ -382,6 +483,7 @@ class Quadrature:
     ritz_residuals: list[np.ndarray]
     residual_norms: list[float] = field(default_factory=list)
     breakdown_tol: float = float("nan")
+    reorthogonalizations: list[int] = field(default_factory=list)
 
 
 def stochastic_lanczos_quadrature(
@@ -396,6 +498,8 @@ def stochastic_lanczos_quadrature(
     basis_dtype: torch.dtype | None = None,
     basis: torch.Tensor | None = None,
     breakdown_tol: float | None = None,
+    reorthogonalize: Literal["full", "partial"] = "full",
+    matvec_eps: float | None = None,
 ) -> Quadrature:
     """SLQ (Ghorbani et al. 2019): ``num_vectors`` Rademacher starts, ``steps`` Lanczos steps each.
 
@@ -403,7 +507,8 @@ def stochastic_lanczos_quadrature(
     :func:`rademacher` from ``generator`` (normalized); their nodes and
     weights estimate the spectral measure ``(1/dim) sum_i delta(lambda_i)``.
     ``basis_dtype``, ``basis`` (one ``(steps, dim)`` buffer, reused by every
-    start vector) and ``breakdown_tol`` go to :func:`lanczos`.
+    start vector), ``breakdown_tol``, ``reorthogonalize`` and ``matvec_eps``
+    go to :func:`lanczos`.
 
     >>> a = torch.diag(torch.linspace(-1, 1, 50, dtype=torch.float64))
     >>> q = stochastic_lanczos_quadrature(lambda v: a @ v, 50, 8, 2,
@@ -415,6 +520,7 @@ def stochastic_lanczos_quadrature(
         raise HessianError(f"SLQ needs at least one start vector, got num_vectors={num_vectors}")
     nodes, weights, residuals, taken, breakdown, moments = [], [], [], [], [], []
     norms: list[float] = []
+    passes: list[int] = []
     tol = float("nan")
     for _ in range(num_vectors):
         start = rademacher(dim, generator=generator, dtype=dtype, device=device)
@@ -428,6 +534,8 @@ def stochastic_lanczos_quadrature(
             basis_dtype=basis_dtype,
             basis=basis,
             breakdown_tol=breakdown_tol,
+            reorthogonalize=reorthogonalize,
+            matvec_eps=matvec_eps,
         )
         n, vectors = _tridiagonal_eigh(run.alpha, run.beta)
         nodes.append(n)
@@ -438,6 +546,7 @@ def stochastic_lanczos_quadrature(
         moments.append(float(run.alpha[0]))
         norms.append(run.residual_norm)
         tol = run.breakdown_tol
+        passes.append(run.reorthogonalizations)
     return Quadrature(
         nodes,
         weights,
@@ -448,6 +557,7 @@ def stochastic_lanczos_quadrature(
         ritz_residuals=residuals,
         residual_norms=norms,
         breakdown_tol=tol,
+        reorthogonalizations=passes,
     )
 
 

@@ -416,6 +416,7 @@ def hessian_spectrum(
     basis_dtype: torch.dtype | None = None,
     basis_device: torch.device | str | None = None,
     basis_path: str | os.PathLike[str] | None = None,
+    reorthogonalize: Literal["full", "partial"] = "full",
 ) -> HessianSpectrum:
     """Hessian spectrum of the mean loss of ``model`` over a probe set (DESIGN.md, Probes 4).
 
@@ -442,6 +443,10 @@ def hessian_spectrum(
       model on an accelerator) and ``basis_path`` in a memory-mapped file.
       A start vector whose Lanczos run stops early (breakdown: an invariant
       Krylov subspace) is reported in ``breakdown`` and warned about.
+      ``reorthogonalize="partial"`` reorthogonalizes only where Simon's
+      estimate of the lost orthogonality (from the products' precision)
+      reaches ``sqrt(eps)``: the same nodes to rounding, fewer passes over
+      the basis.
     - ``top``: the ``k`` largest eigenvalues (at least ``K`` =
       ``num_classes``, default the model's output width: axis 1 of its
       output, the last axis for a model with ``classes_last = True`` such as
@@ -577,6 +582,8 @@ def hessian_spectrum(
                         dtype=dtype,
                         device=op.device,
                         basis=basis,
+                        reorthogonalize=reorthogonalize,
+                        matvec_eps=torch.finfo(coarse).eps,
                     ),
                 )
             messages.extend(_breakdown_messages(quad.steps, quad.requested, quad.residual_norms))

@@ -133,3 +133,15 @@ def test_hessian_spectrum_with_a_memory_mapped_basis_gives_the_same_bits(wide_ml
             pass
     with pytest.raises(HessianError, match="basis_dtype must be"):
         hessian_spectrum(*args, **kwargs, basis_dtype=torch.float16)
+
+
+def test_partial_reorthogonalization_in_hessian_spectrum_matches_full(wide_mlp) -> None:
+    model, data = wide_mlp
+    kwargs = {"what": "density", "steps": 30, "num_vectors": 2, "n_samples": None}
+    full = hessian_spectrum(model, F.cross_entropy, data, **kwargs)
+    part = hessian_spectrum(model, F.cross_entropy, data, **kwargs, reorthogonalize="partial")
+    for n1, w1, n2, w2 in zip(full.nodes, full.weights, part.nodes, part.weights):
+        np.testing.assert_allclose(n2, n1, atol=1e-10 * np.abs(n1).max())
+        np.testing.assert_allclose(w2, w1, atol=1e-10)
+    with pytest.raises(HessianError, match="reorthogonalize must be"):
+        hessian_spectrum(model, F.cross_entropy, data, **kwargs, reorthogonalize="some")

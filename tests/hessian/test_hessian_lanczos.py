@@ -366,3 +366,66 @@ def test_a_basis_buffer_in_host_memory_or_a_file_gives_the_same_bits(tmp_path) -
             np.testing.assert_array_equal(w1, w2)
     with pytest.raises(HessianError, match=r"shape \(>= 40, 300\)"):
         lanczos(lambda v: a @ v, 300, 40, start=torch.ones(300), basis=torch.empty(10, 300))
+
+
+def test_partial_reorthogonalization_matches_full_to_rounding() -> None:
+    eigs = _hessian_like()
+    a = _matrix(eigs)
+    runs = {
+        mode: lanczos(
+            lambda v: a @ v,
+            300,
+            150,
+            generator=torch.Generator().manual_seed(2),
+            keep_basis=True,
+            reorthogonalize=mode,
+        )  # fmt: skip
+        for mode in ("full", "partial")
+    }
+    full, part = runs["full"], runs["partial"]
+    assert full.reorthogonalizations == 150 and 0 < part.reorthogonalizations < 150
+    # semi-orthogonal: |q_j^T q_k| <= sqrt(eps), which keeps T exact to O(eps ||A||)
+    gram = part.basis @ part.basis.T - torch.eye(150, dtype=torch.float64)
+    assert float(gram.abs().max()) <= np.sqrt(np.finfo(np.float64).eps)
+    nf, wf = gauss_quadrature(full.alpha, full.beta)
+    npart, wpart = gauss_quadrature(part.alpha, part.beta)
+    np.testing.assert_allclose(npart, nf, atol=1e-12 * eigs.max())
+    np.testing.assert_allclose(wpart, wf, atol=1e-12)
+    # no ghosts: each outlier appears once, at its value
+    top = npart[npart > 2.0]
+    np.testing.assert_allclose(np.sort(top)[::-1], eigs[::-1][:10], rtol=1e-10)
+
+
+def test_partial_reorthogonalization_with_float32_products_in_a_float64_basis() -> None:
+    """Products rounded to float32 lose orthogonality from 1e-7, not 1e-16: matvec_eps says so."""
+    eigs = _hessian_like()
+    a32 = _matrix(eigs).float()
+    out = lanczos(
+        lambda v: (a32 @ v.float()).double(), 300, 150, generator=torch.Generator().manual_seed(2),
+        keep_basis=True, reorthogonalize="partial", matvec_eps=torch.finfo(torch.float32).eps,
+    )  # fmt: skip
+    gram = out.basis @ out.basis.T - torch.eye(150, dtype=torch.float64)
+    assert float(gram.abs().max()) <= np.sqrt(torch.finfo(torch.float32).eps)
+    nodes, _ = gauss_quadrature(out.alpha, out.beta)
+    top = nodes[nodes > 2.0]
+    np.testing.assert_allclose(np.sort(top)[::-1], eigs[::-1][:10], rtol=1e-5)
+
+
+def test_partial_reorthogonalization_above_100k_matches_exact_moments() -> None:
+    dim = 126_218
+    d = _hessian_like_diagonal(dim)
+    start = rademacher(dim, generator=torch.Generator().manual_seed(1))
+    q = start / start.norm()
+    exact = np.array([float(q @ (d**p * q)) for p in range(1, 8)])
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        a = d.to(dtype)
+        out = lanczos(
+            lambda v, a=a: a * v, dim, 60, start=start, dtype=dtype, reorthogonalize="partial"
+        )
+        assert out.steps == 60 and out.reorthogonalizations <= 60
+        nodes, weights = gauss_quadrature(out.alpha, out.beta)
+        scale = 50.0 ** np.arange(1, 8)
+        assert np.all(np.abs(_quadrature_moments(nodes, weights, 7) - exact) <= rtol * scale)
+        # Ritz values to O(eps ||A||) (semi-orthogonality), as full reorthogonalization
+        outliers = [5.0, 10.0, 20.0, 30.0, 50.0]
+        np.testing.assert_allclose(np.sort(nodes)[-5:], outliers, atol=rtol * 50.0)
