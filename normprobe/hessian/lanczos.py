@@ -6,8 +6,11 @@ its randomness from an explicit ``torch.Generator``.
 
 - :func:`lanczos`: Lanczos with full reorthogonalization (classical
   Gram-Schmidt against the stored basis, a second pass when the first lost
-  more than 1 - 1/sqrt(2) of the norm: "twice is enough"), returning the tridiagonal,
-  the basis if asked, the steps actually taken and an honest breakdown flag.
+  more than 1 - 1/sqrt(2) of the norm: "twice is enough") or partial
+  reorthogonalization (Simon's estimate of the lost orthogonality decides
+  when), returning the tridiagonal, the basis if asked, the steps actually
+  taken and an honest breakdown flag (a residual below ``100 eps ||T||``:
+  :func:`default_breakdown_tol`, independent of the dimension).
 - :func:`gauss_quadrature` and :func:`stochastic_lanczos_quadrature`: SLQ nodes
   and weights (Ghorbani et al. 2019) from ``scipy.linalg.eigh_tridiagonal``;
   :func:`ritz_residuals`: which nodes are converged eigenvalues.
@@ -21,9 +24,11 @@ its randomness from an explicit ``torch.Generator``.
   measure on a grid.
 
 Memory: :func:`lanczos` keeps its basis as one ``(steps, dim)`` tensor in the
-Lanczos dtype: ``8 * steps * dim`` bytes in float64 and ``4 * steps * dim`` in
-float32, i.e. at ``steps = 100`` 800 and 400 bytes per parameter (2.4 GB and
-1.2 GB for 3 million parameters, 140 MB and 70 MB for WRN-16-1's 175k).
+basis dtype (:func:`basis_bytes`): ``8 * steps * dim`` bytes in float64 and
+``4 * steps * dim`` in float32, i.e. at ``steps = 100`` 800 and 400 bytes per
+parameter (2.4 GB and 1.2 GB for 3 million parameters, 140 MB and 70 MB for
+WRN-16-1's 175k); a caller's buffer can put it in host memory or a
+memory-mapped file (:mod:`normprobe.hessian.basis`).
 """
 
 from __future__ import annotations
@@ -135,25 +140,27 @@ class LanczosResult:
     reorthogonalizations: int = 0
 
 
-def _reorthogonalize(q: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
-    """Classical Gram-Schmidt of ``w`` against the rows of ``q``, twice when needed.
+def _reorthogonalize(
+    q: torch.Tensor, w: torch.Tensor, tmp: torch.Tensor
+) -> tuple[float, torch.Tensor]:
+    """Classical Gram-Schmidt of ``w`` against the rows of ``q``, in place, twice when needed.
 
     A second pass runs when the first removed more than ``1 - 1/sqrt(2)`` of
-    the norm (Daniel-Gragg-Kaufman-Stewart: "twice is enough"). Returns the
-    new ``w``, what the passes found along the last row (added to
-    ``alpha``) and the new norm.
+    the norm (Daniel-Gragg-Kaufman-Stewart: "twice is enough"). ``tmp`` is a
+    scratch vector like ``w``. Returns what the passes found along the last
+    row (added to ``alpha``) and the new norm.
     """
     before = torch.linalg.vector_norm(w)
     h = q @ w
-    w = w - q.T @ h
+    w.sub_(torch.mv(q.T, h, out=tmp))
     da = float(h[-1])
     after = torch.linalg.vector_norm(w)
     if after < before / math.sqrt(2.0):
         h = q @ w
-        w = w - q.T @ h
+        w.sub_(torch.mv(q.T, h, out=tmp))
         da += float(h[-1])
         after = torch.linalg.vector_norm(w)
-    return w, da, after
+    return da, after
 
 
 class _Orthogonality:
@@ -353,6 +360,8 @@ def lanczos(
         return v if same else v.to(dtype=basis.dtype, device=basis.device)
 
     basis[0] = to_basis(start / norm)
+    work = torch.empty(dim, dtype=basis.dtype, device=basis.device)  # the new direction
+    tmp = torch.empty_like(work)  # scratch
     if reorthogonalize not in ("full", "partial"):
         raise HessianError(f"reorthogonalize must be 'full' or 'partial', got {reorthogonalize!r}")
     noise = eps if matvec_eps is None else max(float(matvec_eps), eps)
@@ -368,14 +377,16 @@ def lanczos(
             raise HessianError(f"matvec must return shape ({dim},), got {tuple(w.shape)}")
         w = to_basis(w)
         # The three-term recurrence, then reorthogonalization against the whole basis
-        # (every step, or where the partial scheme's estimate says so).
+        # (every step, or where the partial scheme's estimate says so). Written into
+        # two scratch vectors, out= and in place: a fresh vector per operation costs
+        # page faults that measured several times the arithmetic (float64, 126k).
         a = float(basis[j] @ w)
-        w = w - a * basis[j]
+        w = torch.sub(w, torch.mul(basis[j], a, out=tmp), out=work)
         if j:
-            w = w - beta[j - 1].item() * basis[j - 1]
+            w.sub_(torch.mul(basis[j - 1], beta[j - 1].item(), out=tmp))
         q = basis[: j + 1]
         if watch is None or watch.due:
-            w, da, after = _reorthogonalize(q, w)
+            da, after = _reorthogonalize(q, w, tmp)
             a += da
             reorthogonalized += 1
         else:
@@ -383,7 +394,7 @@ def lanczos(
         b = float(after)
         if watch is not None and j + 1 < steps and b > 0 and math.isfinite(b):
             if watch.advance(alpha[:j].numpy(), beta[:j].numpy(), a, b) and not watch.due:
-                w, da, after = _reorthogonalize(q, w)
+                da, after = _reorthogonalize(q, w, tmp)
                 a += da
                 b = float(after)
                 reorthogonalized += 1
@@ -401,7 +412,7 @@ def lanczos(
             if b <= tol * max(scale, eps):
                 taken, breakdown = j + 1, True
                 break
-            basis[j + 1] = w / b
+            torch.div(w, b, out=basis[j + 1])
     return LanczosResult(
         alpha=alpha[:taken].clone(),
         beta=beta[: taken - 1].clone(),
