@@ -314,7 +314,7 @@ def bench(model_name: str, repeats: int, steps: int, use_pyhessian: bool, accura
         f"{slq_time / (steps * hvp_now):.3f}   (target <= 1.1; HVP {hvp_now * 1e3:.1f} ms, median of "
         f"20 before and 20 after; basis {steps * dim * 8 / 2**20:.1f} MiB in float64)"
     )
-    slq_options(op, dim, steps, repeats=max(2, repeats // 3))
+    slq_options(op, dim, steps, repeats=repeats)
     op.release()
     rebuilt.release()
     if not use_pyhessian:

@@ -87,9 +87,10 @@ class HessianSpectrum:
     Hutchinson values of the deflated Hessian and ``trace_low_rank`` the
     exact trace over the sketched range, which :attr:`trace` adds (0 for
     plain Hutchinson and for ``"xtrace"``, whose samples are its
-    exchangeable estimates ``t_i``). ``matvecs`` and ``seconds`` per piece. ``num_samples`` and
-    ``num_chunks`` count every rank's, ``world_size`` the ranks that shared
-    the probe set (1 in one process).
+    exchangeable estimates ``t_i``). ``basis_dtype`` and ``reorthogonalize``:
+    how the SLQ basis was kept. ``matvecs`` and ``seconds`` per piece.
+    ``num_samples`` and ``num_chunks`` count every rank's, ``world_size``
+    the ranks that shared the probe set (1 in one process).
     """
 
     dim: int
@@ -122,6 +123,8 @@ class HessianSpectrum:
     world_size: int = 1
     trace_method: str = "hutchinson"
     trace_low_rank: float = 0.0
+    basis_dtype: str | None = None
+    reorthogonalize: str = "full"
 
     # -- derived values ----------------------------------------------------------------------
 
@@ -705,6 +708,8 @@ def hessian_spectrum(
         messages=tuple(messages),
         world_size=op.world_size,
         trace_method=trace_method,
+        basis_dtype=str(dtype if basis_dtype is None else basis_dtype).replace("torch.", ""),
+        reorthogonalize=reorthogonalize,
         **results,
     )
     for message in messages:

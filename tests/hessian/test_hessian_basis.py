@@ -145,3 +145,14 @@ def test_partial_reorthogonalization_in_hessian_spectrum_matches_full(wide_mlp) 
         np.testing.assert_allclose(w2, w1, atol=1e-10)
     with pytest.raises(HessianError, match="reorthogonalize must be"):
         hessian_spectrum(model, F.cross_entropy, data, **kwargs, reorthogonalize="some")
+
+
+def test_the_spectrum_records_how_its_basis_was_kept(wide_mlp) -> None:
+    model, data = wide_mlp
+    kwargs = {"what": "density", "steps": 4, "num_vectors": 1, "n_samples": None}
+    default = hessian_spectrum(model, F.cross_entropy, data, **kwargs)
+    assert (default.basis_dtype, default.reorthogonalize) == ("float64", "full")
+    chosen = hessian_spectrum(
+        model, F.cross_entropy, data, **kwargs, basis_dtype=torch.float32, reorthogonalize="partial"
+    )
+    assert (chosen.basis_dtype, chosen.reorthogonalize) == ("float32", "partial")
