@@ -1,6 +1,7 @@
 """Cost of the Hessian engine against a gradient, against its own HVPs, and against PyHessian.
 
-    python benchmarks/hessian.py [--models mlp wrn] [--repeats 7] [--steps 100] [--threads N]
+    python benchmarks/hessian.py [--models mlp wrn quickstart] [--repeats 7] [--steps 100]
+        [--threads N] [--no-pyhessian] [--trace] [--memory 1e6 1e7]
 
 One run, the same model and probe set for every measurement (digits, 512
 samples in 4 chunks of 128, float32 models with BatchNorm):
@@ -10,7 +11,21 @@ samples in 4 chunks of 128, float32 models with BatchNorm):
   the accuracy reference;
 - ``wrn``: WRN-16-1 on 16x16 digits (174,970 parameters); reference: the 10
   largest and 10 smallest eigenvalues by ARPACK at tol 1e-5, each certified
-  by its explicit residual (an eigenvalue lies within the residual of it).
+  by its explicit residual (an eigenvalue lies within the residual of it);
+- ``quickstart``: the quickstart's configuration (MLP 8 x 128 with
+  BatchNorm, 126,218 parameters, 256 samples in 2 chunks, m = 40).
+
+SLQ is timed for each way of keeping the basis orthogonal (full
+reorthogonalization in float64, today's default; partial; a float32 basis;
+both), interleaved, each with its accuracy against the float64 full basis
+(largest node difference over the spectral scale, weights). ``--trace``
+compares Hutchinson, Hutch++ and XTrace at equal HVPs against the exact
+trace of the digits MLP's float64 Hessian, at initialization and after 100
+SGD steps (RMS error over 30 seeds). ``--memory`` times SLQ's Lanczos
+(without the products: a diagonal Hessian-like operator) at the given
+parameter counts for each basis option, with the basis's bytes, the peak
+resident memory of the process and the accuracy against the float64 full
+basis, and says how large a model this machine's free memory allows.
 
 Printed ratios (targets from the issue): HVP time / gradient time (<= 2.5,
 train mode, graphs cached); SLQ(m) time / (m x HVP time) (<= 1.1, full
@@ -36,11 +51,13 @@ import copy
 import os
 import statistics
 import time
+import types
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import scipy.stats
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
@@ -48,9 +65,16 @@ from torch.func import functional_call, grad, jvp, vmap
 import normprobe
 from normprobe.hessian import (
     HessianOperator,
+    available_bytes,
+    basis_bytes,
     extreme_eigenpairs,
+    gauss_quadrature,
     hessian_spectrum,
+    hutch_plus_plus,
+    hutchinson,
+    lanczos,
     stochastic_lanczos_quadrature,
+    xtrace,
 )
 from normprobe.state import frozen_statistics, preserved
 
@@ -58,8 +82,13 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def probe_set(model_name: str, samples: int = 512) -> Batch:
-    """``samples`` fixed training examples of digits (16x16 for the WRN), in index order."""
-    ds = normprobe.load_dataset("digits", **({"size": 16} if model_name == "wrn" else {}))
+    """``samples`` fixed training examples of digits (16x16 for the WRN), in index order.
+
+    The quickstart's MLP sees 256 samples with pixels in [0, 1], as in its analysis.
+    """
+    options = {"wrn": {"size": 16}, "quickstart": {"normalize": "unit"}}.get(model_name, {})
+    samples = 256 if model_name == "quickstart" else samples
+    ds = normprobe.load_dataset("digits", **options)
     index = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(0))[:samples]
     index = index.sort().values
     return ds.train.x[index], ds.train.y[index]
@@ -69,6 +98,8 @@ def build(model_name: str, x: torch.Tensor, wrn_depth: int = 16) -> nn.Module:
     """A BatchNorm MLP (3 x 32) or WRN-``wrn_depth``-1 for inputs like ``x``."""
     if model_name == "mlp":
         return normprobe.build_model("mlp", "batch", seed=0, depth=3, width=32, input_shape=64)
+    if model_name == "quickstart":
+        return normprobe.build_model("mlp", "batch", seed=0, depth=8, width=128, input_shape=64)
     return normprobe.build_model(
         "wrn", "batch", seed=0, depth=wrn_depth, widen=1, input_shape=tuple(x.shape[1:])
     )
@@ -115,7 +146,12 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def exact_eigenvalues(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    """Dense Hessian of a float64 copy in eval mode, column by column (jvp of grad), eigvalsh."""
+    """Eigenvalues (descending) of :func:`exact_hessian`."""
+    return np.linalg.eigvalsh(exact_hessian(model, x, y).numpy())[::-1]
+
+
+def exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Dense Hessian of a float64 copy in eval mode, column by column (jvp of grad), symmetric."""
     model = copy.deepcopy(model).double().eval()
     x = x.double()
     names = [n for n, _ in model.named_parameters()]
@@ -134,7 +170,7 @@ def exact_eigenvalues(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.
     asym = float((hessian - hessian.T).abs().max() / hessian.abs().max())
     if asym > 1e-10:
         raise RuntimeError(f"reference Hessian not symmetric ({asym:.1e})")
-    return np.linalg.eigvalsh(((hessian + hessian.T) / 2).numpy())[::-1]
+    return (hessian + hessian.T) / 2
 
 
 def reference(model: nn.Module, data: Batch) -> tuple[np.ndarray, np.ndarray, str]:
@@ -229,9 +265,13 @@ def bench(model_name: str, repeats: int, steps: int, use_pyhessian: bool, accura
     x, y = probe_set(model_name)
     model = build(model_name, x)
     warm_up_running_stats(model, x)
-    chunks = list(zip(torch.tensor_split(x, 4), torch.tensor_split(y, 4)))
+    n_chunks = max(1, len(x) // 128)
+    chunks = list(zip(torch.tensor_split(x, n_chunks), torch.tensor_split(y, n_chunks)))
     dim = sum(p.numel() for p in model.parameters())
-    print(f"\n== {model_name}: {dim:,} parameters, 512 samples in 4 chunks of 128, float32 ==")
+    print(
+        f"\n== {model_name}: {dim:,} parameters, {len(x)} samples in {n_chunks} chunks of 128, "
+        f"float32 =="
+    )
 
     # 1. HVP / gradient (train mode: per-chunk batch statistics)
     op = HessianOperator(model, F.cross_entropy, chunks)
@@ -245,7 +285,7 @@ def bench(model_name: str, repeats: int, steps: int, use_pyhessian: bool, accura
     print(f"  gradient {t['gradient'] * 1e3:9.1f} ms")
     print(
         f"  HVP      {t['hvp'] * 1e3:9.1f} ms   HVP / gradient = {t['hvp'] / t['gradient']:.2f}"
-        f"   (target <= 2.5; graphs cached: {op.cached_chunks}/4, {op.graph_bytes / 2**20:.0f} MiB)"
+        f"   (target <= 2.5; graphs cached: {op.cached_chunks}/{n_chunks}, {op.graph_bytes / 2**20:.0f} MiB)"
     )
     print(
         f"  HVP without graph reuse {u['hvp'] * 1e3:.1f} ms (/ gradient = "
@@ -274,6 +314,7 @@ def bench(model_name: str, repeats: int, steps: int, use_pyhessian: bool, accura
         f"{slq_time / (steps * hvp_now):.3f}   (target <= 1.1; HVP {hvp_now * 1e3:.1f} ms, median of "
         f"20 before and 20 after; basis {steps * dim * 8 / 2**20:.1f} MiB in float64)"
     )
+    slq_options(op, dim, steps, repeats=repeats)
     op.release()
     rebuilt.release()
     if not use_pyhessian:
@@ -359,13 +400,200 @@ def bench(model_name: str, repeats: int, steps: int, use_pyhessian: bool, accura
     )
 
 
+#: the ways of keeping the Lanczos basis orthogonal: (label, reorthogonalize, basis dtype)
+BASIS_OPTIONS = (
+    ("full, float64 basis (default)", "full", torch.float64),
+    ("partial, float64 basis", "partial", torch.float64),
+    ("full, float32 basis", "full", torch.float32),
+    ("partial, float32 basis", "partial", torch.float32),
+)
+
+
+def _accuracy(ref: object, out: object, scale: float) -> str:
+    """How far a Lanczos run's quadrature is from the reference run's, relative to ``scale``.
+
+    W1: the Wasserstein-1 distance between the two node/weight measures (what
+    a density smooths); top: the difference of the largest nodes (converged
+    Ritz values). Unconverged bulk nodes move with rounding without
+    changing the measure, so they are not compared one by one.
+    """
+    n_ref, w_ref = gauss_quadrature(ref.alpha, ref.beta)
+    n, w = gauss_quadrature(out.alpha, out.beta)
+    w1 = scipy.stats.wasserstein_distance(n, n_ref, u_weights=w, v_weights=w_ref)
+    return f"W1 {w1 / scale:.1e}, top node {abs(n.max() - n_ref.max()) / scale:.1e} of the scale"
+
+
+def slq_options(op: HessianOperator, dim: int, steps: int, repeats: int) -> None:
+    """SLQ / (m x HVP) for each basis option, interleaved, with accuracy against the default."""
+    v = torch.randn(dim, generator=torch.Generator().manual_seed(0))
+    eps32 = torch.finfo(op.dtype).eps
+    runs: dict[str, list[float]] = {label: [] for label, _, _ in BASIS_OPTIONS}
+    hvps: list[float] = []
+    outs: dict[str, object] = {}
+    for _ in range(repeats):
+        for label, mode, basis_dtype in BASIS_OPTIONS:
+            for _ in range(5):
+                hvps.append(timed(lambda: op.matvec(v))[0])
+            seconds, outs[label] = timed(
+                lambda mode=mode, basis_dtype=basis_dtype: lanczos(
+                    op.matvec,
+                    dim,
+                    steps,
+                    generator=torch.Generator().manual_seed(0),
+                    basis_dtype=basis_dtype,
+                    reorthogonalize=mode,
+                    matvec_eps=eps32,
+                )  # fmt: skip
+            )
+            runs[label].append(seconds)
+    hvp = statistics.median(hvps)
+    ref = outs[BASIS_OPTIONS[0][0]]
+    scale = float(np.abs(gauss_quadrature(ref.alpha, ref.beta)[0]).max())
+    print(
+        f"  SLQ m={steps} by basis option (median of {repeats} interleaved; HVP {hvp * 1e3:.1f} ms "
+        f"median of {len(hvps)} between them; load {os.getloadavg()[0]:.2f}):"
+    )
+    for label, _, _ in BASIS_OPTIONS:
+        out = outs[label]
+        ratio = statistics.median(runs[label]) / (steps * hvp)
+        print(
+            f"    {label:30s} SLQ / (m x HVP) = {ratio:.3f}  ({out.reorthogonalizations} of "
+            f"{out.steps} steps reorthogonalized; vs default: {_accuracy(ref, out, scale)})"
+        )
+
+
+def trained(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 100) -> nn.Module:
+    """A copy of ``model`` after ``steps`` seeded SGD steps (batch 64, lr 0.1, momentum 0.9)."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        i = torch.randint(0, len(x), (64,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+    return model
+
+
+def trace_errors(seeds: int = 30, budgets: tuple[int, ...] = (24, 48, 96)) -> None:
+    """Hutchinson, Hutch++ and XTrace at equal HVPs against the exact trace of the digits MLP."""
+    x, y = probe_set("mlp")
+    model = build("mlp", x)
+    warm_up_running_stats(model, x)
+    print("\n== trace at equal HVPs: RMS error over 30 seeds against the exact trace ==")
+    print("   (digits MLP, 4,618 parameters, exact float64 Hessian in eval mode as the operator)")
+    for when, net in (("at initialization", model), ("after 100 SGD steps", trained(model, x, y))):
+        h = exact_hessian(net, x, y)
+        e = np.linalg.eigvalsh(h.numpy())
+        exact = float(torch.trace(h))
+        share = np.sort(e**2)[::-1][:16].sum() / (e**2).sum()
+        print(
+            f"  {when}: trace {exact:.4f}; the top 16 |eigenvalues| carry {share:.0%} of ||H||_F^2"
+        )
+        for m in budgets:
+            err: dict[str, list[float]] = {"hutchinson": [], "hutch++": [], "xtrace": []}
+            for s in range(seeds):
+                mv = h.matmul
+                gens = [torch.Generator().manual_seed(s) for _ in range(3)]
+                err["hutchinson"].append(hutchinson(mv, h.shape[0], m, generator=gens[0]).mean())
+                err["hutch++"].append(hutch_plus_plus(mv, h.shape[0], m, generator=gens[1]).value)
+                err["xtrace"].append(xtrace(mv, h.shape[0], m, generator=gens[2]).value)
+            rms = {
+                k: float(np.sqrt(np.mean(np.square(np.array(v) - exact)))) for k, v in err.items()
+            }
+            print(
+                f"    {m:3d} HVPs: Hutchinson {rms['hutchinson']:.4f}, Hutch++ {rms['hutch++']:.4f} "
+                f"({rms['hutch++'] / rms['hutchinson']:.2f}x), XTrace {rms['xtrace']:.4f} "
+                f"({rms['xtrace'] / rms['hutchinson']:.2f}x)"
+            )
+
+
+def _peak_rss() -> int:
+    """The process's peak resident memory (VmHWM), bytes; 0 where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _diagonal_operator(dim: int) -> torch.Tensor:
+    """Ten outliers (50 down to 1.2) over a bulk N(0, 0.05^2): a Hessian-like diagonal, float64."""
+    gen = torch.Generator().manual_seed(0)
+    outliers = torch.tensor([50.0, 30.0, 20.0, 10.0, 5.0, 4.0, 3.0, 2.0, 1.5, 1.2])
+    return torch.cat([outliers.double(), 0.05 * torch.randn(dim - 10, generator=gen).double()])
+
+
+def _lanczos_alone(dim: int, steps: int, mode: str, basis_dtype: torch.dtype, out) -> None:
+    """One Lanczos run in a fresh process: seconds, peak memory added, the tridiagonal."""
+    torch.set_num_threads(1)
+    d = _diagonal_operator(dim)
+    before = _peak_rss()
+    seconds, run = timed(
+        lambda: lanczos(
+            d.mul,
+            dim,
+            steps,
+            generator=torch.Generator().manual_seed(1),
+            basis_dtype=basis_dtype,
+            reorthogonalize=mode,
+        )  # fmt: skip
+    )
+    alpha, beta = run.alpha.numpy(), run.beta.numpy()  # plain arrays: no shared storage
+    out.put((seconds, _peak_rss() - before, alpha, beta, run.reorthogonalizations))
+
+
+def memory_scaling(sizes: list[int], steps: int = 80) -> None:
+    """Lanczos time per step and memory against parameter count, per basis option (no model).
+
+    Each run has a process of its own, so that its peak resident memory is its own.
+    """
+    print(f"\n== SLQ basis memory and time vs parameters (m={steps}, a diagonal operator) ==")
+    ctx = mp.get_context("spawn")
+    for dim in sizes:
+        ref = None
+        for label, mode, basis_dtype in BASIS_OPTIONS:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_lanczos_alone, args=(dim, steps, mode, basis_dtype, queue))
+            proc.start()
+            seconds, peak, alpha, beta, passes = queue.get()
+            proc.join()
+            out = types.SimpleNamespace(alpha=alpha, beta=beta)
+            ref = out if ref is None else ref
+            print(
+                f"  {dim:>11,} params  {label:30s} basis "
+                f"{basis_bytes(steps, dim, basis_dtype) / 2**20:6.0f} MiB, peak memory "
+                f"+{peak / 2**20:6.0f} MiB, {seconds / steps * 1e3:6.1f} ms per step "
+                f"({passes} reorth.), vs default: {_accuracy(ref, out, 50.0)}"
+            )
+    free = available_bytes("cpu") or 0
+    print(f"  free memory now {free / 2**30:.1f} GiB; largest model whose basis takes 80% of it:")
+    for label, steps_, dtype in (
+        ("density, 80 steps float64", 80, torch.float64),
+        ("density, 80 steps float32", 80, torch.float32),
+        ("top-10 (ARPACK, 21 vectors, float64)", 21, torch.float64),
+    ):
+        per = basis_bytes(steps_, 1, dtype)
+        print(f"    {label:38s} {0.8 * free / per / 1e6:8.1f} M parameters (basis alone)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["mlp", "wrn"], choices=["mlp", "wrn"])
+    parser.add_argument(
+        "--models", nargs="+", default=["mlp", "wrn"], choices=["mlp", "wrn", "quickstart"]
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=100, help="Lanczos steps m")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-pyhessian", action="store_true")
+    parser.add_argument("--trace", action="store_true", help="Hutch++/XTrace vs Hutchinson")
+    parser.add_argument(
+        "--memory", nargs="*", type=float, default=[], help="parameter counts for the memory scan"
+    )
     parser.add_argument(
         "--accuracy", type=float, default=1e-3, help="top-10 max relative error to match"
     )
@@ -385,7 +613,12 @@ def main() -> None:
     )
     start = time.perf_counter()
     for name in args.models:
-        bench(name, args.repeats, args.steps, use_pyhessian, args.accuracy)
+        steps = 40 if name == "quickstart" else args.steps  # the quickstart's lanczos_steps
+        bench(name, args.repeats, steps, use_pyhessian and name != "quickstart", args.accuracy)
+    if args.trace:
+        trace_errors()
+    if args.memory:
+        memory_scaling([int(n) for n in args.memory])
     print(f"\ntotal {time.perf_counter() - start:.0f} s, load average now {os.getloadavg()[0]:.2f}")
 
 

@@ -11,7 +11,12 @@
   models in float32.
 - The math, free of models: :func:`lanczos`, :func:`gauss_quadrature`,
   :func:`stochastic_lanczos_quadrature`, :func:`hutchinson`,
-  :func:`extreme_eigenpairs`, :func:`gaussian_density`, :func:`blas_threads`.
+  :func:`extreme_eigenpairs`, :func:`gaussian_density`, :func:`blas_threads`;
+  :func:`hutch_plus_plus` (:mod:`normprobe.hessian.trace`), a trace estimator
+  with a lower error than Hutchinson's at the same number of products.
+- The basis's memory (:mod:`normprobe.hessian.basis`): checked before SLQ
+  starts (:class:`BasisMemoryError` with the numbers), kept in float32, on
+  another device or in a memory-mapped file on request.
 - Several processes (:mod:`normprobe.hessian.distributed`): when
   ``torch.distributed`` is initialized (``torchrun``) with more than one
   rank, each rank's ``data`` is its shard of the probe set; products,
@@ -35,6 +40,12 @@ This package works on any ``torch.nn.Module`` and never imports
 
 from __future__ import annotations
 
+from normprobe.hessian.basis import (
+    BasisMemoryError,
+    available_bytes,
+    check_basis_fits,
+    lanczos_basis,
+)
 from normprobe.hessian.hvp import (
     Data,
     HessianOperator,
@@ -52,7 +63,9 @@ from normprobe.hessian.lanczos import (
     HessianError,
     LanczosResult,
     Quadrature,
+    basis_bytes,
     blas_threads,
+    default_breakdown_tol,
     extreme_eigenpairs,
     gauss_quadrature,
     gaussian_density,
@@ -71,6 +84,7 @@ from normprobe.hessian.spectrum import (
     Piece,
     hessian_spectrum,
 )
+from normprobe.hessian.trace import TraceEstimate, hutch_plus_plus, hutch_plus_plus_split, xtrace
 
 __all__ = [
     # the spectrum
@@ -105,6 +119,18 @@ __all__ = [
     "gaussian_density",
     "rademacher",
     "blas_threads",
+    "default_breakdown_tol",
+    # trace estimation beyond Hutchinson
+    "hutch_plus_plus",
+    "hutch_plus_plus_split",
+    "xtrace",
+    "TraceEstimate",
+    # the Lanczos basis's memory
+    "basis_bytes",
+    "available_bytes",
+    "check_basis_fits",
+    "lanczos_basis",
     # errors
     "HessianError",
+    "BasisMemoryError",
 ]

@@ -6,8 +6,11 @@ its randomness from an explicit ``torch.Generator``.
 
 - :func:`lanczos`: Lanczos with full reorthogonalization (classical
   Gram-Schmidt against the stored basis, a second pass when the first lost
-  more than 1 - 1/sqrt(2) of the norm: "twice is enough"), returning the tridiagonal,
-  the basis if asked, the steps actually taken and an honest breakdown flag.
+  more than 1 - 1/sqrt(2) of the norm: "twice is enough") or partial
+  reorthogonalization (Simon's estimate of the lost orthogonality decides
+  when), returning the tridiagonal, the basis if asked, the steps actually
+  taken and an honest breakdown flag (a residual below ``100 eps ||T||``:
+  :func:`default_breakdown_tol`, independent of the dimension).
 - :func:`gauss_quadrature` and :func:`stochastic_lanczos_quadrature`: SLQ nodes
   and weights (Ghorbani et al. 2019) from ``scipy.linalg.eigh_tridiagonal``;
   :func:`ritz_residuals`: which nodes are converged eigenvalues.
@@ -21,9 +24,11 @@ its randomness from an explicit ``torch.Generator``.
   measure on a grid.
 
 Memory: :func:`lanczos` keeps its basis as one ``(steps, dim)`` tensor in the
-Lanczos dtype: ``8 * steps * dim`` bytes in float64 and ``4 * steps * dim`` in
-float32, i.e. at ``steps = 100`` 800 and 400 bytes per parameter (2.4 GB and
-1.2 GB for 3 million parameters, 140 MB and 70 MB for WRN-16-1's 175k).
+basis dtype (:func:`basis_bytes`): ``8 * steps * dim`` bytes in float64 and
+``4 * steps * dim`` in float32, i.e. at ``steps = 100`` 800 and 400 bytes per
+parameter (2.4 GB and 1.2 GB for 3 million parameters, 140 MB and 70 MB for
+WRN-16-1's 175k); a caller's buffer can put it in host memory or a
+memory-mapped file (:mod:`normprobe.hessian.basis`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -49,6 +54,8 @@ __all__ = [
     "Quadrature",
     "Eigenpairs",
     "blas_threads",
+    "default_breakdown_tol",
+    "basis_bytes",
     "rademacher",
     "lanczos",
     "gauss_quadrature",
@@ -117,6 +124,9 @@ class LanczosResult:
     ``breakdown`` (an invariant subspace was found: ``T``'s eigenvalues are
     then exact eigenvalues of ``A`` and the quadrature is exact, not
     truncated). ``basis`` is the ``(steps, dim)`` orthonormal basis when kept.
+    ``breakdown_tol`` is the relative tolerance the breakdown test used;
+    ``reorthogonalizations`` counts the steps that reorthogonalized against
+    the whole basis (every step with full reorthogonalization).
     """
 
     alpha: torch.Tensor
@@ -126,6 +136,118 @@ class LanczosResult:
     requested: int
     breakdown: bool
     basis: torch.Tensor | None = None
+    breakdown_tol: float = float("nan")
+    reorthogonalizations: int = 0
+
+
+def _reorthogonalize(
+    q: torch.Tensor, w: torch.Tensor, tmp: torch.Tensor
+) -> tuple[float, torch.Tensor]:
+    """Classical Gram-Schmidt of ``w`` against the rows of ``q``, in place, twice when needed.
+
+    A second pass runs when the first removed more than ``1 - 1/sqrt(2)`` of
+    the norm (Daniel-Gragg-Kaufman-Stewart: "twice is enough"). ``tmp`` is a
+    scratch vector like ``w``. Returns what the passes found along the last
+    row (added to ``alpha``) and the new norm.
+    """
+    before = torch.linalg.vector_norm(w)
+    h = q @ w
+    w.sub_(torch.mv(q.T, h, out=tmp))
+    da = float(h[-1])
+    after = torch.linalg.vector_norm(w)
+    if after < before / math.sqrt(2.0):
+        h = q @ w
+        w.sub_(torch.mv(q.T, h, out=tmp))
+        da += float(h[-1])
+        after = torch.linalg.vector_norm(w)
+    return da, after
+
+
+class _Orthogonality:
+    """Simon's estimate of ``omega_{j+1,k} ~ q_{j+1}^T q_k`` for partial reorthogonalization.
+
+    From ``A q_k = beta_{k-1} q_{k-1} + alpha_k q_k + beta_k q_{k+1} + f_k``
+    for every ``k``, the orthogonality of the next vector follows from the
+    last two (0-indexed, ``k < j``):
+    ``beta_j w_{j+1,k} = beta_k w_{j,k+1} + (alpha_k - alpha_j) w_{j,k}
+    + beta_{k-1} w_{j,k-1} - beta_{j-1} w_{j-1,k}``, plus the rounding of
+    the products, bounded by ``eps1 (|T_k| + |T_j|)`` with
+    ``eps1 = sqrt(dim) eps / 2`` and added with the sign of the estimate
+    (PROPACK's model). Mutable state: the last two rows of estimates.
+    """
+
+    def __init__(self, steps: int, dim: int, eps: float) -> None:
+        self.eps = eps
+        self.eps1 = 0.5 * math.sqrt(dim) * eps
+        self.delta = math.sqrt(eps)
+        self.prev = np.zeros(steps + 1)  # omega_{j-1, k}
+        self.cur = np.zeros(steps + 1)  # omega_{j, k}
+        self.cur[0] = 1.0
+        self.j = 0
+        self.due = False  # the step after a reorthogonalization reorthogonalizes too
+
+    def advance(self, alpha: np.ndarray, beta: np.ndarray, a_j: float, b_j: float) -> bool:
+        """Estimates for ``q_{j+1}`` from ``alpha[:j]``, ``beta[:j]``, ``alpha_j``, ``beta_j``.
+
+        Returns whether they exceed ``sqrt(eps)`` (reorthogonalize now).
+        """
+        j = self.j
+        new = np.zeros_like(self.cur)
+        if self.due:  # this step reorthogonalized: back to rounding level
+            new[: j + 1] = self.eps1
+            self.due = False
+        elif j:
+            k = np.arange(j)
+            t = beta[k] * self.cur[k + 1] + (alpha[k] - a_j) * self.cur[k]
+            t[1:] += beta[k[1:] - 1] * self.cur[k[1:] - 1]
+            t -= beta[j - 1] * self.prev[k]
+            row_k = np.hypot(alpha[k], beta[k])
+            t += np.where(t >= 0, 1.0, -1.0) * self.eps1 * (row_k + math.hypot(a_j, b_j))
+            new[:j] = t / b_j
+            new[j] = self.eps1
+        else:
+            new[0] = self.eps1
+        new[j + 1] = 1.0
+        self.prev, self.cur = self.cur, new
+        self.j = j + 1
+        return bool(np.abs(new[: j + 1]).max() > self.delta)
+
+    def reset(self) -> None:
+        """After reorthogonalizing ``q_{j+1}``: its estimates to rounding, and the next step's too."""
+        self.cur[: self.j] = self.eps1
+        self.due = True
+
+
+def default_breakdown_tol(dtype: torch.dtype) -> float:
+    """``100 * eps`` of ``dtype``: the relative residual below which Lanczos calls the Krylov space invariant.
+
+    At a true breakdown the computed residual is rounding: a few ``eps``
+    times ``||A||`` (2-13 eps measured on low-rank operators from 10k to 2M
+    dimensions, float32 and float64; torch's blocked reductions keep the
+    rounding from growing with the dimension). The tolerance must not grow
+    with the dimension either: the former ``100 * dim * eps`` exceeded 1 in
+    float32 above 84k parameters and stopped every run after one step. A
+    missed breakdown is harmless (the next direction is rounding noise,
+    orthogonalized, whose nodes get weights of order ``(beta / ||T||)^2``); a
+    false one ends the run early, which the spectrum reports and warns about.
+
+    >>> default_breakdown_tol(torch.float32) == 100 * torch.finfo(torch.float32).eps
+    True
+    """
+    return 100 * torch.finfo(dtype).eps
+
+
+def basis_bytes(steps: int, dim: int, dtype: torch.dtype) -> int:
+    """Bytes of a ``(steps, dim)`` Lanczos basis in ``dtype`` (the dominant memory of SLQ).
+
+    >>> basis_bytes(100, 1_000_000, torch.float64) / 2**20
+    762.939453125
+    """
+    return int(steps) * int(dim) * torch.empty(0, dtype=dtype).element_size()
+
+
+def _coarser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
 
 
 def lanczos(
@@ -139,8 +261,12 @@ def lanczos(
     device: torch.device | str | None = None,
     keep_basis: bool = False,
     breakdown_tol: float | None = None,
+    basis_dtype: torch.dtype | None = None,
+    basis: torch.Tensor | None = None,
+    reorthogonalize: Literal["full", "partial"] = "full",
+    matvec_eps: float | None = None,
 ) -> LanczosResult:
-    """``steps`` Lanczos steps on ``matvec`` with full reorthogonalization.
+    """``steps`` Lanczos steps on ``matvec`` with full (or partial) reorthogonalization.
 
     Starts from ``start`` (normalized here) or, when it is None, from a
     Rademacher vector drawn from ``generator``. Every new direction is
@@ -149,10 +275,34 @@ def lanczos(
     removed more than ``1 - 1/sqrt(2)`` of its norm: "twice is enough"), so
     the basis stays orthonormal to rounding and the Ritz values carry no
     ghost copies. The loop stops early only when the residual norm falls below
-    ``breakdown_tol * ||T||`` (default ``100 * dim * eps`` of ``dtype``),
-    which is recorded in ``breakdown``. The basis costs
-    ``steps * dim * itemsize`` bytes (800 bytes per parameter at
-    ``steps=100`` in float64); it is returned only with ``keep_basis``.
+    ``breakdown_tol * ||T||`` (default :func:`default_breakdown_tol`,
+    ``100 * eps`` of the coarser of ``dtype`` and ``basis_dtype``: relative
+    to the operator's scale, independent of ``dim``), which is recorded in
+    ``breakdown``.
+
+    ``reorthogonalize="partial"`` (Simon 1984, as in PROPACK) estimates the
+    loss of orthogonality ``omega_jk ~ q_j^T q_k`` by its recurrence
+    (:class:`_Orthogonality`) and reorthogonalizes only when it exceeds
+    ``sqrt(eps)``, then once more at the next step. The basis stays
+    semi-orthogonal, which keeps ``T`` the projection of ``A`` on a nearby
+    orthonormal basis to ``O(eps ||A||)``: the same nodes and weights as
+    full reorthogonalization to rounding, with far fewer passes over the
+    basis (the cost that dominates SLQ beside the products for large models).
+    ``matvec_eps`` is the relative rounding of the products when it is
+    coarser than ``dtype`` (a float32 model's Hessian-vector products in a
+    float64 Lanczos: ``finfo(float32).eps``); the estimate starts from it.
+
+    The matvec sees vectors in ``dtype`` on ``device``; the basis and the
+    orthogonalization use ``basis_dtype`` (default ``dtype``): a float32
+    basis halves the memory and the reorthogonalization time and is as
+    accurate as a float32 matvec (``alpha`` and ``beta`` are stored in
+    float64 either way). ``basis``, if given, is the ``(steps, dim)``
+    buffer to use (on any device, e.g. host memory or a memory-mapped file
+    for a basis that does not fit on the accelerator; its dtype is the basis
+    dtype): each product's result moves there, each new direction moves to
+    ``device``. The basis costs ``steps * dim * itemsize`` bytes
+    (:func:`basis_bytes`: 800 bytes per parameter at ``steps=100`` in
+    float64); it is returned only with ``keep_basis``.
 
     A matrix with three distinct eigenvalues has a 3-dimensional Krylov space:
 
@@ -179,38 +329,77 @@ def lanczos(
     if not torch.isfinite(norm) or norm == 0:
         raise HessianError("the Lanczos start vector is zero or not finite; pass a nonzero one")
     steps = min(steps, dim)
-    eps = torch.finfo(dtype).eps
-    tol = 100 * dim * eps if breakdown_tol is None else breakdown_tol
-    basis = torch.empty(steps, dim, dtype=dtype, device=start.device)
-    basis[0] = start / norm
+    if basis is not None:
+        if basis.dim() != 2 or basis.shape[1] != dim or basis.shape[0] < steps:
+            raise HessianError(
+                f"the basis buffer must have shape (>= {steps}, {dim}), got {tuple(basis.shape)}"
+            )
+        if basis_dtype is not None and basis.dtype != basis_dtype:
+            raise HessianError(
+                f"the basis buffer is {basis.dtype} but basis_dtype={basis_dtype}; pass one"
+            )
+        basis_dtype = basis.dtype
+    basis_dtype = dtype if basis_dtype is None else basis_dtype
+    if basis_dtype not in (torch.float32, torch.float64):
+        raise HessianError(f"basis_dtype must be torch.float32 or torch.float64, got {basis_dtype}")
+    eps = torch.finfo(_coarser(dtype, basis_dtype)).eps
+    tol = (
+        default_breakdown_tol(_coarser(dtype, basis_dtype))
+        if breakdown_tol is None
+        else breakdown_tol
+    )
+    if basis is None:
+        basis = torch.empty(steps, dim, dtype=basis_dtype, device=start.device)
+    home = start.device  # where the matvec lives
+    same = basis.dtype == dtype and basis.device == home
+
+    def to_matvec(v: torch.Tensor) -> torch.Tensor:
+        return v if same else v.to(dtype=dtype, device=home)
+
+    def to_basis(v: torch.Tensor) -> torch.Tensor:
+        return v if same else v.to(dtype=basis.dtype, device=basis.device)
+
+    basis[0] = to_basis(start / norm)
+    work = torch.empty(dim, dtype=basis.dtype, device=basis.device)  # the new direction
+    tmp = torch.empty_like(work)  # scratch
+    if reorthogonalize not in ("full", "partial"):
+        raise HessianError(f"reorthogonalize must be 'full' or 'partial', got {reorthogonalize!r}")
+    noise = eps if matvec_eps is None else max(float(matvec_eps), eps)
+    watch = _Orthogonality(steps, dim, noise) if reorthogonalize == "partial" else None
+    reorthogonalized = 0
     alpha = torch.zeros(steps, dtype=torch.float64)
     beta = torch.zeros(steps, dtype=torch.float64)
     scale = 0.0  # running bound on ||T|| for the breakdown test
     taken, breakdown, residual = steps, False, 0.0
     for j in range(steps):
-        w = matvec(basis[j]).to(dtype)
+        w = matvec(to_matvec(basis[j])).to(dtype)
         if w.shape != (dim,):
             raise HessianError(f"matvec must return shape ({dim},), got {tuple(w.shape)}")
-        # The three-term recurrence, then full reorthogonalization against the whole
-        # basis; a second pass runs when the first removed more than 1 - 1/sqrt(2) of
-        # the norm (Daniel-Gragg-Kaufman-Stewart: "twice is enough").
+        w = to_basis(w)
+        # The three-term recurrence, then reorthogonalization against the whole basis
+        # (every step, or where the partial scheme's estimate says so). Written into
+        # two scratch vectors, out= and in place: a fresh vector per operation costs
+        # page faults that measured several times the arithmetic (float64, 126k).
         a = float(basis[j] @ w)
-        w = w - a * basis[j]
+        w = torch.sub(w, torch.mul(basis[j], a, out=tmp), out=work)
         if j:
-            w = w - beta[j - 1].item() * basis[j - 1]
+            w.sub_(torch.mul(basis[j - 1], beta[j - 1].item(), out=tmp))
         q = basis[: j + 1]
-        before = torch.linalg.vector_norm(w)
-        h = q @ w
-        w = w - q.T @ h
-        a += float(h[j])
-        after = torch.linalg.vector_norm(w)
-        if after < before / math.sqrt(2.0):
-            h = q @ w
-            w = w - q.T @ h
-            a += float(h[j])
+        if watch is None or watch.due:
+            da, after = _reorthogonalize(q, w, tmp)
+            a += da
+            reorthogonalized += 1
+        else:
             after = torch.linalg.vector_norm(w)
-        alpha[j] = a
         b = float(after)
+        if watch is not None and j + 1 < steps and b > 0 and math.isfinite(b):
+            if watch.advance(alpha[:j].numpy(), beta[:j].numpy(), a, b) and not watch.due:
+                da, after = _reorthogonalize(q, w, tmp)
+                a += da
+                b = float(after)
+                reorthogonalized += 1
+                watch.reset()
+        alpha[j] = a
         if not math.isfinite(b) or not math.isfinite(float(alpha[j])):
             raise HessianError(
                 f"the matrix-vector product returned non-finite values at Lanczos step {j + 1}; "
@@ -223,7 +412,7 @@ def lanczos(
             if b <= tol * max(scale, eps):
                 taken, breakdown = j + 1, True
                 break
-            basis[j + 1] = w / b
+            torch.div(w, b, out=basis[j + 1])
     return LanczosResult(
         alpha=alpha[:taken].clone(),
         beta=beta[: taken - 1].clone(),
@@ -232,6 +421,8 @@ def lanczos(
         requested=steps,
         breakdown=breakdown,
         basis=basis[:taken] if keep_basis else None,
+        breakdown_tol=tol,
+        reorthogonalizations=reorthogonalized,
     )
 
 
@@ -290,7 +481,8 @@ class Quadrature:
     come from start vector ``j``; ``ritz_residuals[j]`` are the Ritz residual
     norms ``|beta_m s_i[-1]|`` of its nodes (small: the node is an eigenvalue);
     ``first_moments[j]`` is ``q_j^T A q_j`` (``alpha_1``) for the normalized
-    start vector ``q_j``.
+    start vector ``q_j``; ``residual_norms[j]`` the last residual norm (at a
+    breakdown, the one that fell below ``breakdown_tol * ||T||``).
     """
 
     nodes: list[np.ndarray]
@@ -300,6 +492,9 @@ class Quadrature:
     first_moments: list[float]
     requested: int
     ritz_residuals: list[np.ndarray]
+    residual_norms: list[float] = field(default_factory=list)
+    breakdown_tol: float = float("nan")
+    reorthogonalizations: list[int] = field(default_factory=list)
 
 
 def stochastic_lanczos_quadrature(
@@ -311,12 +506,20 @@ def stochastic_lanczos_quadrature(
     generator: torch.Generator,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    basis_dtype: torch.dtype | None = None,
+    basis: torch.Tensor | None = None,
+    breakdown_tol: float | None = None,
+    reorthogonalize: Literal["full", "partial"] = "full",
+    matvec_eps: float | None = None,
 ) -> Quadrature:
     """SLQ (Ghorbani et al. 2019): ``num_vectors`` Rademacher starts, ``steps`` Lanczos steps each.
 
     The start vectors are the first ``num_vectors`` draws of
     :func:`rademacher` from ``generator`` (normalized); their nodes and
     weights estimate the spectral measure ``(1/dim) sum_i delta(lambda_i)``.
+    ``basis_dtype``, ``basis`` (one ``(steps, dim)`` buffer, reused by every
+    start vector), ``breakdown_tol``, ``reorthogonalize`` and ``matvec_eps``
+    go to :func:`lanczos`.
 
     >>> a = torch.diag(torch.linspace(-1, 1, 50, dtype=torch.float64))
     >>> q = stochastic_lanczos_quadrature(lambda v: a @ v, 50, 8, 2,
@@ -327,9 +530,24 @@ def stochastic_lanczos_quadrature(
     if num_vectors < 1:
         raise HessianError(f"SLQ needs at least one start vector, got num_vectors={num_vectors}")
     nodes, weights, residuals, taken, breakdown, moments = [], [], [], [], [], []
+    norms: list[float] = []
+    passes: list[int] = []
+    tol = float("nan")
     for _ in range(num_vectors):
         start = rademacher(dim, generator=generator, dtype=dtype, device=device)
-        run = lanczos(matvec, dim, steps, start=start, dtype=dtype, device=device)
+        run = lanczos(
+            matvec,
+            dim,
+            steps,
+            start=start,
+            dtype=dtype,
+            device=device,
+            basis_dtype=basis_dtype,
+            basis=basis,
+            breakdown_tol=breakdown_tol,
+            reorthogonalize=reorthogonalize,
+            matvec_eps=matvec_eps,
+        )
         n, vectors = _tridiagonal_eigh(run.alpha, run.beta)
         nodes.append(n)
         weights.append(vectors[0] ** 2)
@@ -337,8 +555,20 @@ def stochastic_lanczos_quadrature(
         taken.append(run.steps)
         breakdown.append(run.breakdown)
         moments.append(float(run.alpha[0]))
+        norms.append(run.residual_norm)
+        tol = run.breakdown_tol
+        passes.append(run.reorthogonalizations)
     return Quadrature(
-        nodes, weights, taken, breakdown, moments, min(steps, dim), ritz_residuals=residuals
+        nodes,
+        weights,
+        taken,
+        breakdown,
+        moments,
+        min(steps, dim),
+        ritz_residuals=residuals,
+        residual_norms=norms,
+        breakdown_tol=tol,
+        reorthogonalizations=passes,
     )
 
 

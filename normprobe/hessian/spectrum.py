@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from normprobe.batch import OutputPick, batch_size, take
+from normprobe.hessian.basis import lanczos_basis
 from normprobe.hessian.distributed import ShardGroup, shard_group
 from normprobe.hessian.hvp import (
     Data,
@@ -43,6 +45,7 @@ from normprobe.hessian.lanczos import (
     mean_and_stderr,
     stochastic_lanczos_quadrature,
 )
+from normprobe.hessian.trace import hutch_plus_plus, xtrace
 
 __all__ = [
     "Piece",
@@ -56,6 +59,9 @@ __all__ = [
 #: what :func:`hessian_spectrum` can compute; "top" includes the outlier ratio
 Piece = Literal["density", "top", "smallest", "trace"]
 PIECES: tuple[str, ...] = ("density", "top", "smallest", "trace")
+#: how :func:`hessian_spectrum` estimates the trace
+TraceMethod = Literal["hutchinson", "hutch++", "xtrace"]
+TRACE_METHODS: tuple[str, ...] = ("hutchinson", "hutch++", "xtrace")
 #: default Gaussian kernel width of :meth:`HessianSpectrum.density`, as a fraction of the spectral range
 DENSITY_WIDTH_FRACTION = 0.01
 
@@ -84,6 +90,11 @@ class HessianSpectrum:
     default selection left out, with the reason ("frozen", "embedding",
     "norm"); ``product_dtype`` the dtype the Hessian-vector products ran in
     (float32 for a float16/bfloat16 model, ``model_dtype``).
+    With ``trace_method="hutch++"``, ``trace_samples`` are the Hutchinson
+    values of the deflated Hessian and ``trace_low_rank`` the exact trace over
+    the sketched range, which :attr:`trace` adds (0 for plain Hutchinson and
+    for ``"xtrace"``, whose samples are its exchangeable estimates ``t_i``).
+    ``basis_dtype`` and ``reorthogonalize``: how the SLQ basis was kept.
     """
 
     dim: int
@@ -116,6 +127,10 @@ class HessianSpectrum:
     world_size: int = 1
     excluded: dict[str, str] = field(default_factory=dict)
     product_dtype: str = ""
+    trace_method: str = "hutchinson"
+    trace_low_rank: float = 0.0
+    basis_dtype: str | None = None
+    reorthogonalize: str = "full"
 
     # -- derived values ----------------------------------------------------------------------
 
@@ -145,12 +160,15 @@ class HessianSpectrum:
 
     @property
     def trace(self) -> float:
-        """Hutchinson's estimate of ``tr H``."""
-        return mean_and_stderr(self._need("trace", self.trace_samples))[0]
+        """The estimate of ``tr H``: Hutchinson's mean (plus the sketched part for Hutch++)."""
+        return self.trace_low_rank + mean_and_stderr(self._need("trace", self.trace_samples))[0]
 
     @property
     def trace_stderr(self) -> float:
-        """Standard error of :attr:`trace`: sample std (ddof=1) over ``sqrt(samples)``."""
+        """Standard error of :attr:`trace`: sample std (ddof=1) over ``sqrt(samples)``.
+
+        For Hutch++ that of the deflated samples, given the sketch.
+        """
         return mean_and_stderr(self._need("trace", self.trace_samples))[1]
 
     @property
@@ -234,12 +252,11 @@ class HessianSpectrum:
         if self.smallest is not None:
             rows.append(_eig_row("smallest_eigenvalue", 1, self.smallest, 0))
         if self.trace_samples is not None:
-            mean, err = mean_and_stderr(self.trace_samples)
             rows.append(
                 {
                     "metric": "trace",
-                    "value": mean,
-                    "stderr": err,
+                    "value": self.trace,
+                    "stderr": self.trace_stderr,
                     "samples": len(self.trace_samples),
                 }
             )
@@ -415,6 +432,11 @@ def hessian_spectrum(
     norms: bool = True,
     frozen: bool = False,
     product_dtype: torch.dtype | None = None,
+    trace_method: TraceMethod = "hutchinson",
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
+    basis_path: str | os.PathLike[str] | None = None,
+    reorthogonalize: Literal["full", "partial"] = "full",
 ) -> HessianSpectrum:
     """Hessian spectrum of the mean loss of ``model`` over a probe set (DESIGN.md, Probes 4).
 
@@ -442,7 +464,18 @@ def hessian_spectrum(
       ``steps`` Lanczos steps with full reorthogonalization in ``dtype``
       (basis memory ``steps * dim * itemsize``: 800 bytes per parameter at
       100 steps in float64); raw nodes and weights kept, smoothed by
-      :meth:`HessianSpectrum.density`.
+      :meth:`HessianSpectrum.density`. The basis is checked to fit before
+      the first product (:class:`~normprobe.hessian.basis.BasisMemoryError`
+      with the numbers otherwise); ``basis_dtype=torch.float32`` halves it
+      and its reorthogonalization time (as accurate as a float32 model's
+      products), ``basis_device`` keeps it elsewhere (host memory for a
+      model on an accelerator) and ``basis_path`` in a memory-mapped file.
+      A start vector whose Lanczos run stops early (breakdown: an invariant
+      Krylov subspace) is reported in ``breakdown`` and warned about.
+      ``reorthogonalize="partial"`` reorthogonalizes only where Simon's
+      estimate of the lost orthogonality (from the products' precision)
+      reaches ``sqrt(eps)``: the same nodes to rounding, fewer passes over
+      the basis.
     - ``top``: the ``k`` largest eigenvalues (at least ``K`` =
       ``num_classes``, by default read from an explicit classes axis: axis 1
       of an ``(N, K)`` prediction, the last axis for a model with
@@ -455,6 +488,13 @@ def hessian_spectrum(
       first ``num_vectors`` of them are the SLQ start vectors, and when the
       density is computed their ``v^T H v = dim * alpha_1`` come free from
       Lanczos (the same numbers up to rounding as one product each).
+      ``trace_method="hutch++"`` or ``"xtrace"`` spends the same
+      ``trace_samples`` products on :func:`~normprobe.hessian.trace.hutch_plus_plus`
+      or :func:`~normprobe.hessian.trace.xtrace` instead (the trace over a
+      sketch of the outliers' range taken exactly, Hutchinson on the rest;
+      no free samples): a lower error when a few eigenvalues carry much of
+      the Hessian's Frobenius norm (as after training), a higher one on a
+      flat spectrum (as at initialization).
 
     Every eigenvalue comes with ``||H v - lambda v||`` from one extra
     product; ``converged`` is False (and a :class:`HessianConvergenceWarning`
@@ -505,6 +545,17 @@ def hessian_spectrum(
     for name, value in (("steps", steps), ("num_vectors", num_vectors), ("k", k)):
         if not isinstance(value, int) or value < 1:
             raise HessianError(f"{name} must be a positive integer, got {value!r}")
+    if trace_method not in TRACE_METHODS:
+        raise HessianError(
+            f"trace_method must be one of {', '.join(TRACE_METHODS)}, got {trace_method!r}"
+        )
+    if basis_dtype not in (None, torch.float32, torch.float64):
+        raise HessianError(f"basis_dtype must be torch.float32 or torch.float64, got {basis_dtype}")
+    if trace_method != "hutchinson" and isinstance(trace_samples, int) and trace_samples < 4:
+        raise HessianError(
+            f"trace_method={trace_method!r} needs trace_samples >= 4 (a sketch of at least "
+            f"one vector, its product and two samples), got {trace_samples}"
+        )
     if not isinstance(trace_samples, int) or trace_samples < 2:
         raise HessianError(
             f"trace_samples must be an integer >= 2 (a standard error needs two), "
@@ -556,18 +607,29 @@ def hessian_spectrum(
                 messages.append(f"outlier ratio not computed: {op.classes_problem}")
         quad = None
         if "density" in pieces:
-            quad = timed(
-                "density",
-                lambda: stochastic_lanczos_quadrature(
-                    op.matvec,
-                    op.dim,
-                    steps,
-                    num_vectors,
-                    generator=probes,
-                    dtype=dtype,
-                    device=op.device,
-                ),
-            )
+            with lanczos_basis(
+                min(steps, op.dim),
+                op.dim,
+                dtype if basis_dtype is None else basis_dtype,
+                op.device if basis_device is None else basis_device,
+                path=basis_path,
+            ) as basis:
+                quad = timed(
+                    "density",
+                    lambda: stochastic_lanczos_quadrature(
+                        op.matvec,
+                        op.dim,
+                        steps,
+                        num_vectors,
+                        generator=probes,
+                        dtype=dtype,
+                        device=op.device,
+                        basis=basis,
+                        reorthogonalize=reorthogonalize,
+                        matvec_eps=torch.finfo(coarse).eps,
+                    ),
+                )
+            messages.extend(_breakdown_messages(quad.steps, quad.requested, quad.residual_norms))
             results.update(
                 nodes=quad.nodes,
                 weights=quad.weights,
@@ -575,7 +637,21 @@ def hessian_spectrum(
                 lanczos_steps=quad.steps,
                 breakdown=quad.breakdown,
             )
-        if "trace" in pieces:
+        if "trace" in pieces and trace_method != "hutchinson":
+            estimator = hutch_plus_plus if trace_method == "hutch++" else xtrace
+            estimate = timed(
+                "trace",
+                lambda: estimator(
+                    op.matvec,
+                    op.dim,
+                    trace_samples,
+                    generator=probes,
+                    dtype=dtype,
+                    device=op.device,
+                ),
+            )
+            results.update(trace_samples=estimate.samples, trace_low_rank=estimate.low_rank)
+        elif "trace" in pieces:
 
             def trace() -> np.ndarray:
                 if quad is None:
@@ -673,11 +749,25 @@ def hessian_spectrum(
         seconds=seconds,
         messages=tuple(messages),
         world_size=op.world_size,
+        trace_method=trace_method,
+        basis_dtype=str(dtype if basis_dtype is None else basis_dtype).replace("torch.", ""),
+        reorthogonalize=reorthogonalize,
         **results,
     )
     for message in messages:
         warnings.warn(message, HessianConvergenceWarning, stacklevel=2)
     return spectrum
+
+
+def _breakdown_messages(taken: list[int], requested: int, residuals: list[float]) -> list[str]:
+    """One line per start vector whose Lanczos run stopped before ``requested`` steps."""
+    return [
+        f"SLQ start vector {j}: Lanczos stopped after {s} of {requested} steps (breakdown: "
+        f"residual norm {r:.3g}, an invariant Krylov subspace); its {s} nodes are exact "
+        f"eigenvalues of a Hessian with few distinct ones, or the operator is not symmetric"
+        for j, (s, r) in enumerate(zip(taken, residuals))
+        if s < requested
+    ]
 
 
 def _check_against_nodes(

@@ -10,11 +10,13 @@ from threadpoolctl import threadpool_info
 from normprobe.hessian import (
     HessianError,
     blas_threads,
+    default_breakdown_tol,
     extreme_eigenpairs,
     gauss_quadrature,
     gaussian_density,
     hutchinson,
     lanczos,
+    lanczos_basis,
     mean_and_stderr,
     rademacher,
     ritz_residuals,
@@ -259,3 +261,171 @@ def test_ritz_residuals_are_the_true_residuals_of_the_ritz_vectors() -> None:
         lambda v: a @ v, 300, 40, 1, generator=torch.Generator().manual_seed(3)
     )
     np.testing.assert_allclose(quad.ritz_residuals[0], estimates, rtol=1e-9, atol=1e-12)
+
+
+def _hessian_like_diagonal(dim: int, seed: int = 0) -> torch.Tensor:
+    """A diagonal operator of dimension ``dim``: ten outliers over a bulk near zero (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    outliers = torch.tensor([50.0, 30.0, 20.0, 10.0, 5.0, 4.0, 3.0, 2.0, 1.5, 1.2])
+    bulk = 0.05 * torch.randn(dim - 10, generator=gen, dtype=torch.float64)
+    return torch.cat([outliers.double(), bulk])
+
+
+def _quadrature_moments(nodes: np.ndarray, weights: np.ndarray, powers: int) -> np.ndarray:
+    return np.array([(weights * nodes**p).sum() for p in range(1, powers + 1)])
+
+
+@pytest.mark.parametrize("dim", [120_000, 300_000])
+def test_float32_lanczos_above_100k_takes_every_step_and_matches_float64(dim: int) -> None:
+    """Regression: the old tolerance ``100 * dim * eps`` was >= 1 in float32 above 84k.
+
+    Every run then stopped after one step and returned a one-node "spectrum".
+    """
+    d = _hessian_like_diagonal(dim)
+    start = rademacher(dim, generator=torch.Generator().manual_seed(1))
+    q = start / start.norm()
+    exact = np.array([float(q @ (d**p * q)) for p in range(1, 8)])  # q^T A^p q
+    runs = {}
+    for dtype, basis_dtype in (
+        (torch.float64, None),
+        (torch.float32, None),
+        (torch.float64, torch.float32),
+    ):
+        a = d.to(dtype)
+        runs[dtype, basis_dtype] = out = lanczos(
+            lambda v, a=a: a * v, dim, 30, start=start, dtype=dtype, basis_dtype=basis_dtype
+        )
+        assert out.steps == 30 and not out.breakdown, (dtype, basis_dtype)
+    ref_nodes, ref_weights = gauss_quadrature(*_ab(runs[torch.float64, None]))
+    # Gauss quadrature with 30 nodes is exact to degree 59: the moments are the exact ones
+    np.testing.assert_allclose(
+        _quadrature_moments(ref_nodes, ref_weights, 7), exact, rtol=1e-10, atol=1e-13
+    )
+    for key in ((torch.float32, None), (torch.float64, torch.float32)):
+        nodes, weights = gauss_quadrature(*_ab(runs[key]))
+        # the converged outliers to float32 accuracy, the measure's moments too
+        np.testing.assert_allclose(np.sort(nodes)[-5:], [5.0, 10.0, 20.0, 30.0, 50.0], rtol=2e-5)
+        scale = 50.0 ** np.arange(1, 8)
+        assert np.all(np.abs(_quadrature_moments(nodes, weights, 7) - exact) <= 1e-5 * scale)
+
+
+def _ab(out) -> tuple[torch.Tensor, torch.Tensor]:
+    return out.alpha, out.beta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_breakdown_at_rounding_level_is_found_above_100k(dtype: torch.dtype) -> None:
+    """``c I + U S U^T`` with rank 4 has a 5-dimensional Krylov space: Lanczos stops at 5, exactly."""
+    dim, c = 150_000, 0.25
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(dim, 4, generator=gen, dtype=torch.float64))
+    s = torch.tensor([40.0, 10.0, 3.0, -1.0], dtype=torch.float64)
+    u_, s_ = u.to(dtype), s.to(dtype)
+    out = lanczos(
+        lambda v: c * v + u_ @ (s_ * (u_.T @ v)), dim, 20,
+        generator=torch.Generator().manual_seed(1), dtype=dtype,
+    )  # fmt: skip
+    assert out.breakdown and out.steps == 5 and out.requested == 20
+    assert out.breakdown_tol == 100 * torch.finfo(dtype).eps
+    nodes, weights = gauss_quadrature(out.alpha, out.beta)
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(nodes, np.sort(np.append(c + s.numpy(), c)), rtol=rtol)
+    assert weights.sum() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_breakdown_tolerance_is_relative_to_scale_not_dimension() -> None:
+    for dtype in (torch.float32, torch.float64):
+        assert default_breakdown_tol(dtype) == 100 * torch.finfo(dtype).eps < 1e-4
+    # the same operator at two scales breaks down at the same step
+    d = torch.tensor([-1.0, 0.5, 2.0, 3.0], dtype=torch.float32).repeat(30_000)
+    for factor in (1e-6, 1.0, 1e6):
+        out = lanczos(
+            lambda v, f=factor: f * d * v, d.numel(), 10,
+            generator=torch.Generator().manual_seed(0), dtype=torch.float32,
+        )  # fmt: skip
+        assert out.steps == 4 and out.breakdown
+
+
+def test_a_basis_buffer_in_host_memory_or_a_file_gives_the_same_bits(tmp_path) -> None:
+    a = _matrix(_hessian_like())
+    plain = stochastic_lanczos_quadrature(
+        lambda v: a @ v, 300, 40, 3, generator=torch.Generator().manual_seed(2)
+    )
+    with lanczos_basis(40, 300, torch.float64) as buffer:
+        shared = stochastic_lanczos_quadrature(
+            lambda v: a @ v, 300, 40, 3, generator=torch.Generator().manual_seed(2), basis=buffer
+        )
+    with lanczos_basis(40, 300, torch.float64, path=tmp_path / "basis.bin") as mapped:
+        on_disk = stochastic_lanczos_quadrature(
+            lambda v: a @ v, 300, 40, 3, generator=torch.Generator().manual_seed(2), basis=mapped
+        )
+    assert not (tmp_path / "basis.bin").exists()
+    for other in (shared, on_disk):
+        for n1, n2, w1, w2 in zip(plain.nodes, other.nodes, plain.weights, other.weights):
+            np.testing.assert_array_equal(n1, n2)
+            np.testing.assert_array_equal(w1, w2)
+    with pytest.raises(HessianError, match=r"shape \(>= 40, 300\)"):
+        lanczos(lambda v: a @ v, 300, 40, start=torch.ones(300), basis=torch.empty(10, 300))
+
+
+def test_partial_reorthogonalization_matches_full_to_rounding() -> None:
+    eigs = _hessian_like()
+    a = _matrix(eigs)
+    runs = {
+        mode: lanczos(
+            lambda v: a @ v,
+            300,
+            150,
+            generator=torch.Generator().manual_seed(2),
+            keep_basis=True,
+            reorthogonalize=mode,
+        )  # fmt: skip
+        for mode in ("full", "partial")
+    }
+    full, part = runs["full"], runs["partial"]
+    assert full.reorthogonalizations == 150 and 0 < part.reorthogonalizations < 150
+    # semi-orthogonal: |q_j^T q_k| <= sqrt(eps), which keeps T exact to O(eps ||A||)
+    gram = part.basis @ part.basis.T - torch.eye(150, dtype=torch.float64)
+    assert float(gram.abs().max()) <= np.sqrt(np.finfo(np.float64).eps)
+    nf, wf = gauss_quadrature(full.alpha, full.beta)
+    npart, wpart = gauss_quadrature(part.alpha, part.beta)
+    np.testing.assert_allclose(npart, nf, atol=1e-12 * eigs.max())
+    np.testing.assert_allclose(wpart, wf, atol=1e-12)
+    # no ghosts: each outlier appears once, at its value
+    top = npart[npart > 2.0]
+    np.testing.assert_allclose(np.sort(top)[::-1], eigs[::-1][:10], rtol=1e-10)
+
+
+def test_partial_reorthogonalization_with_float32_products_in_a_float64_basis() -> None:
+    """Products rounded to float32 lose orthogonality from 1e-7, not 1e-16: matvec_eps says so."""
+    eigs = _hessian_like()
+    a32 = _matrix(eigs).float()
+    out = lanczos(
+        lambda v: (a32 @ v.float()).double(), 300, 150, generator=torch.Generator().manual_seed(2),
+        keep_basis=True, reorthogonalize="partial", matvec_eps=torch.finfo(torch.float32).eps,
+    )  # fmt: skip
+    gram = out.basis @ out.basis.T - torch.eye(150, dtype=torch.float64)
+    assert float(gram.abs().max()) <= np.sqrt(torch.finfo(torch.float32).eps)
+    nodes, _ = gauss_quadrature(out.alpha, out.beta)
+    top = nodes[nodes > 2.0]
+    np.testing.assert_allclose(np.sort(top)[::-1], eigs[::-1][:10], rtol=1e-5)
+
+
+def test_partial_reorthogonalization_above_100k_matches_exact_moments() -> None:
+    dim = 126_218
+    d = _hessian_like_diagonal(dim)
+    start = rademacher(dim, generator=torch.Generator().manual_seed(1))
+    q = start / start.norm()
+    exact = np.array([float(q @ (d**p * q)) for p in range(1, 8)])
+    for dtype, rtol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        a = d.to(dtype)
+        out = lanczos(
+            lambda v, a=a: a * v, dim, 60, start=start, dtype=dtype, reorthogonalize="partial"
+        )
+        assert out.steps == 60 and out.reorthogonalizations <= 60
+        nodes, weights = gauss_quadrature(out.alpha, out.beta)
+        scale = 50.0 ** np.arange(1, 8)
+        assert np.all(np.abs(_quadrature_moments(nodes, weights, 7) - exact) <= rtol * scale)
+        # Ritz values to O(eps ||A||) (semi-orthogonality), as full reorthogonalization
+        outliers = [5.0, 10.0, 20.0, 30.0, 50.0]
+        np.testing.assert_allclose(np.sort(nodes)[-5:], outliers, atol=rtol * 50.0)

@@ -1,0 +1,158 @@
+"""The Lanczos basis in hessian_spectrum: float32 above 100k parameters, breakdowns, memory.
+
+Regression for the silent float32 stop (every run above about 84k
+parameters ended after one Lanczos step), the warning a real early stop
+now raises, and the memory check that refuses a basis that cannot fit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from normprobe.hessian import (
+    BasisMemoryError,
+    HessianConvergenceWarning,
+    HessianError,
+    basis_bytes,
+    check_basis_fits,
+    hessian_spectrum,
+    lanczos_basis,
+)
+
+F = nn.functional
+
+
+@pytest.fixture(scope="module")
+def wide_mlp() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A float64 MLP of 112,010 parameters and 64 random samples of 64 features, 10 classes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(64, 300), nn.Tanh(), nn.Linear(300, 300), nn.Tanh(), nn.Linear(300, 10)
+    ).double()
+    x = torch.randn(64, 64, dtype=torch.float64)
+    y = torch.randint(0, 10, (64,))
+    return model, (x, y)
+
+
+def test_float32_density_above_100k_parameters_takes_every_step(wide_mlp) -> None:
+    model, data = wide_mlp
+    dim = sum(p.numel() for p in model.parameters())
+    assert dim > 100_000
+    runs = {}
+    for dtype, basis_dtype in (
+        (torch.float64, None),
+        (torch.float32, None),
+        (torch.float64, torch.float32),
+    ):
+        runs[dtype, basis_dtype] = spec = hessian_spectrum(
+            model, F.cross_entropy, data, what="density", steps=12, num_vectors=2,
+            dtype=dtype, basis_dtype=basis_dtype, n_samples=None,
+        )  # fmt: skip
+        assert spec.lanczos_steps == [12, 12] and spec.breakdown == [False, False]
+        assert not spec.messages
+    ref = runs[torch.float64, None]
+    for key in ((torch.float32, None), (torch.float64, torch.float32)):
+        spec = runs[key]
+        for n_ref, w_ref, n, w in zip(ref.nodes, ref.weights, spec.nodes, spec.weights):
+            # the converged top node and the measure's first moments at float32 accuracy
+            assert n.max() == pytest.approx(n_ref.max(), rel=1e-4)
+            for p in (1, 2, 3):
+                scale = np.abs(n_ref).max() ** p
+                assert abs((w * n**p).sum() - (w_ref * n_ref**p).sum()) <= 1e-4 * scale
+
+
+def test_float32_basis_of_a_float32_model_matches_the_float64_basis(wide_mlp) -> None:
+    model, data = wide_mlp
+    model32 = copy.deepcopy(model).float()
+    data32 = (data[0].float(), data[1])
+    specs = [
+        hessian_spectrum(
+            model32,
+            F.cross_entropy,
+            data32,
+            what="density",
+            steps=12,
+            num_vectors=1,
+            basis_dtype=basis_dtype,
+            n_samples=None,
+        )  # fmt: skip
+        for basis_dtype in (None, torch.float32)
+    ]
+    np.testing.assert_allclose(specs[1].nodes[0].max(), specs[0].nodes[0].max(), rtol=1e-4)
+
+
+def test_a_breakdown_is_reported_and_warned() -> None:
+    """A linear least-squares model on inputs of rank 2: three distinct Hessian eigenvalues."""
+    torch.manual_seed(0)
+    model = nn.Linear(50, 4, bias=False).double()
+    basis = torch.randn(2, 50, dtype=torch.float64)
+    x = torch.randn(128, 2, dtype=torch.float64) @ basis
+    y = torch.zeros(128, 4, dtype=torch.float64)
+    with pytest.warns(HessianConvergenceWarning, match="stopped after 3 of 20 steps"):
+        spec = hessian_spectrum(
+            model, F.mse_loss, (x, y), what="density", steps=20, num_vectors=2, n_samples=None
+        )
+    assert spec.lanczos_steps == [3, 3] and spec.breakdown == [True, True]
+    assert len(spec.messages) == 2 and "breakdown" in spec.messages[0]
+    # H = (2 / (N K)) I_4 (x) X^T X: eigenvalues 0 and the two of (2 / (N K)) X^T X
+    gram = (2 / (128 * 4)) * (x.T @ x)
+    exact = np.sort(np.linalg.eigvalsh(gram.numpy()))[-2:]
+    np.testing.assert_allclose(np.sort(spec.nodes[0])[1:], exact, rtol=1e-10)
+    assert abs(np.sort(spec.nodes[0])[0]) < 1e-10
+
+
+def test_a_basis_that_cannot_fit_is_refused_with_the_numbers(wide_mlp) -> None:
+    model, data = wide_mlp
+    need = basis_bytes(100, 112_010, torch.float64)
+    assert need == 100 * 112_010 * 8
+    with pytest.raises(BasisMemoryError, match=r"needs 0\.08 GiB .* basis_dtype=torch\.float32"):
+        check_basis_fits(100, 112_010, torch.float64, budget=need // 4)
+    assert check_basis_fits(100, 112_010, torch.float32, budget=need // 2) == need // 2
+    # the real check: far more steps than any machine holds for this model
+    with pytest.raises(BasisMemoryError, match="the Lanczos basis needs"):
+        hessian_spectrum(model, F.cross_entropy, data, what="density", steps=10**7)
+
+
+def test_hessian_spectrum_with_a_memory_mapped_basis_gives_the_same_bits(wide_mlp, tmp_path):
+    model, data = wide_mlp
+    args = (model, F.cross_entropy, data)
+    kwargs = {"what": "density", "steps": 8, "num_vectors": 2, "n_samples": None}
+    plain = hessian_spectrum(*args, **kwargs)
+    mapped = hessian_spectrum(*args, **kwargs, basis_path=tmp_path / "basis.bin")
+    for n1, n2 in zip(plain.nodes, mapped.nodes):
+        np.testing.assert_array_equal(n1, n2)
+    assert not (tmp_path / "basis.bin").exists()
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(HessianError, match="exists"):
+        with lanczos_basis(2, 3, torch.float64, path=tmp_path / "taken"):
+            pass
+    with pytest.raises(HessianError, match="basis_dtype must be"):
+        hessian_spectrum(*args, **kwargs, basis_dtype=torch.float16)
+
+
+def test_partial_reorthogonalization_in_hessian_spectrum_matches_full(wide_mlp) -> None:
+    model, data = wide_mlp
+    kwargs = {"what": "density", "steps": 30, "num_vectors": 2, "n_samples": None}
+    full = hessian_spectrum(model, F.cross_entropy, data, **kwargs)
+    part = hessian_spectrum(model, F.cross_entropy, data, **kwargs, reorthogonalize="partial")
+    for n1, w1, n2, w2 in zip(full.nodes, full.weights, part.nodes, part.weights):
+        np.testing.assert_allclose(n2, n1, atol=1e-10 * np.abs(n1).max())
+        np.testing.assert_allclose(w2, w1, atol=1e-10)
+    with pytest.raises(HessianError, match="reorthogonalize must be"):
+        hessian_spectrum(model, F.cross_entropy, data, **kwargs, reorthogonalize="some")
+
+
+def test_the_spectrum_records_how_its_basis_was_kept(wide_mlp) -> None:
+    model, data = wide_mlp
+    kwargs = {"what": "density", "steps": 4, "num_vectors": 1, "n_samples": None}
+    default = hessian_spectrum(model, F.cross_entropy, data, **kwargs)
+    assert (default.basis_dtype, default.reorthogonalize) == ("float64", "full")
+    chosen = hessian_spectrum(
+        model, F.cross_entropy, data, **kwargs, basis_dtype=torch.float32, reorthogonalize="partial"
+    )
+    assert (chosen.basis_dtype, chosen.reorthogonalize) == ("float32", "partial")
