@@ -982,22 +982,55 @@ def load_config(
     return parse_config(raw, source=name), raw
 
 
+#: The fields of the schema when config hashes were introduced: always hashed. Every field
+#: added since (and any added later) is hashed only when it differs from its default, so a
+#: new option never changes the hash of a config that leaves it alone, and result folders
+#: written before it resume without a compatibility patch.
+_HASHED_ALWAYS = frozenset(
+    (
+        "name description normalizers "
+        "model.name model.factory model.options model.swap_norms "
+        "data.name data.options data.probe_batch data.hessian_samples data.seed "
+        "train.optimizer train.lr train.momentum train.weight_decay train.batch_size "
+        "train.steps train.seeds train.regnorm_lambda train.eval_batch_size "
+        "train.eval_train_samples train.device train.threads train.sampler.kind "
+        "train.sampler.labels_per_batch train.sampler.per_label "
+        "train.eval_batch_stats.enabled train.eval_batch_stats.batch_size "
+        "probes.representation.enabled probes.representation.pairing "
+        "probes.representation.noise_scale probes.representation.layers "
+        "probes.representation.mode probes.gradient_correlation.enabled "
+        "probes.gradient_correlation.layers probes.gradient_correlation.mode "
+        "probes.gradient_norms.enabled probes.gradient_norms.layers probes.gradient_norms.mode "
+        "probes.schedule.steps probes.schedule.every probes.schedule.log "
+        "hessian.enabled hessian.schedule.steps hessian.schedule.every hessian.schedule.log "
+        "hessian.lanczos_steps hessian.start_vectors hessian.pieces hessian.top_k "
+        "hessian.trace_samples hessian.norm_mode hessian.chunk_size hessian.dtype"
+    ).split()
+)
+
+
+def _hashed(value: dict[str, Any], default: dict[str, Any], path: str) -> dict[str, Any]:
+    """The part of a config dump that the hash covers (see :data:`_HASHED_ALWAYS`)."""
+    out = {}
+    for key, item in value.items():
+        here = f"{path}.{key}" if path else key
+        if here in _HASHED_ALWAYS:
+            out[key] = item
+        elif isinstance(item, dict) and any(p.startswith(here + ".") for p in _HASHED_ALWAYS):
+            out[key] = _hashed(item, default.get(key) or {}, here)
+        elif key not in default or item != default[key]:
+            out[key] = item
+    return out
+
+
 def config_hash(config: Config) -> str:
-    """A short hash of the resolved config, excluding where its output goes."""
+    """A short hash of the resolved config, excluding where its output goes.
+
+    Fields at their default are left out unless they belong to the original
+    schema (:data:`_HASHED_ALWAYS`), so adding an option needs no change here.
+    """
     data = config.to_dict()
     data.pop("output", None)
-    if not data["model"].get("norm_options"):  # hashes of configs from before the key stay
-        data["model"].pop("norm_options", None)
-    if not data.get("variants"):
-        data.pop("variants", None)
-    if data["probes"].get("batch_mean") == BatchMeanProbe().model_dump(mode="json"):
-        data["probes"].pop("batch_mean")
-    if data["hessian"].get("outlier_k", 0) is None:
-        data["hessian"].pop("outlier_k")
-    for key in ("batch_dependence", "train_eval_gap", "signal"):
-        if data["probes"].get(key) == StructuralProbe().model_dump(mode="json"):
-            data["probes"].pop(key)
-    if data["train"]["eval_batch_stats"].get("batches") == "consecutive":
-        data["train"]["eval_batch_stats"].pop("batches")
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    default = Config().to_dict()
+    text = json.dumps(_hashed(data, default, ""), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

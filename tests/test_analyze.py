@@ -437,7 +437,7 @@ def test_per_normalizer_options_with_microbatches_run_to_done(tmp_path: Path) ->
     assert m.loc[m["metric"] == "test_acc_batchstats", "value"].notna().all()
     assert len(m[m["metric"] == "test_acc_batchstats"]) == 3 * 2
     # the options reach the layers
-    from normprobe.analyze import build_run_model, prepare_data
+    from normprobe.plan import build_run_model, prepare_data
     from normprobe.config import parse_config
 
     cfg = parse_config(config)
@@ -663,7 +663,7 @@ def test_an_undefined_growth_rate_is_recorded_as_nan_not_a_failed_run() -> None:
     import torch.nn.functional as F
     from torch import nn
 
-    from normprobe.analyze import _growth_or_nan
+    from normprobe.measures import _growth_or_nan
     from normprobe.probes import gradient_norms, growth_rate
 
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
