@@ -38,7 +38,7 @@ from normprobe.probes import (
     signal_statistics,
     train_eval_gap,
 )
-from normprobe.properties import measure_properties
+from normprobe.zoo_measures import measure_properties
 from normprobe.results import Results, load_results
 
 try:

@@ -622,7 +622,7 @@ def test_language_model_config_mistakes_are_one_line_errors(tmp_path: Path) -> N
 def test_structural_probes_run_on_the_schedule_and_feed_the_properties_table(
     tmp_path: Path,
 ) -> None:
-    from normprobe.properties import measure_properties
+    from normprobe.zoo_measures import measure_properties
 
     config = {
         **SMALL,

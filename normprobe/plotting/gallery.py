@@ -30,8 +30,9 @@ from matplotlib.figure import Figure
 from normprobe.plotting import experiments as E
 from normprobe.plotting import figures as F
 from normprobe.plotting.properties import properties_figure
-from normprobe.plotting.style import style_context
-from normprobe.results import Results
+from normprobe.plotting.style import FORMATS, parse_formats, style_context
+from normprobe.properties import PropertyTable
+from normprobe.results import Results, load_results
 
 __all__ = ["FIGURES", "FigureSpec", "PlotReport", "model_variant", "figure_name", "plot_results"]
 
@@ -43,7 +44,6 @@ SUFFIX: dict[str, str] = {
     "transformer": "_transformer",
     "custom": "_custom",
 }
-FORMATS = ("png", "pdf", "svg")
 ALL = ("mlp", "wrn", "wrn-skip", "transformer", "custom")
 
 
@@ -158,38 +158,27 @@ class PlotReport:
         return out
 
 
-def _formats(formats: str | Iterable[str]) -> list[str]:
-    items = formats.split(",") if isinstance(formats, str) else list(formats)
-    items = [f.strip().lower().lstrip(".") for f in items if f.strip()]
-    bad = [f for f in items if f not in FORMATS]
-    if bad or not items:
-        from normprobe.errors import NormprobeError
-
-        raise NormprobeError(
-            f"--format: {', '.join(bad) or 'nothing'} is not a figure format; "
-            f"use a comma-separated list of {', '.join(FORMATS)}"
-        )
-    return items
-
-
 def plot_results(
     results: Results | str | Path,
     out: str | Path,
     *,
     formats: str | Sequence[str] = ("png",),
     only: Sequence[str] | None = None,
+    property_table: PropertyTable | None = None,
 ) -> PlotReport:
     """Draw every figure ``results`` supports into ``out`` as ``<name>.<format>``.
 
     ``only`` restricts to figure names (``fig4_skip``) or base names
     (``fig4``). Figures without data are reported in ``skipped`` with the
-    reason; nothing is trained or probed.
+    reason; nothing is trained or probed. ``property_table``: the properties
+    table to draw as the ``properties`` heatmap (default: judged from
+    ``results`` alone, see :func:`normprobe.plotting.properties.properties_figure`;
+    the CLI passes :func:`normprobe.measure_properties`, which adds every zoo
+    normalizer and the sequence leaks).
     """
     if not isinstance(results, Results):
-        from normprobe.results import load_results
-
         results = load_results(results)
-    kinds = _formats(formats)
+    kinds = parse_formats(formats)
     out = Path(out)
     variant = model_variant(results)
     report = PlotReport()
@@ -204,7 +193,10 @@ def plot_results(
             continue
         try:
             with style_context():
-                drawn = spec.draw(results)
+                if spec.base == "properties":
+                    drawn = properties_figure(results, property_table)
+                else:
+                    drawn = spec.draw(results)
                 fig = drawn if isinstance(drawn, Figure) else drawn.figure
                 out.mkdir(parents=True, exist_ok=True)
                 paths = []
