@@ -38,8 +38,8 @@ from normprobe.probes import (
     signal_statistics,
     train_eval_gap,
 )
-from normprobe.zoo_measures import measure_properties
 from normprobe.results import Results, load_results
+from normprobe.zoo_measures import measure_properties
 
 try:
     __version__ = version("normprobe")

@@ -24,10 +24,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from torch import nn
 
+from normprobe.data import DATASETS, dataset_options
 from normprobe.errors import NormprobeError, UnknownNameError
+from normprobe.models import MODELS, model_options
+from normprobe.norms import NORMS, _options, build, normalizers, spec
 
 __all__ = [
     "Config",
@@ -158,8 +163,6 @@ class ModelConfig(_Strict):
                 f"{', '.join(_model_names())}) or factory (package.module:function)"
             )
         if self.name is not None:
-            from normprobe.models import MODELS, model_options
-
             self.__dict__["name"] = _canonical(MODELS, self.name, "name")
             if self.swap_norms:
                 raise ValueError(
@@ -192,8 +195,6 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        from normprobe.data import DATASETS, dataset_options
-
         self.__dict__["name"] = _canonical(DATASETS, self.name, "name")
         valid = dataset_options(self.name)
         for key in self.options:
@@ -361,8 +362,6 @@ class TrainConfig(_Strict):
                     raise _PathError(here, f"learning rate must be a positive number, got {v!r}")
 
         if isinstance(lr, dict):
-            from normprobe.norms import NORMS
-
             for key, values in lr.items():
                 if key != "default" and key not in NORMS:
                     raise _PathError(
@@ -378,8 +377,6 @@ class TrainConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device_ok(cls, device: str) -> str:
-        import torch
-
         try:
             torch.device(device)
         except (RuntimeError, ValueError):
@@ -390,8 +387,6 @@ class TrainConfig(_Strict):
         """The learning-rate grid of one normalizer."""
         lr = self.lr
         if isinstance(lr, dict):
-            from normprobe.norms import NORMS
-
             by_name = {NORMS.canonical(k) if k != "default" else k: v for k, v in lr.items()}
             if normalizer in by_name:
                 lr = by_name[normalizer]
@@ -581,7 +576,6 @@ class Config(_Strict):
     def _norms_ok(cls, value: Literal["all"] | list[str]) -> Literal["all"] | list[str]:
         if value == "all":
             return value
-        from normprobe.norms import NORMS
 
         if not value:
             raise ValueError("empty list; name at least one normalizer, or write: all")
@@ -596,13 +590,10 @@ class Config(_Strict):
         return names
 
     def normalizer_names(self) -> list[str]:
-        from normprobe.norms import normalizers
-
         return normalizers() if self.normalizers == "all" else list(self.normalizers)
 
     def _norm_option_sources(self, normalizer: str) -> dict[str, tuple[Any, tuple[Any, ...]]]:
         """Option -> (value, field path it came from) for ``normalizer`` (canonical name)."""
-        from normprobe.norms import NORMS
 
         out: dict[str, tuple[Any, tuple[Any, ...]]] = {}
         legacy = self.model.options.get("norm_options") if self.model.name is not None else None
@@ -633,7 +624,6 @@ class Config(_Strict):
         >>> cfg.norm_options_for("batch"), cfg.norm_options_for("balanced")
         ({'norm_batch': 4}, {'norm_batch': 4, 'stat_fraction': 0.5})
         """
-        from normprobe.norms import NORMS
 
         name = NORMS.canonical(normalizer)
         return {key: value for key, (value, _) in self._norm_option_sources(name).items()}
@@ -643,7 +633,6 @@ class Config(_Strict):
 
         None for per-example normalizers, which ignore ``norm_batch``.
         """
-        from normprobe.norms import NORMS, _options, spec
 
         name = NORMS.canonical(normalizer)
         if "norm_batch" not in _options(spec(name)):
@@ -653,8 +642,6 @@ class Config(_Strict):
 
     @model_validator(mode="after")
     def _norm_options_ok(self) -> Config:
-        from normprobe.norms import NORMS, _options, spec
-
         if self.model.norm_options and "norm_options" in self.model.options:
             raise _PathError(
                 ("model", "options", "norm_options"),
@@ -766,9 +753,6 @@ class Config(_Strict):
 
 def _try_norm_options(name: str, options: dict[str, Any]) -> None:
     """Build normalizer ``name`` on a tiny conv with ``options``: its own checks, no model."""
-    from torch import nn
-
-    from normprobe.norms import build
 
     try:
         build(name, nn.Conv2d(2, 4, 1), nn.ReLU(), layer_name="~", **options)
@@ -777,8 +761,6 @@ def _try_norm_options(name: str, options: dict[str, Any]) -> None:
 
 
 def _model_names() -> list[str]:
-    from normprobe.models import MODELS
-
     return MODELS.names()
 
 

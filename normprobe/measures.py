@@ -397,7 +397,14 @@ register(
         ("hessian",),
         "hessian",
         reads=("hessian_set", "loss"),
-        writes=("eigenvalue", "smallest_eigenvalue", "outlier_ratio", "trace", "slq_node", "density"),
+        writes=(
+            "eigenvalue",
+            "smallest_eigenvalue",
+            "outlier_ratio",
+            "trace",
+            "slq_node",
+            "density",
+        ),
         compute=_hessian,
     )
 )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normprobe.config import Config, ConfigError, import_factory, load_config
+from normprobe.config import Config, ConfigError, import_factory
 from normprobe.data import load_dataset
 from normprobe.errors import NormprobeError
 from normprobe.models import MODELS, build_model, model_options

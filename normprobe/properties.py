@@ -57,6 +57,7 @@ __all__ = [
     "PropertyTable",
     "PropertiesError",
     "judge_properties",
+    "agrees_with_paper",
     "relative_threshold",
 ]
 
@@ -433,6 +434,15 @@ PAPER_NOTES = (
 )
 
 
+def agrees_with_paper(paper: str, measured: str) -> bool:
+    """Whether a measured verdict agrees with seed 003's (``-*`` is ``-``; ``~`` is a ``+``).
+
+    >>> agrees_with_paper("-*", "-"), agrees_with_paper("~", "+"), agrees_with_paper("+", "-")
+    (True, True, False)
+    """
+    return paper.rstrip("*~") == measured or (paper == "~" and measured == "+")
+
+
 def relative_threshold(
     none: float, batch: float, direction: Literal["higher", "lower"], floor: float
 ) -> float:
@@ -527,7 +537,7 @@ class PropertyTable:
                 paper, measured = PAPER[n][c.key], verdicts.loc[n, c.key]
                 if measured == NOT_MEASURED:
                     cells.append(f"{paper} / not measured")
-                elif paper.rstrip("*~") == measured or (paper == "~" and measured == "+"):
+                elif agrees_with_paper(paper, measured):
                     cells.append(f"{paper} / {measured}")
                 else:
                     cells.append(f"{paper} / **{measured}**")
@@ -546,8 +556,7 @@ class PropertyTable:
         for n in (n for n in PAPER if n in self.normalizers):
             for c in self.criteria:
                 paper, measured = PAPER[n][c.key], verdicts.loc[n, c.key]
-                same = paper.rstrip("*~") == measured or (paper == "~" and measured == "+")
-                if measured != NOT_MEASURED and not same:
+                if measured != NOT_MEASURED and not agrees_with_paper(paper, measured):
                     rows.append(
                         {"normalizer": n, "property": c.key, "paper": paper, "measured": measured}
                     )

@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from normprobe.errors import NormprobeError
 from normprobe import norms
+from normprobe.errors import NormprobeError
 from normprobe.probes.structure import relative_change
 from normprobe.properties import PropertyTable, judge_properties
 from normprobe.results import Results, load_results

@@ -437,8 +437,8 @@ def test_per_normalizer_options_with_microbatches_run_to_done(tmp_path: Path) ->
     assert m.loc[m["metric"] == "test_acc_batchstats", "value"].notna().all()
     assert len(m[m["metric"] == "test_acc_batchstats"]) == 3 * 2
     # the options reach the layers
-    from normprobe.plan import build_run_model, prepare_data
     from normprobe.config import parse_config
+    from normprobe.plan import build_run_model, prepare_data
 
     cfg = parse_config(config)
     data = prepare_data(cfg)

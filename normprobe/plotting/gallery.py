@@ -18,7 +18,7 @@ tables cannot support is skipped with its reason, never an error.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from normprobe.plotting import experiments as E
 from normprobe.plotting import figures as F
 from normprobe.plotting.properties import properties_figure
-from normprobe.plotting.style import FORMATS, parse_formats, style_context
+from normprobe.plotting.style import parse_formats, style_context
 from normprobe.properties import PropertyTable
 from normprobe.results import Results, load_results
 
