@@ -1,9 +1,14 @@
 """``normprobe analyze``: every (normalizer, learning rate, seed) run of a config.
 
-For each run: build the model, train it, and at the scheduled steps measure
-accuracy and loss, the probes and the Hessian spectrum. Each finished run is
-written to its own folder atomically (see :mod:`normprobe.results`), so an
-interrupted analysis resumes where it stopped; ``force=True`` redoes all.
+The grid and its bookkeeping: the config is resolved once into run
+specifications (:mod:`normprobe.plan`), checked against real layers and
+data (:mod:`normprobe.checks`), and each run goes to
+:func:`normprobe.run.run_one`, here or on an executor
+(:mod:`normprobe.executors`). Each finished run is written to its own folder
+atomically (see :mod:`normprobe.results`), so an interrupted analysis
+resumes where it stopped; ``force=True`` redoes all. The result tables are
+assembled from the run folders once, at the end of the grid (or when it is
+interrupted), not after every run.
 
 >>> import tempfile
 >>> cfg = {"model": {"name": "mlp", "options": {"depth": 2, "width": 16}},
@@ -31,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from normprobe import executors
-from normprobe.checks import preflight
+from normprobe.checks import check_norm_options, preflight
 from normprobe.config import Config, ConfigError, config_hash, load_config
 from normprobe.plan import ProbeData, RunSpec, build_run_model, plan_runs, prepare_data
 from normprobe.results import (
@@ -178,6 +183,7 @@ def _analyze(
         key = json.dumps(vconfig.data.model_dump(mode="json"), sort_keys=True)
         same = loaded.get(key)
         try:
+            check_norm_options(vconfig)
             data[variant] = prepare_data(vconfig, same.dataset if same is not None else None)
             loaded.setdefault(key, data[variant])
             usable[variant], why = preflight(vconfig, data[variant], check_device)

@@ -22,13 +22,14 @@ import torch
 
 from normprobe.analyze import analyze, summary_line
 from normprobe.errors import NormprobeError
-from normprobe.plotting import plot_results
+from normprobe.plotting import FIGURES, plot_results
 from normprobe.properties import PropertiesError, PropertyTable
 from normprobe.results import Results, load_results
 from normprobe.zoo_measures import measure_properties
 
 __all__ = [
     "GROUPS",
+    "ORDER",
     "Group",
     "RegenerateReport",
     "regenerate",
@@ -39,24 +40,30 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Group:
-    """One analysis (``analyses/<name>.yaml``) and the figures drawn from it."""
+    """One analysis (``analyses/<name>.yaml``) and the figures drawn from it (base names:
+    the gallery names each for the analysis' model, e.g. ``fig4`` drawn as ``fig4_skip``)."""
 
     name: str
     figures: tuple[str, ...]
 
 
-GROUPS: tuple[Group, ...] = (
-    Group("fig1_mlp_init", ("fig1a", "fig1b")),
-    Group("fig2_wrn_init", ("fig2a", "fig2b")),
-    Group("fig2_wrn_skip_init", ("fig2a_skip", "fig2b_skip")),
-    Group("fig3_4_6_wrn_training", ("fig3a", "fig3b", "fig3c", "fig4", "fig6a", "fig6b")),
-    Group("fig4_wrn_skip_training", ("fig4_skip",)),
-    Group("fig5_batch_size", ("fig5",)),
-    Group("renorm_small_noniid", ("figA_renorm",)),
-    Group("balnorm_convergence", ("figA_balnorm",)),
-    Group("regnorm_batch_mean", ("figA_regnorm_mean",)),
-    Group("transformer", ("figT_transformer",)),
-    Group("properties", ("properties",)),
+#: the figure set's analyses, in the order they run (each ``analyses/<name>.yaml``)
+ORDER = (
+    "fig1_mlp_init",
+    "fig2_wrn_init",
+    "fig2_wrn_skip_init",
+    "fig3_4_6_wrn_training",
+    "fig4_wrn_skip_training",
+    "fig5_batch_size",
+    "renorm_small_noniid",
+    "balnorm_convergence",
+    "regnorm_batch_mean",
+    "transformer",
+    "properties",
+)
+#: each analysis and the figures drawn from it (as each figure of the gallery names them)
+GROUPS: tuple[Group, ...] = tuple(
+    Group(name, tuple(spec.base for spec in FIGURES if name in spec.analyses)) for name in ORDER
 )
 
 

@@ -50,28 +50,29 @@ class RunSpec:
         return f"{self.normalizer}{variant}_lr{self.lr:g}_seed{self.seed}"
 
     @cached_property
+    def _probe_schedule(self) -> frozenset[int]:
+        c = self.resolved_config()
+        return frozenset(c.probes.schedule.resolve(c.train.steps))
+
+    @property
     def probe_steps(self) -> frozenset[int]:
         """The steps at which the probes run (none when no probe is enabled)."""
-        c = self._config()
-        if not c.probes.any_enabled():
-            return frozenset()
-        return frozenset(c.probes.schedule.resolve(c.train.steps))
+        return self._probe_schedule if self.resolved_config().probes.any_enabled() else frozenset()
 
     @cached_property
     def hessian_steps(self) -> frozenset[int]:
         """The steps at which the Hessian is measured (none when it is off)."""
-        c = self._config()
+        c = self.resolved_config()
         return frozenset(c.hessian.schedule.resolve(c.train.steps) if c.hessian.enabled else ())
 
     @cached_property
     def measure_steps(self) -> frozenset[int]:
         """Every step that records accuracy and loss: the probe schedule (enabled or not),
         the Hessian's, and the last step."""
-        c = self._config()
-        steps = set(c.probes.schedule.resolve(c.train.steps)) | self.hessian_steps
-        return frozenset(steps | {c.train.steps})
+        return self._probe_schedule | self.hessian_steps | {self.resolved_config().train.steps}
 
-    def _config(self) -> Config:
+    def resolved_config(self) -> Config:
+        """The run's resolved config; a clear error for a spec built without one."""
         if self.config is None:
             raise ValueError(
                 f"run {self.run}: this RunSpec has no config; build the specs with plan_runs"
@@ -108,6 +109,7 @@ def plan_runs(
     ``variants``: the config's resolved variants when the caller has them
     already (default: resolved here).
 
+    >>> from normprobe.config import load_config
     >>> cfg = load_config({"normalizers": ["batch", "layer"], "train": {"seeds": [0, 1]},
     ...     "variants": {"bs32": {"train.batch_size": 32}, "bs8": {"train.batch_size": 8,
     ...     "normalizers": ["batch"]}}})[0]

@@ -52,7 +52,7 @@ def run_one(
     the run becomes a ``failed`` record with its traceback in ``info``
     (Ctrl-C is re-raised).
     """
-    config = spec._config()
+    config = spec.resolved_config()
     device = torch.device(device)
     tc = config.train
     start = time.perf_counter()

@@ -57,6 +57,8 @@ class FigureSpec:
     variants: tuple[str, ...] = ("mlp", "wrn", "wrn-skip", "custom")
     #: at-init figures named for their model (1 for the MLP, 2 for the WRN) take no _mlp suffix
     plain_for: tuple[str, ...] = ()
+    #: the analyses (``analyses/<name>.yaml``) of the figure set that this figure is drawn from
+    analyses: tuple[str, ...] = ()
 
 
 FIGURES: tuple[FigureSpec, ...] = (
@@ -66,40 +68,83 @@ FIGURES: tuple[FigureSpec, ...] = (
         "representation correlation against depth at init",
         ("mlp", "custom"),
         ("mlp",),
+        analyses=("fig1_mlp_init",),
     ),
     FigureSpec(
-        "fig1b", F.fig1b, "gradient correlation against depth at init", ("mlp", "custom"), ("mlp",)
+        "fig1b",
+        F.fig1b,
+        "gradient correlation against depth at init",
+        ("mlp", "custom"),
+        ("mlp",),
+        analyses=("fig1_mlp_init",),
     ),
     FigureSpec(
         "fig2a",
         F.fig2a,
         "representation correlation against depth at init",
         ("wrn", "wrn-skip"),
+        analyses=("fig2_wrn_init", "fig2_wrn_skip_init"),
     ),
-    FigureSpec("fig2b", F.fig2b, "gradient norm against depth at init", ("wrn", "wrn-skip")),
-    FigureSpec("fig3a", F.fig3a, "test accuracy through training"),
-    FigureSpec("fig3b", F.fig3b, "final-layer representation correlation through training"),
-    FigureSpec("fig3c", F.fig3c, "gradient correlation through training"),
-    FigureSpec("fig4", F.fig4, "Hessian spectral density at step 50, one panel per normalizer"),
-    FigureSpec("fig6a", F.fig6a, "Hessian outlier ratio λ1/λK through training"),
-    FigureSpec("fig6b", F.fig6b, "largest Hessian eigenvalue λ1 through training"),
+    FigureSpec(
+        "fig2b",
+        F.fig2b,
+        "gradient norm against depth at init",
+        ("wrn", "wrn-skip"),
+        analyses=("fig2_wrn_init", "fig2_wrn_skip_init"),
+    ),
+    FigureSpec(
+        "fig3a", F.fig3a, "test accuracy through training", analyses=("fig3_4_6_wrn_training",)
+    ),
+    FigureSpec(
+        "fig3b",
+        F.fig3b,
+        "final-layer representation correlation through training",
+        analyses=("fig3_4_6_wrn_training",),
+    ),
+    FigureSpec(
+        "fig3c",
+        F.fig3c,
+        "gradient correlation through training",
+        analyses=("fig3_4_6_wrn_training",),
+    ),
+    FigureSpec(
+        "fig4",
+        F.fig4,
+        "Hessian spectral density at step 50, one panel per normalizer",
+        analyses=("fig3_4_6_wrn_training", "fig4_wrn_skip_training"),
+    ),
+    FigureSpec(
+        "fig6a",
+        F.fig6a,
+        "Hessian outlier ratio λ1/λK through training",
+        analyses=("fig3_4_6_wrn_training",),
+    ),
+    FigureSpec(
+        "fig6b",
+        F.fig6b,
+        "largest Hessian eigenvalue λ1 through training",
+        analyses=("fig3_4_6_wrn_training",),
+    ),
     FigureSpec(
         "fig5",
         E.fig5,
         "final test accuracy against batch size, with and without aggregated statistics",
         plain_for=ALL,
+        analyses=("fig5_batch_size",),
     ),
     FigureSpec(
         "figA_renorm",
         E.fig_renorm,
         "BatchNorm vs Batch Renorm on microbatches and non-i.i.d. batches (002)",
         plain_for=ALL,
+        analyses=("renorm_small_noniid",),
     ),
     FigureSpec(
         "figA_balnorm",
         E.fig_balnorm,
         "BalNorm vs BatchNorm and GroupNorm: loss and accuracy through training (000)",
         plain_for=ALL,
+        analyses=("balnorm_convergence",),
     ),
     FigureSpec(
         "figT_transformer",
@@ -107,18 +152,21 @@ FIGURES: tuple[FigureSpec, ...] = (
         "Transformer LM: test perplexity, representations at init, Hessian outlier ratio",
         ("transformer",),
         ("transformer",),
+        analyses=("transformer",),
     ),
     FigureSpec(
         "properties",
         properties_figure,
         "the measured properties table (003 Table 2) as a heatmap: verdicts and numbers",
         plain_for=ALL,
+        analyses=("properties",),
     ),
     FigureSpec(
         "figA_regnorm_mean",
         E.fig_regnorm_mean,
         "each layer's batch mean R_l through training, RegNorm vs LayerNorm (003 appendix)",
         plain_for=ALL,
+        analyses=("regnorm_batch_mean",),
     ),
 )
 
