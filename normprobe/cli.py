@@ -11,10 +11,8 @@ from normprobe import __version__
 from normprobe.analyze import analyze, summary_line
 from normprobe.data import describe as describe_datasets
 from normprobe.errors import NormprobeError
-from normprobe.figureset import property_table, regenerate
 from normprobe.models import MODELS
 from normprobe.norms import NORMS
-from normprobe.plotting import plot_results, write_properties
 from normprobe.results import load_results
 from normprobe.zoo_measures import measure_properties
 
@@ -274,6 +272,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.results) / "figures"
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     results = load_results(args.results)
+    # the plotting stack (matplotlib, seaborn, scipy.stats) loads with the commands that draw
+    from normprobe.figureset import property_table
+    from normprobe.plotting import plot_results
+
     report = plot_results(
         results, out, formats=args.format, only=only, property_table=property_table(results, only)
     )
@@ -287,6 +289,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_properties(args: argparse.Namespace) -> int:
     table = measure_properties(args.results)
     out = Path(args.out) if args.out else Path(args.results) / "properties"
+    from normprobe.plotting import write_properties
+
     paths = write_properties(table, out, args.format)
     print(table.to_markdown())
     print("## Against seed 003 Table 2\n")
@@ -297,6 +301,8 @@ def cmd_properties(args: argparse.Namespace) -> int:
 
 def cmd_figures(args: argparse.Namespace) -> int:
     groups = [g.strip() for g in args.only.split(",") if g.strip()] if args.only else None
+    from normprobe.figureset import regenerate
+
     report = regenerate(
         scale=args.scale,
         analyses=args.analyses,
