@@ -1,13 +1,17 @@
 """The measured properties table: seed 003's Table 2, filled from measurements.
 
+(Over 500 lines on purpose: ten criteria, each a quantity, a rule and the
+function that measures it from the results, and the table that judges them;
+a criterion reads best next to the others and their shared row selection.)
+
 Seed 003 summarises normalizers by ten qualitative properties and fills its
 Table 2 by hand. :func:`judge_properties` fills it from an analysis' stored
 results (``analyses/properties.yaml`` runs everything it reads); this module
 only reads them. :func:`normprobe.measure_properties` adds what the results
 cannot hold: a row for every normalizer in the zoo and the leak along the
-time axis, measured on the normalizers themselves. Each cell is a verdict (``+``, ``-``, or ``not
-measured`` when the results lack what the criterion reads) next to the
-measured number. :data:`CRITERIA` writes down, for each property, the
+time axis, measured on the normalizers themselves. Each cell is a verdict
+(``+``, ``-``, or ``not measured`` when the results lack what the criterion
+reads) next to the measured number. :data:`CRITERIA` writes down, for each property, the
 quantity, the comparison and the threshold; they are the table's footnotes.
 
 Thresholds are of two kinds:

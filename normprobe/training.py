@@ -1,5 +1,8 @@
 """The training loop of one run, with measurements at scheduled steps.
 
+(Just over 500 lines: the loop with the samplers and the evaluations it
+records, which share its batching rules.)
+
 Step ``t`` means "after ``t`` optimizer updates": step 0 is the initialized
 model. Losses are cross-entropies averaged over every target: one per example
 for a classifier, one per token for a language model (a model with

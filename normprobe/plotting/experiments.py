@@ -1,5 +1,8 @@
 """Figures of the training-time experiments: batch size (003 fig. 5) and the appendix studies.
 
+(Over 500 lines on purpose: five multi-panel figures, one function each, with
+the variant and panel helpers only they use.)
+
 - :func:`fig5`: final test accuracy against the training batch size, with
   aggregated statistics at test time (eval mode) and without them (each test
   batch's own statistics), one panel per normalizer;

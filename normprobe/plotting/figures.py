@@ -1,5 +1,9 @@
 """One function per figure of seed 003 (DESIGN.md, Figures), drawn from stored results only.
 
+(Over 500 lines on purpose: twelve figure functions and the line, band,
+legend and caption helpers they share; the appendix figures are in
+:mod:`normprobe.plotting.experiments`.)
+
 Each function takes a :class:`~normprobe.results.Results` (or, for the line
 figures, its metrics DataFrame) and an optional ``Axes``/``Figure``, and
 returns what it drew on. Lines are the median over seeds with a band from
