@@ -104,7 +104,7 @@ class Measure:
     whose ``enabled`` turns it on (any of them); ``schedule``: the probe
     schedule or the Hessian's; ``reads``/``writes``: what it takes from
     :class:`MeasureInputs` and the metric names it records (documentation
-    and the import-rule tests read them); ``compute(model, step, inputs,
+    and a recorder can list them); ``compute(model, step, inputs,
     probes, hessian)`` returns frames per table (without the step column:
     :func:`measure_step` adds it).
     """
