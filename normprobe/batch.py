@@ -1,5 +1,9 @@
 """The batch contract shared by every probe and the Hessian.
 
+(Over 500 lines, one job: the contract's every operation, slicing, chunking,
+device moves, noise pairing, calling the model and reading its prediction,
+lives here so that the probes and the Hessian cannot disagree on it.)
+
 A **batch** is ``(inputs, targets)``:
 
 - ``inputs`` is a tensor (``model(x)``), a tuple of tensors passed

@@ -1,5 +1,9 @@
 """The numerical core of the Hessian engine: pure functions of a symmetric ``matvec``.
 
+(Over 500 lines, one job: Lanczos with its reorthogonalization variants,
+quadrature and extreme eigenvalues are one algorithm family sharing the
+same basis and breakdown rules.)
+
 Nothing here knows about models. A ``matvec`` maps a 1-D tensor of length
 ``dim`` to another (``v -> A v`` for a symmetric ``A``); every function takes
 its randomness from an explicit ``torch.Generator``.

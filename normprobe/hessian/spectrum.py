@@ -1,5 +1,9 @@
 """The Hessian spectrum of a model: SLQ density, extreme eigenvalues, outlier ratio, trace.
 
+(Over 500 lines, one job: the result type and the driver that fills it;
+the math lives in lanczos.py, trace.py and basis.py, the operator in
+hvp.py.)
+
 :func:`hessian_spectrum` (DESIGN.md, Probes 4) builds a
 :class:`~normprobe.hessian.hvp.HessianOperator` and runs the pieces asked
 for; :class:`HessianSpectrum` keeps the raw results (SLQ nodes and weights

@@ -1,5 +1,9 @@
 """Layer selection, execution-order depths and hooks for any ``torch.nn.Module``.
 
+(Over 500 lines, one job: choosing layers and hooking them. The selection
+rules, their error messages and the hook lifecycle must stay together so
+every probe reports the same layers in the same order.)
+
 A probe picks layers by module name, by type or by regex, or by role
 (:mod:`normprobe.roles`; default for representations: the model's blocks,
 else every activation module, else every normalization module, else every
