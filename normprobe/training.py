@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normprobe.batch import prediction
+from normprobe.norms import regularization
 from normprobe.state import frozen_statistics, preserved
 
 __all__ = [
@@ -210,8 +211,6 @@ def training_loss(
     model: nn.Module, output: torch.Tensor, target: torch.Tensor, lam: float
 ) -> torch.Tensor:
     """Cross-entropy (per token for a language model) plus ``lam`` times the RegNorm penalties."""
-    from normprobe.norms import regularization
-
     loss = cross_entropy(output, target, classes_last=classes_last(model))
     if lam:
         loss = loss + lam * regularization(model)
