@@ -296,10 +296,22 @@ def _versions() -> dict[str, str]:
 
 
 def _progress(quiet: bool) -> Any:
-    """The per-run progress bar factory (tqdm), or None when quiet or not on a terminal."""
-    if quiet or not sys.stderr.isatty():
+    """The per-run progress bar factory, or None when quiet.
+
+    ``tqdm.auto``: a notebook widget in Jupyter (when ipywidgets is
+    installed), a text bar on a terminal. Elsewhere (a log file, a notebook
+    without widgets) no bar: the one line per finished run is the progress.
+    """
+    if quiet:
         return None
-    return tqdm
+    if _in_notebook() or sys.stderr.isatty():
+        return tqdm
+    return None
+
+
+def _in_notebook() -> bool:
+    """Whether ``tqdm.auto`` gives notebook widgets here (a Jupyter kernel with ipywidgets)."""
+    return any(c.__module__.startswith("tqdm.notebook") for c in tqdm.__mro__)
 
 
 def _report(record: RunRecord) -> str:

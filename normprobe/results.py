@@ -308,7 +308,9 @@ def _combined(
 
 
 def records_results(
-    records: Iterable[RunRecord], directory: str | Path = ".", manifest: dict[str, Any] | None = None
+    records: Iterable[RunRecord],
+    directory: str | Path = ".",
+    manifest: dict[str, Any] | None = None,
 ) -> Results:
     """The :class:`Results` of run records held in memory, as :func:`assemble` builds them from
     run folders (the same identity columns, the same learning-rate selection).

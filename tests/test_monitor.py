@@ -87,7 +87,12 @@ def test_monitor_results_are_bit_identical_to_analyze(tmp_path: Path) -> None:
         optimizer.step()
     results = monitor.close()
     got, want = _tables(results), _tables(expected)
-    assert set(want["metrics"]["metric"]) >= {"grad_corr", "eigenvalue", "batch_mean_sq", "test_acc"}
+    assert set(want["metrics"]["metric"]) >= {
+        "grad_corr",
+        "eigenvalue",
+        "batch_mean_sq",
+        "test_acc",
+    }
     for name in want:
         pd.testing.assert_frame_equal(got[name], want[name], check_exact=True)
     # and the folder it wrote reads back the same
@@ -233,7 +238,10 @@ def test_results_without_a_folder_are_the_same_object_load_results_gives() -> No
         ({"schedule": {"every": 2, "steps": [1]}}, r"give one of steps, every or log"),
         ({"probes": ["gradient_norm"]}, r"unknown probe 'gradient_norm'; the probes are"),
         ({"probes": {"representation": {"pairing": "pairs"}}}, r"probes.representation.pairing"),
-        ({"hessian": {"lanczos_step": 4}}, r"hessian.lanczos_step: unknown key 'lanczos_step'; did you mean 'lanczos_steps'"),
+        (
+            {"hessian": {"lanczos_step": 4}},
+            r"hessian.lanczos_step: unknown key 'lanczos_step'; did you mean 'lanczos_steps'",
+        ),
         ({"hessian": "yes"}, r"Monitor\(hessian=...\): expected True/False"),
     ],
 )
