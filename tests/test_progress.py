@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 
 import pytest
 from tqdm.std import tqdm as std_tqdm
-
-import importlib
 
 A = importlib.import_module("normprobe.analyze")  # the module (normprobe.analyze is the function)
 
