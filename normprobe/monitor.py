@@ -215,7 +215,8 @@ class Monitor:
         out: a results folder; the run is kept in ``out/runs/<run>/``.
         run: the run's name (default ``<normalizer>_seed<seed>``, with the
             learning rate when ``lr`` is known).
-        normalizer: the name the figures group and color the run by.
+        normalizer: the name the figures group and color the run by (default:
+            a zoo model's normalizer, else the run's name).
         seed: the run's seed (recorded, and the probes' noise seed).
         lr: the learning rate to record (default: the optimizer's, if given).
         optimizer: optional; only its learning rate is read.
@@ -292,7 +293,8 @@ class Monitor:
             lr = float(optimizer.param_groups[0]["lr"])
         self.lr = float("nan") if lr is None else float(lr)
         self.seed = int(seed)
-        self.normalizer = normalizer or run or "model"
+        # a zoo model knows its normalizer; another model is named by its run
+        self.normalizer = normalizer or getattr(model, "norm_name", None) or run or "model"
         if run is None:
             rate = "" if math.isnan(self.lr) else f"_lr{self.lr:g}"
             run = f"{self.normalizer}{rate}_seed{self.seed}"

@@ -8,6 +8,7 @@ model, data, seed and schedule.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -261,3 +262,26 @@ def test_bad_probe_data_and_steps_are_named() -> None:
         Monitor(_net(), None, {"a": (x[:8], y[:8]), "b": (x[8:16], y[8:16])})
     with pytest.raises(MonitorError, match=r"an int >= 0"):
         Monitor(_net(), None, (x, y), hessian=False).step(-1)
+
+
+@pytest.mark.slow
+def test_the_readme_s_own_loop_example_records_every_50_steps_and_draws(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    before = text.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    setup = re.search(r"```python\n(.*?)\n```", before, flags=re.S).group(1).split("for norm")[0]
+    section = text.split("## Your own training loop", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)\n```", section, flags=re.S).group(1)
+    added = [line for line in code.splitlines() if line.strip()]
+    assert len(added) <= 10, added
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(setup + "\n" + code, "README.md", "exec"), namespace)
+    results = load_results(tmp_path / "runs" / "my-loop")
+    steps = [0, 50, 100, 150, 200, 250, 300]
+    for metric in ("repr_corr_noise", "grad_corr", "grad_norm", "eigenvalue", "trace"):
+        assert sorted(results.rows(metric)["step"].unique()) == steps, metric
+    assert results.runs["normalizer"].tolist() == ["batch"]
+    for name in ("fig1a", "fig1b", "fig3b", "fig3c", "fig4", "fig6a", "fig6b"):
+        assert (tmp_path / "runs" / "my-loop" / "figures" / f"{name}_custom.png").exists(), name

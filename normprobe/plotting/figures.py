@@ -453,9 +453,8 @@ def through_training(
             note = f"layer {layer}"
         elif aggregate == "mean":
             rows = rows[rows["depth"].notna()]
-            rows = rows.groupby(["run", "normalizer", "seed", "lr", "step"], as_index=False)[
-                "value"
-            ].mean()
+            keys = ["run", "normalizer", "seed", "lr", "step"]  # lr NaN: a Monitor without one
+            rows = rows.groupby(keys, as_index=False, dropna=False)["value"].mean()
             note = "mean over probed layers"
         else:
             raise ValueError(
