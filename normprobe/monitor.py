@@ -52,7 +52,7 @@ from normprobe.batch import (
     to_device,
 )
 from normprobe.config import ConfigError, HessianConfig, ProbesConfig, parse_config
-from normprobe.measures import TABLES, MeasureInputs, enabled_measures, measure_step
+from normprobe.measures import MEASURES, TABLES, MeasureInputs, enabled_measures, measure_step
 from normprobe.results import (
     Results,
     RunRecord,
@@ -65,7 +65,7 @@ from normprobe.schema import PROBES, Schedule
 from normprobe.state import preserved
 from normprobe.training import classes_last, evaluate
 
-__all__ = ["Monitor", "MonitorError"]
+__all__ = ["Monitor", "MonitorError", "measured_names", "logged_name"]
 
 Batch = tuple[Any, torch.Tensor]
 ScheduleLike = int | Iterable[int] | Schedule | Mapping[str, Any]
@@ -73,6 +73,21 @@ ScheduleLike = int | Iterable[int] | Schedule | Mapping[str, Any]
 
 class MonitorError(ConfigError):
     """A :class:`Monitor` given something it cannot use; the message names the argument."""
+
+
+def measured_names() -> set[str]:
+    """The metric names the measures write (a logged value may not take one)."""
+    return {name for m in MEASURES.values() for name in m.writes}
+
+
+def logged_name(name: str, prefix: str = "trainer_") -> str:
+    """``name``, or ``prefix + name`` where a measure writes ``name`` (a trainer's own
+    ``grad_norm``, a total, is not the gradient-norm probe's per-layer ``grad_norm``).
+
+    >>> logged_name("loss"), logged_name("grad_norm")
+    ('loss', 'trainer_grad_norm')
+    """
+    return prefix + name if name in measured_names() else name
 
 
 def _schedule(value: ScheduleLike, what: str) -> Schedule:
@@ -383,6 +398,12 @@ class Monitor:
         Logged values are kept in memory and written with the next
         measurement (or :meth:`close`).
         """
+        taken = sorted(set(values) & measured_names())
+        if taken:
+            raise MonitorError(
+                f"Monitor.log: {taken[0]!r} is a metric the measures write; log the loop's value "
+                f"under another name (e.g. {logged_name(taken[0])!r})"
+            )
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
                 value = value.item()

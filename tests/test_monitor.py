@@ -285,3 +285,10 @@ def test_the_readme_s_own_loop_example_records_every_50_steps_and_draws(
     assert results.runs["normalizer"].tolist() == ["batch"]
     for name in ("fig1a", "fig1b", "fig3b", "fig3c", "fig4", "fig6a", "fig6b"):
         assert (tmp_path / "runs" / "my-loop" / "figures" / f"{name}_custom.png").exists(), name
+
+
+def test_a_logged_value_cannot_take_a_measured_metric_s_name() -> None:
+    x, y = _data()
+    monitor = Monitor(_net(), None, (x, y), hessian=False)
+    with pytest.raises(MonitorError, match=r"'grad_norm' is a metric the measures write.*"):
+        monitor.log(3, grad_norm=1.0)
