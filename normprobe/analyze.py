@@ -28,12 +28,13 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import TqdmExperimentalWarning, TqdmWarning
 
 from normprobe import executors
 from normprobe.checks import check_norm_options, preflight
@@ -50,6 +51,13 @@ from normprobe.results import (
     write_run,
 )
 from normprobe.run import run_one
+
+with warnings.catch_warnings():
+    # in a notebook without ipywidgets tqdm.auto warns at import and falls back to the text
+    # bar; importing normprobe should not print that (``_progress`` then shows no bar)
+    warnings.simplefilter("ignore", TqdmWarning)
+    warnings.simplefilter("ignore", TqdmExperimentalWarning)
+    from tqdm.auto import tqdm
 
 __all__ = [
     "analyze",
