@@ -329,7 +329,16 @@ class Monitor:
         }
         self.directory = None if out is None else Path(out)
         self._frames: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
-        self._logged: list[dict[str, Any]] = []
+        self._logged: list[dict[str, Any]] = []  # logged since the last record()
+        self._logged_frame = pd.DataFrame(
+            {
+                "step": pd.Series(dtype="int64"),
+                "layer": pd.Series(dtype=object),
+                "depth": pd.Series(dtype="float64"),
+                "metric": pd.Series(dtype=object),
+                "value": pd.Series(dtype="float64"),
+            }
+        )
         self.status = "running"
         self.measure_seconds = 0.0
         self._started = time.perf_counter()
@@ -444,17 +453,24 @@ class Monitor:
     def record(self) -> RunRecord:
         """The run as a :class:`~normprobe.results.RunRecord` (what its folder holds)."""
         tables: dict[str, pd.DataFrame] = {}
-        metrics = list(self._frames["metrics"])
+        # the frames so far are joined once and kept joined: a measurement adds its own
+        # frames to one table instead of every write joining them all again
+        for name in TABLES:
+            if len(self._frames[name]) > 1:
+                self._frames[name] = [pd.concat(self._frames[name], ignore_index=True, sort=False)]
         if self._logged:
-            logged = pd.DataFrame(self._logged)
-            logged.insert(1, "layer", None)
-            logged.insert(2, "depth", float("nan"))
-            metrics.append(logged)
+            new = pd.DataFrame(self._logged)
+            new.insert(1, "layer", None)
+            new.insert(2, "depth", float("nan"))
+            self._logged_frame = pd.concat([self._logged_frame, new], ignore_index=True)
+            self._logged = []
+        metrics = [*self._frames["metrics"], self._logged_frame]
+        metrics = [f for f in metrics if len(f)]
         if metrics:
             tables["metrics"] = pd.concat(metrics, ignore_index=True, sort=False)
         for name in TABLES[1:]:
             if self._frames[name]:
-                tables[name] = pd.concat(self._frames[name], ignore_index=True, sort=False)
+                tables[name] = self._frames[name][0]
         return RunRecord(
             self.run,
             self.normalizer,
