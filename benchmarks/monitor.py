@@ -6,7 +6,8 @@ The same loop (SGD with momentum 0.9, lr 0.05, batch 64, BatchNorm, digits)
 is timed side by side, interleaved over ``--repeats`` rounds: without a
 monitor; with a Monitor running the quickstart's probes (representation,
 gradient correlation, gradient norms) every 50 steps and writing its run
-folder; and, with ``--hessian``, with the quickstart's Hessian added at
+folder; the same without a folder (``out=None``: the results in memory,
+which shows what the atomic writes cost); and, with ``--hessian``, with the quickstart's Hessian added at
 steps 0, 50 and the last (``analyses/quickstart.yaml``). Printed: the median wall time of each
 and the overhead ``monitored / plain - 1`` (target <= 10% for the probes),
 with the measuring time alone and the load average.
@@ -59,9 +60,10 @@ def loop(name: str, ds: Any, options: dict[str, Any], steps: int, case: str) -> 
             if case == "probes + Hessian":
                 hessian = {**QUICKSTART["hessian"], "schedule": [0, 50, steps]}
             probes = {k: v for k, v in QUICKSTART["probes"].items() if k != "schedule"}
+            folder = None if case == "probes, no folder" else out
             monitor = normprobe.Monitor(
                 model, F.cross_entropy, (x[:256], y[:256]), probes=probes, hessian=hessian,
-                schedule=50, total_steps=steps, out=out, optimizer=opt,
+                schedule=50, total_steps=steps, out=folder, optimizer=opt,
             )  # fmt: skip
         for step in range(steps + 1):
             if monitor is not None:
@@ -89,7 +91,8 @@ def main() -> None:
     parser.add_argument("--hessian", action="store_true", help="also time the Hessian case")
     args = parser.parse_args()
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
-    cases = ["plain", "probes every 50"] + (["probes + Hessian"] if args.hessian else [])
+    cases = ["plain", "probes every 50", "probes, no folder"]
+    cases += ["probes + Hessian"] if args.hessian else []
     for name in args.models:
         ds, options = setup(name)
         loop(name, ds, options, 20, "probes every 50")  # warm-up
