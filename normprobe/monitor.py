@@ -33,6 +33,7 @@ normalizer, say) written to one folder plot together.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -372,18 +373,26 @@ class Monitor:
         The model, its gradients, the optimizer and the global random state
         are left as found; :meth:`due` says what a step will measure.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        given = step
+        try:
+            step = -1 if isinstance(step, bool) else operator.index(step)  # numpy, torch ints too
+        except TypeError:
+            step = -1
+        if step < 0:
             raise MonitorError(
                 f"Monitor.step: step must be the number of updates so far (an int >= 0), "
-                f"got {step!r}"
+                f"got {given!r}"
             )
         if values:
             self.log(step, **values)
         names = set(self.due(step))
         chosen = [m for m in self._probes + self._hessian if m.name in names]
+        # evaluated at the steps an analysis evaluates: the probe schedule's, the Hessian's
+        # and the last one
         evaluate_now = bool(self.eval_data) and (
             self._due(self.probes_config.schedule, step)
             or (self.hessian_config.enabled and self._due(self.hessian_config.schedule, step))
+            or step == self.total_steps
         )
         if not chosen and not evaluate_now:
             return

@@ -260,8 +260,21 @@ def test_bad_probe_data_and_steps_are_named() -> None:
         Monitor(_net(), None, (x, y[:10]))
     with pytest.raises(MonitorError, match=r"the Hessian is on but no Hessian set"):
         Monitor(_net(), None, {"a": (x[:8], y[:8]), "b": (x[8:16], y[8:16])})
-    with pytest.raises(MonitorError, match=r"an int >= 0"):
-        Monitor(_net(), None, (x, y), hessian=False).step(-1)
+    monitor = Monitor(_net(), None, (x, y), hessian=False, schedule=[0, 2])
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(MonitorError, match=rf"an int >= 0\), got {bad!r}"):
+            monitor.step(bad)
+    monitor.step(torch.tensor(2))  # an integer tensor, as some trainers count steps
+    assert sorted(monitor.results.metrics["step"].unique()) == [2]
+
+
+def test_eval_data_is_recorded_at_the_last_step_as_an_analysis_does() -> None:
+    x, y = _data()
+    monitor = Monitor(_net(), None, (x, y), hessian=False, probes=False, schedule=[0],
+                      total_steps=5, eval_data={"test": (x, y)})  # fmt: skip
+    for step in range(6):
+        monitor.step(step)
+    assert sorted(monitor.results.rows("test_acc")["step"]) == [0, 5]
 
 
 @pytest.mark.slow
