@@ -451,7 +451,8 @@ class Monitor:
             else probe_data
         )
         inputs, _ = split_batch(first, "probe_data", MonitorError)
-        inputs = to_device(take(inputs, slice(0, 2)), model_device(self.model))
+        # the whole batch: a microbatch normalizer (norm_batch) refuses a batch of two
+        inputs = to_device(inputs, model_device(self.model))
         with preserved(self.model), torch.no_grad(), torch.random.fork_rng(devices=[]):
             self.model.eval()
             out = prediction(call_model(self.model, inputs))
