@@ -14,7 +14,8 @@ Public API, grouped by topic:
   recorder in any training loop), :func:`sequence_leak`
 - experiments: :func:`analyze`, :func:`plan_runs`, :func:`prepare_data`,
   :func:`run_one`, :func:`load_results`, :class:`Results`,
-  :func:`measure_properties` (seed 003's Table 2, measured)
+  :func:`measure_properties` (the properties table of Rao & Sohl-Dickstein 2020, measured)
+- your own training loop: :class:`Monitor` (the measures on a schedule, written as a run)
 
 >>> import normprobe
 >>> "batch" in normprobe.normalizers()
@@ -32,6 +33,7 @@ from normprobe.hessian import HessianOperator, HessianSpectrum, hessian_spectrum
 from normprobe.measures import MEASURES, MeasureInputs, enabled_measures, measure_step
 from normprobe.models import MODELS, build_model
 from normprobe.models.swap import swap_norms
+from normprobe.monitor import Monitor
 from normprobe.norms import NORMS, normalizers
 from normprobe.norms import build as build_norm
 from normprobe.plan import plan_runs, prepare_data
@@ -96,6 +98,8 @@ __all__ = [
     "load_results",
     "Results",
     "measure_properties",
+    # your own training loop
+    "Monitor",
     # errors
     "NormprobeError",
 ]

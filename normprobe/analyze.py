@@ -28,12 +28,13 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import TqdmExperimentalWarning, TqdmWarning
 
 from normprobe import executors
 from normprobe.checks import check_norm_options, preflight
@@ -50,6 +51,13 @@ from normprobe.results import (
     write_run,
 )
 from normprobe.run import run_one
+
+with warnings.catch_warnings():
+    # in a notebook without ipywidgets tqdm.auto warns at import and falls back to the text
+    # bar; importing normprobe should not print that (``_progress`` then shows no bar)
+    warnings.simplefilter("ignore", TqdmWarning)
+    warnings.simplefilter("ignore", TqdmExperimentalWarning)
+    from tqdm.auto import tqdm
 
 __all__ = [
     "analyze",
@@ -296,10 +304,22 @@ def _versions() -> dict[str, str]:
 
 
 def _progress(quiet: bool) -> Any:
-    """The per-run progress bar factory (tqdm), or None when quiet or not on a terminal."""
-    if quiet or not sys.stderr.isatty():
+    """The per-run progress bar factory, or None when quiet.
+
+    ``tqdm.auto``: a notebook widget in Jupyter (when ipywidgets is
+    installed), a text bar on a terminal. Elsewhere (a log file, a notebook
+    without widgets) no bar: the one line per finished run is the progress.
+    """
+    if quiet:
         return None
-    return tqdm
+    if _in_notebook() or sys.stderr.isatty():
+        return tqdm
+    return None
+
+
+def _in_notebook() -> bool:
+    """Whether ``tqdm.auto`` gives notebook widgets here (a Jupyter kernel with ipywidgets)."""
+    return any(c.__module__.startswith("tqdm.notebook") for c in tqdm.__mro__)
 
 
 def _report(record: RunRecord) -> str:

@@ -69,7 +69,11 @@ class MeasureInputs:
     ``hessian_set``: the Hessian's probe set (None when no Hessian is
     measured); ``seed``: the run's seed (a probe at step ``t`` draws with
     ``seed + t`` or ``seed``, so measuring never touches the global RNG);
-    ``num_classes``: K of the outlier ratio ``lambda_1 / lambda_K``.
+    ``num_classes``: K of the outlier ratio ``lambda_1 / lambda_K``;
+    ``loss_fn``: ``loss_fn(output, target)`` of the gradient probes and the
+    Hessian (None: the mean cross-entropy of :func:`normprobe.training.loss_for`,
+    what an analysis trains with; a recorder in the user's loop passes the
+    loop's loss).
     """
 
     batch_a: Batch
@@ -77,6 +81,11 @@ class MeasureInputs:
     hessian_set: Batch | None = None
     seed: int = 0
     num_classes: int | None = None
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+
+    def loss(self, model: nn.Module) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+        """The loss the measures differentiate: ``loss_fn``, or the model's cross-entropy."""
+        return self.loss_fn if self.loss_fn is not None else loss_for(model)
 
     def to(self, device: torch.device | str) -> MeasureInputs:
         """The same inputs on ``device``."""
@@ -90,6 +99,7 @@ class MeasureInputs:
             move(self.hessian_set),
             self.seed,
             self.num_classes,
+            self.loss_fn,
         )
 
 
@@ -192,8 +202,8 @@ def _representation(
 def _gradients(
     model: nn.Module, step: int, inputs: MeasureInputs, pc: ProbesConfig, hc: HessianConfig
 ) -> Tables:
-    # mean cross-entropy: per example, or per token for a language model
-    loss_fn = loss_for(model)
+    # mean cross-entropy (per example, or per token for a language model) unless a loss is given
+    loss_fn = inputs.loss(model)
     a, b = inputs.batch_a, inputs.batch_b
     gc, gn = pc.gradient_correlation, pc.gradient_norms
     frames: list[pd.DataFrame] = []
@@ -305,7 +315,7 @@ def _hessian(
         raise ValueError("the hessian measure needs MeasureInputs.hessian_set")
     spectrum = hessian_spectrum(
         model,
-        loss_for(model),
+        inputs.loss(model),
         hessian_chunks(inputs.hessian_set, hc.chunk_size, norm_batch_of(model)),
         what=tuple(dict.fromkeys(hc.pieces)),
         n_samples=None,  # the whole set given (data.hessian_samples long in an analysis)

@@ -42,6 +42,7 @@ __all__ = [
     "write_run",
     "finished_runs",
     "assemble",
+    "records_results",
     "write_json_atomic",
     "selected_rows",
     "final_rows",
@@ -79,7 +80,7 @@ class RunRecord:
     normalizer: str
     lr: float
     seed: int
-    status: str  # done | diverged | failed | skipped
+    status: str  # done | diverged | failed | skipped | running (a Monitor's, being recorded)
     seconds: float = 0.0
     diverged_step: int | None = None
     error: str | None = None
@@ -221,6 +222,9 @@ def _select_lrs(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     The score is the test accuracy; for language models (runs that record
     ``test_perplexity``, whose final value goes into ``final_test_perplexity``)
     it is the lowest mean final test loss, the mean token cross-entropy.
+    Runs still being recorded (status ``running``) count as done. Where no
+    run of a group records a test score there is nothing to compare, and every
+    done run of the group is marked.
     """
     runs = runs.copy()
     runs["final_test_acc"] = float("nan")
@@ -236,6 +240,8 @@ def _select_lrs(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
 
     last = final("test_acc")
     if last is None:
+        # no run records a test score (e.g. a Monitor's runs that log none): nothing to compare
+        runs.loc[runs["status"].isin(("done", "running")), "selected"] = True
         return runs
     runs["final_test_acc"] = runs["run"].map(last)
     score, best = "final_test_acc", "max"
@@ -246,9 +252,12 @@ def _select_lrs(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
         score, best = "final_test_loss", "min"
     keys = ["normalizer", "variant"] if "variant" in runs else ["normalizer"]
     for _, group in runs.groupby(keys, dropna=False):
-        done = group[group["status"] == "done"]
+        # a run still being recorded (a Monitor's, status running) is compared like a done one
+        done = group[group["status"].isin(("done", "running"))]
         by_lr = done.groupby("lr")[score].mean().dropna()
         if by_lr.empty:
+            # nothing to compare (runs that record no test score, or no learning rate): keep all
+            runs.loc[done.index, "selected"] = True
             continue
         chosen = by_lr.idxmax() if best == "max" else by_lr.idxmin()
         runs.loc[group.index[group["lr"] == chosen], "selected"] = True
@@ -269,23 +278,57 @@ def assemble(directory: Path, *, write: bool = True) -> Results:
             file = path / f"{name}.parquet"
             if file.exists():
                 tables[name].append(pd.read_parquet(file))
+    results = _combined(directory, statuses, tables, _read_manifest(directory))
+    if write:
+        results.save_tables()
+    return results
+
+
+def _combined(
+    directory: Path,
+    statuses: list[dict[str, Any]],
+    tables: Mapping[str, list[pd.DataFrame]],
+    manifest: dict[str, Any],
+) -> Results:
+    """The result tables of runs given by their status lines and their tables' frames."""
     runs = pd.DataFrame(statuses)
     metrics = _concat(tables["metrics"])
     if not runs.empty:
         runs = _select_lrs(runs, metrics)
         if not metrics.empty:
             metrics = metrics.merge(runs[["run", "selected"]], on="run", how="left")
-    results = Results(
+    return Results(
         directory=directory,
         metrics=_order(metrics),
         runs=runs,
         hessian_nodes=_concat(tables["hessian_nodes"]),
         hessian_density=_concat(tables["hessian_density"]),
-        manifest=_read_manifest(directory),
+        manifest=manifest,
     )
-    if write:
-        results.save_tables()
-    return results
+
+
+def records_results(
+    records: Iterable[RunRecord],
+    directory: str | Path = ".",
+    manifest: dict[str, Any] | None = None,
+) -> Results:
+    """The :class:`Results` of run records held in memory, as :func:`assemble` builds them from
+    run folders (the same identity columns, the same learning-rate selection).
+
+    >>> frame = pd.DataFrame({"step": [0], "layer": [None], "depth": [float("nan")],
+    ...                       "metric": ["test_acc"], "value": [0.5]})
+    >>> record = RunRecord("mine", "batch", 0.1, 0, "done", tables={"metrics": frame})
+    >>> records_results([record]).metrics[["run", "normalizer", "metric", "selected"]].values.tolist()
+    [['mine', 'batch', 'test_acc', True]]
+    """
+    statuses: list[dict[str, Any]] = []
+    tables: dict[str, list[pd.DataFrame]] = {name: [] for name in RUN_TABLES}
+    for record in records:
+        statuses.append(record.summary())
+        for name, frame in record.tables.items():
+            if frame is not None and len(frame):
+                tables[name].append(_with_identity(frame, record))
+    return _combined(Path(directory), statuses, tables, manifest or {})
 
 
 def _order(metrics: pd.DataFrame) -> pd.DataFrame:

@@ -153,8 +153,8 @@ def fig5(data: Results, fig: Figure | None = None) -> Figure:
     as large as the training batches (``train.eval_batch_stats``). The batch
     size of each variant is read from the stored config.
     """
-    agg = final_rows(rows_of(data, "test_acc"))
-    own = final_rows(rows_of(data, "test_acc_batchstats"))
+    agg = final_rows(rows_of(data, "test_acc", columns=("run",)))
+    own = final_rows(rows_of(data, "test_acc_batchstats", columns=("run",)))
     _need_variants(agg, "figure 5")
     sizes = {v: variant_setting(data, v, "train.batch_size") for v in agg["variant"].unique()}
     if any(s is None for s in sizes.values()):

@@ -13,6 +13,16 @@ normalizer has the same color and marker in every figure
 the run's key settings. Nothing here trains or probes: a figure the tables
 cannot support raises :class:`FigureSkipped` saying what is missing.
 
+Columns read, so that a table from anywhere (a :class:`~normprobe.Monitor`'s
+results, a frame made by hand) can be drawn: every figure reads
+``normalizer, step, metric, value`` of the metrics table (:data:`BASE_COLUMNS`;
+``seed`` for the band over seeds, ``selected`` when present); the depth
+figures (1a, 1b, 2a, 2b) also ``depth``; the training figures of a per-layer
+metric (3b, 3c) also ``run, depth, layer`` (3c: ``seed, lr``); figure 4 reads
+the ``hessian_nodes`` table's ``normalizer, seed, step, value, weight``. A
+missing column raises :class:`MissingColumnError` naming it and how to add
+it. Each figure's docstring names the metrics it draws.
+
 >>> import pandas as pd
 >>> frame = pd.DataFrame({"normalizer": ["batch", "batch", "layer", "layer"], "seed": 0,
 ...     "lr": 0.1, "step": 0, "layer": ["a", "b", "a", "b"], "depth": [1, 2, 1, 2],
@@ -39,11 +49,15 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from normprobe.errors import NormprobeError
 from normprobe.plotting.style import color, label, marker, norm_order, style_context
 from normprobe.results import Results, selected_rows
 
 __all__ = [
     "FigureSkipped",
+    "MissingColumnError",
+    "require_columns",
+    "BASE_COLUMNS",
     "REPR_METRICS",
     "repr_metric",
     "model_text",
@@ -79,6 +93,47 @@ class FigureSkipped(LookupError):
     """The results hold no data for this figure; the message says what is missing."""
 
 
+class MissingColumnError(FigureSkipped, NormprobeError):
+    """A table handed to a figure lacks a column it reads; the message says how to add it."""
+
+
+#: how to add each column the figures read to a table made by hand
+HOW_TO_ADD = {
+    "run": "a name per run, e.g. frame['run'] = 'mine' (a Monitor's results name each run)",
+    "normalizer": "the legend group, e.g. frame['normalizer'] = 'batch' "
+    "(Monitor(normalizer='batch') records it)",
+    "seed": "frame['seed'] = 0 (Monitor(seed=...) records it)",
+    "lr": "frame['lr'] = 0.1 (Monitor(lr=...) or Monitor(optimizer=...) records it)",
+    "step": "the training step of each row (Monitor.step(step) and Monitor.log(step, ...) "
+    "record it)",
+    "metric": "the measured quantity's name per row, as the probes write it",
+    "value": "the measured number per row",
+    "depth": "the probed layer's position (the probes write it; NaN for whole-model rows)",
+    "layer": "the probed layer's name (the probes write it; None for whole-model rows)",
+    "weight": "the SLQ node weights (the Hessian measure writes hessian_nodes with them)",
+    "variant": "the config variant of each run (analyses with variants: write it)",
+}
+
+
+def require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    """Raise :class:`MissingColumnError` naming the first missing column and how to add it.
+
+    >>> require_columns(pd.DataFrame({"metric": [], "value": []}), ["metric", "run"], "fig3a")
+    Traceback (most recent call last):
+    ...
+    normprobe.plotting.figures.MissingColumnError: fig3a reads the column 'run', which the table lacks (it has metric, value); add a name per run, e.g. frame['run'] = 'mine' (a Monitor's results name each run)
+    """
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        column = missing[0]
+        more = f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else ""
+        raise MissingColumnError(
+            f"{what} reads the column {column!r}, which the table lacks (it has "
+            f"{', '.join(map(str, frame.columns)) or 'no columns'}){more}; add "
+            f"{HOW_TO_ADD.get(column, 'it')}"
+        )
+
+
 # --------------------------------------------------------------------------- data helpers
 
 
@@ -86,11 +141,22 @@ def _metrics(data: Data) -> pd.DataFrame:
     return data.metrics if isinstance(data, Results) else data
 
 
-def rows_of(data: Data, metric: str, *, selected: bool = True) -> pd.DataFrame:
-    """Rows of ``metric``, only the selected learning rate per normalizer (when marked)."""
+#: the columns every figure reads from a metrics table
+BASE_COLUMNS = ("normalizer", "step", "metric", "value")
+
+
+def rows_of(
+    data: Data, metric: str, *, selected: bool = True, columns: Sequence[str] = ()
+) -> pd.DataFrame:
+    """Rows of ``metric``, only the selected learning rate per normalizer (when marked).
+
+    The table must have :data:`BASE_COLUMNS` and ``columns``; a missing one
+    raises :class:`MissingColumnError` saying how to add it.
+    """
     frame = _metrics(data)
-    if frame is None or frame.empty or "metric" not in frame:
+    if frame is None or frame.empty:
         raise FigureSkipped(f"no {metric!r} rows: the results table is empty")
+    require_columns(frame, [*BASE_COLUMNS, *columns], f"a figure of {metric!r}")
     rows = frame[frame["metric"] == metric]
     if selected:
         rows = selected_rows(rows)
@@ -208,21 +274,24 @@ def caption(data: Data | None, extra: str = "", *, band: str = "min-max") -> str
     config = config_of(data)
     if config:
         parts.append(model_text(data))
-        data_cfg = config.get("data", {})
-        options = data_cfg.get("options", {}) or {}
-        size = f" {options['size']}x{options['size']}" if options.get("size") else ""
-        parts.append(f"{data_cfg.get('name')}{size}")
-        train = config.get("train", {})
+        # a Monitor's folder records no data or train section: the user's loop had them
+        data_cfg = config.get("data") or {}
+        if data_cfg:
+            options = data_cfg.get("options", {}) or {}
+            size = f" {options['size']}x{options['size']}" if options.get("size") else ""
+            parts.append(f"{data_cfg.get('name')}{size}")
+        train = config.get("train") or {}
         if train.get("steps"):
             parts.append(
                 f"{train.get('optimizer')} lr {_lr_text(data)}, batch {train.get('batch_size')}, "
                 f"{train.get('steps')} steps"
             )
-        else:
+        elif data_cfg:
             parts.append(f"untrained, probe batch {data_cfg.get('probe_batch')}")
-        seeds = len(train.get("seeds", []))
-        spread = f": median, band {band}" if seeds > 1 else ""
-        parts.append(f"{seeds} seed{'s' if seeds != 1 else ''}{spread}")
+        if train:
+            seeds = len(train.get("seeds", []))
+            spread = f": median, band {band}" if seeds > 1 else ""
+            parts.append(f"{seeds} seed{'s' if seeds != 1 else ''}{spread}")
     if extra:
         parts.append(extra)
     return " · ".join(p for p in parts if p)
@@ -276,8 +345,11 @@ def _finish(ax: Axes, data: Any, title: str, extra: str) -> Axes:
 
 
 def _axes(ax: Axes | None, size: tuple[float, float] = (5.6, 3.4)) -> Axes:
+    """``ax``, or the axes of a new figure whose layout keeps the legend (outside the axes,
+    on the right) and the caption inside it, so ``savefig`` keeps them without
+    ``bbox_inches="tight"``."""
     if ax is None:
-        _, ax = plt.subplots(figsize=size)
+        _, ax = plt.subplots(figsize=size, layout="constrained")
     return ax
 
 
@@ -303,8 +375,10 @@ def depth_profile(
     """``metric`` against layer depth at one training step (default: initialization).
 
     Depth is the order in which the probed layers run (0 is the input).
+    Reads the columns ``normalizer, step, depth, metric, value`` (``seed``
+    when there are several: the band) and ``selected`` when present.
     """
-    rows, at = _at_step(rows_of(data, metric), step, metric)
+    rows, at = _at_step(rows_of(data, metric, columns=("depth",)), step, metric)
     rows = rows[rows["depth"].notna()]
     if rows.empty:
         raise FigureSkipped(f"{metric!r} has no per-layer rows at step {at}")
@@ -358,8 +432,14 @@ def through_training(
     Per-layer metrics need ``layer`` ("last", "first" or a module name) or
     ``aggregate="mean"`` (over layers); ``where`` keeps only rows whose
     columns equal the given values (e.g. ``{"index": 1}`` for lambda_1).
+    Reads the columns ``normalizer, step, metric, value`` and, for per-layer
+    metrics, ``run, depth, layer`` (``aggregate="mean"``: also ``seed, lr``);
+    ``selected`` when present.
     """
     rows = rows_of(data, metric)
+    if "depth" in rows and rows["depth"].notna().any():
+        need = ("run", "depth", "layer") + (("seed", "lr") if aggregate == "mean" else ())
+        require_columns(rows, need, f"through_training({metric!r})")
     for column, value in (where or {}).items():
         if column not in rows:
             raise FigureSkipped(f"{metric!r} rows have no {column!r} column")
@@ -377,9 +457,8 @@ def through_training(
             note = f"layer {layer}"
         elif aggregate == "mean":
             rows = rows[rows["depth"].notna()]
-            rows = rows.groupby(["run", "normalizer", "seed", "lr", "step"], as_index=False)[
-                "value"
-            ].mean()
+            keys = ["run", "normalizer", "seed", "lr", "step"]  # lr NaN: a Monitor without one
+            rows = rows.groupby(keys, as_index=False, dropna=False)["value"].mean()
             note = "mean over probed layers"
         else:
             raise ValueError(
@@ -428,10 +507,14 @@ def hessian_density_panels(
     Densities are re-smoothed from the stored nodes and weights on one grid
     spanning every panel's spectrum (Gaussian kernel, 1% of that range) and
     drawn on a log scale. Uses the selected learning rate and the first seed.
+    Reads the ``hessian_nodes`` columns ``normalizer, seed, step, value,
+    weight`` (``vector`` when there are several start vectors, ``run`` to
+    pick the selected runs).
     """
     nodes = data.hessian_nodes if isinstance(data, Results) else data
     if nodes is None or nodes.empty:
         raise FigureSkipped("no Hessian nodes in the results (hessian disabled?)")
+    require_columns(nodes, ("normalizer", "seed", "step", "value", "weight"), "the Hessian density")
     if isinstance(data, Results) and len(data.runs) and "selected" in data.runs:
         chosen = data.runs[data.runs["selected"].fillna(False).astype(bool)]["run"]
         if len(chosen):
@@ -505,12 +588,15 @@ def _repr_at_init(data: Data, ax: Axes | None, title: str) -> Axes:
 
 
 def fig1a(data: Data, ax: Axes | None = None) -> Axes:
-    """1a: MLP at initialization: representation correlation against depth."""
+    """1a: MLP at initialization: representation correlation against depth.
+
+    Reads the metric ``repr_corr_noise`` (or ``repr_corr_independent``, ``repr_cos_within``).
+    """
     return _repr_at_init(data, ax, "1a  Representation correlation at init")
 
 
 def fig1b(data: Data, ax: Axes | None = None) -> Axes:
-    """1b: MLP at initialization: gradient correlation against depth."""
+    """1b: MLP at initialization: gradient correlation against depth (metric ``grad_corr``)."""
     return depth_profile(
         data,
         "grad_corr",
@@ -522,12 +608,12 @@ def fig1b(data: Data, ax: Axes | None = None) -> Axes:
 
 
 def fig2a(data: Data, ax: Axes | None = None) -> Axes:
-    """2a: WRN at initialization: representation correlation against depth."""
+    """2a: WRN at initialization: representation correlation against depth (as 1a)."""
     return _repr_at_init(data, ax, "2a  Representation correlation at init")
 
 
 def fig2b(data: Data, ax: Axes | None = None) -> Axes:
-    """2b: WRN at initialization: gradient norm against depth (log scale)."""
+    """2b: WRN at initialization: gradient norm against depth, log scale (metric ``grad_norm``)."""
     return depth_profile(
         data,
         "grad_norm",
@@ -540,7 +626,7 @@ def fig2b(data: Data, ax: Axes | None = None) -> Axes:
 
 
 def fig3a(data: Data, ax: Axes | None = None) -> Axes:
-    """3a: test accuracy through training."""
+    """3a: test accuracy through training (metric ``test_acc``: ``Monitor(eval_data=...)``)."""
     return through_training(
         data,
         "test_acc",
@@ -551,7 +637,10 @@ def fig3a(data: Data, ax: Axes | None = None) -> Axes:
 
 
 def fig3b(data: Data, ax: Axes | None = None) -> Axes:
-    """3b: representation correlation at the last probed layer (the logits when probed)."""
+    """3b: representation correlation at the last probed layer (the logits when probed).
+
+    Reads the metric of 1a, per layer (``run, depth, layer``).
+    """
     metric = repr_metric(data)
     return through_training(
         data,
@@ -564,7 +653,7 @@ def fig3b(data: Data, ax: Axes | None = None) -> Axes:
 
 
 def fig3c(data: Data, ax: Axes | None = None) -> Axes:
-    """3c: gradient correlation (mean over layers) through training."""
+    """3c: gradient correlation (mean over layers) through training (metric ``grad_corr``)."""
     return through_training(
         data,
         "grad_corr",
@@ -581,7 +670,7 @@ def fig4(data: Results, fig: Figure | None = None, *, step: int = 50) -> Figure:
 
 
 def fig6a(data: Data, ax: Axes | None = None) -> Axes:
-    """6a: outlier ratio lambda_1 / lambda_K through training (log scale)."""
+    """6a: outlier ratio lambda_1 / lambda_K through training, log scale (``outlier_ratio``)."""
     return through_training(
         data,
         "outlier_ratio",
@@ -593,7 +682,10 @@ def fig6a(data: Data, ax: Axes | None = None) -> Axes:
 
 
 def fig6b(data: Data, ax: Axes | None = None) -> Axes:
-    """6b: the largest Hessian eigenvalue lambda_1 through training (log scale)."""
+    """6b: the largest Hessian eigenvalue lambda_1 through training, log scale.
+
+    Reads the metric ``eigenvalue`` with its ``index`` column (1: the largest).
+    """
     return through_training(
         data,
         "eigenvalue",

@@ -83,9 +83,24 @@ RC = {
 
 @contextmanager
 def style_context() -> Iterator[None]:
-    """The figure style, applied only inside the block."""
-    with mpl.rc_context(RC):
-        yield
+    """The figure style, applied only inside the block; matplotlib's interactive state is
+    left as the block leaves it.
+
+    ``rc_context`` restores every rc setting on exit, ``interactive`` included.
+    In a notebook the first figure loads the inline backend, which turns
+    interactive mode on; restoring the value from before would switch it off
+    again, and later figures (a plain ``plt.plot`` too) would no longer show
+    until ``plt.show()``. So the value the block ends with is kept.
+    """
+    interactive = mpl.is_interactive()
+    try:
+        with mpl.rc_context(RC):
+            try:
+                yield
+            finally:
+                interactive = mpl.is_interactive()
+    finally:
+        mpl.interactive(interactive)
 
 
 #: The figure file formats the gallery and the properties heatmap write.

@@ -1,0 +1,119 @@
+"""Overhead of normprobe.Monitor in a plain PyTorch training loop.
+
+    python benchmarks/monitor.py [--models mlp wrn] [--repeats 3] [--steps 300] [--hessian]
+
+The same loop (SGD with momentum 0.9, lr 0.05, batch 64, BatchNorm, digits)
+is timed side by side, interleaved over ``--repeats`` rounds: without a
+monitor; with a Monitor running the quickstart's probes (representation,
+gradient correlation, gradient norms) every 50 steps and writing its run
+folder; the same without a folder (``out=None``: the results in memory,
+which shows what the atomic writes cost); and, with ``--hessian``, with the quickstart's Hessian added at
+steps 0, 50 and the last (``analyses/quickstart.yaml``). Printed: the median wall time of each
+and the overhead ``monitored / plain - 1`` (target <= 10% for the probes),
+with the measuring time alone and the load average.
+
+- ``mlp``: the quickstart MLP, 8 x 128, on the 64 digit pixels.
+- ``wrn``: a WRN-10-1 on the digits upsampled to 16 x 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+import normprobe
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = yaml.safe_load((ROOT / "analyses" / "quickstart.yaml").read_text())
+
+
+def setup(name: str) -> tuple[Any, dict[str, Any]]:
+    if name == "mlp":
+        ds = normprobe.load_dataset("digits", normalize="unit")
+        return ds, {"depth": 8, "width": 128}
+    ds = normprobe.load_dataset("digits", normalize="unit", size=16)
+    return ds, {"depth": 10, "widen": 1}
+
+
+def loop(name: str, ds: Any, options: dict[str, Any], steps: int, case: str) -> tuple[float, float]:
+    """Wall time of one training run, and the monitor's measuring time."""
+    model = normprobe.build_model(
+        name, "batch", seed=0, input_shape=ds.input_shape, num_classes=ds.num_classes, **options
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = ds.train.x, ds.train.y
+    g = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        monitor = None
+        if case != "plain":
+            hessian: Any = False
+            if case == "probes + Hessian":
+                hessian = {**QUICKSTART["hessian"], "schedule": [0, 50, steps]}
+            probes = {k: v for k, v in QUICKSTART["probes"].items() if k != "schedule"}
+            folder = None if case == "probes, no folder" else out
+            monitor = normprobe.Monitor(
+                model, F.cross_entropy, (x[:256], y[:256]), probes=probes, hessian=hessian,
+                schedule=50, total_steps=steps, out=folder, optimizer=opt,
+            )  # fmt: skip
+        for step in range(steps + 1):
+            if monitor is not None:
+                monitor.step(step)
+            if step == steps:
+                break
+            i = torch.randint(len(x), (64,), generator=g)
+            loss = F.cross_entropy(model(x[i]), y[i])
+            value = loss.item()
+            if monitor is not None:
+                monitor.log(step, batch_loss=value)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if monitor is not None:
+            monitor.close()
+        return time.perf_counter() - start, monitor.measure_seconds if monitor else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "wrn"], choices=["mlp", "wrn"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--hessian", action="store_true", help="also time the Hessian case")
+    args = parser.parse_args()
+    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
+    cases = ["plain", "probes every 50", "probes, no folder"]
+    cases += ["probes + Hessian"] if args.hessian else []
+    for name in args.models:
+        ds, options = setup(name)
+        loop(name, ds, options, 20, "probes every 50")  # warm-up
+        wall: dict[str, list[float]] = {c: [] for c in cases}
+        measuring: dict[str, list[float]] = {c: [] for c in cases}
+        for _ in range(args.repeats):
+            for case in cases:
+                seconds, measured = loop(name, ds, options, args.steps, case)
+                wall[case].append(seconds)
+                measuring[case].append(measured)
+        plain = statistics.median(wall["plain"])
+        print(f"\n{name}, {args.steps} steps, batch 64, medians of {args.repeats} (interleaved):")
+        for case in cases:
+            t = statistics.median(wall[case])
+            m = statistics.median(measuring[case])
+            extra = (
+                "" if case == "plain" else f"  overhead {t / plain - 1:+.1%} (measuring {m:.2f} s)"
+            )
+            print(f"  {case:<18} {t:7.2f} s{extra}")
+    print(f"\nload average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""A PyTorch Lightning ``Callback`` that records the probes and the Hessian with a Monitor.
+
+The trainer's ``global_step`` (optimizer updates so far) is the monitor's
+step: the model is measured at step 0 when training starts and after each
+update the schedule names; the training loss the ``training_step`` returns
+is logged as ``batch_loss``, and the values Lightning logs (``self.log``:
+e.g. ``val_acc``) are recorded at each measured step. Needs
+``pip install "normprobe[lightning]"``.
+
+>>> import torch, torch.nn.functional as F
+>>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+>>> callback = NormprobeCallback((x, y), loss_fn=F.cross_entropy, schedule=10, hessian=False)
+>>> callback.monitor is None  # built when training starts, on the LightningModule
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from normprobe.monitor import Monitor, logged_name
+from normprobe.results import Results
+
+__all__ = ["NormprobeCallback"]
+
+
+class NormprobeCallback(pl.Callback):
+    """Drive a :class:`~normprobe.Monitor` from a Lightning ``Trainer``.
+
+    ``probe_data`` and every keyword are the :class:`~normprobe.Monitor`'s
+    (``schedule=50``, ``hessian={...}``, ``out="runs/mine"``, ...);
+    ``loss_fn``: the loss of the gradient probes and the Hessian (default:
+    mean cross-entropy). The monitor is built on the ``LightningModule``
+    when training starts (``callback.monitor``); ``callback.results`` are its
+    results once training has ended.
+
+    Example:
+        >>> import torch
+        >>> callback = NormprobeCallback((torch.randn(8, 2), torch.zeros(8, dtype=torch.long)),
+        ...                              schedule=[0], hessian=False, normalizer="layer")
+        >>> callback.options["normalizer"]
+        'layer'
+    """
+
+    def __init__(
+        self,
+        probe_data: Any,
+        *,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        self.probe_data = probe_data
+        self.loss_fn = loss_fn
+        self.options = options
+        self.monitor: Monitor | None = None
+        self.results: Results | None = None
+        self._stepped: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        options = dict(self.options)
+        if "lr" not in options and "optimizer" not in options and trainer.optimizers:
+            options["optimizer"] = trainer.optimizers[0]
+        if "total_steps" not in options and math.isfinite(trainer.estimated_stepping_batches):
+            options["total_steps"] = int(trainer.estimated_stepping_batches)
+        self.monitor = Monitor(pl_module, self.loss_fn, self.probe_data, **options)
+        self._measure(trainer)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        assert self.monitor is not None
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            # the loss of the batch the update at step global_step - 1 was computed on
+            self.monitor.log(trainer.global_step - 1, batch_loss=loss.detach().item())
+        self._measure(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.monitor is not None
+        self._measure(trainer)
+        self.results = self.monitor.close()
+
+    def _measure(self, trainer: pl.Trainer) -> None:
+        """Measure at the trainer's step, once per step (accumulating batches share one)."""
+        assert self.monitor is not None
+        step = trainer.global_step
+        if step == self._stepped:
+            return
+        self._stepped = step
+        if self.monitor.due(step):
+            logged = {
+                logged_name(k): float(v)
+                for k, v in trainer.callback_metrics.items()
+                if isinstance(v, (torch.Tensor, float, int)) and torch.as_tensor(v).numel() == 1
+            }
+            if logged:
+                self.monitor.log(step, **logged)
+        self.monitor.step(step)

@@ -1,0 +1,148 @@
+"""The Lightning and Hugging Face Trainer callbacks record a tiny model's run with a Monitor,
+and training with them follows the same trajectory as training without."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from normprobe.integrations.huggingface import NormprobeCallback as HFCallback
+from normprobe.integrations.lightning import NormprobeCallback as LightningCallback
+from normprobe.results import load_results
+
+HESSIAN = {"pieces": ["top", "trace"], "lanczos_steps": 6, "trace_samples": 4, "top_k": 2}
+
+
+def _data(n: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _net() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(5, 12), nn.LayerNorm(12), nn.ReLU(), nn.Linear(12, 3))
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = _net()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_acc", (self(x).argmax(1) == y).float().mean())
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def _fit(callbacks: list[pl.Callback]) -> TinyModule:
+    module = TinyModule()
+    x, y = _data()
+    trainer = pl.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False))
+    return module
+
+
+def test_lightning_callback_records_a_run_and_leaves_training_unchanged(tmp_path: Path) -> None:
+    x, y = _data()
+    callback = LightningCallback(
+        (x[:32], y[:32]), schedule=3, hessian=HESSIAN, out=tmp_path, normalizer="layer"
+    )
+    monitored = _fit([callback])
+    plain = _fit([])
+    for a, b in zip(monitored.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    results = load_results(tmp_path)
+    assert results.runs["status"].tolist() == ["done"]
+    assert results.runs["lr"].tolist() == [0.1]
+    for metric in ("grad_corr", "repr_corr_noise", "eigenvalue", "trace"):
+        assert sorted(results.rows(metric)["step"].unique()) == [0, 3, 6], metric
+    assert sorted(results.rows("batch_loss")["step"]) == [0, 1, 2, 3, 4, 5]
+    assert sorted(results.rows("train_acc")["step"].unique()) == [3, 6]
+    assert callback.results is not None and len(callback.results.metrics) == len(results.metrics)
+
+
+class TinyHF(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = _net()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+class Rows(Dataset):
+    def __init__(self) -> None:
+        self.x, self.y = _data()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def _hf_train(tmp_path: Path, callbacks: list) -> TinyHF:
+    model = TinyHF()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=6,
+        per_device_train_batch_size=16,
+        learning_rate=0.05,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Rows(), callbacks=callbacks
+    )
+    trainer.train()
+    return model
+
+
+def test_huggingface_callback_records_a_run_and_leaves_training_unchanged(tmp_path: Path) -> None:
+    x, y = _data()
+    out = tmp_path / "results"
+    callback = HFCallback(({"x": x[:32]}, y[:32]), schedule=3, hessian=HESSIAN, out=out)
+    monitored = _hf_train(tmp_path, [callback])
+    plain = _hf_train(tmp_path, [])
+    for a, b in zip(monitored.parameters(), plain.parameters()):
+        assert torch.equal(a, b)
+    results = load_results(out)
+    status = json.loads(next((out / "runs").iterdir()).joinpath("run.json").read_text())
+    assert status["status"] == "done" and status["lr"] == pytest.approx(0.05)
+    for metric in ("grad_corr", "grad_norm", "eigenvalue"):
+        assert sorted(results.rows(metric)["step"].unique()) == [0, 3, 6], metric
+    assert sorted(results.rows("loss")["step"]) == [2, 4, 6]  # the Trainer's logged loss
+    assert sorted(results.rows("trainer_grad_norm")["step"]) == [2, 4, 6]

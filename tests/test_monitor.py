@@ -1,0 +1,307 @@
+"""normprobe.Monitor: the same measures as an analysis, inside the user's own loop.
+
+The central check: a loop written by hand that trains like an analysis,
+with a Monitor, records tables bit-identical to ``analyze``'s for the same
+model, data, seed and schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import normprobe
+from normprobe.analyze import analyze
+from normprobe.batch import prediction
+from normprobe.config import load_config
+from normprobe.monitor import Monitor, MonitorError
+from normprobe.norms import set_total_steps
+from normprobe.plan import build_run_model, plan_runs, prepare_data
+from normprobe.plotting import plot_results
+from normprobe.results import load_results
+from normprobe.training import make_optimizer, minibatches, training_loss
+
+STEPS = 6
+CONFIG = {
+    "model": {"name": "mlp", "options": {"depth": 3, "width": 32}},
+    "normalizers": ["batch"],
+    "data": {"probe_batch": 32, "hessian_samples": 64},
+    "train": {"steps": STEPS, "batch_size": 32, "lr": 0.05, "seeds": [1]},
+    "probes": {"schedule": {"every": 3}, "batch_mean": True},
+    "hessian": {"schedule": [0, 3], "lanczos_steps": 10, "chunk_size": 32, "start_vectors": 2},
+}
+
+
+def _tables(results: normprobe.Results) -> dict[str, pd.DataFrame]:
+    out = {}
+    for name in ("metrics", "hessian_nodes", "hessian_density"):
+        frame = getattr(results, name).drop(columns="selected", errors="ignore")
+        out[name] = frame.reset_index(drop=True)
+    return out
+
+
+def test_monitor_results_are_bit_identical_to_analyze(tmp_path: Path) -> None:
+    expected = analyze(CONFIG, out=tmp_path / "analysis", quiet=True)
+    config = load_config(CONFIG)[0]
+    spec = plan_runs(config)[0]
+    data = prepare_data(config)
+    ds = data.dataset
+    model = build_run_model(config, "batch", spec.seed, ds)
+    set_total_steps(model, STEPS)
+    tc = config.train
+    optimizer = make_optimizer(tc.optimizer, model.parameters(), lr=spec.lr, momentum=tc.momentum)
+    monitor = Monitor(
+        model,
+        None,  # the analysis' loss: mean cross-entropy
+        data,
+        probes=config.probes,
+        hessian=config.hessian,
+        out=tmp_path / "monitored",
+        run=spec.run,
+        normalizer="batch",
+        seed=spec.seed,
+        optimizer=optimizer,
+        eval_data={
+            "train": (ds.train.x[: tc.eval_train_samples], ds.train.y[: tc.eval_train_samples]),
+            "test": (ds.test.x, ds.test.y),
+        },
+        num_classes=ds.num_classes,
+        total_steps=STEPS,
+    )
+    batches = minibatches(len(ds.train.x), tc.batch_size, torch.Generator().manual_seed(spec.seed))
+    for step in range(STEPS + 1):
+        monitor.step(step)
+        if step == STEPS:
+            break
+        index = next(batches)
+        loss = training_loss(model, prediction(model(ds.train.x[index])), ds.train.y[index], 0.0)
+        monitor.log(step, batch_loss=loss.item())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    results = monitor.close()
+    got, want = _tables(results), _tables(expected)
+    assert set(want["metrics"]["metric"]) >= {
+        "grad_corr",
+        "eigenvalue",
+        "batch_mean_sq",
+        "test_acc",
+    }
+    for name in want:
+        pd.testing.assert_frame_equal(got[name], want[name], check_exact=True)
+    # and the folder it wrote reads back the same
+    again = _tables(load_results(tmp_path / "monitored"))
+    for name in want:
+        pd.testing.assert_frame_equal(again[name], want[name], check_exact=True)
+
+
+def _net(norm: nn.Module | None = None, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 16), norm or nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+        nn.Linear(16, 4),
+    )  # fmt: skip
+
+
+def _data(n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+SMALL_HESSIAN = {"pieces": ["top", "trace", "density"], "lanczos_steps": 8, "trace_samples": 4}
+
+
+def test_monitor_leaves_model_grads_optimizer_and_rng_as_found() -> None:
+    model = _net()
+    x, y = _data()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    F.cross_entropy(model(x[:16]), y[:16]).backward()  # gradients the loop has not used yet
+    monitor = Monitor(model, F.cross_entropy, (x, y), hessian=SMALL_HESSIAN, schedule=[0])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt_state = json.dumps(optimizer.state_dict()["param_groups"])
+    moments = [t.clone() for s in optimizer.state.values() for t in s.values()]
+    training = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    monitor.step(0)
+    assert "eigenvalue" in set(monitor.results.metrics["metric"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    assert json.dumps(optimizer.state_dict()["param_groups"]) == opt_state
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip([t for s in optimizer.state.values() for t in s.values()], moments)
+    )
+    assert [m.training for m in model.modules()] == training
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_custom_loss_reaches_the_gradient_probes_and_the_hessian() -> None:
+    model = _net(nn.LayerNorm(16))
+    x, y = _data()
+    scaled = lambda out, t: 3.0 * F.cross_entropy(out, t)  # noqa: E731
+    kwargs = {"probes": ["gradient_norms"], "hessian": SMALL_HESSIAN, "schedule": [0]}
+    plain = Monitor(model, F.cross_entropy, (x, y), **kwargs)
+    tripled = Monitor(model, scaled, (x, y), **kwargs)
+    plain.step(0)
+    tripled.step(0)
+    a, b = plain.results.metrics, tripled.results.metrics
+    for metric, factor in (("grad_norm", 3.0), ("trace", 3.0)):
+        va = a[a["metric"] == metric]["value"].to_numpy()
+        vb = b[b["metric"] == metric]["value"].to_numpy()
+        assert vb == pytest.approx(factor * va, rel=1e-4), metric
+
+
+def test_schedule_every_k_steps_and_its_own_hessian_schedule() -> None:
+    model = _net()
+    x, y = _data()
+    monitor = Monitor(model, F.cross_entropy, (x, y), schedule=50, hessian=False)
+    assert [s for s in range(201) if monitor.due(s)] == [0, 50, 100, 150, 200]
+    both = Monitor(model, None, (x, y), schedule=[0, 7], hessian={"schedule": [0, 3]})
+    assert both.due(7) == ["representation", "gradients"]
+    assert both.due(3) == ["hessian"] and both.due(0)[-1] == "hessian" and both.due(4) == []
+    ends = Monitor(model, None, (x, y), schedule={"every": 4}, hessian=False, total_steps=10)
+    assert [s for s in range(11) if ends.due(s)] == [0, 4, 8, 10]  # as an analysis: the last step
+
+
+def test_run_folder_is_written_as_it_goes_and_several_runs_plot_together(tmp_path: Path) -> None:
+    x, y = _data(128)
+    xt, yt = _data(64)
+    out = tmp_path / "results"
+    for norm, layer in (("batch", nn.BatchNorm1d(16)), ("layer", nn.LayerNorm(16))):
+        model = _net(layer)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        monitor = Monitor(
+            model,
+            F.cross_entropy,
+            (x, y),
+            hessian={**SMALL_HESSIAN, "schedule": [0, 4]},
+            schedule=2,
+            out=out,
+            normalizer=norm,
+            optimizer=optimizer,
+            eval_data={"test": (xt, yt)},
+        )
+        for step in range(5):
+            monitor.step(step)
+            if step == 0:  # after the first measurement its folder is there, marked running
+                status = json.loads((out / "runs" / monitor.run / "run.json").read_text())
+                assert status["status"] == "running"
+                rows = load_results(out).metrics
+                assert set(rows[rows["run"] == monitor.run]["step"]) == {0}
+            loss = F.cross_entropy(model(x[:32]), y[:32])
+            monitor.log(step, batch_loss=loss)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        monitor.close()
+    results = load_results(out)
+    assert sorted(results.runs["run"]) == ["batch_lr0.05_seed0", "layer_lr0.05_seed0"]
+    assert set(results.runs["status"]) == {"done"} and results.runs["selected"].all()
+    assert (out / "results.parquet").exists() and (out / "manifest.json").exists()
+    report = plot_results(results, tmp_path / "figures")
+    for name in ("fig1a_custom", "fig1b_custom", "fig3a_custom", "fig3c_custom", "fig4_custom"):
+        assert name in report.written, (name, report.skipped)
+    assert {"batch", "layer"} <= set(results.rows("test_acc")["normalizer"])
+
+
+def test_results_without_a_folder_are_the_same_object_load_results_gives() -> None:
+    model = _net()
+    x, y = _data()
+    monitor = Monitor(model, F.cross_entropy, (x, y), hessian=False, schedule=1, run="mine")
+    monitor.step(0, batch_loss=1.5)
+    monitor.step(1, batch_loss=1.25)
+    results = monitor.results
+    assert isinstance(results, normprobe.Results)
+    assert list(results.metrics.columns[:5]) == ["run", "normalizer", "lr", "seed", "step"]
+    assert results.rows("batch_loss")["value"].tolist() == [1.5, 1.25]
+    assert results.runs["status"].tolist() == ["running"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"schedule": 0}, r"every 0 steps is not a schedule"),
+        ({"schedule": {"log": 5}}, r"pass total_steps="),
+        ({"schedule": {"every": 2, "steps": [1]}}, r"give one of steps, every or log"),
+        ({"probes": ["gradient_norm"]}, r"unknown probe 'gradient_norm'; the probes are"),
+        ({"probes": {"representation": {"pairing": "pairs"}}}, r"probes.representation.pairing"),
+        (
+            {"hessian": {"lanczos_step": 4}},
+            r"hessian.lanczos_step: unknown key 'lanczos_step'; did you mean 'lanczos_steps'",
+        ),
+        ({"hessian": "yes"}, r"Monitor\(hessian=...\): expected True/False"),
+    ],
+)
+def test_bad_options_get_one_clear_error(kwargs: dict, message: str) -> None:
+    x, y = _data()
+    with pytest.raises(MonitorError, match=message):
+        Monitor(_net(), None, (x, y), **kwargs)
+
+
+def test_bad_probe_data_and_steps_are_named() -> None:
+    x, y = _data()
+    with pytest.raises(MonitorError, match=r"probe_data must be an \(inputs, targets\) pair"):
+        Monitor(_net(), None, x)
+    with pytest.raises(MonitorError, match=r"probe_data: x has 64 samples but y has shape"):
+        Monitor(_net(), None, (x, y[:10]))
+    with pytest.raises(MonitorError, match=r"the Hessian is on but no Hessian set"):
+        Monitor(_net(), None, {"a": (x[:8], y[:8]), "b": (x[8:16], y[8:16])})
+    monitor = Monitor(_net(), None, (x, y), hessian=False, schedule=[0, 2])
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(MonitorError, match=rf"an int >= 0\), got {bad!r}"):
+            monitor.step(bad)
+    monitor.step(torch.tensor(2))  # an integer tensor, as some trainers count steps
+    assert sorted(monitor.results.metrics["step"].unique()) == [2]
+
+
+def test_eval_data_is_recorded_at_the_last_step_as_an_analysis_does() -> None:
+    x, y = _data()
+    monitor = Monitor(_net(), None, (x, y), hessian=False, probes=False, schedule=[0],
+                      total_steps=5, eval_data={"test": (x, y)})  # fmt: skip
+    for step in range(6):
+        monitor.step(step)
+    assert sorted(monitor.results.rows("test_acc")["step"]) == [0, 5]
+
+
+@pytest.mark.slow
+def test_the_readme_s_own_loop_example_records_every_50_steps_and_draws(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    before = text.split("## From Python", 1)[1].split("\n## ", 1)[0]
+    setup = re.search(r"```python\n(.*?)\n```", before, flags=re.S).group(1).split("for norm")[0]
+    section = text.split("## Your own training loop", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)\n```", section, flags=re.S).group(1)
+    added = [line for line in code.splitlines() if line.strip()]
+    assert len(added) <= 10, added
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(setup + "\n" + code, "README.md", "exec"), namespace)
+    results = load_results(tmp_path / "runs" / "my-loop")
+    steps = [0, 50, 100, 150, 200, 250, 300]
+    for metric in ("repr_corr_noise", "grad_corr", "grad_norm", "eigenvalue", "trace"):
+        assert sorted(results.rows(metric)["step"].unique()) == steps, metric
+    assert results.runs["normalizer"].tolist() == ["batch"]
+    for name in ("fig1a", "fig1b", "fig3b", "fig3c", "fig4", "fig6a", "fig6b"):
+        assert (tmp_path / "runs" / "my-loop" / "figures" / f"{name}_custom.png").exists(), name
+
+
+def test_a_logged_value_cannot_take_a_measured_metric_s_name() -> None:
+    x, y = _data()
+    monitor = Monitor(_net(), None, (x, y), hessian=False)
+    with pytest.raises(MonitorError, match=r"'grad_norm' is a metric the measures write.*"):
+        monitor.log(3, grad_norm=1.0)
