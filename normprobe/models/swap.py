@@ -182,6 +182,19 @@ def swap_norms(model: nn.Module, norm: str, **options: Any) -> list[str]:
         for name, module in model.named_modules()
         if name and (kind := norm_kind(module)) is not None
     ]
+    if not targets:
+        swapped_before = [n for n, m in model.named_modules() if isinstance(m, PerToken)]
+        before = (
+            f" (its layers {', '.join(swapped_before[:3])}{', ...' if len(swapped_before) > 3 else ''} "
+            f"were swapped already: build the model again to swap in another normalizer)"
+            if swapped_before
+            else ""
+        )
+        raise NormalizerError(
+            f"{type(model).__name__} has no normalization layer to swap{before}; swap_norms "
+            f"replaces BatchNorm, GroupNorm, InstanceNorm, LayerNorm and RMSNorm layers (and "
+            f"third-party ones with normalized_shape or a per-feature weight)"
+        )
     # a swap of an outer module replaces its inner ones too: keep the outermost
     targets = [
         t for t in targets if not any(t[0].startswith(o[0] + ".") for o in targets if o is not t)

@@ -99,10 +99,21 @@ def test_hugging_face_gpt2_layer_swap_is_the_same_function_and_probes_run() -> N
     assert swapped == ["transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.1.ln_1",
                        "transformer.h.1.ln_2", "transformer.ln_f"]  # fmt: skip
     torch.testing.assert_close(model(ids).logits, before, rtol=1e-12, atol=1e-12)
-    normprobe.swap_norms(model, "rms")  # the swapped ones are normprobe's now: nothing to swap
+    with pytest.raises(NormalizerError, match="were swapped already"):  # said, not a silent no-op
+        normprobe.swap_norms(model, "rms")
     fresh = transformers.GPT2LMHeadModel(config)
     assert len(normprobe.swap_norms(fresh, "rms")) == 5
     frame = normprobe.gradient_norms(
         fresh, lambda out, y: F.cross_entropy(out.transpose(1, 2), y), (ids[:, :-1], ids[:, 1:])
     )
     assert frame["value"].notna().all()
+
+
+def test_swapping_a_model_without_normalization_layers_is_an_error() -> None:
+    with pytest.raises(NormalizerError, match="has no normalization layer to swap"):
+        normprobe.swap_norms(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), "layer")
+    lm = nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Linear(8, 10))
+    assert normprobe.swap_norms(lm, "rms") == ["1"]
+    # a second swap finds only the swapped layer: said, not silently nothing
+    with pytest.raises(NormalizerError, match="were swapped already"):
+        normprobe.swap_norms(lm, "layer")
