@@ -9,7 +9,11 @@ Public API, grouped by topic:
   :func:`gradient_norms`, :func:`growth_rate`, :func:`batch_dependence`,
   :func:`train_eval_gap`, :func:`signal_statistics`, :class:`Probe`
 - Hessian: :func:`hessian_spectrum`, :class:`HessianOperator`, :class:`HessianSpectrum`
-- experiments: :func:`analyze`, :func:`load_results`, :class:`Results`,
+- measures: :data:`MEASURES` (every probe and the Hessian, registered once),
+  :class:`MeasureInputs`, :func:`enabled_measures`, :func:`measure_step` (for a
+  recorder in any training loop), :func:`sequence_leak`
+- experiments: :func:`analyze`, :func:`plan_runs`, :func:`prepare_data`,
+  :func:`run_one`, :func:`load_results`, :class:`Results`,
   :func:`measure_properties` (seed 003's Table 2, measured)
 
 >>> import normprobe
@@ -25,10 +29,12 @@ from normprobe.analyze import analyze
 from normprobe.data import DATASETS, Dataset, Split, load_dataset
 from normprobe.errors import NormprobeError
 from normprobe.hessian import HessianOperator, HessianSpectrum, hessian_spectrum
+from normprobe.measures import MEASURES, MeasureInputs, enabled_measures, measure_step
 from normprobe.models import MODELS, build_model
 from normprobe.models.swap import swap_norms
 from normprobe.norms import NORMS, normalizers
 from normprobe.norms import build as build_norm
+from normprobe.plan import plan_runs, prepare_data
 from normprobe.probes import (
     Probe,
     batch_dependence,
@@ -39,8 +45,9 @@ from normprobe.probes import (
     signal_statistics,
     train_eval_gap,
 )
-from normprobe.properties import measure_properties
 from normprobe.results import Results, load_results
+from normprobe.run import run_one
+from normprobe.zoo_measures import measure_properties, sequence_leak
 
 try:
     __version__ = version("normprobe")
@@ -75,8 +82,17 @@ __all__ = [
     "hessian_spectrum",
     "HessianOperator",
     "HessianSpectrum",
+    # measures
+    "MEASURES",
+    "MeasureInputs",
+    "enabled_measures",
+    "measure_step",
+    "sequence_leak",
     # experiments
     "analyze",
+    "plan_runs",
+    "prepare_data",
+    "run_one",
     "load_results",
     "Results",
     "measure_properties",

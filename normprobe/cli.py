@@ -5,6 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from normprobe import __version__
+from normprobe.analyze import analyze, summary_line
+from normprobe.data import describe as describe_datasets
+from normprobe.errors import NormprobeError
+from normprobe.models import MODELS
+from normprobe.norms import NORMS
+from normprobe.results import load_results
+from normprobe.zoo_measures import measure_properties
 
 __all__ = ["main", "build_parser", "add_figures_arguments"]
 
@@ -69,8 +79,6 @@ OUT/runs.jsonl; in Python: normprobe.load_results(OUT).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from normprobe import __version__
-
     parser = argparse.ArgumentParser(
         prog="normprobe",
         description="Probe what normalization layers do to a network.",
@@ -242,8 +250,6 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from normprobe.analyze import analyze, summary_line
-
     results = analyze(
         args.config,
         out=args.out,
@@ -263,13 +269,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from normprobe.plotting import plot_results
-
     out = Path(args.out) if args.out else Path(args.results) / "figures"
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    report = plot_results(args.results, out, formats=args.format, only=only)
+    results = load_results(args.results)
+    # the plotting stack (matplotlib, seaborn, scipy.stats) loads with the commands that draw
+    from normprobe.figureset import property_table
+    from normprobe.plotting import plot_results
+
+    report = plot_results(
+        results, out, formats=args.format, only=only, property_table=property_table(results, only)
+    )
     for line in report.lines():
         print(line)
     if not report.written:
@@ -278,13 +287,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_properties(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from normprobe.properties import measure_properties
-
     table = measure_properties(args.results)
     out = Path(args.out) if args.out else Path(args.results) / "properties"
-    paths = table.write(out, args.format)
+    from normprobe.plotting import write_properties
+
+    paths = write_properties(table, out, args.format)
     print(table.to_markdown())
     print("## Against seed 003 Table 2\n")
     print(table.against_paper())
@@ -293,9 +300,9 @@ def cmd_properties(args: argparse.Namespace) -> int:
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
-    from normprobe.plotting.regenerate import regenerate
-
     groups = [g.strip() for g in args.only.split(",") if g.strip()] if args.only else None
+    from normprobe.figureset import regenerate
+
     report = regenerate(
         scale=args.scale,
         analyses=args.analyses,
@@ -312,10 +319,6 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from normprobe.data import describe as describe_datasets
-    from normprobe.models import MODELS
-    from normprobe.norms import NORMS
-
     def first_line(obj: object) -> str:
         return (getattr(obj, "__doc__", "") or "").strip().splitlines()[0] if obj.__doc__ else ""
 
@@ -338,8 +341,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from normprobe.errors import NormprobeError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -11,9 +11,10 @@ Whichever executor runs them, the driver (the process that called
 :func:`normprobe.analyze`) is the only one that writes: the workers return
 each run's :class:`~normprobe.results.RunRecord` and the driver writes its
 folder atomically as it arrives, so resuming after an interruption and the
-result tables are exactly as without workers. The workers get the resolved
-config and the data the driver prepared (pickled once per analysis), so
-every run sees the same tensors bit for bit.
+result tables are exactly as without workers. The workers get the run
+specifications (each carrying its resolved config) and the data the driver
+prepared (pickled once per analysis), so every run sees the same tensors bit
+for bit. Every executor calls the same :func:`normprobe.run.run_one`.
 
 Torch threads: a worker process or Ray task uses ``train.threads`` CPU
 threads, 1 when it is not set (N workers on N cores; more threads per
@@ -45,13 +46,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from normprobe.errors import NormprobeError
+from normprobe.plan import RunSpec
 from normprobe.results import RunRecord
-
-if TYPE_CHECKING:
-    from normprobe.analyze import RunSpec
+from normprobe.run import run_one
 
 __all__ = ["EXECUTORS", "RETRIES", "ExecutorError", "check_executor", "worker_threads"]
 
@@ -118,7 +120,7 @@ def worker_threads(threads: int | None) -> int:
 # ---------------------------------------------------------------------------
 # The worker side: the same in a local worker process and in a Ray task.
 
-# payload key -> {variant: (config, ProbeData)}; one analysis at a time
+# payload key -> {variant: ProbeData}; one analysis at a time
 _PAYLOAD: dict[str, Any] = {}
 _PAYLOAD_BYTES: dict[str, bytes] = {}
 _PAYLOAD_ERRORS: dict[str, str] = {}
@@ -139,13 +141,9 @@ def _payload(key: str, load: Callable[[], bytes] | None = None) -> dict[Any, Any
 
 def _execute(spec: RunSpec, key: str, threads: int, device: str, load: Any = None) -> RunRecord:
     """Train one run in a worker and return its record (the driver writes it)."""
-    import torch
-
-    from normprobe.analyze import _run_one
-
-    config, data = _payload(key, load)[spec.variant]
+    data = _payload(key, load)[spec.variant]
     torch.set_num_threads(threads)
-    return _run_one(spec, config, data, torch.device(device), _test_kill_bar(spec.run))
+    return run_one(spec, data, device=device, progress_bar=_test_kill_bar(spec.run))
 
 
 def _test_kill_bar(run: str) -> Any:

@@ -1,11 +1,17 @@
 """The measured properties table: seed 003's Table 2, filled from measurements.
 
+(Over 500 lines on purpose: ten criteria, each a quantity, a rule and the
+function that measures it from the results, and the table that judges them;
+a criterion reads best next to the others and their shared row selection.)
+
 Seed 003 summarises normalizers by ten qualitative properties and fills its
-Table 2 by hand. :func:`measure_properties` fills it from an analysis' stored
-results (``analyses/properties.yaml`` runs everything it reads) for every
-normalizer in the zoo: each cell is a verdict (``+``, ``-``, or ``not
-measured`` when the results lack what the criterion reads) next to the
-measured number. :data:`CRITERIA` writes down, for each property, the
+Table 2 by hand. :func:`judge_properties` fills it from an analysis' stored
+results (``analyses/properties.yaml`` runs everything it reads); this module
+only reads them. :func:`normprobe.measure_properties` adds what the results
+cannot hold: a row for every normalizer in the zoo and the leak along the
+time axis, measured on the normalizers themselves. Each cell is a verdict
+(``+``, ``-``, or ``not measured`` when the results lack what the criterion
+reads) next to the measured number. :data:`CRITERIA` writes down, for each property, the
 quantity, the comparison and the threshold; they are the table's footnotes.
 
 Thresholds are of two kinds:
@@ -29,7 +35,7 @@ variant, and "allow training deeper networks" from the ``deep`` variant.
 >>> rows = [("none", 0.80), ("batch", 0.98), ("layer", 0.95), ("weight", 0.85)]
 >>> metrics = pd.DataFrame([{"run": f"{n}_s0", "normalizer": n, "seed": 0, "step": 300,
 ...     "layer": None, "depth": None, "metric": "test_acc", "value": v} for n, v in rows])
->>> table = measure_properties(metrics, properties=["training"], normalizers=[n for n, _ in rows])
+>>> table = judge_properties(metrics, properties=["training"], normalizers=[n for n, _ in rows])
 >>> table.cells[["normalizer", "verdict", "threshold"]].values.tolist()
 [['none', '-', 0.89], ['batch', '+', 0.89], ['layer', '+', 0.89], ['weight', '-', 0.89]]
 """
@@ -37,7 +43,7 @@ variant, and "allow training deeper networks" from the ``deep`` variant.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from normprobe.errors import NormprobeError
-from normprobe.results import Results
+from normprobe.results import Results, final_rows, load_results, selected_rows
 
 __all__ = [
     "CRITERIA",
@@ -54,8 +60,8 @@ __all__ = [
     "Criterion",
     "PropertyTable",
     "PropertiesError",
-    "measure_properties",
-    "sequence_leak",
+    "judge_properties",
+    "agrees_with_paper",
     "relative_threshold",
 ]
 
@@ -95,9 +101,7 @@ class Criterion:
 
 def _main(metrics: pd.DataFrame, variant: str = "main") -> pd.DataFrame:
     """Rows of the selected learning rate, of ``variant`` when the runs have variants."""
-    rows = metrics
-    if "selected" in rows and rows["selected"].notna().any():
-        rows = rows[rows["selected"].fillna(False).astype(bool)]
+    rows = selected_rows(metrics)
     if "variant" in rows and rows["variant"].notna().any():
         rows = rows[rows["variant"] == variant]
     elif variant != "main":
@@ -160,17 +164,11 @@ def _scaling(metrics: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _final(rows: pd.DataFrame) -> pd.DataFrame:
-    """Each run's value at its last recorded step."""
-    last = rows.groupby("run")["step"].transform("max")
-    return rows[rows["step"] == last]
-
-
 def _training(metrics: pd.DataFrame) -> pd.DataFrame:
     acc = _metric(metrics, "test_acc")
     if acc.empty:
         return pd.DataFrame()
-    final = _per_normalizer(_final(acc)[["normalizer", "value"]])
+    final = _per_normalizer(final_rows(acc)[["normalizer", "value"]])
     later = acc[acc["step"] > 0]
     if later["step"].nunique() < 2:  # one step after init: its mean is the final accuracy
         final["shown"] = [_fmt(v) for v in final["value"]]
@@ -189,7 +187,7 @@ def _depth(metrics: pd.DataFrame) -> pd.DataFrame:
     acc = _metric(metrics, "test_acc", variant="deep")
     if acc.empty:
         return pd.DataFrame()
-    out = _per_normalizer(_final(acc)[["normalizer", "value"]])
+    out = _per_normalizer(final_rows(acc)[["normalizer", "value"]])
     out["shown"] = [_fmt(v) for v in out["value"]]
     return out
 
@@ -293,52 +291,10 @@ def _explosion(metrics: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def sequence_leak(normalizer: str, *, tokens: int = 8, width: int = 16, seed: int = 0) -> float:
-    """How much a per-token layer's earlier positions change when later positions change.
-
-    The zoo layer ``normalizer`` (a Linear op of ``width`` features, its
-    normalizer, ReLU) runs in train mode on a ``(4 * tokens, width)`` batch of
-    non-negative tokens, 4 sequences of ``tokens`` positions flattened as a sequence model
-    flattens ``(N, T, D)``; positions after the middle are then redrawn.
-    Returns ``||h_early - h'_early|| / ||h_early||`` (0 when nothing leaks
-    backwards in time); ``inf`` when the normalizer cannot take per-token
-    features (``instance``: conv only).
-
-    >>> sequence_leak("layer"), sequence_leak("batch") > 0
-    (0.0, True)
-    """
-    import torch
-    from torch import nn
-
-    from normprobe.norms import build
-    from normprobe.probes.structure import relative_change
-
-    generator = torch.Generator().manual_seed(seed)
-    # non-negative features, which every normalizer takes (balanced assumes them)
-    x = torch.rand(4, tokens, width, generator=generator, dtype=torch.float64)
-    later = x.clone()
-    half = tokens // 2
-    later[:, half:] = torch.rand(4, tokens - half, width, generator=generator, dtype=x.dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        try:
-            layer = build(normalizer, nn.Linear(width, width), nn.ReLU()).double().train()
-        except NormprobeError:
-            return float("inf")
-    with torch.no_grad():
-        try:
-            a = layer(x.reshape(-1, width)).reshape(4, tokens, width)
-        except NormprobeError:
-            return float("inf")
-        b = layer(later.reshape(-1, width)).reshape(4, tokens, width)
-    return relative_change(a[:, :half], b[:, :half])
-
-
-def _sequential(normalizers: Sequence[str]) -> pd.DataFrame:
-    from normprobe.norms import normalizers as zoo
-
-    known = [n for n in normalizers if n in zoo()]  # others cannot be built: not measured
-    values = [sequence_leak(n) for n in known]
+def _sequential(leaks: Mapping[str, float] | None, normalizers: Sequence[str]) -> pd.DataFrame:
+    """The sequence criterion from the leaks measured on the normalizers themselves."""
+    known = [n for n in normalizers if leaks is not None and n in leaks]
+    values = [float(leaks[n]) for n in known] if leaks is not None else []
     return pd.DataFrame(
         {
             "normalizer": known,
@@ -426,7 +382,7 @@ CRITERIA: tuple[Criterion, ...] = (
         "flattened into one batch, as a sequence model does)",
         f"+ when at most {EXACT_TOL:g}; computed from the normalizer itself, always measured",
         "the normalizer (no stored results)",
-        lambda metrics: pd.DataFrame(),  # filled by measure_properties for every normalizer
+        lambda metrics: pd.DataFrame(),  # from the sequence_leaks given to judge_properties
     ),
     Criterion(
         "confusion",
@@ -480,6 +436,15 @@ PAPER_NOTES = (
     "-* Layer Norm generalizes better in Transformers, not in deep convolutional networks (003). "
     "~ PreLayerNorm and RegNorm reduce gradient confusion, less than Batch Norm (003)."
 )
+
+
+def agrees_with_paper(paper: str, measured: str) -> bool:
+    """Whether a measured verdict agrees with seed 003's (``-*`` is ``-``; ``~`` is a ``+``).
+
+    >>> agrees_with_paper("-*", "-"), agrees_with_paper("~", "+"), agrees_with_paper("+", "-")
+    (True, True, False)
+    """
+    return paper.rstrip("*~") == measured or (paper == "~" and measured == "+")
 
 
 def relative_threshold(
@@ -576,7 +541,7 @@ class PropertyTable:
                 paper, measured = PAPER[n][c.key], verdicts.loc[n, c.key]
                 if measured == NOT_MEASURED:
                     cells.append(f"{paper} / not measured")
-                elif paper.rstrip("*~") == measured or (paper == "~" and measured == "+"):
+                elif agrees_with_paper(paper, measured):
                     cells.append(f"{paper} / {measured}")
                 else:
                     cells.append(f"{paper} / **{measured}**")
@@ -595,69 +560,54 @@ class PropertyTable:
         for n in (n for n in PAPER if n in self.normalizers):
             for c in self.criteria:
                 paper, measured = PAPER[n][c.key], verdicts.loc[n, c.key]
-                same = paper.rstrip("*~") == measured or (paper == "~" and measured == "+")
-                if measured != NOT_MEASURED and not same:
+                if measured != NOT_MEASURED and not agrees_with_paper(paper, measured):
                     rows.append(
                         {"normalizer": n, "property": c.key, "paper": paper, "measured": measured}
                     )
         return pd.DataFrame(rows, columns=["normalizer", "property", "paper", "measured"])
 
-    def write(self, out: str | Path, formats: str | Sequence[str] = ("png",)) -> list[Path]:
-        """``properties.md``, ``properties.csv`` and the heatmap ``properties.<format>``.
+    def write_text(self, out: str | Path) -> list[Path]:
+        """``properties.md`` (the table, footnotes, the paper's verdicts) and ``properties.csv``.
 
-        ``formats``: a list or a comma-separated string of png, pdf, svg.
+        The heatmap is drawn by :func:`normprobe.plotting.write_properties`,
+        which writes these two files as well.
         """
-        from normprobe.plotting.gallery import _formats
-
-        formats = _formats(formats)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        written = []
         md = out / "properties.md"
         md.write_text(
             self.to_markdown() + "\n## Against seed 003 Table 2\n\n" + self.against_paper()
         )
-        written.append(md)
         csv = out / "properties.csv"
         self.cells.to_csv(csv, index=False)
-        written.append(csv)
-        import matplotlib.pyplot as plt
-
-        from normprobe.plotting.properties import heatmap
-        from normprobe.plotting.style import style_context
-
-        with style_context():
-            fig = heatmap(self)
-            for kind in formats:
-                path = out / f"properties.{kind}"
-                fig.savefig(path)
-                written.append(path)
-        plt.close(fig)
-        return written
+        return [md, csv]
 
 
 def _metrics_of(results: Results | pd.DataFrame | str | Path) -> tuple[pd.DataFrame, str]:
     if isinstance(results, pd.DataFrame):
         return results, ""
     if not isinstance(results, Results):
-        from normprobe.results import load_results
-
         results = load_results(results)
     return results.metrics, str(results.directory)
 
 
-def measure_properties(
+def judge_properties(
     results: Results | pd.DataFrame | str | Path,
     *,
     normalizers: Sequence[str] | None = None,
     properties: Sequence[str] | None = None,
+    sequence_leaks: Mapping[str, float] | None = None,
 ) -> PropertyTable:
     """The properties table of ``results`` (a results folder, :class:`Results`, or metrics table).
 
-    Rows: ``normalizers`` (default: every normalizer in the zoo, then any
-    other normalizer found in the results), so a newly registered normalizer
-    gets a row, "not measured" where the results do not cover it.
+    A reader: it judges what the results hold and computes nothing else.
+    Rows: ``normalizers`` (default: the normalizers found in the results).
     ``properties``: criterion keys (default: all of :data:`CRITERIA`).
+    ``sequence_leaks``: normalizer -> leak back in time, measured on the
+    normalizers themselves (:func:`normprobe.zoo_measures.sequence_leaks`);
+    the sequence property is "not measured" for a normalizer without one.
+    :func:`normprobe.measure_properties` gives every zoo normalizer a row
+    and measures the leaks.
     """
     metrics, source = _metrics_of(results)
     if metrics.empty or "metric" not in metrics:
@@ -666,10 +616,7 @@ def measure_properties(
             "normprobe analyze analyses/properties.yaml"
         )
     if normalizers is None:
-        from normprobe.norms import normalizers as zoo
-
-        found = [n for n in metrics["normalizer"].dropna().unique() if n not in zoo()]
-        normalizers = [*zoo(), *found]
+        normalizers = list(metrics["normalizer"].dropna().unique())
     normalizers = list(normalizers)
     known = {c.key: c for c in CRITERIA}
     if properties is None:
@@ -683,7 +630,10 @@ def measure_properties(
         chosen = [known[p] for p in properties]
     frames = []
     for c in chosen:
-        measured = _sequential(normalizers) if c.key == "sequential" else c.measure(metrics)
+        if c.key == "sequential":
+            measured = _sequential(sequence_leaks, normalizers)
+        else:
+            measured = c.measure(metrics)
         frames.append(_judge(c, measured, normalizers))
     cells = pd.concat(frames, ignore_index=True)
     return PropertyTable(cells, tuple(chosen), normalizers, source)

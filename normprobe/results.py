@@ -43,6 +43,8 @@ __all__ = [
     "finished_runs",
     "assemble",
     "write_json_atomic",
+    "selected_rows",
+    "final_rows",
     "METRIC_COLUMNS",
     "RUN_TABLES",
 ]
@@ -294,6 +296,27 @@ def _order(metrics: pd.DataFrame) -> pd.DataFrame:
     return metrics[first + rest]
 
 
+def selected_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the learning rate selected per normalizer, when the table marks one.
+
+    Tables without a ``selected`` column (or with none marked) are returned whole.
+    """
+    if "selected" in rows and rows["selected"].notna().any():
+        rows = rows[rows["selected"].fillna(False).astype(bool)]
+    return rows
+
+
+def final_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each run's rows at its last recorded step.
+
+    >>> frame = pd.DataFrame({"run": ["a", "a", "b"], "step": [0, 9, 4], "value": [1, 2, 3]})
+    >>> final_rows(frame)["value"].tolist()
+    [2, 3]
+    """
+    last = rows.groupby("run")["step"].transform("max")
+    return rows[rows["step"] == last]
+
+
 def _read_manifest(directory: Path) -> dict[str, Any]:
     path = directory / "manifest.json"
     if not path.exists():
@@ -345,6 +368,15 @@ class Results:
         if selected_only and "selected" in rows:
             rows = rows[rows["selected"].fillna(False).astype(bool)]
         return rows
+
+    def rows(self, metric: str, *, selected: bool = True, final: bool = False) -> pd.DataFrame:
+        """Rows of ``metric``: of the selected learning rates (``selected``, when marked), and
+        only each run's last recorded step (``final``)."""
+        m = self.metrics
+        rows = m[m["metric"] == metric] if "metric" in m else m
+        if selected:
+            rows = selected_rows(rows)
+        return final_rows(rows) if final else rows
 
     def summary(self) -> pd.DataFrame:
         """One row per run: status, final test accuracy and the headline probe values.

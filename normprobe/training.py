@@ -1,5 +1,8 @@
 """The training loop of one run, with measurements at scheduled steps.
 
+(Just over 500 lines: the loop with the samplers and the evaluations it
+records, which share its batching rules.)
+
 Step ``t`` means "after ``t`` optimizer updates": step 0 is the initialized
 model. Losses are cross-entropies averaged over every target: one per example
 for a classifier, one per token for a language model (a model with
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normprobe.batch import prediction
+from normprobe.norms import regularization
 from normprobe.state import frozen_statistics, preserved
 
 __all__ = [
@@ -210,8 +214,6 @@ def training_loss(
     model: nn.Module, output: torch.Tensor, target: torch.Tensor, lam: float
 ) -> torch.Tensor:
     """Cross-entropy (per token for a language model) plus ``lam`` times the RegNorm penalties."""
-    from normprobe.norms import regularization
-
     loss = cross_entropy(output, target, classes_last=classes_last(model))
     if lam:
         loss = loss + lam * regularization(model)

@@ -18,8 +18,10 @@ import torch
 
 import normprobe
 from normprobe.analyze import analyze
-from normprobe.config import ConfigError
+from normprobe.config import ConfigError, load_config
+from normprobe.plan import plan_runs, prepare_data
 from normprobe.results import load_results
+from normprobe.run import run_one
 
 SMALL = {
     "model": {"name": "mlp", "options": {"depth": 3, "width": 32}},
@@ -66,11 +68,20 @@ def test_results_tables_have_the_promised_columns(tmp_path: Path) -> None:
     assert len(csv) == len(results.metrics)
 
 
-def test_same_config_same_results_bit_for_bit(tmp_path: Path) -> None:
-    a = analyze(SMALL, out=tmp_path / "a", quiet=True)
-    b = analyze(SMALL, out=tmp_path / "b", quiet=True)
-    pd.testing.assert_frame_equal(a.metrics, b.metrics, check_exact=True)
-    pd.testing.assert_frame_equal(a.hessian_nodes, b.hessian_nodes, check_exact=True)
+def test_same_run_same_results_bit_for_bit() -> None:
+    """One run (BatchNorm: running statistics, the Hessian in train mode) twice, from freshly
+    prepared data: the same tables to the bit. That the runs of a grid do not depend on each
+    other is what the executor tests show (each run alone in a worker process gives the
+    in-process grid's tables)."""
+    config, _ = load_config(SMALL)
+    spec = plan_runs(config, ["batch"])[0]
+    a = run_one(spec, prepare_data(config))
+    b = run_one(spec, prepare_data(config))
+    assert a.status == b.status == "done"
+    a_metrics, b_metrics = a.tables["metrics"], b.tables["metrics"]
+    pd.testing.assert_frame_equal(a_metrics, b_metrics, check_exact=True)
+    a_nodes, b_nodes = a.tables["hessian_nodes"], b.tables["hessian_nodes"]
+    pd.testing.assert_frame_equal(a_nodes, b_nodes, check_exact=True)
 
 
 def test_probes_do_not_change_the_training_trajectory(tmp_path: Path) -> None:
@@ -437,8 +448,8 @@ def test_per_normalizer_options_with_microbatches_run_to_done(tmp_path: Path) ->
     assert m.loc[m["metric"] == "test_acc_batchstats", "value"].notna().all()
     assert len(m[m["metric"] == "test_acc_batchstats"]) == 3 * 2
     # the options reach the layers
-    from normprobe.analyze import build_run_model, prepare_data
     from normprobe.config import parse_config
+    from normprobe.plan import build_run_model, prepare_data
 
     cfg = parse_config(config)
     data = prepare_data(cfg)
@@ -622,7 +633,7 @@ def test_language_model_config_mistakes_are_one_line_errors(tmp_path: Path) -> N
 def test_structural_probes_run_on_the_schedule_and_feed_the_properties_table(
     tmp_path: Path,
 ) -> None:
-    from normprobe.properties import measure_properties
+    from normprobe.zoo_measures import measure_properties
 
     config = {
         **SMALL,
@@ -663,7 +674,7 @@ def test_an_undefined_growth_rate_is_recorded_as_nan_not_a_failed_run() -> None:
     import torch.nn.functional as F
     from torch import nn
 
-    from normprobe.analyze import _growth_or_nan
+    from normprobe.measures import _growth_or_nan
     from normprobe.probes import gradient_norms, growth_rate
 
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -678,3 +689,35 @@ def test_an_undefined_growth_rate_is_recorded_as_nan_not_a_failed_run() -> None:
         (torch.randn(8, 3), torch.zeros(8).long()),
     )
     assert _growth_or_nan(alive) == growth_rate(alive)
+
+
+def test_tables_are_written_once_at_the_end_and_on_interruption(
+    tmp_path: Path, monkeypatch
+) -> None:
+    analyze_module = sys.modules["normprobe.analyze"]  # the package's `analyze` is the function
+    config = {**SMALL, "normalizers": ["layer", "batch"], "hessian": {"enabled": False}}
+    config["train"] = {**SMALL["train"], "steps": 2}
+    calls: list[Path] = []
+    real = analyze_module.assemble
+    monkeypatch.setattr(analyze_module, "assemble", lambda d: calls.append(d) or real(d))
+    results = analyze(config, out=tmp_path / "a", quiet=True)
+    assert len(calls) == 1 and len(results.runs) == 2  # not once per run
+    # Ctrl-C in the second run: the tables hold the first, whose folder a rerun keeps
+    real_run = analyze_module.run_one
+
+    def interrupted(spec, data, **kwargs):
+        if spec.normalizer == "batch":
+            raise KeyboardInterrupt
+        return real_run(spec, data, **kwargs)
+
+    monkeypatch.setattr(analyze_module, "run_one", interrupted)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        analyze(config, out=tmp_path / "b", quiet=True)
+    assert len(calls) == 1
+    assert set(_metrics(tmp_path / "b")["normalizer"]) == {"layer"}
+    monkeypatch.setattr(analyze_module, "run_one", real_run)
+    lines: list[str] = []
+    resumed = analyze(config, out=tmp_path / "b", log=lines.append)
+    assert "resuming: 1 of 2 runs already finished" in lines
+    pd.testing.assert_frame_equal(resumed.metrics, results.metrics, check_exact=True)

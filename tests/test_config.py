@@ -329,7 +329,7 @@ def test_per_normalizer_options_merge_and_the_old_key_still_works() -> None:
 
 
 def test_variants_change_settings_per_variant_and_name_runs() -> None:
-    from normprobe.analyze import plan_runs
+    from normprobe.plan import plan_runs
 
     cfg = parse_config(
         {

@@ -233,7 +233,7 @@ def test_executor_flags_are_checked_before_any_work(
 
 def test_ray_tasks_ask_for_a_gpu_when_the_device_is_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """The task options, checked against a stand-in for ray (no GPU needed)."""
-    from normprobe.analyze import RunSpec
+    from normprobe.plan import RunSpec
     from normprobe.results import RunRecord
 
     asked: dict = {}

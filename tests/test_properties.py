@@ -11,14 +11,8 @@ import pytest
 
 import normprobe
 from normprobe.cli import main
-from normprobe.properties import (
-    CRITERIA,
-    PAPER,
-    PropertiesError,
-    measure_properties,
-    relative_threshold,
-    sequence_leak,
-)
+from normprobe.properties import CRITERIA, PAPER, PropertiesError, relative_threshold
+from normprobe.zoo_measures import measure_properties, sequence_leak
 
 
 def _row(norm, metric, value, *, step=300, seed=0, layer=None, depth=None, **extra):

@@ -13,6 +13,7 @@ Python's standard library sources, no download).
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -90,8 +91,6 @@ def load_dataset(name: str, **options: Any) -> Dataset:
 
 
 def _unknown_options_message(name: str, unknown: list[str], valid: list[str]) -> str:
-    import difflib
-
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)

@@ -14,6 +14,7 @@ it sits after the affine op (batch, layer, ...) or needs its input or weight
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable
 from typing import Any, Literal
@@ -23,7 +24,14 @@ from torch import nn
 
 from normprobe.errors import NormalizerError
 from normprobe.norms.balanced import BalancedAffine, BalancedNorm, balance_signs_, balanced_weight
-from normprobe.norms.base import Affine, Normalizer, NormedAffine, NormSpec, check_norm_batch
+from normprobe.norms.base import (
+    Affine,
+    Normalizer,
+    NormedAffine,
+    NormSpec,
+    check_norm_batch,
+    out_channels,
+)
 from normprobe.norms.batch import (
     BatchNorm,
     BatchRenorm,
@@ -83,15 +91,11 @@ __all__ = [
 NORMS: Registry[NormSpec] = Registry("normalizer")
 
 
-def _out_channels(affine: nn.Module) -> int:
-    return affine.out_features if isinstance(affine, nn.Linear) else affine.out_channels
-
-
 def _post(cls: type[Normalizer]) -> Callable[..., NormedAffine]:
     """Factory for a normalizer that sits between the affine op and the nonlinearity."""
 
     def factory(affine: Affine, nonlinearity: str = "relu", **options: Any) -> NormedAffine:
-        return NormedAffine(affine, cls(_out_channels(affine), **options), norm_name=cls.norm_name)
+        return NormedAffine(affine, cls(out_channels(affine), **options), norm_name=cls.norm_name)
 
     factory.__signature__ = _signature_with(cls)  # type: ignore[attr-defined]
     return factory
@@ -127,7 +131,7 @@ def _weight_meanbn(
     norm_batch: int | None = None,
 ) -> NormedAffine:
     norm = MeanOnlyBatchNorm(
-        _out_channels(affine), eps=eps, momentum=momentum, norm_batch=norm_batch
+        out_channels(affine), eps=eps, momentum=momentum, norm_batch=norm_batch
     )
     return NormedAffine(apply_weight_norm(affine), norm, norm_name="weight-meanbn")
 
@@ -135,7 +139,7 @@ def _weight_meanbn(
 def _group(
     affine: Affine, nonlinearity: str = "relu", *, groups: int | None = None, eps: float = 1e-5
 ) -> NormedAffine:
-    channels = _out_channels(affine)
+    channels = out_channels(affine)
     if groups is None:
         # A dense layer has one value per channel: keep at least two channels per
         # group, or each group would normalize a single value to zero.
@@ -145,14 +149,14 @@ def _group(
 
 
 def _prelayer(affine: Affine, nonlinearity: str = "relu", *, eps: float = 1e-5) -> NormedAffine:
-    norm = PreLayerNorm(_out_channels(affine), eps=eps)
+    norm = PreLayerNorm(out_channels(affine), eps=eps)
     return NormedAffine(affine, norm, pre=CenterFeatures(), norm_name="prelayer")
 
 
 def _preregnorm(
     affine: Affine, nonlinearity: str = "relu", *, eps: float = 1e-5, norm_batch: int | None = None
 ) -> NormedAffine:
-    norm = PreRegNorm(_out_channels(affine), eps=eps, norm_batch=norm_batch)
+    norm = PreRegNorm(out_channels(affine), eps=eps, norm_batch=norm_batch)
     return NormedAffine(affine, norm, pre=CenterFeatures(), norm_name="preregnorm")
 
 
@@ -168,7 +172,7 @@ def _balanced(
 ) -> NormedAffine:
     in_channels = affine.in_features if isinstance(affine, nn.Linear) else affine.in_channels
     norm = BalancedNorm(
-        _out_channels(affine),
+        out_channels(affine),
         in_channels,
         momentum=momentum,
         single_pass=single_pass,
@@ -397,8 +401,6 @@ def build(
             raise NormalizerError(f"{where}: {err}") from None
     for key in options:
         if key not in valid:
-            import difflib
-
             close = difflib.get_close_matches(key, list(valid), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise NormalizerError(

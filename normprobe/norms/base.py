@@ -201,7 +201,7 @@ class NormedAffine(nn.Module):
 
     @property
     def out_channels(self) -> int:
-        return _out_channels(self.affine)
+        return out_channels(self.affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.affine(self.pre(x))))
@@ -210,16 +210,11 @@ class NormedAffine(nn.Module):
         return f"norm={self.norm_name!r}"
 
 
-def _out_channels(affine: nn.Module) -> int:
+def out_channels(affine: nn.Module) -> int:
+    """The output channels (features) of a Linear or Conv affine op."""
     if isinstance(affine, nn.Linear):
         return affine.out_features
     return affine.out_channels
-
-
-def _in_channels(affine: nn.Module) -> int:
-    if isinstance(affine, nn.Linear):
-        return affine.in_features
-    return affine.in_channels
 
 
 @dataclass(frozen=True)

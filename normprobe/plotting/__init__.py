@@ -8,6 +8,11 @@
   and :func:`fig_transformer` (a Transformer language model, 003 sec. 7).
 - :mod:`normprobe.plotting.gallery`: :func:`plot_results`, every figure a
   results directory supports, written to files (``normprobe plot``).
+- :mod:`normprobe.plotting.properties`: the properties table as a heatmap.
+
+Everything here reads stored results (:mod:`normprobe.results`) and the
+properties table (:mod:`normprobe.properties`); nothing trains or probes.
+Running the analyses behind the figure set is :mod:`normprobe.figureset`.
 
 >>> from normprobe.plotting import color
 >>> color("batch") == color("batch")
@@ -39,7 +44,16 @@ from normprobe.plotting.figures import (
     through_training,
 )
 from normprobe.plotting.gallery import FIGURES, PlotReport, plot_results
-from normprobe.plotting.style import NORM_STYLE, color, label, marker, style_context
+from normprobe.plotting.properties import heatmap, properties_figure, write_properties
+from normprobe.plotting.style import (
+    FORMATS,
+    NORM_STYLE,
+    color,
+    label,
+    marker,
+    parse_formats,
+    style_context,
+)
 
 __all__ = [
     # style
@@ -48,6 +62,12 @@ __all__ = [
     "marker",
     "label",
     "style_context",
+    "FORMATS",
+    "parse_formats",
+    # the properties table
+    "heatmap",
+    "properties_figure",
+    "write_properties",
     # figures
     "FigureSkipped",
     "caption",

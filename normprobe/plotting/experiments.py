@@ -1,5 +1,8 @@
 """Figures of the training-time experiments: batch size (003 fig. 5) and the appendix studies.
 
+(Over 500 lines on purpose: five multi-panel figures, one function each, with
+the variant and panel helpers only they use.)
+
 - :func:`fig5`: final test accuracy against the training batch size, with
   aggregated statistics at test time (eval mode) and without them (each test
   batch's own statistics), one panel per normalizer;
@@ -41,15 +44,15 @@ from matplotlib.ticker import MaxNLocator
 from normprobe.plotting.figures import (
     REPR_LABEL,
     FigureSkipped,
-    _config,
-    _log_y,
-    _rows,
-    _with_model,
     caption,
+    config_of,
+    log_y,
     repr_metric,
+    rows_of,
+    with_model,
 )
 from normprobe.plotting.style import color, label, marker, norm_order, style_context
-from normprobe.results import Results
+from normprobe.results import Results, final_rows
 
 __all__ = [
     "fig5",
@@ -75,7 +78,7 @@ def variant_setting(data: Results, variant: str | None, dotted: str) -> Any:
     >>> [variant_setting(r, v, "train.batch_size") for v in (None, "bs8", "lab", "other")]
     [64, 8, 32, 64]
     """
-    config = copy.deepcopy(_config(data))
+    config = copy.deepcopy(config_of(data))
     changes = (config.get("variants") or {}).get(variant, {}) if variant is not None else {}
     for key, value in changes.items():
         node = config
@@ -91,12 +94,6 @@ def variant_setting(data: Results, variant: str | None, dotted: str) -> Any:
     return node
 
 
-def _final(rows: pd.DataFrame) -> pd.DataFrame:
-    """Each run's row at its last measured step."""
-    last = rows.groupby("run")["step"].transform("max")
-    return rows[rows["step"] == last]
-
-
 def _need_variants(rows: pd.DataFrame, what: str) -> None:
     if "variant" not in rows or rows["variant"].isna().all():
         raise FigureSkipped(f"{what} needs an analysis with variants (a 'variant' column)")
@@ -104,7 +101,7 @@ def _need_variants(rows: pd.DataFrame, what: str) -> None:
 
 def _figure_caption(fig: Figure, data: Results, extra: str) -> None:
     text = caption(data, extra, band="interquartile range")
-    variants = _config(data).get("variants") or {}
+    variants = config_of(data).get("variants") or {}
     base = variant_setting(data, None, "train.batch_size")
     if any(variant_setting(data, v, "train.batch_size") != base for v in variants):
         text = text.replace(f", batch {base},", ", batch per variant,")
@@ -156,8 +153,8 @@ def fig5(data: Results, fig: Figure | None = None) -> Figure:
     as large as the training batches (``train.eval_batch_stats``). The batch
     size of each variant is read from the stored config.
     """
-    agg = _final(_rows(data, "test_acc"))
-    own = _final(_rows(data, "test_acc_batchstats"))
+    agg = final_rows(rows_of(data, "test_acc"))
+    own = final_rows(rows_of(data, "test_acc_batchstats"))
     _need_variants(agg, "figure 5")
     sizes = {v: variant_setting(data, v, "train.batch_size") for v in agg["variant"].unique()}
     if any(s is None for s in sizes.values()):
@@ -205,7 +202,7 @@ def fig5(data: Results, fig: Figure | None = None) -> Figure:
             Line2D([], [], color="#333333", ls="--", label="test batch's own statistics"),
         ]
         fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
-        fig.suptitle(_with_model("5  Test accuracy against batch size", data), x=0.01, ha="left")
+        fig.suptitle(with_model("5  Test accuracy against batch size", data), x=0.01, ha="left")
         fig.tight_layout(rect=(0, 0.05, 1, 0.95))
         steps = agg["step"].max()
         _figure_caption(
@@ -242,12 +239,12 @@ def fig_renorm(data: Results, fig: Figure | None = None) -> Figure:
     batch normalized with its own statistics (for a non-i.i.d. variant with
     ``batches: sampler``, test batches drawn like the training batches).
     """
-    agg = _rows(data, "test_acc")
+    agg = rows_of(data, "test_acc")
     _need_variants(agg, "the Batch Renorm figure")
     if "batch-renorm" not in set(agg["normalizer"]):
         raise FigureSkipped("the Batch Renorm figure needs runs of batch-renorm")
     try:
-        own = _rows(data, "test_acc_batchstats")
+        own = rows_of(data, "test_acc_batchstats")
     except FigureSkipped:
         own = agg.iloc[0:0]
     variants = list(dict.fromkeys(agg["variant"]))
@@ -282,7 +279,7 @@ def fig_renorm(data: Results, fig: Figure | None = None) -> Figure:
             Line2D([], [], color="#333333", ls="--", label="training mode (batch statistics)"),
         ]
         fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
-        fig.suptitle(_with_model("Batch Renorm vs BatchNorm (seed 002)", data), x=0.01, ha="left")
+        fig.suptitle(with_model("Batch Renorm vs BatchNorm (seed 002)", data), x=0.01, ha="left")
         fig.tight_layout(rect=(0, 0.06, 1, 0.9))
         _figure_caption(fig, data, "")
     return fig
@@ -311,11 +308,11 @@ def fig_balnorm(data: Results, fig: Figure | None = None, *, panels: Sequence[st
     BatchNorm run in every variant) are drawn once, from the first variant.
     """
     metrics = list(panels) or ["train_loss", "test_loss", "train_acc", "test_acc"]
-    if "balanced" not in set(_rows(data, metrics[0])["normalizer"]):
+    if "balanced" not in set(rows_of(data, metrics[0])["normalizer"]):
         raise FigureSkipped("the BalNorm figure needs runs of the balanced normalizer")
     frames = []
     for metric in metrics:
-        rows = _rows(data, metric).copy()
+        rows = rows_of(data, metric).copy()
         if "variant" in rows:
             first = rows.groupby("normalizer")["variant"].transform("first")
             keys = {
@@ -333,7 +330,7 @@ def fig_balnorm(data: Results, fig: Figure | None = None, *, panels: Sequence[st
         frames.append(rows)
     rows = pd.concat(frames, ignore_index=True)
     rank = {n: i for i, n in enumerate(norm_order(rows["normalizer"].unique()))}
-    declared = list(_config(data).get("variants") or {})
+    declared = list(config_of(data).get("variants") or {})
     place = {v: i for i, v in enumerate(declared)}
     keyed = (
         rows[["normalizer", "line"]]
@@ -374,7 +371,7 @@ def fig_balnorm(data: Results, fig: Figure | None = None, *, panels: Sequence[st
             ax.set_xlabel("training step (linear to 100, log after)")
             ax.set_ylabel(titles.get(metric, metric))
             if metric.endswith("loss"):
-                _log_y(ax)
+                log_y(ax)
         handles = [
             Line2D(
                 [],
@@ -387,7 +384,7 @@ def fig_balnorm(data: Results, fig: Figure | None = None, *, panels: Sequence[st
             for line in lines
         ]
         fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
-        fig.suptitle(_with_model("BalNorm vs BatchNorm (seed 000)", data), x=0.01, ha="left")
+        fig.suptitle(with_model("BalNorm vs BatchNorm (seed 000)", data), x=0.01, ha="left")
         fig.tight_layout(rect=(0, 0.05, 1, 0.9))
         _figure_caption(fig, data, "")
     return fig
@@ -402,7 +399,7 @@ def fig_regnorm_mean(data: Results, fig: Figure | None = None) -> Figure:
     One panel per normalizer, one line per layer (darker: deeper), median over
     seeds with the interquartile band. RegNorm's loss term drives ``R_l`` to zero.
     """
-    rows = _rows(data, "batch_mean_sq")
+    rows = rows_of(data, "batch_mean_sq")
     rows = rows[rows["value"] > 0]
     if rows.empty or rows["step"].nunique() < 2:
         raise FigureSkipped("batch_mean_sq was measured at one step only")
@@ -423,7 +420,7 @@ def fig_regnorm_mean(data: Results, fig: Figure | None = None) -> Figure:
                     _line(ax, part, "step", color=shade)
             ax.set_yscale("log")
             ax.set_ylim(lo / 2, hi * 2)
-            _log_y(ax)
+            log_y(ax)
             ax.set_title(label(norm), loc="left", fontsize=9, color=color(norm))
             ax.set_xlabel("training step")
             ax.set_ylabel("R_l = mean_c (mean_B u)²")
@@ -433,17 +430,17 @@ def fig_regnorm_mean(data: Results, fig: Figure | None = None) -> Figure:
         ]
         fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
         fig.suptitle(
-            _with_model("Batch mean of each normalized layer (003 appendix)", data),
+            with_model("Batch mean of each normalized layer (003 appendix)", data),
             x=0.01,
             ha="left",
         )
         fig.tight_layout(rect=(0, 0.06, 1, 0.92))
-        lam = _config(data).get("train", {}).get("regnorm_lambda")
+        lam = config_of(data).get("train", {}).get("regnorm_lambda")
         _figure_caption(
             fig,
             data,
             f"RegNorm/PreRegNorm loss term λ = {lam} · probe batch of "
-            f"{_config(data).get('data', {}).get('probe_batch')} training examples, train mode",
+            f"{config_of(data).get('data', {}).get('probe_batch')} training examples, train mode",
         )
     return fig
 
@@ -484,12 +481,12 @@ def fig_transformer(data: Results, fig: Figure | None = None) -> Figure:
     steps it was measured (log scale). The caption gives each line's final
     median perplexity.
     """
-    ppl = _with_lines(data, _rows(data, "test_perplexity"))
+    ppl = _with_lines(data, rows_of(data, "test_perplexity"))
     metric = repr_metric(data)
-    rep = _with_lines(data, _rows(data, metric))
+    rep = _with_lines(data, rows_of(data, metric))
     rep = rep[rep["step"] == rep["step"].min()]
     try:
-        ratio = _with_lines(data, _rows(data, "outlier_ratio"))
+        ratio = _with_lines(data, rows_of(data, "outlier_ratio"))
     except FigureSkipped:
         ratio = None
     rank = {n: i for i, n in enumerate(norm_order(ppl["normalizer"].unique()))}
@@ -539,7 +536,7 @@ def fig_transformer(data: Results, fig: Figure | None = None) -> Figure:
                 off_scale = " · off scale at step 0: " + ", ".join(
                     f"{line} {value:.3g}" for (line, _), value in above.items()
                 )
-        _log_y(ax_ppl)
+        log_y(ax_ppl)
         ax_ppl.set_title("a  test perplexity", loc="left", fontsize=9)
         draw(ax_rep, rep, "depth")
         ax_rep.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -550,7 +547,7 @@ def fig_transformer(data: Results, fig: Figure | None = None) -> Figure:
             draw(ax_ratio, ratio, "step")
             k = ratio["index"].dropna().unique() if "index" in ratio else []
             ax_ratio.set_ylabel(f"λ1 / λ{int(k[0])}" if len(k) == 1 else "λ1 / λK")
-            _log_y(ax_ratio)
+            log_y(ax_ratio)
         else:
             ax_ratio.text(
                 0.5, 0.5, "no Hessian in the results", ha="center", transform=ax_ratio.transAxes
@@ -577,10 +574,10 @@ def fig_transformer(data: Results, fig: Figure | None = None) -> Figure:
             fontsize=8,
         )
         fig.suptitle(
-            _with_model("Normalizers in a language model (003 sec. 7)", data), x=0.01, ha="left"
+            with_model("Normalizers in a language model (003 sec. 7)", data), x=0.01, ha="left"
         )
         fig.tight_layout(rect=(0, 0.08, 1, 0.88))
-        final = _final(ppl).groupby("line")["value"].median()
+        final = final_rows(ppl).groupby("line")["value"].median()
         summary = ", ".join(f"{line} {final[line]:.2f}" for line in lines if line in final)
         _figure_caption(fig, data, f"final median test perplexity: {summary}{off_scale}")
     return fig

@@ -1,5 +1,9 @@
 """One function per figure of seed 003 (DESIGN.md, Figures), drawn from stored results only.
 
+(Over 500 lines on purpose: twelve figure functions and the line, band,
+legend and caption helpers they share; the appendix figures are in
+:mod:`normprobe.plotting.experiments`.)
+
 Each function takes a :class:`~normprobe.results.Results` (or, for the line
 figures, its metrics DataFrame) and an optional ``Axes``/``Figure``, and
 returns what it drew on. Lines are the median over seeds with a band from
@@ -36,7 +40,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from normprobe.plotting.style import color, label, marker, norm_order, style_context
-from normprobe.results import Results
+from normprobe.results import Results, selected_rows
 
 __all__ = [
     "FigureSkipped",
@@ -82,14 +86,14 @@ def _metrics(data: Data) -> pd.DataFrame:
     return data.metrics if isinstance(data, Results) else data
 
 
-def _rows(data: Data, metric: str, *, selected: bool = True) -> pd.DataFrame:
+def rows_of(data: Data, metric: str, *, selected: bool = True) -> pd.DataFrame:
     """Rows of ``metric``, only the selected learning rate per normalizer (when marked)."""
     frame = _metrics(data)
     if frame is None or frame.empty or "metric" not in frame:
         raise FigureSkipped(f"no {metric!r} rows: the results table is empty")
     rows = frame[frame["metric"] == metric]
-    if selected and "selected" in rows and rows["selected"].notna().any():
-        rows = rows[rows["selected"].fillna(False).astype(bool)]
+    if selected:
+        rows = selected_rows(rows)
     rows = rows[np.isfinite(rows["value"].astype(float))]
     if rows.empty:
         raise FigureSkipped(f"no {metric!r} rows in the results (was that probe enabled?)")
@@ -115,14 +119,14 @@ def repr_metric(data: Data) -> str:
     raise FigureSkipped("no representation-correlation rows (probes.representation disabled?)")
 
 
-def _config(data: Any) -> dict[str, Any]:
+def config_of(data: Any) -> dict[str, Any]:
     manifest = data.manifest if isinstance(data, Results) else {}
     return (manifest or {}).get("config", {}) or {}
 
 
 def model_text(data: Any) -> str:
     """A short name of the analysed model, e.g. ``WRN-26-2 without skips`` or ``MLP, 8 x 128``."""
-    model = _config(data).get("model", {}) or {}
+    model = config_of(data).get("model", {}) or {}
     options = model.get("options", {}) or {}
     if model.get("name") == "wrn":
         skip = options.get("skip", True)
@@ -135,13 +139,6 @@ def model_text(data: Any) -> str:
     if model.get("factory"):
         return str(model["factory"]).split(":")[-1]
     return ""
-
-
-def _seed_count(data: Data, rows: pd.DataFrame | None = None) -> int:
-    if rows is not None and "seed" in rows:
-        return int(rows.groupby("normalizer")["seed"].nunique().max())
-    seeds = _config(data).get("train", {}).get("seeds", [])
-    return len(seeds)
 
 
 # --------------------------------------------------------------------------- drawing helpers
@@ -208,7 +205,7 @@ def caption(data: Data | None, extra: str = "", *, band: str = "min-max") -> str
     'step 0'
     """
     parts: list[str] = []
-    config = _config(data)
+    config = config_of(data)
     if config:
         parts.append(model_text(data))
         data_cfg = config.get("data", {})
@@ -243,7 +240,7 @@ def _lr_text(data: Data | None) -> str:
     return f"{runs['lr'].iloc[0]:g}"
 
 
-def _log_y(ax: Axes) -> None:
+def log_y(ax: Axes) -> None:
     """Log y axis with plain tick labels (0.1, 60; not 1e-01, 6 x 10^1).
 
     Spans under a decade and a half also label the minor ticks at 2, 3 and 5.
@@ -284,7 +281,7 @@ def _axes(ax: Axes | None, size: tuple[float, float] = (5.6, 3.4)) -> Axes:
     return ax
 
 
-def _with_model(title: str, data: Any) -> str:
+def with_model(title: str, data: Any) -> str:
     model = model_text(data)
     return f"{title} ({model})" if model else title
 
@@ -307,7 +304,7 @@ def depth_profile(
 
     Depth is the order in which the probed layers run (0 is the input).
     """
-    rows, at = _at_step(_rows(data, metric), step, metric)
+    rows, at = _at_step(rows_of(data, metric), step, metric)
     rows = rows[rows["depth"].notna()]
     if rows.empty:
         raise FigureSkipped(f"{metric!r} has no per-layer rows at step {at}")
@@ -320,7 +317,7 @@ def depth_profile(
         ax.set_ylabel(ylabel or metric)
         ax.xaxis.get_major_locator().set_params(integer=True)
         if logy:
-            _log_y(ax)
+            log_y(ax)
         where = "initialization" if at == 0 else f"step {at}"
         extra = f"step {at}" + (_same_at_init(rows) if at == 0 else "")
         return _finish(ax, data, title or f"{metric} at {where}", extra)
@@ -362,7 +359,7 @@ def through_training(
     ``aggregate="mean"`` (over layers); ``where`` keeps only rows whose
     columns equal the given values (e.g. ``{"index": 1}`` for lambda_1).
     """
-    rows = _rows(data, metric)
+    rows = rows_of(data, metric)
     for column, value in (where or {}).items():
         if column not in rows:
             raise FigureSkipped(f"{metric!r} rows have no {column!r} column")
@@ -400,7 +397,7 @@ def through_training(
         ax.set_xlabel("training step (SGD updates)")
         ax.set_ylabel(ylabel or metric)
         if logy:
-            _log_y(ax)
+            log_y(ax)
         return _finish(ax, data, title or f"{metric} through training", note)
 
 
@@ -485,7 +482,7 @@ def hessian_density_panels(
                 ax.xaxis.set_tick_params(labelbottom=True)
         for ax in axes[:, 0]:
             ax.set_ylabel("density")
-        head = title or _with_model(f"4  Hessian spectral density at step {at}", data)
+        head = title or with_model(f"4  Hessian spectral density at step {at}", data)
         fig.suptitle(head, x=0.01, ha="left", fontsize=10)
         text = caption(
             data,
@@ -503,7 +500,7 @@ def hessian_density_panels(
 def _repr_at_init(data: Data, ax: Axes | None, title: str) -> Axes:
     metric = repr_metric(data)
     return depth_profile(
-        data, metric, ax=ax, ylabel=REPR_LABEL[metric], title=_with_model(title, data)
+        data, metric, ax=ax, ylabel=REPR_LABEL[metric], title=with_model(title, data)
     )
 
 
@@ -520,7 +517,7 @@ def fig1b(data: Data, ax: Axes | None = None) -> Axes:
         ax=ax,
         ylabel="gradient cosine, two minibatches",
         xlabel=WEIGHT_DEPTH,
-        title=_with_model("1b  Gradient correlation at init", data),
+        title=with_model("1b  Gradient correlation at init", data),
     )
 
 
@@ -538,7 +535,7 @@ def fig2b(data: Data, ax: Axes | None = None) -> Axes:
         logy=True,
         ylabel="‖∂L/∂W‖ (Frobenius)",
         xlabel=WEIGHT_DEPTH,
-        title=_with_model("2b  Gradient norm at init", data),
+        title=with_model("2b  Gradient norm at init", data),
     )
 
 
@@ -549,7 +546,7 @@ def fig3a(data: Data, ax: Axes | None = None) -> Axes:
         "test_acc",
         ax=ax,
         ylabel="test accuracy (fraction)",
-        title=_with_model("3a  Test accuracy", data),
+        title=with_model("3a  Test accuracy", data),
     )
 
 
@@ -562,7 +559,7 @@ def fig3b(data: Data, ax: Axes | None = None) -> Axes:
         layer="last",
         ax=ax,
         ylabel=REPR_LABEL[metric],
-        title=_with_model("3b  Correlation at the final pre-activation layer", data),
+        title=with_model("3b  Correlation at the final pre-activation layer", data),
     )
 
 
@@ -574,7 +571,7 @@ def fig3c(data: Data, ax: Axes | None = None) -> Axes:
         aggregate="mean",
         ax=ax,
         ylabel="gradient cosine, two minibatches",
-        title=_with_model("3c  Gradient correlation", data),
+        title=with_model("3c  Gradient correlation", data),
     )
 
 
@@ -591,7 +588,7 @@ def fig6a(data: Data, ax: Axes | None = None) -> Axes:
         ax=ax,
         logy=True,
         ylabel="λ₁ / λ_K  (K = classes)",
-        title=_with_model("6a  Hessian outlier ratio", data),
+        title=with_model("6a  Hessian outlier ratio", data),
     )
 
 
@@ -604,5 +601,5 @@ def fig6b(data: Data, ax: Axes | None = None) -> Axes:
         ax=ax,
         logy=True,
         ylabel="largest eigenvalue λ₁",
-        title=_with_model("6b  Largest Hessian eigenvalue", data),
+        title=with_model("6b  Largest Hessian eigenvalue", data),
     )

@@ -18,7 +18,7 @@ tables cannot support is skipped with its reason, never an error.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,8 +30,9 @@ from matplotlib.figure import Figure
 from normprobe.plotting import experiments as E
 from normprobe.plotting import figures as F
 from normprobe.plotting.properties import properties_figure
-from normprobe.plotting.style import style_context
-from normprobe.results import Results
+from normprobe.plotting.style import parse_formats, style_context
+from normprobe.properties import PropertyTable
+from normprobe.results import Results, load_results
 
 __all__ = ["FIGURES", "FigureSpec", "PlotReport", "model_variant", "figure_name", "plot_results"]
 
@@ -43,7 +44,6 @@ SUFFIX: dict[str, str] = {
     "transformer": "_transformer",
     "custom": "_custom",
 }
-FORMATS = ("png", "pdf", "svg")
 ALL = ("mlp", "wrn", "wrn-skip", "transformer", "custom")
 
 
@@ -57,6 +57,8 @@ class FigureSpec:
     variants: tuple[str, ...] = ("mlp", "wrn", "wrn-skip", "custom")
     #: at-init figures named for their model (1 for the MLP, 2 for the WRN) take no _mlp suffix
     plain_for: tuple[str, ...] = ()
+    #: the analyses (``analyses/<name>.yaml``) of the figure set that this figure is drawn from
+    analyses: tuple[str, ...] = ()
 
 
 FIGURES: tuple[FigureSpec, ...] = (
@@ -66,40 +68,83 @@ FIGURES: tuple[FigureSpec, ...] = (
         "representation correlation against depth at init",
         ("mlp", "custom"),
         ("mlp",),
+        analyses=("fig1_mlp_init",),
     ),
     FigureSpec(
-        "fig1b", F.fig1b, "gradient correlation against depth at init", ("mlp", "custom"), ("mlp",)
+        "fig1b",
+        F.fig1b,
+        "gradient correlation against depth at init",
+        ("mlp", "custom"),
+        ("mlp",),
+        analyses=("fig1_mlp_init",),
     ),
     FigureSpec(
         "fig2a",
         F.fig2a,
         "representation correlation against depth at init",
         ("wrn", "wrn-skip"),
+        analyses=("fig2_wrn_init", "fig2_wrn_skip_init"),
     ),
-    FigureSpec("fig2b", F.fig2b, "gradient norm against depth at init", ("wrn", "wrn-skip")),
-    FigureSpec("fig3a", F.fig3a, "test accuracy through training"),
-    FigureSpec("fig3b", F.fig3b, "final-layer representation correlation through training"),
-    FigureSpec("fig3c", F.fig3c, "gradient correlation through training"),
-    FigureSpec("fig4", F.fig4, "Hessian spectral density at step 50, one panel per normalizer"),
-    FigureSpec("fig6a", F.fig6a, "Hessian outlier ratio λ1/λK through training"),
-    FigureSpec("fig6b", F.fig6b, "largest Hessian eigenvalue λ1 through training"),
+    FigureSpec(
+        "fig2b",
+        F.fig2b,
+        "gradient norm against depth at init",
+        ("wrn", "wrn-skip"),
+        analyses=("fig2_wrn_init", "fig2_wrn_skip_init"),
+    ),
+    FigureSpec(
+        "fig3a", F.fig3a, "test accuracy through training", analyses=("fig3_4_6_wrn_training",)
+    ),
+    FigureSpec(
+        "fig3b",
+        F.fig3b,
+        "final-layer representation correlation through training",
+        analyses=("fig3_4_6_wrn_training",),
+    ),
+    FigureSpec(
+        "fig3c",
+        F.fig3c,
+        "gradient correlation through training",
+        analyses=("fig3_4_6_wrn_training",),
+    ),
+    FigureSpec(
+        "fig4",
+        F.fig4,
+        "Hessian spectral density at step 50, one panel per normalizer",
+        analyses=("fig3_4_6_wrn_training", "fig4_wrn_skip_training"),
+    ),
+    FigureSpec(
+        "fig6a",
+        F.fig6a,
+        "Hessian outlier ratio λ1/λK through training",
+        analyses=("fig3_4_6_wrn_training",),
+    ),
+    FigureSpec(
+        "fig6b",
+        F.fig6b,
+        "largest Hessian eigenvalue λ1 through training",
+        analyses=("fig3_4_6_wrn_training",),
+    ),
     FigureSpec(
         "fig5",
         E.fig5,
         "final test accuracy against batch size, with and without aggregated statistics",
         plain_for=ALL,
+        analyses=("fig5_batch_size",),
     ),
     FigureSpec(
         "figA_renorm",
         E.fig_renorm,
         "BatchNorm vs Batch Renorm on microbatches and non-i.i.d. batches (002)",
         plain_for=ALL,
+        analyses=("renorm_small_noniid",),
     ),
     FigureSpec(
         "figA_balnorm",
         E.fig_balnorm,
         "BalNorm vs BatchNorm and GroupNorm: loss and accuracy through training (000)",
         plain_for=ALL,
+        analyses=("balnorm_convergence",),
     ),
     FigureSpec(
         "figT_transformer",
@@ -107,18 +152,21 @@ FIGURES: tuple[FigureSpec, ...] = (
         "Transformer LM: test perplexity, representations at init, Hessian outlier ratio",
         ("transformer",),
         ("transformer",),
+        analyses=("transformer",),
     ),
     FigureSpec(
         "properties",
         properties_figure,
         "the measured properties table (003 Table 2) as a heatmap: verdicts and numbers",
         plain_for=ALL,
+        analyses=("properties",),
     ),
     FigureSpec(
         "figA_regnorm_mean",
         E.fig_regnorm_mean,
         "each layer's batch mean R_l through training, RegNorm vs LayerNorm (003 appendix)",
         plain_for=ALL,
+        analyses=("regnorm_batch_mean",),
     ),
 )
 
@@ -158,38 +206,27 @@ class PlotReport:
         return out
 
 
-def _formats(formats: str | Iterable[str]) -> list[str]:
-    items = formats.split(",") if isinstance(formats, str) else list(formats)
-    items = [f.strip().lower().lstrip(".") for f in items if f.strip()]
-    bad = [f for f in items if f not in FORMATS]
-    if bad or not items:
-        from normprobe.errors import NormprobeError
-
-        raise NormprobeError(
-            f"--format: {', '.join(bad) or 'nothing'} is not a figure format; "
-            f"use a comma-separated list of {', '.join(FORMATS)}"
-        )
-    return items
-
-
 def plot_results(
     results: Results | str | Path,
     out: str | Path,
     *,
     formats: str | Sequence[str] = ("png",),
     only: Sequence[str] | None = None,
+    property_table: PropertyTable | None = None,
 ) -> PlotReport:
     """Draw every figure ``results`` supports into ``out`` as ``<name>.<format>``.
 
     ``only`` restricts to figure names (``fig4_skip``) or base names
     (``fig4``). Figures without data are reported in ``skipped`` with the
-    reason; nothing is trained or probed.
+    reason; nothing is trained or probed. ``property_table``: the properties
+    table to draw as the ``properties`` heatmap (default: judged from
+    ``results`` alone, see :func:`normprobe.plotting.properties.properties_figure`;
+    the CLI passes :func:`normprobe.measure_properties`, which adds every zoo
+    normalizer and the sequence leaks).
     """
     if not isinstance(results, Results):
-        from normprobe.results import load_results
-
         results = load_results(results)
-    kinds = _formats(formats)
+    kinds = parse_formats(formats)
     out = Path(out)
     variant = model_variant(results)
     report = PlotReport()
@@ -204,7 +241,10 @@ def plot_results(
             continue
         try:
             with style_context():
-                drawn = spec.draw(results)
+                if spec.base == "properties":
+                    drawn = properties_figure(results, property_table)
+                else:
+                    drawn = spec.draw(results)
                 fig = drawn if isinstance(drawn, Figure) else drawn.figure
                 out.mkdir(parents=True, exist_ok=True)
                 paths = []

@@ -8,6 +8,8 @@ itself computed from stored results.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -15,15 +17,17 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from normprobe.plotting.figures import FigureSkipped
+from normprobe.plotting.style import parse_formats, style_context
+from normprobe.properties import NOT_MEASURED, PropertiesError, PropertyTable, judge_properties
 from normprobe.results import Results
 
-__all__ = ["heatmap", "properties_figure"]
+__all__ = ["heatmap", "properties_figure", "write_properties"]
 
 COLOURS = {"-": "#f4a6a6", "not measured": "#e0e0e0", "+": "#a8dba8"}
 CODES = {"-": 0, "not measured": 1, "+": 2}
 
 
-def heatmap(table) -> Figure:
+def heatmap(table: PropertyTable) -> Figure:
     """One row per normalizer, one column per property; the colour is the verdict."""
     verdicts = table.wide("verdict")
     shown = table.wide("shown")
@@ -62,14 +66,17 @@ def heatmap(table) -> Figure:
     return fig
 
 
-def properties_figure(results: Results) -> Figure:
-    """The heatmap of ``results`` (skipped when nothing but the normalizer-only row is measured)."""
-    from normprobe.properties import NOT_MEASURED, PropertiesError, measure_properties
+def properties_figure(results: Results, table: PropertyTable | None = None) -> Figure:
+    """The heatmap of ``table`` (default: judged from ``results`` alone).
 
-    try:
-        table = measure_properties(results)
-    except PropertiesError as err:  # no measurements at all
-        raise FigureSkipped(str(err)) from None
+    Skipped when nothing but the sequence property (measured on the
+    normalizers, not from results) is measured.
+    """
+    if table is None:
+        try:
+            table = judge_properties(results)
+        except PropertiesError as err:  # no measurements at all
+            raise FigureSkipped(str(err)) from None
     measured = table.cells[
         (table.cells["property"] != "sequential") & (table.cells["verdict"] != NOT_MEASURED)
     ]
@@ -79,3 +86,22 @@ def properties_figure(results: Results) -> Figure:
             "(or an analysis with the probes it reads)"
         )
     return heatmap(table)
+
+
+def write_properties(
+    table: PropertyTable, out: str | Path, formats: str | Sequence[str] = ("png",)
+) -> list[Path]:
+    """``properties.md``, ``properties.csv`` and the heatmap ``properties.<format>`` in ``out``.
+
+    ``formats``: a list or a comma-separated string of png, pdf, svg.
+    """
+    kinds = parse_formats(formats)
+    written = table.write_text(out)
+    with style_context():
+        fig = heatmap(table)
+        for kind in kinds:
+            path = Path(out) / f"properties.{kind}"
+            fig.savefig(path)
+            written.append(path)
+    plt.close(fig)
+    return written

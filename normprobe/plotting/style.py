@@ -9,10 +9,12 @@ applied inside :func:`style_context`, never through global ``rcParams``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import matplotlib as mpl
+
+from normprobe.errors import NormprobeError
 
 __all__ = ["NORM_STYLE", "color", "marker", "label", "style_context", "norm_order"]
 
@@ -84,3 +86,24 @@ def style_context() -> Iterator[None]:
     """The figure style, applied only inside the block."""
     with mpl.rc_context(RC):
         yield
+
+
+#: The figure file formats the gallery and the properties heatmap write.
+FORMATS = ("png", "pdf", "svg")
+
+
+def parse_formats(formats: str | Iterable[str]) -> list[str]:
+    """Figure formats from a list or a comma-separated string (``"png, .PDF"``); one clear error.
+
+    >>> parse_formats("png, .PDF")
+    ['png', 'pdf']
+    """
+    items = formats.split(",") if isinstance(formats, str) else list(formats)
+    items = [f.strip().lower().lstrip(".") for f in items if f.strip()]
+    bad = [f for f in items if f not in FORMATS]
+    if bad or not items:
+        raise NormprobeError(
+            f"--format: {', '.join(bad) or 'nothing'} is not a figure format; "
+            f"use a comma-separated list of {', '.join(FORMATS)}"
+        )
+    return items

@@ -287,7 +287,7 @@ def test_cli_figures_names_an_unknown_group(capsys: pytest.CaptureFixture[str]) 
 
 def test_every_group_has_a_quick_and_a_paper_config_that_validate() -> None:
     from normprobe.config import load_config
-    from normprobe.plotting.regenerate import GROUPS, config_path
+    from normprobe.figureset import GROUPS, config_path
 
     root = Path(__file__).resolve().parents[2] / "analyses"
     for group in GROUPS:

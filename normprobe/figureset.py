@@ -6,9 +6,8 @@ at the seed paper's scale (MNIST / CIFAR-10, WRN-26-2, 512 Hessian samples).
 The results go to ``runs/figures/<group>`` (finished runs are kept, so a
 second call resumes) and the group's figures to one folder.
 
-This is the one module under ``plotting`` that runs analyses; it imports
-:mod:`normprobe.analyze` only inside :func:`regenerate`, so drawing stays a
-reader of stored tables.
+This module runs analyses and then draws; :mod:`normprobe.plotting` itself
+only reads stored tables.
 """
 
 from __future__ import annotations
@@ -19,31 +18,52 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normprobe.errors import NormprobeError
+import torch
 
-__all__ = ["GROUPS", "Group", "RegenerateReport", "regenerate", "config_path"]
+from normprobe.analyze import analyze, summary_line
+from normprobe.errors import NormprobeError
+from normprobe.plotting import FIGURES, plot_results
+from normprobe.properties import PropertiesError, PropertyTable
+from normprobe.results import Results, load_results
+from normprobe.zoo_measures import measure_properties
+
+__all__ = [
+    "GROUPS",
+    "ORDER",
+    "Group",
+    "RegenerateReport",
+    "regenerate",
+    "config_path",
+    "property_table",
+]
 
 
 @dataclass(frozen=True)
 class Group:
-    """One analysis (``analyses/<name>.yaml``) and the figures drawn from it."""
+    """One analysis (``analyses/<name>.yaml``) and the figures drawn from it (base names:
+    the gallery names each for the analysis' model, e.g. ``fig4`` drawn as ``fig4_skip``)."""
 
     name: str
     figures: tuple[str, ...]
 
 
-GROUPS: tuple[Group, ...] = (
-    Group("fig1_mlp_init", ("fig1a", "fig1b")),
-    Group("fig2_wrn_init", ("fig2a", "fig2b")),
-    Group("fig2_wrn_skip_init", ("fig2a_skip", "fig2b_skip")),
-    Group("fig3_4_6_wrn_training", ("fig3a", "fig3b", "fig3c", "fig4", "fig6a", "fig6b")),
-    Group("fig4_wrn_skip_training", ("fig4_skip",)),
-    Group("fig5_batch_size", ("fig5",)),
-    Group("renorm_small_noniid", ("figA_renorm",)),
-    Group("balnorm_convergence", ("figA_balnorm",)),
-    Group("regnorm_batch_mean", ("figA_regnorm_mean",)),
-    Group("transformer", ("figT_transformer",)),
-    Group("properties", ("properties",)),
+#: the figure set's analyses, in the order they run (each ``analyses/<name>.yaml``)
+ORDER = (
+    "fig1_mlp_init",
+    "fig2_wrn_init",
+    "fig2_wrn_skip_init",
+    "fig3_4_6_wrn_training",
+    "fig4_wrn_skip_training",
+    "fig5_batch_size",
+    "renorm_small_noniid",
+    "balnorm_convergence",
+    "regnorm_batch_mean",
+    "transformer",
+    "properties",
+)
+#: each analysis and the figures drawn from it (as each figure of the gallery names them)
+GROUPS: tuple[Group, ...] = tuple(
+    Group(name, tuple(spec.base for spec in FIGURES if name in spec.analyses)) for name in ORDER
 )
 
 
@@ -85,8 +105,6 @@ def regenerate(
     at quick scale: the small networks gain nothing from more, and on a busy
     machine two threads made a run several times slower).
     """
-    from normprobe.plotting.gallery import plot_results
-
     if scale not in ("quick", "paper"):
         raise NormprobeError(f"--scale: {scale!r} is not a scale; use quick or paper")
     if log is None:
@@ -111,8 +129,6 @@ def regenerate(
     if threads is None and scale == "quick":
         threads = 1
     if threads is not None and not plot_only:
-        import torch
-
         if threads < 1:
             raise NormprobeError(f"--threads: give a positive number, got {threads}")
         torch.set_num_threads(threads)
@@ -123,12 +139,8 @@ def regenerate(
         directory = runs / group.name
         try:
             if plot_only:
-                from normprobe.results import load_results
-
                 results = load_results(directory)
             else:
-                from normprobe.analyze import analyze, summary_line
-
                 log(f"== {group.name}: {config_path(analyses, group.name, scale)} -> {directory}")
                 results = analyze(
                     config_path(analyses, group.name, scale),
@@ -137,7 +149,13 @@ def regenerate(
                     quiet=quiet,
                 )
                 log(summary_line(results))
-            drawn = plot_results(results, out, formats=formats, only=group.figures)
+            drawn = plot_results(
+                results,
+                out,
+                formats=formats,
+                only=group.figures,
+                property_table=property_table(results, group.figures),
+            )
         except NormprobeError as err:
             report.failed[group.name] = str(err)
             log(f"{group.name}: failed: {err}")
@@ -156,3 +174,18 @@ def regenerate(
         f"{len(report.failed)} groups failed; {time.perf_counter() - total:.0f} s in all"
     )
     return report
+
+
+def property_table(results: Results, figures: Sequence[str] | None) -> PropertyTable | None:
+    """The properties table for the heatmap when ``figures`` (None: all) include it.
+
+    :func:`normprobe.measure_properties`: every zoo normalizer, and the
+    sequence leaks measured on the normalizers; None when the results hold
+    no measurements (the heatmap is then skipped with the reason).
+    """
+    if figures is not None and "properties" not in figures:
+        return None
+    try:
+        return measure_properties(results)
+    except PropertiesError:
+        return None

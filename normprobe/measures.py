@@ -1,0 +1,410 @@
+"""The table of measures: every probe and the Hessian, registered once.
+
+A :class:`Measure` says what it reads (the probe batches, the Hessian set,
+the loss), what it writes (metric names, and which result table), which
+config switch turns it on and on which schedule it runs. A run dispatches
+over :data:`MEASURES` at each scheduled step (:func:`measure_step`), and so
+can any other driver, e.g. a recorder inside the user's own training loop:
+build :class:`MeasureInputs` once, then call :func:`measure_step` with the
+model at each step.
+
+Adding a probe: write it (``normprobe/probes/``), register it here with
+:func:`register`, and give it a switch under ``probes:`` in
+:mod:`normprobe.config` (the config hash needs no patch: it hashes the
+fields that differ from their defaults).
+
+>>> [m.name for m in MEASURES.values()]  # doctest: +NORMALIZE_WHITESPACE
+['representation', 'gradients', 'batch_dependence', 'train_eval_gap', 'signal',
+ 'batch_mean', 'hessian']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from torch import nn
+
+from normprobe.config import ConfigError, HessianConfig, ProbesConfig
+from normprobe.hessian import hessian_spectrum
+from normprobe.probes import (
+    ProbeError,
+    batch_mean,
+    gradient_correlation,
+    gradient_norms,
+    gradient_statistics,
+    growth_rate,
+    representation_correlation,
+)
+from normprobe.probes.capture import is_normalizer
+from normprobe.probes.structure import batch_dependence, signal_statistics, train_eval_gap
+from normprobe.training import loss_for, norm_batch_of
+
+__all__ = [
+    "Measure",
+    "MeasureInputs",
+    "MEASURES",
+    "TABLES",
+    "register",
+    "enabled_measures",
+    "measure_step",
+    "hessian_chunks",
+    "has_norm_layers",
+]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+#: the tables a measure may write (besides ``metrics``, the Hessian's SLQ nodes and densities)
+TABLES = ("metrics", "hessian_nodes", "hessian_density")
+Tables = dict[str, list[pd.DataFrame]]
+
+
+@dataclass(frozen=True)
+class MeasureInputs:
+    """What the measures read, fixed for a whole run: the batches on the model's device.
+
+    ``batch_a``/``batch_b``: two disjoint probe batches (inputs, targets);
+    ``hessian_set``: the Hessian's probe set (None when no Hessian is
+    measured); ``seed``: the run's seed (a probe at step ``t`` draws with
+    ``seed + t`` or ``seed``, so measuring never touches the global RNG);
+    ``num_classes``: K of the outlier ratio ``lambda_1 / lambda_K``.
+    """
+
+    batch_a: Batch
+    batch_b: Batch
+    hessian_set: Batch | None = None
+    seed: int = 0
+    num_classes: int | None = None
+
+    def to(self, device: torch.device | str) -> MeasureInputs:
+        """The same inputs on ``device``."""
+
+        def move(batch: Batch | None) -> Batch | None:
+            return None if batch is None else (batch[0].to(device), batch[1].to(device))
+
+        return MeasureInputs(
+            move(self.batch_a),
+            move(self.batch_b),
+            move(self.hessian_set),
+            self.seed,
+            self.num_classes,
+        )
+
+
+Compute = Callable[[nn.Module, int, MeasureInputs, ProbesConfig, HessianConfig], Tables]
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One registered measure.
+
+    ``switches``: the config sections (``probes.<name>`` or ``hessian``)
+    whose ``enabled`` turns it on (any of them); ``schedule``: the probe
+    schedule or the Hessian's; ``reads``/``writes``: what it takes from
+    :class:`MeasureInputs` and the metric names it records (documentation
+    and a recorder can list them); ``compute(model, step, inputs,
+    probes, hessian)`` returns frames per table (without the step column:
+    :func:`measure_step` adds it).
+    """
+
+    name: str
+    switches: tuple[str, ...]
+    schedule: Literal["probes", "hessian"]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    compute: Compute
+
+    def enabled(self, probes: ProbesConfig, hessian: HessianConfig) -> bool:
+        """Whether the config turns this measure on."""
+        for switch in self.switches:
+            section, _, key = switch.partition(".")
+            node = hessian if section == "hessian" else getattr(probes, key)
+            if node.enabled:
+                return True
+        return False
+
+
+#: name -> measure, in the order a step measures them (the order of the result rows)
+MEASURES: dict[str, Measure] = {}
+
+
+def register(measure: Measure) -> Measure:
+    """Add ``measure`` to :data:`MEASURES` (after the others); a name is registered once."""
+    if measure.name in MEASURES:
+        raise ValueError(f"measure {measure.name!r} is already registered")
+    MEASURES[measure.name] = measure
+    return measure
+
+
+def enabled_measures(
+    probes: ProbesConfig, hessian: HessianConfig, *, schedule: str | None = None
+) -> list[Measure]:
+    """The measures the config turns on (optionally only those on ``schedule``), in order."""
+    return [
+        m
+        for m in MEASURES.values()
+        if m.enabled(probes, hessian) and (schedule is None or m.schedule == schedule)
+    ]
+
+
+def measure_step(
+    model: nn.Module,
+    step: int,
+    inputs: MeasureInputs,
+    measures: Iterable[Measure],
+    probes: ProbesConfig,
+    hessian: HessianConfig,
+) -> Tables:
+    """Run ``measures`` on ``model`` at ``step``; frames per table, each with a ``step`` column.
+
+    Every measure leaves the model exactly as found (the probes' contract).
+    """
+    out: Tables = {name: [] for name in TABLES}
+    for m in measures:
+        for table, frames in m.compute(model, step, inputs, probes, hessian).items():
+            out[table].extend(_tagged(frame, step) for frame in frames)
+    return out
+
+
+def _tagged(frame: pd.DataFrame, step: int) -> pd.DataFrame:
+    frame = frame.copy()
+    frame.insert(0, "step", step)
+    return frame
+
+
+# --------------------------------------------------------------------------- the measures
+
+
+def _representation(
+    model: nn.Module, step: int, inputs: MeasureInputs, pc: ProbesConfig, hc: HessianConfig
+) -> Tables:
+    rc = pc.representation
+    kwargs: dict[str, Any] = {"pairing": rc.pairing, "mode": rc.mode, "layers": rc.layers}
+    if rc.pairing == "noise":
+        kwargs.update(noise_scale=rc.noise_scale, seed=inputs.seed + step)
+    elif rc.pairing == "independent":
+        kwargs["x_other"] = inputs.batch_b[0]
+    return {"metrics": [representation_correlation(model, inputs.batch_a[0], **kwargs)]}
+
+
+def _gradients(
+    model: nn.Module, step: int, inputs: MeasureInputs, pc: ProbesConfig, hc: HessianConfig
+) -> Tables:
+    # mean cross-entropy: per example, or per token for a language model
+    loss_fn = loss_for(model)
+    a, b = inputs.batch_a, inputs.batch_b
+    gc, gn = pc.gradient_correlation, pc.gradient_norms
+    frames: list[pd.DataFrame] = []
+    norms: pd.DataFrame | None = None
+    if gc.enabled and gn.enabled and (gc.layers, gc.mode) == (gn.layers, gn.mode):
+        # batch_a's gradients serve both probes: one pass pair instead of three passes
+        both = gradient_statistics(model, loss_fn, a, b, layers=gc.layers, mode=gc.mode)
+        frames.append(both[both["metric"] == "grad_corr"])
+        norms = both[both["metric"] != "grad_corr"]
+    else:
+        if gc.enabled:
+            frames.append(
+                gradient_correlation(model, loss_fn, a, b, layers=gc.layers, mode=gc.mode)
+            )
+        if gn.enabled:
+            norms = gradient_norms(model, loss_fn, a, layers=gn.layers, mode=gn.mode)
+    if norms is not None:
+        norms = norms.reset_index(drop=True)
+        frames.append(norms)
+        growth = {
+            "layer": [None],
+            "depth": [float("nan")],
+            "metric": ["grad_growth_rate"],
+            "value": [_growth_or_nan(norms)],
+        }
+        frames.append(pd.DataFrame(growth))
+    return {"metrics": frames}
+
+
+def _growth_or_nan(frame: pd.DataFrame) -> float:
+    """The growth rate, or NaN where it is undefined (a layer whose gradient is exactly zero,
+    as in a network that died in training): a measurement, not a reason to fail the run."""
+    try:
+        return growth_rate(frame)
+    except ProbeError:
+        return float("nan")
+
+
+def _batch_dependence(
+    model: nn.Module, step: int, inputs: MeasureInputs, pc: ProbesConfig, hc: HessianConfig
+) -> Tables:
+    x, x_other = inputs.batch_a[0], inputs.batch_b[0]
+    layers = pc.batch_dependence.layers
+    return {
+        "metrics": [
+            batch_dependence(model, x, x_other, layers=layers, mode=mode, seed=inputs.seed)
+            for mode in ("train", "eval")
+        ]
+    }
+
+
+def _train_eval_gap(
+    model: nn.Module, step: int, inputs: MeasureInputs, pc: ProbesConfig, hc: HessianConfig
+) -> Tables:
+    x, layers = inputs.batch_a[0], pc.train_eval_gap.layers
+    return {"metrics": [train_eval_gap(model, x, layers=layers, seed=inputs.seed)]}
+
+
+def _signal(
+    model: nn.Module, step: int, inputs: MeasureInputs, pc: ProbesConfig, hc: HessianConfig
+) -> Tables:
+    x, layers = inputs.batch_a[0], pc.signal.layers
+    return {"metrics": [signal_statistics(model, x, layers=layers, seed=inputs.seed)]}
+
+
+def has_norm_layers(model: nn.Module) -> bool:
+    """Whether ``model`` has a normalization layer for :func:`normprobe.probes.batch_mean`."""
+    return any(is_normalizer(m) for m in model.modules())
+
+
+def _batch_mean(
+    model: nn.Module, step: int, inputs: MeasureInputs, pc: ProbesConfig, hc: HessianConfig
+) -> Tables:
+    if not has_norm_layers(model):  # nothing to measure (normalizer none, weight norm)
+        return {}
+    x, mode = inputs.batch_a[0], pc.batch_mean.mode
+    return {"metrics": [batch_mean(model, x, mode=mode, seed=inputs.seed)]}
+
+
+def hessian_chunks(data: Batch, chunk_size: int, norm_batch: int | None) -> Batch | list[Batch]:
+    """The Hessian set as ``hessian_spectrum`` takes it.
+
+    Without microbatch normalizers, the set itself (cut into nearly equal
+    chunks there). With ``norm_batch`` g, consecutive chunks of
+    ``chunk_size`` (a multiple of g, checked with the config) and a last
+    chunk of the rest, so every chunk is a whole number of microbatches; a
+    remainder of fewer than g examples (only when the training set is
+    smaller than ``data.hessian_samples``) is left out.
+    """
+    if norm_batch is None:
+        return data
+    x, y = data
+    n = len(x) // norm_batch * norm_batch
+    if n == 0:
+        raise ConfigError(
+            f"data.hessian_samples: the Hessian set has {len(x)} examples, fewer than one "
+            f"microbatch of norm_batch {norm_batch}"
+        )
+    return [
+        (x[i : min(i + chunk_size, n)], y[i : min(i + chunk_size, n)])
+        for i in range(0, n, chunk_size)
+    ]
+
+
+def _hessian(
+    model: nn.Module, step: int, inputs: MeasureInputs, pc: ProbesConfig, hc: HessianConfig
+) -> Tables:
+    if inputs.hessian_set is None:
+        raise ValueError("the hessian measure needs MeasureInputs.hessian_set")
+    spectrum = hessian_spectrum(
+        model,
+        loss_for(model),
+        hessian_chunks(inputs.hessian_set, hc.chunk_size, norm_batch_of(model)),
+        what=tuple(dict.fromkeys(hc.pieces)),
+        n_samples=None,  # the whole set given (data.hessian_samples long in an analysis)
+        steps=hc.lanczos_steps,
+        num_vectors=hc.start_vectors,
+        k=hc.top_k,
+        # K of the outlier ratio: the classes (003 sec. 6) unless the config says
+        num_classes=hc.outlier_k or inputs.num_classes,
+        trace_samples=hc.trace_samples,
+        norm_mode=hc.norm_mode,
+        chunk_size=hc.chunk_size,
+        dtype=getattr(torch, hc.dtype),
+        seed=inputs.seed + step,
+    )
+    # the spectrum's own seed would collide with the run's seed column
+    table = spectrum.to_frame().rename(columns={"seed": "probe_seed"})
+    nodes = table["metric"] == "slq_node"
+    out: Tables = {"metrics": [table[~nodes]], "hessian_nodes": [table[nodes]]}
+    if spectrum.nodes is not None:
+        density = spectrum.density()
+        density.insert(0, "norm_mode", spectrum.norm_mode)
+        out["hessian_density"] = [density]
+    return out
+
+
+register(
+    Measure(
+        "representation",
+        ("probes.representation",),
+        "probes",
+        reads=("batch_a", "batch_b (pairing independent)"),
+        writes=("repr_corr_noise", "repr_corr_independent", "repr_corr_within"),
+        compute=_representation,
+    )
+)
+register(
+    Measure(
+        "gradients",
+        ("probes.gradient_correlation", "probes.gradient_norms"),
+        "probes",
+        reads=("batch_a", "batch_b", "loss"),
+        writes=("grad_corr", "grad_norm", "grad_norm_ratio", "grad_growth_rate"),
+        compute=_gradients,
+    )
+)
+register(
+    Measure(
+        "batch_dependence",
+        ("probes.batch_dependence",),
+        "probes",
+        reads=("batch_a", "batch_b"),
+        writes=("batch_dependence",),
+        compute=_batch_dependence,
+    )
+)
+register(
+    Measure(
+        "train_eval_gap",
+        ("probes.train_eval_gap",),
+        "probes",
+        reads=("batch_a",),
+        writes=("train_eval_gap",),
+        compute=_train_eval_gap,
+    )
+)
+register(
+    Measure(
+        "signal",
+        ("probes.signal",),
+        "probes",
+        reads=("batch_a",),
+        writes=("signal_sq_mean", "signal_var"),
+        compute=_signal,
+    )
+)
+register(
+    Measure(
+        "batch_mean",
+        ("probes.batch_mean",),
+        "probes",
+        reads=("batch_a",),
+        writes=("batch_mean_sq",),
+        compute=_batch_mean,
+    )
+)
+register(
+    Measure(
+        "hessian",
+        ("hessian",),
+        "hessian",
+        reads=("hessian_set", "loss"),
+        writes=(
+            "eigenvalue",
+            "smallest_eigenvalue",
+            "outlier_ratio",
+            "trace",
+            "slq_node",
+            "density",
+        ),
+        compute=_hessian,
+    )
+)

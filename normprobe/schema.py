@@ -1,0 +1,465 @@
+"""The sections of the analysis config: model, data, train, probes, hessian.
+
+Each section is a strict pydantic model (unknown keys rejected, with the
+closest valid key suggested); :class:`normprobe.config.Config` puts them
+together. A new probe gets its switch here: a field of
+:class:`ProbesConfig` and its name in :data:`PROBES`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from normprobe.configtools import ConfigError, PathError, Strict, canonical, import_factory, suggest
+from normprobe.data import DATASETS, dataset_options
+from normprobe.models import MODELS, model_options
+from normprobe.norms import NORMS
+
+__all__ = [
+    "Schedule",
+    "ModelConfig",
+    "DataConfig",
+    "TrainConfig",
+    "SamplerConfig",
+    "BatchStatsEval",
+    "RepresentationProbe",
+    "GradientProbe",
+    "BatchMeanProbe",
+    "StructuralProbe",
+    "ProbesConfig",
+    "HessianConfig",
+    "PROBES",
+    "LayerSpec",
+    "LearningRates",
+]
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+class Schedule(Strict):
+    """Training steps at which to measure; step 0 (initialization) is always included.
+
+    Give explicit ``steps``, or ``every`` k steps, or ``log`` points spaced
+    logarithmically up to the last step. ``every`` and ``log`` include the
+    last training step. In YAML a plain list means ``steps``.
+    """
+
+    steps: list[int] | None = None
+    every: int | None = Field(None, ge=1)
+    log: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return {"steps": list(value)}
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"steps": [value]}
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _non_negative(cls, steps: list[int] | None) -> list[int] | None:
+        if steps is not None:
+            for i, s in enumerate(steps):
+                if s < 0:
+                    raise ValueError(f"step {s} at position {i} is negative; steps count from 0")
+        return steps
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Schedule:
+        given = [k for k in ("steps", "every", "log") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of steps, every or log, not {' and '.join(given)}")
+        return self
+
+    def resolve(self, total_steps: int) -> list[int]:
+        """The sorted step list for a run of ``total_steps`` (0 always; beyond the end dropped)."""
+        points = {0}
+        if self.steps is not None:
+            points |= {s for s in self.steps if s <= total_steps}
+        elif self.every is not None:
+            points |= set(range(0, total_steps + 1, self.every)) | {total_steps}
+        elif self.log is not None and total_steps > 0:
+            n = self.log
+            for i in range(n):
+                points.add(round(total_steps ** (i / max(n - 1, 1))) if n > 1 else total_steps)
+            points.add(total_steps)
+        return sorted(points)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class ModelConfig(Strict):
+    """A zoo model (``name``) or the user's own (``factory: package.module:function``).
+
+    The factory is called as ``factory(norm=<normalizer>, **options)``. With
+    ``swap_norms: true`` it is called as ``factory(**options)`` and its torch
+    BatchNorm/GroupNorm/LayerNorm layers are replaced by the normalizer.
+
+    ``norm_options`` gives normalizer options per normalizer, ``{default:
+    {...}, <normalizer or alias>: {...}}`` (see :meth:`Config.norm_options_for`):
+    zoo models get the run's options as their ``norm_options``, swapped layers
+    are built with them, and a factory is called with ``norm_options=...``
+    when there are any (so it must then accept that keyword).
+    """
+
+    name: str | None = None
+    factory: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    swap_norms: bool = False
+    # normalizer options per normalizer: {default: {...}, <normalizer>: {...}}; see
+    # Config.norm_options_for. Checked against the normalizers in Config._norm_options_ok.
+    norm_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"factory": value} if ":" in value else {"name": value}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError(
+                "give exactly one of name (a zoo model: "
+                f"{', '.join(_model_names())}) or factory (package.module:function)"
+            )
+        if self.name is not None:
+            self.__dict__["name"] = canonical(MODELS, self.name, "name")
+            if self.swap_norms:
+                raise ValueError(
+                    "swap_norms applies to a factory model; zoo models take norm directly"
+                )
+            valid = model_options(self.name)
+            for key in self.options:
+                if key not in valid:
+                    raise PathError(
+                        ("options", key),
+                        f"model {self.name!r} has no option {key!r}; {suggest(key, list(valid))}"
+                        f"its options are: {', '.join(valid)}",
+                    )
+        else:
+            try:
+                import_factory(self.factory)
+            except ValueError as err:
+                raise PathError(("factory",), str(err)) from None
+        return self
+
+
+class DataConfig(Strict):
+    """The dataset, its loader options, and the sizes of the probe batches."""
+
+    name: str = "digits"
+    options: dict[str, Any] = Field(default_factory=dict)
+    probe_batch: int = Field(128, ge=2)
+    hessian_samples: int = Field(512, ge=2)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        self.__dict__["name"] = canonical(DATASETS, self.name, "name")
+        valid = dataset_options(self.name)
+        for key in self.options:
+            if key not in valid:
+                raise PathError(
+                    ("options", key),
+                    f"dataset {self.name!r} has no option {key!r}; {suggest(key, list(valid))}"
+                    f"its options are: {', '.join(valid)}",
+                )
+        return self
+
+
+LearningRates = float | list[float] | dict[str, float | list[float]]
+
+
+class SamplerConfig(Strict):
+    """How training minibatches are drawn (``train.sampler``).
+
+    ``iid`` (default): a fresh random permutation of the training set each
+    epoch, cut into batches (the incomplete last batch dropped).
+    ``labels``: a non-i.i.d. minibatch of ``labels_per_batch`` distinct labels
+    (drawn uniformly, whatever the class sizes) and ``per_label`` examples of
+    each, grouped by label; the batch size must be their product. Each
+    label's examples are shuffled and used ``per_label`` at a time without
+    replacement; when fewer than ``per_label`` are left, that remainder is
+    dropped and the label's examples are reshuffled (a per-label epoch). In
+    YAML ``sampler: iid`` is short for ``{kind: iid}``.
+    """
+
+    kind: Literal["iid", "labels"] = "iid"
+    labels_per_batch: int | None = Field(None, ge=1)
+    per_label: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"kind": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplerConfig:
+        if self.kind == "labels":
+            for key in ("labels_per_batch", "per_label"):
+                if getattr(self, key) is None:
+                    raise PathError(
+                        (key,),
+                        f"the labels sampler needs {key}, e.g. "
+                        "{kind: labels, labels_per_batch: 5, per_label: 8}",
+                    )
+        else:
+            for key in ("labels_per_batch", "per_label"):
+                if getattr(self, key) is not None:
+                    raise PathError(
+                        (key,), f"{key} applies to kind: labels only; remove it or set kind: labels"
+                    )
+        return self
+
+
+class BatchStatsEval(Strict):
+    """Accuracy and loss without aggregated statistics (``train.eval_batch_stats``).
+
+    When enabled, every measured step also records ``test_acc_batchstats``,
+    ``test_loss_batchstats``, ``train_acc_batchstats`` and
+    ``train_loss_batchstats``: the model in train-mode normalization on
+    consecutive batches of ``batch_size`` examples (default: the training
+    batch size), normalized with each batch's own statistics, with running
+    statistics frozen and the model left exactly as found. In YAML ``true``
+    or a batch size is short for ``{enabled: true, batch_size: ...}``.
+
+    ``batches: sampler`` (with ``train.sampler.kind: labels``) evaluates on
+    batches drawn the way training batches are, ``labels_per_batch`` distinct
+    labels x ``per_label`` examples each (002 sec. 3.3: "training mode" on
+    test minibatches built by the same procedure), fixed by ``data.seed``;
+    every example is used at most once, and those that cannot fill such a
+    batch (at most ``per_label - 1`` per label, plus the labels left over
+    at the end) are left out. ``batch_size`` must then be unset.
+    """
+
+    enabled: bool = False
+    batch_size: int | None = Field(None, ge=2)
+    batches: Literal["consecutive", "sampler"] = "consecutive"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return {"enabled": value}
+        if isinstance(value, int):
+            return {"enabled": True, "batch_size": value}
+        return value
+
+
+class TrainConfig(Strict):
+    """Optimizer, learning rate(s), batch size, steps and seeds of every run."""
+
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: LearningRates = 0.1
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(128, ge=2)
+    steps: int = Field(300, ge=0)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    regnorm_lambda: float = Field(0.1, ge=0.0)
+    eval_batch_size: int = Field(512, ge=2)
+    eval_train_samples: int = Field(1024, ge=1)
+    device: str = "cpu"
+    # torch's CPU threads while the analysis runs (None: torch's default, one per core).
+    # On a machine shared with other jobs, 1 avoids OpenMP threads waiting on each other.
+    threads: int | None = Field(None, ge=1)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    eval_batch_stats: BatchStatsEval = Field(default_factory=BatchStatsEval)
+
+    @model_validator(mode="after")
+    def _sampler_fits(self) -> TrainConfig:
+        s = self.sampler
+        bs = self.eval_batch_stats
+        if bs.batches == "sampler":
+            if s.kind != "labels":
+                raise PathError(
+                    ("eval_batch_stats", "batches"),
+                    "sampler batches copy a non-i.i.d. training sampler; set train.sampler to "
+                    "{kind: labels, ...} or use batches: consecutive",
+                )
+            if bs.batch_size is not None:
+                raise PathError(
+                    ("eval_batch_stats", "batch_size"),
+                    "with batches: sampler the batches have the sampler's size "
+                    "(labels_per_batch x per_label); remove batch_size",
+                )
+        if s.kind == "labels" and s.labels_per_batch * s.per_label != self.batch_size:
+            k, n = s.labels_per_batch, s.per_label
+            raise PathError(
+                ("batch_size",),
+                f"{self.batch_size} does not match train.sampler ({k} labels x {n} per label "
+                f"= {k * n}); set batch_size: {k * n} or change labels_per_batch/per_label",
+            )
+        return self
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seed_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_ok(cls, seeds: list[int]) -> list[int]:
+        if not seeds:
+            raise ValueError("give at least one seed, e.g. seeds: [0]")
+        for i, s in enumerate(seeds):
+            if s < 0:
+                raise PathError((i,), f"seed {s} is negative; seeds are integers >= 0")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds repeat: {seeds}; each seed names one run")
+        return seeds
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_ok(cls, lr: LearningRates) -> LearningRates:
+        def check(values: float | list[float], path: tuple[Any, ...]) -> None:
+            items = values if isinstance(values, list) else [values]
+            if isinstance(values, list) and not values:
+                raise PathError(path, "empty learning-rate list; give at least one rate")
+            for i, v in enumerate(items):
+                here = (*path, i) if isinstance(values, list) else path
+                if not (math.isfinite(v) and v > 0):
+                    raise PathError(here, f"learning rate must be a positive number, got {v!r}")
+
+        if isinstance(lr, dict):
+            for key, values in lr.items():
+                if key != "default" and key not in NORMS:
+                    raise PathError(
+                        (key,),
+                        f"{key!r} is not a normalizer; {suggest(key, [*NORMS, 'default'])}"
+                        "keys are normalizer names or 'default'",
+                    )
+                check(values, (key,))
+        else:
+            check(lr, ())
+        return lr
+
+    @field_validator("device")
+    @classmethod
+    def _device_ok(cls, device: str) -> str:
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"{device!r} is not a torch device; use cpu, cuda or cuda:0") from None
+        return device
+
+    def rates_for(self, normalizer: str) -> list[float]:
+        """The learning-rate grid of one normalizer."""
+        lr = self.lr
+        if isinstance(lr, dict):
+            by_name = {NORMS.canonical(k) if k != "default" else k: v for k, v in lr.items()}
+            if normalizer in by_name:
+                lr = by_name[normalizer]
+            elif "default" in by_name:
+                lr = by_name["default"]
+            else:
+                raise ConfigError(
+                    f"train.lr: no learning rate for normalizer {normalizer!r}; add "
+                    f"'{normalizer}: ...' or 'default: ...' under train.lr"
+                )
+        return [float(v) for v in (lr if isinstance(lr, list) else [lr])]
+
+
+LayerSpec = str | list[str] | None
+
+
+class RepresentationProbe(Strict):
+    """Representation correlation (DESIGN.md probe 1)."""
+
+    enabled: bool = True
+    pairing: Literal["noise", "independent", "within"] = "noise"
+    noise_scale: float = Field(0.3, gt=0.0)
+    layers: LayerSpec = None
+    mode: Literal["train", "eval"] = "train"
+
+
+class GradientProbe(Strict):
+    """Gradient correlation or gradient norms (DESIGN.md probes 2 and 3)."""
+
+    enabled: bool = True
+    layers: LayerSpec = None
+    mode: Literal["train", "eval"] = "train"
+
+
+class BatchMeanProbe(Strict):
+    """Each normalization layer's batch mean ``R_l`` (RegNorm's regularizer value; off by default)."""
+
+    enabled: bool = False
+    mode: Literal["train", "eval"] = "train"
+
+
+class StructuralProbe(Strict):
+    """A structural probe for the properties table: batch dependence (train and eval mode),
+    train/eval gap, or signal-propagation statistics (off by default)."""
+
+    enabled: bool = False
+    layers: LayerSpec = None
+
+
+#: the probes of ``probes:``, each ``true``/``false`` or its options
+PROBES = (
+    "representation",
+    "gradient_correlation",
+    "gradient_norms",
+    "batch_mean",
+    "batch_dependence",
+    "train_eval_gap",
+    "signal",
+)
+
+
+def _probe_switch(value: Any) -> Any:
+    return {"enabled": value} if isinstance(value, bool) else value
+
+
+class ProbesConfig(Strict):
+    """Which probes run, their options, and when (``schedule``)."""
+
+    representation: RepresentationProbe = Field(default_factory=RepresentationProbe)
+    gradient_correlation: GradientProbe = Field(default_factory=GradientProbe)
+    gradient_norms: GradientProbe = Field(default_factory=GradientProbe)
+    batch_mean: BatchMeanProbe = Field(default_factory=BatchMeanProbe)
+    batch_dependence: StructuralProbe = Field(default_factory=StructuralProbe)
+    train_eval_gap: StructuralProbe = Field(default_factory=StructuralProbe)
+    signal: StructuralProbe = Field(default_factory=StructuralProbe)
+    schedule: Schedule = Field(default_factory=lambda: Schedule(every=50))
+
+    _switch = field_validator(*PROBES, mode="before")(_probe_switch)
+
+    def any_enabled(self) -> bool:
+        """Whether any probe runs (then the probe schedule and the probe batches matter)."""
+        return any(getattr(self, name).enabled for name in PROBES)
+
+
+class HessianConfig(Strict):
+    """The Hessian spectrum (DESIGN.md probe 4) and its own, sparser schedule."""
+
+    enabled: bool = True
+    schedule: Schedule = Field(default_factory=lambda: Schedule(steps=[0, 50]))
+    lanczos_steps: int = Field(80, ge=2)
+    start_vectors: int = Field(1, ge=1)
+    pieces: list[Literal["density", "top", "smallest", "trace"]] = Field(
+        default_factory=lambda: ["density", "top", "smallest", "trace"], min_length=1
+    )
+    top_k: int = Field(10, ge=1)
+    trace_samples: int = Field(32, ge=2)
+    norm_mode: Literal["train", "eval"] = "train"
+    chunk_size: int = Field(128, ge=2)
+    dtype: Literal["float32", "float64"] = "float64"
+    # K of the outlier ratio lambda_1 / lambda_K (None: the dataset's number of classes, as in
+    # 003 sec. 6, which calls K "a heuristic guess"); the top max(top_k, K) eigenvalues are found
+    outlier_k: int | None = Field(None, ge=1)
+
+
+def _model_names() -> list[str]:
+    return MODELS.names()

@@ -1,0 +1,114 @@
+"""The table of measures and one run, used without ``analyze``."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from normprobe.config import HessianConfig, ProbesConfig, load_config
+from normprobe.measures import (
+    MEASURES,
+    Measure,
+    MeasureInputs,
+    enabled_measures,
+    measure_step,
+    register,
+)
+from normprobe.plan import RunSpec, plan_runs, prepare_data
+from normprobe.run import run_one
+
+TINY = {
+    "model": {"name": "mlp", "options": {"depth": 2, "width": 16}},
+    "normalizers": ["batch"],
+    "data": {"probe_batch": 32, "hessian_samples": 32},
+    "train": {"steps": 4, "batch_size": 32},
+    "probes": {"schedule": [0, 4], "signal": True},
+    "hessian": {"schedule": [4], "lanczos_steps": 4, "pieces": ["top"], "top_k": 2},
+}
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _inputs() -> MeasureInputs:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    return MeasureInputs((x[:8], y[:8]), (x[8:], y[8:]), (x, y), seed=3, num_classes=3)
+
+
+def test_every_probe_switch_and_the_hessian_has_one_measure() -> None:
+    switches = [s for m in MEASURES.values() for s in m.switches]
+    assert len(switches) == len(set(switches))
+    probes = {s.split(".", 1)[1] for s in switches if s.startswith("probes.")}
+    assert probes == set(ProbesConfig.model_fields) - {"schedule"}
+    assert "hessian" in switches
+    with pytest.raises(ValueError, match="already registered"):
+        register(MEASURES["signal"])
+
+
+def test_measures_run_on_any_module_outside_an_analysis_and_leave_it_as_found() -> None:
+    """What a recorder in the user's own training loop does: pick the measures, call a step."""
+    net, inputs = _net(), _inputs()
+    probes = ProbesConfig(signal=True, batch_mean=True)
+    hessian = HessianConfig(lanczos_steps=4, pieces=["top"], top_k=2)
+    chosen = enabled_measures(probes, hessian)
+    assert [m.name for m in chosen] == [
+        "representation",
+        "gradients",
+        "signal",
+        "batch_mean",
+        "hessian",
+    ]
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    tables = measure_step(net, 7, inputs, chosen, probes, hessian)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats included
+    assert not net.training and all(p.grad is None for p in net.parameters())
+    metrics = pd.concat(tables["metrics"], ignore_index=True)
+    assert set(metrics["step"]) == {7}
+    assert {"repr_corr_noise", "grad_corr", "grad_growth_rate", "signal_var"} <= set(
+        metrics["metric"]
+    )
+    assert {"batch_mean_sq", "eigenvalue"} <= set(metrics["metric"])
+    assert len(tables["hessian_nodes"]) == 1 and not tables["hessian_density"]
+    # the same step twice gives the same numbers: each measure seeds itself
+    again = pd.concat(
+        measure_step(net, 7, inputs, chosen, probes, hessian)["metrics"], ignore_index=True
+    )
+    pd.testing.assert_frame_equal(metrics, again, check_exact=True)
+
+
+def test_a_registered_measure_is_dispatched_by_the_run() -> None:
+    def count(model, step, inputs, probes, hessian):
+        n = sum(p.numel() for p in model.parameters())
+        return {"metrics": [pd.DataFrame({"layer": [None], "metric": ["params"], "value": [n]})]}
+
+    extra = Measure("params", ("probes.signal",), "probes", ("model",), ("params",), count)
+    register(extra)
+    try:
+        config, _ = load_config(TINY)
+        spec = plan_runs(config)[0]
+        record = run_one(spec, prepare_data(config))
+    finally:
+        del MEASURES["params"]
+    rows = record.tables["metrics"]
+    assert record.status == "done"
+    assert rows[rows["metric"] == "params"]["step"].tolist() == [0, 4]
+
+
+def test_run_one_needs_a_planned_spec_and_records_a_failure_as_failed() -> None:
+    config, _ = load_config(TINY)
+    data = prepare_data(config)
+    with pytest.raises(ValueError, match="has no config; build the specs with plan_runs"):
+        run_one(RunSpec("batch", 0.1, 0), data)
+    spec = plan_runs(config)[0]
+    assert spec.probe_steps == {0, 4} and spec.hessian_steps == {0, 4}  # 0 always
+    assert spec.measure_steps == {0, 4}
+    broken = RunSpec("batch", -1.0, 0, None, config)  # SGD refuses a negative rate
+    record = run_one(broken, data)
+    assert record.status == "failed" and "traceback" in record.info
