@@ -38,16 +38,19 @@ def _parameters(model: nn.Module) -> int:
 
 
 def estimate_parameters(config: Config, norm: str, dataset: Any) -> int | None:
-    """The parameter count of a deep zoo model, without building it (None if not deep).
+    """The parameter count of a zoo model, without allocating it (None for a factory).
 
-    Builds the model on torch's ``meta`` device (no memory) at the two
-    smallest depths it accepts and extrapolates linearly in ``depth``, so a
-    ``depth: 100000`` typo is caught in well under a second.
+    Builds the model on torch's ``meta`` device (no memory); a deep one at
+    the two smallest depths it accepts, extrapolated linearly in ``depth``,
+    so a ``depth: 100000`` typo is caught in well under a second.
     """
     mc = config.model
-    depth = mc.options.get("depth") if mc.name is not None else None
-    if not isinstance(depth, int) or depth <= _DEEP:
+    if mc.name is None:
         return None
+    depth = mc.options.get("depth")
+    if not isinstance(depth, int) or depth <= _DEEP:
+        with torch.device("meta"):  # wide rather than deep: the model itself, on no memory
+            return _parameters(build_run_model(config, norm, 0, dataset))
     points: list[tuple[int, int]] = []
     for d in range(1, _DEEP + 1):
         model_config = mc.model_copy(update={"options": {**mc.options, "depth": d}})
@@ -64,17 +67,18 @@ def estimate_parameters(config: Config, norm: str, dataset: Any) -> int | None:
 
 
 def check_model_size(config: Config, norm: str, dataset: Any) -> None:
-    """Refuse a zoo model larger than ``train.max_parameters`` before building it."""
+    """Refuse a zoo model larger than ``train.max_parameters``, or absurdly deep, before
+    building it."""
     count = estimate_parameters(config, norm, dataset)
     limit = config.train.max_parameters
     if count is None:
         return
-    depth = config.model.options["depth"]
+    depth = config.model.options.get("depth", 0)
     size = f"about {count:.2g} parameters, {count * 4 / 1e9:.3g} GB of float32 weights"
     if count > limit:
         raise ConfigError(
-            f"model.options.depth: {depth} makes a model of {size} (several times that while "
-            f"training), more than train.max_parameters ({limit:.2g}); use a smaller depth, "
+            f"model.options: {config.model.options} makes a model of {size} (several times that while "
+            f"training), more than train.max_parameters ({limit:.2g}); use a smaller model, "
             f"or set train.max_parameters: {count} to build it anyway"
         )
     if depth > _MAX_DEPTH and "max_parameters" not in config.train.model_fields_set:
