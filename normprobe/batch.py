@@ -45,6 +45,7 @@ holds the small guards that leave a model's plain attributes as found.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 from collections.abc import Callable, Iterator, Mapping
@@ -409,10 +410,24 @@ def call_model(model: nn.Module, inputs: Inputs, error: ErrorType = BatchError) 
         # torch's own message (a shape or dtype mismatch) from deep inside the model: say
         # which argument it concerns; the original stays attached as the cause
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise error(
+        raise _also(error, err)(
             f"inputs ({layout(inputs)}): the model's forward failed on them: {first}; check "
             "that their shape and dtype are what the model takes"
         ) from err
+
+
+def _also(error: ErrorType, err: BaseException) -> ErrorType:
+    """``error``, made a subclass of ``err``'s type too, so that code catching torch's own
+    exception (``except RuntimeError``) still catches the clearer one."""
+    return _combined(error, type(err))
+
+
+@functools.cache
+def _combined(error: ErrorType, kind: type) -> ErrorType:
+    try:
+        return type(error.__name__, (error, kind), {"__module__": error.__module__})
+    except TypeError:  # incompatible exception layouts: the plain error
+        return error
 
 
 def _check_batch_statistics(model: nn.Module, inputs: Inputs, error: ErrorType) -> None:
@@ -521,7 +536,7 @@ def compute_loss(
     except (RuntimeError, ValueError, IndexError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         shape = None if targets is None else tuple(targets.shape)
-        raise error(
+        raise _also(error, err)(
             f"targets (shape {shape}): the loss failed on them: {first}; check that they fit "
             f"the prediction (shape {tuple(predicted.shape)}) and the loss function"
         ) from err
