@@ -19,7 +19,7 @@ from torch import nn
 
 from normprobe.config import Config, ConfigError
 from normprobe.configtools import format_path
-from normprobe.errors import ModelError, NormprobeError
+from normprobe.errors import NormprobeError
 from normprobe.norms import NORMS, build
 from normprobe.plan import ProbeData, build_run_model
 from normprobe.state import preserved
@@ -37,6 +37,16 @@ def _parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _meta_parameters(config: Config, norm: str, dataset: Any) -> int | None:
+    """The parameters of the run's model built on the ``meta`` device (no memory), or None
+    when it cannot be built there (a depth the model refuses, a layer that reads values)."""
+    try:
+        with torch.device("meta"):
+            return _parameters(build_run_model(config, norm, 0, dataset))
+    except Exception:  # the real build, next, reports what is wrong with it
+        return None
+
+
 def estimate_parameters(config: Config, norm: str, dataset: Any) -> int | None:
     """The parameter count of a zoo model, without allocating it (None for a factory).
 
@@ -49,17 +59,15 @@ def estimate_parameters(config: Config, norm: str, dataset: Any) -> int | None:
         return None
     depth = mc.options.get("depth")
     if not isinstance(depth, int) or depth <= _DEEP:
-        with torch.device("meta"):  # wide rather than deep: the model itself, on no memory
-            return _parameters(build_run_model(config, norm, 0, dataset))
+        return _meta_parameters(config, norm, dataset)
     points: list[tuple[int, int]] = []
     for d in range(1, _DEEP + 1):
         model_config = mc.model_copy(update={"options": {**mc.options, "depth": d}})
         small = config.model_copy(update={"model": model_config})
-        try:
-            with torch.device("meta"):
-                points.append((d, _parameters(build_run_model(small, norm, 0, dataset))))
-        except NormprobeError:
+        count = _meta_parameters(small, norm, dataset)
+        if count is None:
             continue
+        points.append((d, count))
         if len(points) == 2:
             (d0, p0), (d1, p1) = points
             return p0 + (depth - d0) * (p1 - p0) // (d1 - d0)
@@ -157,8 +165,6 @@ def preflight(
                 model(x[:size].to(device))
         except ConfigError:
             raise
-        except ModelError as err:  # the model's own options, whichever the normalizer
-            raise ConfigError(f"model.options: {err}") from None
         except NormprobeError as err:
             if explicit:
                 raise ConfigError(
