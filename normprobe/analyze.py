@@ -39,13 +39,18 @@ from tqdm import TqdmExperimentalWarning, TqdmWarning
 from normprobe import executors
 from normprobe.checks import check_norm_options, preflight
 from normprobe.config import Config, ConfigError, config_hash, load_config
+from normprobe.errors import NormprobeError
+from normprobe.lock import LOCK_NAME, OWNER_NAME, folder_lock
 from normprobe.plan import ProbeData, RunSpec, build_run_model, plan_runs, prepare_data
 from normprobe.results import (
     Results,
     RunRecord,
+    ResultsError,
     assemble,
+    check_output_folder,
     clean_partial,
     finished_runs,
+    make_output_folder,
     manifest_matches,
     write_json_atomic,
     write_run,
@@ -117,9 +122,18 @@ def analyze(
     """
     executors.check_executor(executor, jobs, address)
     config = _resolve(config_or_path, overrides)
+    what = "output"
     if out is not None:
+        what = "--out"
         config = config.model_copy(update={"output": str(out)})
+    if config.output is not None and not config.output.strip():
+        raise ConfigError(
+            f"{what}: empty; give a folder, e.g. runs/{config.name} (an empty path would "
+            "write into the current folder)"
+        )
     directory = config.output_dir()
+    check_output_folder(directory, what)
+    _check_ours(directory, what)
     chash = config_hash(config)
     if log is None:
         log = (
@@ -147,24 +161,112 @@ def analyze(
         check_device = torch.device("cpu")
 
     threads = torch.get_num_threads()
-    if config.train.threads is not None:
-        torch.set_num_threads(config.train.threads)
+    created = not directory.exists()
+    make_output_folder(directory, what)
     try:
-        return _analyze(
-            config,
-            directory,
-            chash,
-            device,
-            force,
-            quiet,
-            log,
-            executor=executor,
-            jobs=jobs,
-            address=address,
-            check_device=check_device,
-        )
+        with folder_lock(directory, what):
+            run_threads = _thread_count(config, directory, force, executor, jobs, log)
+            if executors.in_process(executor, jobs):
+                torch.set_num_threads(run_threads)
+            return _analyze(
+                config,
+                directory,
+                chash,
+                device,
+                force,
+                quiet,
+                log,
+                executor=executor,
+                jobs=jobs,
+                address=address,
+                check_device=check_device,
+                threads=run_threads,
+            )
+    except NormprobeError:
+        # refused before anything was written: leave no empty folder behind
+        if created and directory.is_dir():
+            if {p.name for p in directory.iterdir()} <= {LOCK_NAME, OWNER_NAME}:
+                shutil.rmtree(directory, ignore_errors=True)
+        raise
     finally:
         torch.set_num_threads(threads)
+
+
+#: What an otherwise empty folder may hold: the lock of an analysis refused before it wrote.
+_OURS = {LOCK_NAME, OWNER_NAME}
+
+
+def _check_ours(directory: Path, what: str) -> None:
+    """Refuse to write into an existing folder that is neither empty nor a normprobe results
+    folder (a manifest or runs/ marks one): results there could replace someone's files."""
+    if not directory.is_dir():
+        return
+    if (directory / "manifest.json").is_file() or (directory / "runs").is_dir():
+        return
+    foreign = sorted(p.name for p in directory.iterdir() if p.name not in _OURS)
+    foreign = [n for n in foreign if not (n.startswith(".") and n.endswith(".tmp"))]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ResultsError(
+            f"{what}: {str(directory)!r} is not empty and holds no normprobe results "
+            f"({shown}); give a new or empty folder"
+        )
+
+
+def _thread_count(
+    config: Config,
+    directory: Path,
+    force: bool,
+    executor: str,
+    jobs: int | None,
+    log: Callable[[str], None],
+) -> int:
+    """The torch thread count every run of this grid trains with.
+
+    CPU reductions can depend on the thread count, so a grid whose finished
+    runs used one count is resumed with that count (when ``train.threads``
+    is unset) or refused (when it asks for another): mixing counts would
+    make the tables depend on how the grid was interrupted.
+    """
+    asked = config.train.threads
+    default = (
+        torch.get_num_threads()
+        if executors.in_process(executor, jobs)
+        else executors.worker_threads(asked)
+    )
+    wanted = asked if asked is not None else default
+    if force:
+        return wanted
+    done = finished_runs(directory)
+    if not done:
+        return wanted
+    manifest_threads = _manifest_threads(directory)
+    counts = {s.get("threads", manifest_threads) for s in done.values()} - {None}
+    if not counts:
+        return wanted
+    if len(counts) > 1:
+        raise ConfigError(
+            f"output: the finished runs in {str(directory)!r} were trained with different torch "
+            f"thread counts ({', '.join(map(str, sorted(counts)))}); pass --force to redo them all"
+        )
+    recorded = int(counts.pop())
+    if asked is not None and asked != recorded:
+        raise ConfigError(
+            f"train.threads: {asked}, but the finished runs in {str(directory)!r} were trained "
+            f"with {recorded} torch thread(s); set train.threads: {recorded} to resume them, "
+            "or pass --force to redo them all"
+        )
+    if recorded != wanted:
+        log(f"resuming with {recorded} torch thread(s), the count the finished runs used")
+    return recorded
+
+
+def _manifest_threads(directory: Path) -> int | None:
+    try:
+        value = json.loads((directory / "manifest.json").read_text()).get("threads")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def _analyze(
@@ -180,8 +282,15 @@ def _analyze(
     jobs: int | None = None,
     address: str | None = None,
     check_device: torch.device | None = None,
+    threads: int | None = None,
 ) -> Results:
     check_device = device if check_device is None else check_device
+    if threads is None:
+        threads = (
+            torch.get_num_threads()
+            if executors.in_process(executor, jobs)
+            else executors.worker_threads(config.train.threads)
+        )
     variants = config.variant_configs()
     data: dict[str | None, ProbeData] = {}
     usable: dict[str | None, list[str]] = {}
@@ -219,6 +328,7 @@ def _analyze(
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
     clean_partial(directory)
+    broken: dict[str, str] = {}
     first = data[variants[0][0]]
     manifest = {
         "name": config.name,
@@ -229,17 +339,15 @@ def _analyze(
         "skipped": skipped,
         "data": {"name": first.dataset.name, "info": first.dataset.info},
         "device": str(device),
-        "threads": (
-            torch.get_num_threads()
-            if executors.in_process(executor, jobs)
-            else executors.worker_threads(config.train.threads)
-        ),
+        "threads": threads,
         "executor": {"kind": executor, "jobs": jobs, "address": address},
     }
     write_json_atomic(directory / "manifest.json", manifest)
 
     plan = plan_runs(config, usable, variants=variants)
-    done = finished_runs(directory)
+    done = finished_runs(directory, broken)
+    for run, problem in sorted(broken.items()):
+        log(f"{run}: its folder is incomplete ({problem}); running it again")
     todo = [spec for spec in plan if spec.run not in done]
     if done and todo:
         log(f"resuming: {len(plan) - len(todo)} of {len(plan)} runs already finished")
@@ -248,6 +356,7 @@ def _analyze(
     def finish(record: RunRecord) -> None:
         nonlocal finished
         finished += 1
+        record.info["threads"] = threads
         write_run(directory, record)
         log(f"[{finished}/{len(todo)}] {_report(record)}")
 
@@ -260,7 +369,7 @@ def _analyze(
             # the workers get the prepared data, pickled once; each spec carries its config
             payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
             common = {
-                "threads": executors.worker_threads(config.train.threads),
+                "threads": threads,
                 "device": str(device),
                 "on_record": finish,
                 "log": log,

@@ -49,6 +49,7 @@ holds the small guards that leave a model's plain attributes as found.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 from collections.abc import Callable, Iterator, Mapping
@@ -66,6 +67,7 @@ __all__ = [
     "Targets",
     "OutputPick",
     "check_inputs",
+    "check_values",
     "split_batch",
     "is_batch",
     "input_tensors",
@@ -118,10 +120,10 @@ def check_inputs(inputs: Any, what: str = "inputs", error: ErrorType = BatchErro
     torch.Size([2, 3])
     """
     if isinstance(inputs, torch.Tensor):
-        return inputs
+        return check_values(inputs, what, error)
     if isinstance(inputs, (tuple, list)):
         if inputs and all(isinstance(t, torch.Tensor) for t in inputs):
-            return tuple(inputs)
+            return check_values(tuple(inputs), what, error)
         kinds = ", ".join(type(t).__name__ for t in inputs) or "nothing"
         raise error(
             f"{what} is a {type(inputs).__name__} of {kinds}; a tuple of inputs must hold tensors "
@@ -134,10 +136,29 @@ def check_inputs(inputs: Any, what: str = "inputs", error: ErrorType = BatchErro
             raise error(
                 f"{what}: a mapping of inputs needs string keyword names, got {list(inputs)!r}"
             )
-        return dict(inputs)
+        return check_values(dict(inputs), what, error)
     raise error(
         f"{what} must be a tensor, a tuple or a dict of tensors, got {type(inputs).__name__}"
     )
+
+
+def check_values(inputs: Inputs, what: str = "inputs", error: ErrorType = BatchError) -> Inputs:
+    """``inputs`` unchanged, after refusing an empty batch and NaN or infinite values.
+
+    A probe of no examples or of non-finite inputs has no meaningful answer
+    (it would be NaN), so either is an error rather than a NaN result.
+
+    >>> check_values(torch.tensor([[0.0, float("nan")]]))
+    Traceback (most recent call last):
+    ...
+    normprobe.batch.BatchError: inputs: x holds NaN or infinite values; pass finite inputs
+    """
+    for label, t in input_tensors(inputs):
+        if t.dim() > 0 and t.shape[0] == 0:
+            raise error(f"{what}: {label} has no examples (shape {tuple(t.shape)}); pass at least one")
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise error(f"{what}: {label} holds NaN or infinite values; pass finite inputs")
+    return inputs
 
 
 def is_batch(obj: Any) -> bool:
@@ -381,11 +402,49 @@ def _check_signature(model: nn.Module, inputs: Inputs, error: ErrorType) -> None
 def call_model(model: nn.Module, inputs: Inputs, error: ErrorType = BatchError) -> Any:
     """``model(x)``, ``model(*inputs)`` or ``model(**inputs)`` by the contract, signature checked."""
     _check_signature(model, inputs, error)
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, tuple):
-        return model(*inputs)
-    return model(inputs)
+    _check_batch_statistics(model, inputs, error)
+    args, kwargs = call_args(inputs)
+    try:
+        return model(*args, **kwargs)
+    except NormprobeError:
+        raise
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as err:
+        # torch's own message (a shape or dtype mismatch) from deep inside the model: say
+        # which argument it concerns; the original stays attached as the cause
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _also(error, err)(
+            f"inputs ({layout(inputs)}): the model's forward failed on them: {first}; check "
+            "that their shape and dtype are what the model takes"
+        ) from err
+
+
+def _also(error: ErrorType, err: BaseException) -> ErrorType:
+    """``error``, made a subclass of ``err``'s type too, so that code catching torch's own
+    exception (``except RuntimeError``) still catches the clearer one."""
+    return _combined(error, type(err))
+
+
+@functools.cache
+def _combined(error: ErrorType, kind: type) -> ErrorType:
+    try:
+        return type(error.__name__, (error, kind), {"__module__": error.__module__})
+    except TypeError:  # incompatible exception layouts: the plain error
+        return error
+
+
+def _check_batch_statistics(model: nn.Module, inputs: Inputs, error: ErrorType) -> None:
+    """Refuse a batch of one example for a model normalizing with batch statistics in train mode."""
+    if batch_size(inputs, None, "inputs", error) != 1:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise error(
+                f"inputs: one example, but {type(module).__name__} at {name or 'the model'!r} "
+                "normalizes with batch statistics in train mode (a batch of one has no spread); "
+                "pass at least 2 examples, or use eval mode"
+            )
 
 
 def prediction(
@@ -472,7 +531,36 @@ def compute_loss(
                 f"(Hugging Face models: {{'input_ids': ids, 'labels': ids}})"
             )
         return own
-    return loss_fn(prediction(outputs, pick, error), targets)
+    predicted = prediction(outputs, pick, error)
+    _check_class_targets(loss_fn, predicted, targets, error)
+    try:
+        return loss_fn(predicted, targets)
+    except NormprobeError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        shape = None if targets is None else tuple(targets.shape)
+        raise _also(error, err)(
+            f"targets (shape {shape}): the loss failed on them: {first}; check that they fit "
+            f"the prediction (shape {tuple(predicted.shape)}) and the loss function"
+        ) from err
+
+
+def _check_class_targets(
+    loss_fn: Callable[..., Any], predicted: torch.Tensor, targets: Targets, error: ErrorType
+) -> None:
+    """Class-index targets of a cross-entropy or NLL loss must lie in ``0..classes-1``."""
+    if not isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        return
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or not targets.numel():
+        return
+    classes = predicted.shape[1] if predicted.dim() > 1 else predicted.shape[0]
+    kept = targets[targets != loss_fn.ignore_index]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= classes):
+        raise error(
+            f"targets: class labels must lie in 0..{classes - 1} (the prediction has {classes} "
+            f"classes), got labels from {int(kept.min())} to {int(kept.max())}"
+        )
 
 
 # --------------------------------------------------------------------------- the model's state

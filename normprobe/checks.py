@@ -25,7 +25,90 @@ from normprobe.plan import ProbeData, build_run_model
 from normprobe.state import preserved
 from normprobe.training import norm_batch_of
 
-__all__ = ["check_norm_options", "preflight"]
+__all__ = ["check_norm_options", "preflight", "check_model_size", "check_hessian_size"]
+
+#: A zoo model deeper than this is sized by extrapolation before it is built.
+_DEEP = 64
+#: A deeper zoo model is refused unless ``train.max_parameters`` is set explicitly.
+_MAX_DEPTH = 10_000
+
+
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _meta_parameters(config: Config, norm: str, dataset: Any) -> int | None:
+    """The parameters of the run's model built on the ``meta`` device (no memory), or None
+    when it cannot be built there (a depth the model refuses, a layer that reads values)."""
+    try:
+        with torch.device("meta"):
+            return _parameters(build_run_model(config, norm, 0, dataset))
+    except Exception:  # the real build, next, reports what is wrong with it
+        return None
+
+
+def estimate_parameters(config: Config, norm: str, dataset: Any) -> int | None:
+    """The parameter count of a zoo model, without allocating it (None for a factory).
+
+    Builds the model on torch's ``meta`` device (no memory); a deep one at
+    the two smallest depths it accepts, extrapolated linearly in ``depth``,
+    so a ``depth: 100000`` typo is caught in well under a second.
+    """
+    mc = config.model
+    if mc.name is None:
+        return None
+    depth = mc.options.get("depth")
+    if not isinstance(depth, int) or depth <= _DEEP:
+        return _meta_parameters(config, norm, dataset)
+    points: list[tuple[int, int]] = []
+    for d in range(1, _DEEP + 1):
+        model_config = mc.model_copy(update={"options": {**mc.options, "depth": d}})
+        small = config.model_copy(update={"model": model_config})
+        count = _meta_parameters(small, norm, dataset)
+        if count is None:
+            continue
+        points.append((d, count))
+        if len(points) == 2:
+            (d0, p0), (d1, p1) = points
+            return p0 + (depth - d0) * (p1 - p0) // (d1 - d0)
+    return None
+
+
+def check_model_size(config: Config, norm: str, dataset: Any) -> None:
+    """Refuse a zoo model larger than ``train.max_parameters``, or absurdly deep, before
+    building it."""
+    count = estimate_parameters(config, norm, dataset)
+    limit = config.train.max_parameters
+    if count is None:
+        return
+    depth = config.model.options.get("depth", 0)
+    size = f"about {count:.2g} parameters, {count * 4 / 1e9:.3g} GB of float32 weights"
+    if count > limit:
+        raise ConfigError(
+            f"model.options: {config.model.options} makes a model of {size} (several times that while "
+            f"training), more than train.max_parameters ({limit:.2g}); use a smaller model, "
+            f"or set train.max_parameters: {count} to build it anyway"
+        )
+    if depth > _MAX_DEPTH and "max_parameters" not in config.train.model_fields_set:
+        # small layers, but so many that building and training them takes hours
+        raise ConfigError(
+            f"model.options.depth: {depth} layers ({size}) would take hours to build and "
+            f"train; use a depth up to {_MAX_DEPTH}, or set train.max_parameters to build it "
+            "anyway"
+        )
+
+
+def check_hessian_size(config: Config, model: nn.Module) -> None:
+    """Refuse more Hessian eigenvalues than the model has parameters (its dimension)."""
+    hc = config.hessian
+    if not hc.enabled:
+        return
+    dim = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if hc.top_k > dim:
+        raise ConfigError(
+            f"hessian.top_k: {hc.top_k} eigenvalues asked of a Hessian of dimension {dim} "
+            f"(the model's trainable parameters); use top_k <= {dim}"
+        )
 
 
 def _try_norm_options(name: str, options: dict[str, Any]) -> None:
@@ -71,7 +154,9 @@ def preflight(
     explicit = config.normalizers != "all"
     for i, norm in enumerate(config.normalizer_names()):
         try:
+            check_model_size(config, norm, data.dataset)
             model = build_run_model(config, norm, 0, data.dataset).to(device)
+            check_hessian_size(config, model)
             # a whole number of microbatches when the normalizer uses norm_batch
             size = norm_batch_of(model) or 4
             x = data.batch_a[0] if len(data.batch_a[0]) >= size else data.dataset.train.x

@@ -13,7 +13,7 @@ from normprobe.data import describe as describe_datasets
 from normprobe.errors import NormprobeError
 from normprobe.models import MODELS
 from normprobe.norms import NORMS
-from normprobe.results import load_results
+from normprobe.results import check_output_folder, load_results
 from normprobe.zoo_measures import measure_properties
 
 __all__ = ["main", "build_parser", "add_figures_arguments"]
@@ -269,9 +269,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else Path(args.results) / "figures"
+    out = Path(args.out) if args.out is not None else Path(args.results) / "figures"
+    check_output_folder(out, "--out")
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     results = load_results(args.results)
+    for run, problem in sorted(results.incomplete.items()):
+        print(f"left out {run}: its folder is incomplete ({problem}); rerun `normprobe analyze`")
     # the plotting stack (matplotlib, seaborn, scipy.stats) loads with the commands that draw
     from normprobe.figureset import property_table
     from normprobe.plotting import plot_results
@@ -287,8 +290,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_properties(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out is not None else Path(args.results) / "properties"
+    check_output_folder(out, "--out")
     table = measure_properties(args.results)
-    out = Path(args.out) if args.out else Path(args.results) / "properties"
     from normprobe.plotting import write_properties
 
     paths = write_properties(table, out, args.format)

@@ -163,6 +163,33 @@ class Config(Strict):
             return [(None, self)]
         return [(name, self.variant_config(name)) for name in self.variants]
 
+    @field_validator("normalizers", mode="before")
+    @classmethod
+    def _norms_kind(cls, value: Any) -> Any:
+        if not isinstance(value, (str, list)):
+            raise ValueError(
+                f"give a list of normalizer names, e.g. [batch, layer], or all; got {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _schedules_in_training(self) -> Config:
+        """Explicit schedule steps past ``train.steps`` would be dropped silently: refuse them."""
+        for section in ("probes", "hessian"):
+            part = getattr(self, section)
+            if "schedule" not in part.model_fields_set or part.schedule.steps is None:
+                continue
+            if section == "hessian" and not part.enabled:
+                continue
+            for i, step in enumerate(part.schedule.steps):
+                if step > self.train.steps:
+                    raise PathError(
+                        (section, "schedule", "steps", i),
+                        f"step {step} is past the end of training (train.steps: "
+                        f"{self.train.steps}); use steps up to {self.train.steps}",
+                    )
+        return self
+
     @field_validator("normalizers")
     @classmethod
     def _norms_ok(cls, value: Literal["all"] | list[str]) -> Literal["all"] | list[str]:
@@ -385,8 +412,18 @@ def load_config(
         raise ConfigError(
             f"{name}: the top level must be a mapping of sections, got {type(raw).__name__}"
         )
-    raw = apply_overrides(raw, overrides)
-    return parse_config(raw, source=name), raw
+    merged = apply_overrides(raw, overrides)
+    try:
+        return parse_config(merged, source=name), merged
+    except ConfigError as err:
+        if not overrides:
+            raise
+        try:  # the config alone is fine: the --set values are the trouble, so name them
+            parse_config(raw, source=name)
+        except ConfigError:
+            raise err from None
+        given = " ".join(f"--set {item}" for item in overrides)
+        raise ConfigError(str(err).replace(f"{name}: ", f"{given}: ", 1)) from None
 
 
 #: The fields of the schema when config hashes were introduced: always hashed. Every field

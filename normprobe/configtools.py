@@ -33,6 +33,8 @@ __all__ = [
     "explain",
     "most_specific",
     "load_yaml",
+    "parse_yaml",
+    "UniqueKeyLoader",
     "set_dotted",
     "apply_overrides",
     "import_factory",
@@ -146,17 +148,79 @@ def most_specific(errors: list[Mapping[str, Any]]) -> Mapping[str, Any]:
     return max(same_field, key=lambda e: (len(e["loc"]), e["type"] != "float_type"))
 
 
+_DUPLICATE = "appears twice"
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    Plain PyYAML keeps the last one, so a second ``train:`` block silently
+    replaced the whole first one.
+    """
+
+
+def _unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: the schema refuses it later
+            continue
+        seen.setdefault(key, key_node.start_mark.line)
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"key {key!r} {_DUPLICATE} (first on line {first + 1}); keep one, merging "
+                "the two",
+                key_node.start_mark,
+            )
+    return loader.construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (:class:`UniqueKeyLoader`)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: Path) -> Any:
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist; check the path")
     if path.is_dir():
         raise ConfigError(f"{str(path)!r} is a folder; pass a YAML config file")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise ConfigError(f"{str(path)!r} is not a regular file; pass a YAML config file")
     try:
-        return yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(
+            f"config file {str(path)!r} cannot be read ({err.strerror or err}); check it"
+        ) from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigError(f"{path}: UTF-16 text; save it as UTF-8")
+    if b"\0" in data:
+        raise ConfigError(f"{path}: a binary file, not a YAML config; pass a YAML text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.start} is {data[err.start]:#04x}); "
+            "save it as UTF-8"
+        ) from None
+    try:
+        return parse_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
+        if _DUPLICATE in problem:
+            raise ConfigError(f"{path}:{where}: {problem}") from None
         raise ConfigError(
             f"{path}:{where}: malformed YAML: {problem}; fix the syntax there"
         ) from None
@@ -191,8 +255,12 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
         if not re.fullmatch(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*", key):
             raise ConfigError(f"--set {item!r}: {key!r} is not a dotted key like train.steps")
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
+            value = parse_yaml(text)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({problem}); fix it, or quote "
+                f"it to give a string: --set {key}='\"{text}\"'"
+            ) from None
         set_dotted(result, key, value)
     return result

@@ -196,6 +196,12 @@ def prepare_data(config: Config, dataset: Any = None) -> ProbeData:
                 f"train.sampler.per_label: {sampler.per_label} examples per label, but a label "
                 f"has only {fewest} training examples; use per_label <= {fewest}"
             )
+    asked = config.data.hessian_samples
+    if config.hessian.enabled and "hessian_samples" in config.data.model_fields_set and asked > n:
+        raise ConfigError(
+            f"data.hessian_samples: {asked}, but the training set has {n} examples; "
+            f"use hessian_samples <= {n}"
+        )
     g = torch.Generator().manual_seed(config.data.seed)
     order = torch.randperm(n, generator=g)
     x, y = dataset.train.x, dataset.train.y

@@ -16,12 +16,21 @@ Layout of an output directory::
 A run folder appears only once everything in it is written (it is built
 under a temporary name and renamed), so killing the process loses at most
 the run in progress. The combined tables are rebuilt from the run folders
-after every run, also atomically.
+once per grid, also atomically, and only from complete runs: each run's
+``run.json`` records the size and SHA-256 of its table files, and a run
+whose files are missing or differ counts as not finished (the next
+``analyze`` reruns it and says so).
+
+JSON files hold ``null`` where a value is NaN or infinite (bare ``NaN`` is
+not JSON), and every file is created with the permissions the user's umask
+gives, like any other tool's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -41,8 +50,12 @@ __all__ = [
     "load_results",
     "write_run",
     "finished_runs",
+    "scan_runs",
     "assemble",
     "records_results",
+    "json_safe",
+    "check_output_folder",
+    "make_output_folder",
     "write_json_atomic",
     "selected_rows",
     "final_rows",
@@ -66,10 +79,86 @@ METRIC_COLUMNS = [
 #: Tables a run folder may hold besides ``metrics``.
 RUN_TABLES = ("metrics", "hessian_nodes", "hessian_density")
 FINISHED = ("done", "diverged")
+#: The key of ``run.json`` that lists the run's table files with their sizes and checksums.
+FILES_KEY = "files"
 
 
 class ResultsError(NormprobeError, ValueError):
     """A results directory that cannot be read or written as asked."""
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: str | Path, *, folder: bool = False) -> None:
+    """Give a ``tempfile`` file (0600) or folder (0700) the mode ``open``/``mkdir`` would."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON ``null``).
+
+    >>> json_safe({"a": float("nan"), "b": [1.0, float("inf")]})
+    {'a': None, 'b': [1.0, None]}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """``{"bytes": size, "sha256": hex}`` of a file: what a finished run records of each table."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def check_output_folder(directory: Path, what: str) -> None:
+    """Refuse an output folder that is a file, lies under a file, or cannot be written.
+
+    ``what`` names the option in the message (``output``, ``--out``). Creates
+    nothing; a folder that does not exist yet must be creatable.
+    """
+    if str(directory) == "":
+        raise ResultsError(f"{what}: empty; give a folder, e.g. runs/my-analysis")
+    if directory.exists() and not directory.is_dir():
+        raise ResultsError(
+            f"{what}: {str(directory)!r} is a file, not a folder; give a folder path"
+        )
+    parent = directory
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ResultsError(
+            f"{what}: {str(directory)!r} lies under {str(parent)!r}, which is a file; "
+            "give a folder path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ResultsError(
+            f"{what}: {str(parent)!r} is not writable; give a folder you can write to"
+        )
+
+
+def make_output_folder(directory: Path, what: str) -> None:
+    """Create ``directory`` (and its parents) after :func:`check_output_folder`, or say why not."""
+    check_output_folder(directory, what)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ResultsError(
+            f"{what}: cannot create {str(directory)!r} ({err.strerror or err}); "
+            "give a folder you can write to"
+        ) from None
 
 
 @dataclass
@@ -115,8 +204,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _as_created(tmp)
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            json.dump(json_safe(data), f, indent=2, sort_keys=False, default=str, allow_nan=False)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
@@ -130,6 +220,7 @@ def _write_table_atomic(frame: pd.DataFrame, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        _as_created(tmp)
         if path.suffix == ".csv":
             frame.to_csv(tmp, index=False)
         else:
@@ -157,12 +248,16 @@ def write_run(directory: Path, record: RunRecord) -> Path:
     final = runs / record.run
     tmp = Path(tempfile.mkdtemp(dir=runs, prefix=f".{record.run}.", suffix=".tmp"))
     try:
+        _as_created(tmp, folder=True)
+        files = {}
         for name, frame in record.tables.items():
             if name not in RUN_TABLES:
                 raise ValueError(f"unknown run table {name!r}; expected one of {RUN_TABLES}")
             if frame is not None and len(frame):
-                _with_identity(frame, record).to_parquet(tmp / f"{name}.parquet", index=False)
-        write_json_atomic(tmp / "run.json", record.summary())
+                file = tmp / f"{name}.parquet"
+                _with_identity(frame, record).to_parquet(file, index=False)
+                files[file.name] = file_digest(file)
+        write_json_atomic(tmp / "run.json", {**record.summary(), FILES_KEY: files})
         if final.exists():  # a failed run being redone
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -186,14 +281,62 @@ def _read_status(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def finished_runs(directory: Path) -> dict[str, dict[str, Any]]:
-    """Run name -> status line of the runs that need not run again (done or diverged)."""
-    out = {}
+def run_problem(path: Path, status: Mapping[str, Any]) -> str | None:
+    """Why a run folder is incomplete (a table file missing or changed), or None if whole.
+
+    Folders written before runs recorded their files are checked by reading
+    each table present.
+    """
+    files = status.get(FILES_KEY)
+    if files is None:
+        for name in RUN_TABLES:
+            file = path / f"{name}.parquet"
+            if file.exists():
+                try:
+                    pd.read_parquet(file)
+                except Exception as err:  # any reader error means the file is damaged
+                    return f"{file.name} cannot be read ({type(err).__name__})"
+        return None
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected.get("bytes"):
+            return f"{name} has {file.stat().st_size} bytes, not the {expected.get('bytes')} written"
+        if file_digest(file)["sha256"] != expected.get("sha256"):
+            return f"{name} differs from what was written (checksum)"
+    return None
+
+
+def scan_runs(directory: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """(complete runs: name -> status line, incomplete runs: name -> what is wrong)."""
+    complete: dict[str, dict[str, Any]] = {}
+    broken: dict[str, str] = {}
     for path in _run_dirs(directory):
         status = _read_status(path)
-        if status is not None and status.get("status") in FINISHED:
-            out[path.name] = status
-    return out
+        if status is None:
+            broken[path.name] = "run.json is missing or not valid JSON"
+            continue
+        problem = run_problem(path, status)
+        if problem is not None:
+            broken[path.name] = problem
+        else:
+            complete[path.name] = status
+    return complete, broken
+
+
+def finished_runs(
+    directory: Path, broken: dict[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Run name -> status line of the runs that need not run again (done or diverged, complete).
+
+    ``broken``, when given, receives the run folders whose files are missing
+    or damaged (they count as not finished).
+    """
+    complete, damaged = scan_runs(directory)
+    if broken is not None:
+        broken.update(damaged)
+    return {run: s for run, s in complete.items() if s.get("status") in FINISHED}
 
 
 def clean_partial(directory: Path) -> int:
@@ -269,16 +412,15 @@ def assemble(directory: Path, *, write: bool = True) -> Results:
     directory = Path(directory)
     tables: dict[str, list[pd.DataFrame]] = {name: [] for name in RUN_TABLES}
     statuses = []
-    for path in _run_dirs(directory):
-        status = _read_status(path)
-        if status is None:
-            continue
-        statuses.append(status)
+    complete, broken = scan_runs(directory)
+    for run, status in complete.items():
+        path = directory / "runs" / run
+        statuses.append({k: v for k, v in status.items() if k != FILES_KEY})
         for name in RUN_TABLES:
             file = path / f"{name}.parquet"
             if file.exists():
                 tables[name].append(pd.read_parquet(file))
-    results = _combined(directory, statuses, tables, _read_manifest(directory))
+    results = _combined(directory, statuses, tables, _read_manifest(directory), broken)
     if write:
         results.save_tables()
     return results
@@ -289,8 +431,10 @@ def _combined(
     statuses: list[dict[str, Any]],
     tables: Mapping[str, list[pd.DataFrame]],
     manifest: dict[str, Any],
+    incomplete: Mapping[str, str] | None = None,
 ) -> Results:
-    """The result tables of runs given by their status lines and their tables' frames."""
+    """The result tables of runs given by their status lines and their tables' frames
+    (``incomplete``: the run folders left out, with what is wrong with each)."""
     runs = pd.DataFrame(statuses)
     metrics = _concat(tables["metrics"])
     if not runs.empty:
@@ -304,6 +448,7 @@ def _combined(
         hessian_nodes=_concat(tables["hessian_nodes"]),
         hessian_density=_concat(tables["hessian_density"]),
         manifest=manifest,
+        incomplete=dict(incomplete or {}),
     )
 
 
@@ -387,6 +532,8 @@ class Results:
     hessian_nodes: pd.DataFrame
     hessian_density: pd.DataFrame
     manifest: dict[str, Any]
+    #: run folders left out because a file is missing or damaged: run -> what is wrong
+    incomplete: dict[str, str] = field(default_factory=dict)
 
     def save_tables(self) -> None:
         d = self.directory
@@ -400,7 +547,10 @@ class Results:
                 _write_table_atomic(frame, path)
             elif path.exists():
                 path.unlink()
-        lines = "".join(json.dumps(r, default=str) + "\n" for r in self.runs.to_dict("records"))
+        lines = "".join(
+            json.dumps(json_safe(r), default=str, allow_nan=False) + "\n"
+            for r in self.runs.to_dict("records")
+        )
         tmp = d / ".runs.jsonl.tmp"
         tmp.write_text(lines)
         os.replace(tmp, d / "runs.jsonl")

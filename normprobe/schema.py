@@ -146,6 +146,7 @@ class ModelConfig(Strict):
                         f"model {self.name!r} has no option {key!r}; {suggest(key, list(valid))}"
                         f"its options are: {', '.join(valid)}",
                     )
+                _check_option_type(key, self.options[key], valid[key])
         else:
             try:
                 import_factory(self.factory)
@@ -176,6 +177,9 @@ class DataConfig(Strict):
                 )
         return self
 
+
+#: The most training steps a run may ask for.
+MAX_STEPS = 1_000_000_000
 
 LearningRates = float | list[float] | dict[str, float | list[float]]
 
@@ -273,8 +277,17 @@ class TrainConfig(Strict):
     # torch's CPU threads while the analysis runs (None: torch's default, one per core).
     # On a machine shared with other jobs, 1 avoids OpenMP threads waiting on each other.
     threads: int | None = Field(None, ge=1)
+    # the largest model (in parameters) an analysis builds without being told to
+    max_parameters: int = Field(100_000_000, ge=1)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     eval_batch_stats: BatchStatsEval = Field(default_factory=BatchStatsEval)
+
+    @field_validator("steps")
+    @classmethod
+    def _steps_finish(cls, steps: int) -> int:
+        if steps > MAX_STEPS:  # a typo such as 1e20 would never finish
+            raise ValueError(f"{steps:.3g} steps would never finish; use at most {MAX_STEPS:,}")
+        return steps
 
     @model_validator(mode="after")
     def _sampler_fits(self) -> TrainConfig:
@@ -459,6 +472,24 @@ class HessianConfig(Strict):
     # K of the outlier ratio lambda_1 / lambda_K (None: the dataset's number of classes, as in
     # 003 sec. 6, which calls K "a heuristic guess"); the top max(top_k, K) eigenvalues are found
     outlier_k: int | None = Field(None, ge=1)
+
+
+def _check_option_type(key: str, value: Any, default: Any) -> None:
+    """A zoo model option of the kind its default has: a count (every int option of the zoo
+    models is a count of layers, units, heads or classes), a flag, a number or a name."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise PathError(("options", key), f"must be true or false, got {value!r}")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PathError(
+                ("options", key), f"must be a whole number >= 1, got {value!r}; e.g. {default}"
+            )
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PathError(("options", key), f"must be a number, got {value!r}; e.g. {default}")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise PathError(("options", key), f"must be a name, got {value!r}; e.g. {default}")
 
 
 def _model_names() -> list[str]:

@@ -225,6 +225,7 @@ def test_threads_setting_applies_during_the_analysis_only(tmp_path: Path) -> Non
     before = torch.get_num_threads()
     config = {**SMALL, "normalizers": ["layer"], "hessian": {"enabled": False}}
     config["train"] = {**SMALL["train"], "steps": 2, "threads": 1}
+    config["probes"] = {"schedule": [0, 2]}  # steps past train.steps are an error
     results = analyze(config, out=tmp_path, quiet=True)
     assert results.manifest["threads"] == 1
     assert torch.get_num_threads() == before
@@ -247,7 +248,7 @@ def test_resume_skips_finished_runs_and_force_redoes_them(tmp_path: Path) -> Non
 def test_a_different_config_in_the_same_folder_is_refused(tmp_path: Path) -> None:
     config = {**SMALL, "hessian": {"enabled": False}, "normalizers": ["batch"]}
     analyze(config, out=tmp_path, quiet=True)
-    changed = {**config, "train": {**SMALL["train"], "steps": 5}}
+    changed = {**config, "train": {**SMALL["train"], "steps": 5}, "probes": {"schedule": [0, 5]}}
     with pytest.raises(ConfigError, match="holds results of a different config.*--force"):
         analyze(changed, out=tmp_path, quiet=True)
 
@@ -697,6 +698,7 @@ def test_tables_are_written_once_at_the_end_and_on_interruption(
     analyze_module = sys.modules["normprobe.analyze"]  # the package's `analyze` is the function
     config = {**SMALL, "normalizers": ["layer", "batch"], "hessian": {"enabled": False}}
     config["train"] = {**SMALL["train"], "steps": 2}
+    config["probes"] = {"schedule": [0, 2]}  # steps past train.steps are an error
     calls: list[Path] = []
     real = analyze_module.assemble
     monkeypatch.setattr(analyze_module, "assemble", lambda d: calls.append(d) or real(d))

@@ -18,6 +18,7 @@ from normprobe.config import (
     load_config,
     parse_config,
 )
+from normprobe.schema import Schedule
 
 BASE = """\
 model: {name: mlp, options: {depth: 2, width: 16}}
@@ -25,6 +26,8 @@ normalizers: [batch, layer]
 train: {steps: 4, batch_size: 16}
 hessian: {enabled: false}
 """
+#: BASE without its train section, for cases that give their own (a key twice is an error)
+NO_TRAIN = BASE.replace("train: {steps: 4, batch_size: 16}\n", "")
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -58,7 +61,7 @@ CLI_CASES = {
         "greater than or equal to 0",
     ),
     "bad lr in a grid": (
-        BASE + "train: {steps: 4, batch_size: 16, lr: [0.1, 0.2, -1]}\n",
+        NO_TRAIN + "train: {steps: 4, batch_size: 16, lr: [0.1, 0.2, -1]}\n",
         "train.lr[2]",
         "positive number",
     ),
@@ -92,13 +95,13 @@ CLI_CASES = {
         "use 'layer' or 'group' for dense layers",
     ),
     "sampler that does not fit the batch size": (
-        BASE + "train: {steps: 4, batch_size: 16, sampler: {kind: labels, labels_per_batch: 5, "
+        NO_TRAIN + "train: {steps: 4, batch_size: 16, sampler: {kind: labels, labels_per_batch: 5, "
         "per_label: 4}}\n",
         "train.batch_size",
         "set batch_size: 20",
     ),
     "more labels per batch than the dataset has": (
-        BASE + "train: {steps: 4, batch_size: 24, sampler: {kind: labels, labels_per_batch: 12, "
+        NO_TRAIN + "train: {steps: 4, batch_size: 24, sampler: {kind: labels, labels_per_batch: 12, "
         "per_label: 2}}\n",
         "train.sampler.labels_per_batch",
         "use labels_per_batch <= 10",
@@ -238,8 +241,8 @@ def test_learning_rate_grids_per_normalizer() -> None:
     ],
 )
 def test_schedules_always_include_step_zero(schedule, steps, expected) -> None:
-    cfg = parse_config({"probes": {"schedule": schedule}})
-    assert cfg.probes.schedule.resolve(steps) == expected
+    # the schedule alone: in a config, steps past train.steps are an error (see test_bad_input.py)
+    assert Schedule.model_validate(schedule).resolve(steps) == expected
 
 
 def test_config_round_trips_through_its_dict() -> None:
@@ -322,6 +325,7 @@ def test_per_normalizer_options_merge_and_the_old_key_still_works() -> None:
         data["probes"].pop(key)
     data["train"]["eval_batch_stats"].pop("batches")
     data["hessian"].pop("outlier_k")
+    data["train"].pop("max_parameters")
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     assert config_hash(plain) == hashlib.sha256(text.encode()).hexdigest()[:16]
     on = parse_config({"normalizers": ["batch"], "probes": {"signal": True}})

@@ -74,6 +74,8 @@ DESCRIPTIONS: dict[str, str] = {
     "TrainConfig.eval_batch_size": "Batch size for evaluating accuracy and loss.",
     "TrainConfig.eval_train_samples": "Training examples used to measure train accuracy and loss.",
     "TrainConfig.device": "A torch device: `cpu`, `cuda`, `cuda:1`.",
+    "TrainConfig.max_parameters": "the largest model, in parameters, an analysis builds "
+    "unless told to: a larger one (depth: 100000) is refused up front with its size.",
     "TrainConfig.threads": "torch CPU threads while the analysis runs (unset: torch's default). "
     "`1` is much faster on a machine shared with other jobs.",
     "TrainConfig.sampler": "How minibatches are drawn (section `train.sampler`); `sampler: iid` "
@@ -178,6 +180,7 @@ EXAMPLES: dict[str, str] = {
     "TrainConfig.eval_train_samples": "train: {eval_train_samples: 512}",
     "TrainConfig.device": "train: {device: cpu}",
     "TrainConfig.threads": "train: {threads: 1}",
+    "TrainConfig.max_parameters": "train: {max_parameters: 500000000}",
     "TrainConfig.sampler": "train: {sampler: iid}",
     "TrainConfig.eval_batch_stats": "train: {eval_batch_stats: 2}",
     "SamplerConfig.kind": "train: {batch_size: 32, sampler: {kind: labels, labels_per_batch: 4, "

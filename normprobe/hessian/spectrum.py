@@ -586,6 +586,11 @@ def hessian_spectrum(
         frozen=frozen,
         product_dtype=product_dtype,
     )
+    if ("top" in pieces or "smallest" in pieces) and k > op.dim:
+        raise HessianError(
+            f"k: {k} eigenvalues asked of a Hessian of dimension {op.dim} (the parameters "
+            f"selected); use k <= {op.dim}"
+        )
     both_double = dtype == torch.float64 and op.dtype == torch.float64
     coarse = torch.float64 if both_double else torch.float32
     tol = math.sqrt(torch.finfo(coarse).eps) if tol is None else float(tol)

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from normprobe.errors import NormprobeError
 from normprobe.plotting import experiments as E
 from normprobe.plotting import figures as F
 from normprobe.plotting.properties import properties_figure
@@ -228,6 +229,16 @@ def plot_results(
         results = load_results(results)
     kinds = parse_formats(formats)
     out = Path(out)
+    if only is not None:
+        known = {spec.base for spec in FIGURES} | {
+            figure_name(spec, v) for spec in FIGURES for v in spec.variants
+        }
+        unknown = [name for name in only if name not in known]
+        if unknown:
+            raise NormprobeError(
+                f"only: no figure named {', '.join(map(repr, unknown))}; the figures are: "
+                f"{', '.join(sorted({spec.base for spec in FIGURES}))}"
+            )
     variant = model_variant(results)
     report = PlotReport()
     for spec in FIGURES:
