@@ -113,17 +113,19 @@ _CONTRACT = (
 # --------------------------------------------------------------------------- inputs
 
 
-def check_inputs(inputs: Any, what: str = "inputs", error: ErrorType = BatchError) -> Inputs:
+def check_inputs(
+    inputs: Any, what: str = "inputs", error: ErrorType = BatchError, *, values: bool = True
+) -> Inputs:
     """``inputs`` validated against the contract (a list becomes a tuple); a clear error otherwise.
 
     >>> check_inputs([torch.zeros(2, 3), torch.ones(2, 3)])[1].shape
     torch.Size([2, 3])
     """
     if isinstance(inputs, torch.Tensor):
-        return check_values(inputs, what, error)
+        return check_values(inputs, what, error) if values else inputs
     if isinstance(inputs, (tuple, list)):
         if inputs and all(isinstance(t, torch.Tensor) for t in inputs):
-            return check_values(tuple(inputs), what, error)
+            return check_values(tuple(inputs), what, error) if values else tuple(inputs)
         kinds = ", ".join(type(t).__name__ for t in inputs) or "nothing"
         raise error(
             f"{what} is a {type(inputs).__name__} of {kinds}; a tuple of inputs must hold tensors "
@@ -136,7 +138,7 @@ def check_inputs(inputs: Any, what: str = "inputs", error: ErrorType = BatchErro
             raise error(
                 f"{what}: a mapping of inputs needs string keyword names, got {list(inputs)!r}"
             )
-        return check_values(dict(inputs), what, error)
+        return check_values(dict(inputs), what, error) if values else dict(inputs)
     raise error(
         f"{what} must be a tensor, a tuple or a dict of tensors, got {type(inputs).__name__}"
     )
@@ -168,7 +170,7 @@ def is_batch(obj: Any) -> bool:
         if not (second is None or isinstance(second, torch.Tensor)):
             return False
         try:
-            check_inputs(first)
+            check_inputs(first, values=False)  # its kind, not its values: that is split_batch's
         except BatchError:
             return False
         return True
@@ -178,9 +180,13 @@ def is_batch(obj: Any) -> bool:
 
 
 def split_batch(
-    batch: Any, what: str = "batch", error: ErrorType = BatchError
+    batch: Any, what: str = "batch", error: ErrorType = BatchError, *, values: bool = True
 ) -> tuple[Inputs, Targets]:
     """``(inputs, targets)`` of a batch, checked: every tensor has the same number of examples.
+
+    With ``values`` (the default) an empty batch or NaN/infinite inputs are refused too
+    (:func:`check_values`); the Hessian passes ``values=False`` because a rank's shard may
+    be empty and it names empty data itself.
 
     >>> inputs, targets = split_batch(({"ids": torch.zeros(2, 5, dtype=torch.long)}, None))
     >>> list(inputs), targets
@@ -198,7 +204,7 @@ def split_batch(
             f"{what} must be an (inputs, targets) pair, got {got}; {_CONTRACT}. Several inputs go "
             f"in one tuple or dict: ((ids, mask), targets) or ({{'input_ids': ids, ...}}, targets)"
         )
-    inputs = check_inputs(inputs, f"{what}'s inputs", error)
+    inputs = check_inputs(inputs, f"{what}'s inputs", error, values=values)
     if targets is not None and not isinstance(targets, torch.Tensor):
         raise error(f"{what}'s targets must be a tensor or None, got {type(targets).__name__}")
     batch_size(inputs, targets, what, error)

@@ -259,7 +259,7 @@ def _is_batch(obj: Any) -> bool:
 
 
 def _as_batch(obj: Any) -> Batch:
-    return split_batch(obj, "data", HessianError)
+    return split_batch(obj, "data", HessianError, values=False)
 
 
 def split_chunks(data: Data, chunk_size: int = 128, *, allow_empty: bool = False) -> list[Batch]:
