@@ -2,7 +2,7 @@
 """Regenerate every figure of the gallery: run each analysis in analyses/, then plot.
 
     python figures/regenerate.py                  quick scale (digits, CPU, about two hours)
-    python figures/regenerate.py --scale paper    the seed paper's settings (datasets, GPU)
+    python figures/regenerate.py --scale paper    the paper's settings (datasets, GPU)
     python figures/regenerate.py --plot-only      redraw from runs/figures without training
 
 The same as ``normprobe figures``; run it from anywhere, paths are relative to

@@ -24,7 +24,7 @@ examples:
   normprobe analyze my.yaml --set train.steps=100 --out runs/short
   normprobe plot runs/quickstart                       every figure its results support
   normprobe figures                                    rerun analyses/ and redraw figures/
-  normprobe properties runs/figures/properties                 seed 003's Table 2, measured
+  normprobe properties runs/figures/properties                 Rao & Sohl-Dickstein's Table 2, measured
   normprobe list                 show the registered normalizers, models and datasets
   normprobe list normalizers     only the normalizers
 """
@@ -47,7 +47,7 @@ examples:
   normprobe plot runs/quickstart --out paper/figs --format png,pdf
   normprobe plot runs/quickstart --only fig4,fig6a
 
-Figure names follow seed 003 (1a/1b MLP at init, 2a/2b WRN at init, 3a-c
+Figure names follow Rao & Sohl-Dickstein 2020 (1a/1b MLP at init, 2a/2b WRN at init, 3a-c
 through training, 4 Hessian density at step 50, 6a/6b outlier ratio and
 largest eigenvalue); WRN with skips adds _skip, the MLP's training figures
 _mlp. Analyses with variants also give fig5 (accuracy against batch size)
@@ -58,7 +58,7 @@ Plotting reads the stored tables only; it never trains or probes.
 FIGURES_EXAMPLES = """\
 examples:
   normprobe figures                       quick scale: every analysis in minutes on a CPU
-  normprobe figures --scale paper         the seed paper's settings (datasets + GPU)
+  normprobe figures --scale paper         the paper's settings (datasets + GPU)
   normprobe figures --plot-only           redraw figures/ from the stored results
   normprobe figures --only fig1_mlp_init  one analysis group
 """
@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_prop = sub.add_parser(
         "properties",
-        help="the measured properties table (seed 003 Table 2) of an analysis' results",
-        description="Judge every normalizer on the ten properties of seed 003's Table 2 from "
+        help="the measured properties table (Rao & Sohl-Dickstein 2020, Table 2) of an analysis' results",
+        description="Judge every normalizer on the ten properties of Rao & Sohl-Dickstein's Table 2 from "
         "the stored results of an analysis, and write the table as Markdown "
         "(properties.md, with the paper's verdicts alongside), CSV (properties.csv) and a "
         "heatmap (properties.png). Prints the Markdown table.",
@@ -203,8 +203,8 @@ def add_figures_arguments(parser: argparse.ArgumentParser) -> None:
         "--scale",
         choices=["quick", "paper"],
         default="quick",
-        help="quick: digits, small networks, minutes on a CPU (default); paper: the seed "
-        "paper's settings from analyses/<group>.paper.yaml (needs the datasets, and a GPU)",
+        help="quick: digits, small networks, minutes on a CPU (default); paper: the "
+        "paper\'s settings from analyses/<group>.paper.yaml (needs the datasets, and a GPU)",
     )
     parser.add_argument(
         "--analyses", metavar="DIR", default="analyses", help="folder of the group YAML files"
@@ -297,7 +297,7 @@ def cmd_properties(args: argparse.Namespace) -> int:
 
     paths = write_properties(table, out, args.format)
     print(table.to_markdown())
-    print("## Against seed 003 Table 2\n")
+    print("## Against Rao & Sohl-Dickstein 2020, Table 2\n")
     print(table.against_paper())
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0

@@ -2,7 +2,7 @@
 
 Each group is one YAML in ``analyses/``: ``<group>.yaml`` at the quick scale
 (digits, small networks, minutes on a 2-core CPU) and ``<group>.paper.yaml``
-at the seed paper's scale (MNIST / CIFAR-10, WRN-26-2, 512 Hessian samples).
+at the paper's scale (MNIST / CIFAR-10, WRN-26-2, 512 Hessian samples).
 The results go to ``runs/figures/<group>`` (finished runs are kept, so a
 second call resumes) and the group's figures to one folder.
 

@@ -322,7 +322,7 @@ def _hessian(
         steps=hc.lanczos_steps,
         num_vectors=hc.start_vectors,
         k=hc.top_k,
-        # K of the outlier ratio: the classes (003 sec. 6) unless the config says
+        # K of the outlier ratio: the classes (Rao & Sohl-Dickstein 2020, sec. 6) unless the config says
         num_classes=hc.outlier_k or inputs.num_classes,
         trace_samples=hc.trace_samples,
         norm_mode=hc.norm_mode,

@@ -1,10 +1,10 @@
-"""The measured properties table: seed 003's Table 2, filled from measurements.
+"""The measured properties table: Rao & Sohl-Dickstein's Table 2, filled from measurements.
 
 (Over 500 lines on purpose: ten criteria, each a quantity, a rule and the
 function that measures it from the results, and the table that judges them;
 a criterion reads best next to the others and their shared row selection.)
 
-Seed 003 summarises normalizers by ten qualitative properties and fills its
+Rao & Sohl-Dickstein 2020 summarises normalizers by ten qualitative properties and fills its
 Table 2 by hand. :func:`judge_properties` fills it from an analysis' stored
 results (``analyses/properties.yaml`` runs everything it reads); this module
 only reads them. :func:`normprobe.measure_properties` adds what the results
@@ -420,7 +420,7 @@ CRITERIA: tuple[Criterion, ...] = (
     ),
 )
 
-#: Seed 003 Table 2, as printed ("~": reduces gradient confusion, less than Batch Norm).
+#: Rao & Sohl-Dickstein 2020, Table 2, as printed ("~": reduces gradient confusion, less than Batch Norm).
 PAPER: dict[str, dict[str, str]] = {
     "batch": dict.fromkeys([c.key for c in CRITERIA], "+")
     | {"batch_size": "-", "train_test": "-", "sequential": "-"},
@@ -433,13 +433,13 @@ PAPER: dict[str, dict[str, str]] = {
     "regnorm": dict.fromkeys([c.key for c in CRITERIA], "+") | {"confusion": "~", "explosion": "-"},
 }
 PAPER_NOTES = (
-    "-* Layer Norm generalizes better in Transformers, not in deep convolutional networks (003). "
-    "~ PreLayerNorm and RegNorm reduce gradient confusion, less than Batch Norm (003)."
+    "-* Layer Norm generalizes better in Transformers, not in deep convolutional networks (Rao & Sohl-Dickstein 2020). "
+    "~ PreLayerNorm and RegNorm reduce gradient confusion, less than Batch Norm (Rao & Sohl-Dickstein 2020)."
 )
 
 
 def agrees_with_paper(paper: str, measured: str) -> bool:
-    """Whether a measured verdict agrees with seed 003's (``-*`` is ``-``; ``~`` is a ``+``).
+    """Whether a measured verdict agrees with Rao & Sohl-Dickstein's (``-*`` is ``-``; ``~`` is a ``+``).
 
     >>> agrees_with_paper("-*", "-"), agrees_with_paper("~", "+"), agrees_with_paper("+", "-")
     (True, True, False)
@@ -528,7 +528,7 @@ class PropertyTable:
         return "\n".join(lines) + "\n"
 
     def against_paper(self) -> str:
-        """Markdown: seed 003 Table 2's verdicts next to the measured ones, disagreements bold."""
+        """Markdown: the verdicts of Rao & Sohl-Dickstein's Table 2 next to the measured ones, disagreements bold."""
         norms = [n for n in PAPER if n in self.normalizers]
         verdicts = self.wide("verdict")
         lines = [
@@ -554,7 +554,7 @@ class PropertyTable:
         return "\n".join(lines) + "\n"
 
     def disagreements(self) -> pd.DataFrame:
-        """Rows where the measured verdict differs from seed 003's (measured cells only)."""
+        """Rows where the measured verdict differs from Rao & Sohl-Dickstein's (measured cells only)."""
         verdicts = self.wide("verdict")
         rows = []
         for n in (n for n in PAPER if n in self.normalizers):
@@ -576,7 +576,7 @@ class PropertyTable:
         out.mkdir(parents=True, exist_ok=True)
         md = out / "properties.md"
         md.write_text(
-            self.to_markdown() + "\n## Against seed 003 Table 2\n\n" + self.against_paper()
+            self.to_markdown() + "\n## Against Rao & Sohl-Dickstein 2020, Table 2\n\n" + self.against_paper()
         )
         csv = out / "properties.csv"
         self.cells.to_csv(csv, index=False)

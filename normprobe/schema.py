@@ -239,7 +239,7 @@ class BatchStatsEval(Strict):
 
     ``batches: sampler`` (with ``train.sampler.kind: labels``) evaluates on
     batches drawn the way training batches are, ``labels_per_batch`` distinct
-    labels x ``per_label`` examples each (002 sec. 3.3: "training mode" on
+    labels x ``per_label`` examples each (Ioffe 2017, sec. 3.3: "training mode" on
     test minibatches built by the same procedure), fixed by ``data.seed``;
     every example is used at most once, and those that cannot fill such a
     batch (at most ``per_label - 1`` per label, plus the labels left over
@@ -387,7 +387,7 @@ LayerSpec = str | list[str] | None
 
 
 class RepresentationProbe(Strict):
-    """Representation correlation (DESIGN.md probe 1)."""
+    """Representation correlation (docs/definitions.md, probe 1)."""
 
     enabled: bool = True
     pairing: Literal["noise", "independent", "within"] = "noise"
@@ -397,7 +397,7 @@ class RepresentationProbe(Strict):
 
 
 class GradientProbe(Strict):
-    """Gradient correlation or gradient norms (DESIGN.md probes 2 and 3)."""
+    """Gradient correlation or gradient norms (docs/definitions.md, probes 2 and 3)."""
 
     enabled: bool = True
     layers: LayerSpec = None
@@ -455,7 +455,7 @@ class ProbesConfig(Strict):
 
 
 class HessianConfig(Strict):
-    """The Hessian spectrum (DESIGN.md probe 4) and its own, sparser schedule."""
+    """The Hessian spectrum (docs/definitions.md, the Hessian) and its own, sparser schedule."""
 
     enabled: bool = True
     schedule: Schedule = Field(default_factory=lambda: Schedule(steps=[0, 50]))
@@ -470,7 +470,7 @@ class HessianConfig(Strict):
     chunk_size: int = Field(128, ge=2)
     dtype: Literal["float32", "float64"] = "float64"
     # K of the outlier ratio lambda_1 / lambda_K (None: the dataset's number of classes, as in
-    # 003 sec. 6, which calls K "a heuristic guess"); the top max(top_k, K) eigenvalues are found
+    # Rao & Sohl-Dickstein 2020, sec. 6, which calls K "a heuristic guess"); the top max(top_k, K) eigenvalues are found
     outlier_k: int | None = Field(None, ge=1)
 
 

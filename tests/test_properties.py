@@ -265,7 +265,7 @@ def test_cli_writes_markdown_csv_and_heatmap(tmp_path, capsys) -> None:
     directory = _results_dir(tmp_path)
     assert main(["properties", str(directory), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
-    assert "| layer | not measured | + 0.950 |" in printed and "Against seed 003" in printed
+    assert "| layer | not measured | + 0.950 |" in printed and "Against Rao & Sohl-Dickstein 2020" in printed
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["properties.csv", "properties.md", "properties.png"]
     csv = pd.read_csv(tmp_path / "out" / "properties.csv")

@@ -34,7 +34,7 @@ __all__ = [
 
 #: ``standard``: per-channel mean/std of the train split (the default);
 #: ``unit``: pixel values in [0, 1], not centred (non-negative inputs, as
-#: balanced normalization assumes, seed 000 sec. 5.1).
+#: balanced normalization assumes, Defazio & Bottou 2018, sec. 5.1).
 NORMALIZE_CHOICES = ("standard", "unit")
 
 

@@ -158,7 +158,7 @@ def load_cifar10(
         n_train, n_test: take a random subset of this many examples (quick runs).
         normalize: "standard" (default) centres and scales with the train
             split's statistics; "unit" keeps pixel values in [0, 1], the
-            non-negative inputs balanced normalization assumes (000 sec. 5.1).
+            non-negative inputs balanced normalization assumes (Defazio & Bottou 2018, sec. 5.1).
         seed: seed of those subsets.
 
     >>> ds = load_cifar10(root="~/data", n_train=5000)  # doctest: +SKIP

@@ -90,7 +90,7 @@ def load_digits(
         test_fraction: share of each class held out for testing.
         normalize: "standard" (default) centres and scales with the train
             split's statistics; "unit" keeps pixel values in [0, 1], the
-            non-negative inputs balanced normalization assumes (000 sec. 5.1).
+            non-negative inputs balanced normalization assumes (Defazio & Bottou 2018, sec. 5.1).
         seed: seed of the train/test split.
 
     >>> ds = load_digits()

@@ -1,4 +1,4 @@
-"""The Hessian spectrum engine (DESIGN.md, Probes 4).
+"""The Hessian spectrum engine (docs/definitions.md, the Hessian).
 
 - :func:`hessian_spectrum`: SLQ density, top-k and smallest eigenvalues with
   their convergence evidence, outlier ratio ``lambda_1 / lambda_K``,

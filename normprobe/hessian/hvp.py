@@ -3,7 +3,7 @@
 (Over 500 lines, one job: the Hessian operator, its parameter selection,
 chunking, precision and sharding, which every product goes through.)
 
-DESIGN.md, Probes 4: ``H`` is the Hessian of the mean loss over a probe set
+docs/definitions.md, the Hessian: ``H`` is the Hessian of the mean loss over a probe set
 of ``n`` samples taken in chunks; with chunk sizes ``n_c``,
 ``H = sum_c (n_c / n) H_c``, where ``H_c`` is the Hessian of ``loss_fn`` (a
 mean over the chunk) on chunk ``c``. :class:`HessianOperator` applies it to

@@ -4,7 +4,7 @@
 the math lives in lanczos.py, trace.py and basis.py, the operator in
 hvp.py.)
 
-:func:`hessian_spectrum` (DESIGN.md, Probes 4) builds a
+:func:`hessian_spectrum` (docs/definitions.md, the Hessian) builds a
 :class:`~normprobe.hessian.hvp.HessianOperator` and runs the pieces asked
 for; :class:`HessianSpectrum` keeps the raw results (SLQ nodes and weights
 per start vector, eigenvalues with their residuals, Hutchinson samples) so
@@ -149,7 +149,7 @@ class HessianSpectrum:
 
     @property
     def outlier_ratio(self) -> float:
-        """``lambda_1 / lambda_K`` with K = :attr:`num_classes` (003 sec. 6); NaN if K is unknown."""
+        """``lambda_1 / lambda_K`` with K = :attr:`num_classes` (Rao & Sohl-Dickstein 2020, sec. 6); NaN if K is unknown."""
         top = self._need("top", self.top)
         if self.num_classes is None or self.num_classes > len(top.values):
             return float("nan")
@@ -442,7 +442,7 @@ def hessian_spectrum(
     basis_path: str | os.PathLike[str] | None = None,
     reorthogonalize: Literal["full", "partial"] = "full",
 ) -> HessianSpectrum:
-    """Hessian spectrum of the mean loss of ``model`` over a probe set (DESIGN.md, Probes 4).
+    """Hessian spectrum of the mean loss of ``model`` over a probe set (docs/definitions.md, the Hessian).
 
     ``data``: one ``(inputs, targets)`` probe set by the batch contract
     (:mod:`normprobe.batch`: inputs a tensor, a tuple or a dict such as

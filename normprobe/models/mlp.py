@@ -1,4 +1,4 @@
-"""A fully-connected ReLU network with one normalizer per hidden layer (003 figure 1)."""
+"""A fully-connected ReLU network with one normalizer per hidden layer (Rao & Sohl-Dickstein 2020, figure 1)."""
 
 from __future__ import annotations
 

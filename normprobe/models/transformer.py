@@ -1,4 +1,4 @@
-"""A small decoder-only Transformer language model with the zoo's normalizers (003 sec. 7, LM1B).
+"""A small decoder-only Transformer language model with the zoo's normalizers (Rao & Sohl-Dickstein 2020, sec. 7, LM1B).
 
 Tokens (bytes, ``num_classes = 256``) and learned positions are embedded into
 a residual stream ``x`` of shape ``(N, T, D)``; ``depth`` blocks each add a
@@ -16,7 +16,7 @@ the stream as ``(N * T, D)``, so "per example" statistics (``layer``,
   take the place of that norm by wrapping the affine op that reads the
   normalized stream (the attention's ``qkv``, the MLP's ``fc1``, the
   ``head``), as :func:`normprobe.norms.build` wraps any affine op: for the
-  seed's PreLayerNorm (003 sec. 3.1 and 7: "replacing Layer Norm with
+  paper's PreLayerNorm (Rao & Sohl-Dickstein 2020, sec. 3.1 and 7: "replacing Layer Norm with
   Pre-Normalization") that is ``W(x - mean x) / std`` per token, the input
   centred and the output divided by its own standard deviation.
 - ``post`` (Vaswani et al. 2017): ``norm(x + f(x))`` after each sublayer, no

@@ -1,11 +1,11 @@
-"""WideResNet-d-k with or without skip connections (003: WRN-26-2 without skips).
+"""WideResNet-d-k with or without skip connections (Rao & Sohl-Dickstein 2020: WRN-26-2 without skips).
 
 Three stages of ``n`` residual blocks with ``16k``, ``32k`` and ``64k``
 channels, stride 2 between stages, a normalized 3x3 stem, global average
 pooling and a linear head. Each block is ``conv1 -> norm -> act -> conv2 ->
 norm``, then the shortcut is added (``skip=True``) and ``act`` applied: the
 post-activation ordering, which keeps every normalizer directly after its
-affine op as DESIGN.md defines it.
+affine op as docs/definitions.md defines it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def blocks_per_stage(depth: int) -> int:
 
     Zagoruyko & Komodakis count ``depth = 6n + 4`` (WRN-16, WRN-28, ...);
     depths ``6n + 2`` are accepted too, counting stem, ``6n`` convs and head as
-    003's 26-layer network does (WRN-26 -> n = 4).
+    Rao & Sohl-Dickstein's 26-layer network does (WRN-26 -> n = 4).
     """
     if depth >= 10 and (depth - 4) % 6 == 0:
         return (depth - 4) // 6

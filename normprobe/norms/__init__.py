@@ -9,7 +9,7 @@
 ``build(name, affine)`` returns a :class:`NormedAffine` computing
 ``act(norm(affine(pre(x))))`` for every normalizer in :data:`NORMS`, whether
 it sits after the affine op (batch, layer, ...) or needs its input or weight
-(prelayer, weight norm, balanced, ...). Definitions: DESIGN.md.
+(prelayer, weight norm, balanced, ...). Definitions: docs/definitions.md.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ for _spec in [
     NormSpec(
         "batch",
         "per channel over the batch (and space); eval uses running mean/var; "
-        "BatchNorm, Ioffe & Szegedy 2015 (seeds 003, 004)",
+        "BatchNorm, Ioffe & Szegedy 2015 (Rao & Sohl-Dickstein 2020; Arpit's lecture slides)",
         _post(BatchNorm),
         batch_stats=True,
         standalone=BatchNorm,
@@ -204,7 +204,7 @@ for _spec in [
     ),
     NormSpec(
         "batch-train",
-        "as batch in train mode; eval uses the eval batch's own statistics; Batch-Train (seed 003)",
+        "as batch in train mode; eval uses the eval batch's own statistics; Batch-Train (Rao & Sohl-Dickstein 2020)",
         _post(BatchTrainNorm),
         batch_stats=True,
         standalone=BatchTrainNorm,
@@ -212,7 +212,7 @@ for _spec in [
     NormSpec(
         "layer",
         "per example over all channels (and space); eval same; "
-        "LayerNorm, Ba et al. 2016 (seeds 003, 004)",
+        "LayerNorm, Ba et al. 2016 (Rao & Sohl-Dickstein 2020; Arpit's lecture slides)",
         _post(LayerNorm),
         standalone=LayerNorm,
         aliases=("layernorm",),
@@ -220,7 +220,7 @@ for _spec in [
     NormSpec(
         "group",
         "per example over groups of min(32, C) channels (and space); eval same; "
-        "GroupNorm, Wu & He 2018 (seeds 000, 003)",
+        "GroupNorm, Wu & He 2018 (Defazio & Bottou 2018; Rao & Sohl-Dickstein 2020)",
         _group,
         standalone=GroupNorm,
         aliases=("groupnorm",),
@@ -228,7 +228,7 @@ for _spec in [
     NormSpec(
         "instance",
         "per example and channel over space, conv only; eval same; "
-        "InstanceNorm, Ulyanov et al. 2016 (seed 003)",
+        "InstanceNorm, Ulyanov et al. 2016 (Rao & Sohl-Dickstein 2020)",
         _post(InstanceNorm),
         dense=False,
         standalone=InstanceNorm,
@@ -237,7 +237,7 @@ for _spec in [
     NormSpec(
         "weight",
         "weight rows to g * V / ||V||, no activation normalization; eval same; "
-        "WeightNorm, Salimans & Kingma 2016 (seeds 003, 004)",
+        "WeightNorm, Salimans & Kingma 2016 (Rao & Sohl-Dickstein 2020; Arpit's lecture slides)",
         _weight,
         wraps_affine=True,
         affine_bias=True,
@@ -246,7 +246,7 @@ for _spec in [
     NormSpec(
         "scaled-weight",
         "weight norm times sqrt(2 fan_in / fan_out), g = 1 at init; eval same; "
-        "Scaled WeightNorm, Arpit & Bengio 2019 (seed 004)",
+        "Scaled WeightNorm, Arpit & Bengio 2019 (Arpit's lecture slides)",
         _scaled_weight,
         wraps_affine=True,
         affine_bias=True,
@@ -254,14 +254,14 @@ for _spec in [
     NormSpec(
         "weight-meanbn",
         "weight norm then mean-only batch norm; eval uses the running mean; "
-        "Salimans & Kingma 2016 (seeds 002, 004)",
+        "Salimans & Kingma 2016 (Ioffe 2017; Arpit's lecture slides)",
         _weight_meanbn,
         wraps_affine=True,
         batch_stats=True,
     ),
     NormSpec(
         "bmlv",
-        "mean over the batch, variance per example; eval uses the running mean; BMLV (seed 003)",
+        "mean over the batch, variance per example; eval uses the running mean; BMLV (Rao & Sohl-Dickstein 2020)",
         _post(BMLVNorm),
         batch_stats=True,
         standalone=BMLVNorm,
@@ -269,7 +269,7 @@ for _spec in [
     NormSpec(
         "lmbv",
         "mean per example, variance over the batch; eval uses the running variance; "
-        "LMBV (seed 003)",
+        "LMBV (Rao & Sohl-Dickstein 2020)",
         _post(LMBVNorm),
         batch_stats=True,
         standalone=LMBVNorm,
@@ -277,7 +277,7 @@ for _spec in [
     NormSpec(
         "prelayer",
         "affine input centred per example, output divided by its per-example std; "
-        "eval same; PreLayerNorm (seed 003)",
+        "eval same; PreLayerNorm (Rao & Sohl-Dickstein 2020)",
         _prelayer,
         wraps_affine=True,
         aliases=("prelayernorm",),
@@ -285,14 +285,14 @@ for _spec in [
     NormSpec(
         "regnorm",
         "layer norm plus a loss term driving each channel's batch mean to zero; "
-        "eval same; RegNorm (seed 003)",
+        "eval same; RegNorm (Rao & Sohl-Dickstein 2020)",
         _post(RegNorm),
         regularized=True,
         standalone=RegNorm,
     ),
     NormSpec(
         "preregnorm",
-        "prelayer plus RegNorm's batch-mean loss term; eval same; PreRegNorm (seed 003)",
+        "prelayer plus RegNorm's batch-mean loss term; eval same; PreRegNorm (Rao & Sohl-Dickstein 2020)",
         _preregnorm,
         wraps_affine=True,
         regularized=True,
@@ -300,7 +300,7 @@ for _spec in [
     NormSpec(
         "batch-renorm",
         "batch statistics corrected by clipped r, d towards moving averages; "
-        "eval uses the moving mean/std; Batch Renorm, Ioffe 2017 (seed 002)",
+        "eval uses the moving mean/std; Batch Renorm, Ioffe 2017",
         _post(BatchRenorm),
         batch_stats=True,
         standalone=BatchRenorm,
@@ -318,7 +318,7 @@ for _spec in [
     NormSpec(
         "balanced",
         "weights balanced with the batch's input sums per input channel; "
-        "eval uses running input sums; BalNorm/EquiNorm (seeds 000, 001)",
+        "eval uses running input sums; BalNorm/EquiNorm (Defazio & Bottou 2018; the ICLR 2019 EquiNorm submission)",
         _balanced,
         wraps_affine=True,
         aliases=("equinorm", "balnorm"),
@@ -447,7 +447,7 @@ def penalties(model: nn.Module) -> dict[str, torch.Tensor]:
 def regularization(model: nn.Module) -> torch.Tensor:
     """``sum_l R_l`` over the RegNorm/PreRegNorm layers of the last forward pass (0 if none).
 
-    The training loss of DESIGN.md is ``loss + lam * regularization(model)``.
+    The training loss of docs/definitions.md is ``loss + lam * regularization(model)``.
     """
     values = list(penalties(model).values())
     if not values:

@@ -1,8 +1,8 @@
-"""Balanced Normalization of weights: BalNorm (seed 000) / EquiNorm (seed 001).
+"""Balanced Normalization of weights: BalNorm (Defazio & Bottou 2018) / EquiNorm (the ICLR 2019 EquiNorm submission).
 
 The weight of the affine op is transformed with the sums of its input, so
 that the positive and negative weights of each output channel contribute the
-same total magnitude ``r`` to the output (000 sec. 4.1, single-pass formula):
+same total magnitude ``r`` to the output (Defazio & Bottou 2018, sec. 4.1, single-pass formula):
 
     v_c   = sum of x over batch and space, per input channel
     b_d   = -sum_c v_c w_dc / (kh * kw * sum_c v_c)        (w_dc = sum_jk w_dcjk)
@@ -17,7 +17,7 @@ part of ``W + b_d`` itself. A per-channel affine follows. Dense layers are
 Two options change which examples the train-mode ``v_c`` comes from:
 ``stat_fraction = f`` in (0, 1] estimates it from the first
 ``k = max(1, floor(f * N))`` examples of the minibatch, scaled to the batch,
-``v_c = (N / k) * sum over the first k`` (000 sec. 6: "the first quarter of
+``v_c = (N / k) * sum over the first k`` (Defazio & Bottou 2018, sec. 6: "the first quarter of
 the batch to compute the statistics used for the full batch", ``f = 0.25``);
 the balanced weight is then applied to all N examples. ``norm_batch = g``
 (microbatches, as for the batch normalizers) balances each group of g
@@ -71,7 +71,7 @@ def balanced_weight(
     """The balanced weight ``W'' = s (W + b)`` for weight (D, C, *k) and input sums v (C,).
 
     A pure function of its arguments, differentiable in both ``weight`` and
-    ``input_sums`` (000: the transformation is fully differentiated through).
+    ``input_sums`` (Defazio & Bottou 2018: the transformation is fully differentiated through).
     Denominators within ``EPS`` of zero are held at ``+-EPS``
     (:func:`_away_from_zero`), so an all-zero input gives a zero output, not NaN.
     """
@@ -108,7 +108,7 @@ def _away_from_zero(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
 
 def balance_signs_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Resample the signs of every kernel that is all positive or all negative (000 sec. 5.1).
+    """Resample the signs of every kernel that is all positive or all negative (Defazio & Bottou 2018, sec. 5.1).
 
     Kernels are the ``(d, c)`` slices of a conv weight with more than one
     entry; for dense weights and 1x1 convs the whole row of output unit ``d``.
@@ -160,7 +160,7 @@ class BalancedNorm(Normalizer):
             raise NormalizerError(
                 f"balanced: stat_fraction is the fraction of the minibatch (its first examples) "
                 f"that the input sums come from and must be in (0, 1], got {stat_fraction!r}; "
-                f"e.g. 0.25 for the first quarter (seed 000), 1.0 for the whole batch"
+                f"e.g. 0.25 for the first quarter (Defazio & Bottou 2018), 1.0 for the whole batch"
             )
         self.stat_fraction = float(stat_fraction)
         self.norm_batch = check_norm_batch(norm_batch)
@@ -189,7 +189,7 @@ class BalancedNorm(Normalizer):
             warnings.warn(
                 f"{describe_layer(self)} (balanced): {bad} of {v.numel()} input channels have a "
                 f"negative sum over the batch; balanced normalization assumes non-negative "
-                f"inputs (seed 000 sec. 5.1) and its scale blows up when a channel sums to about "
+                f"inputs (Defazio & Bottou 2018, sec. 5.1) and its scale blows up when a channel sums to about "
                 f"zero. Feed it non-negative inputs, e.g. load_dataset(..., normalize='unit')",
                 BalancedInputWarning,
                 stacklevel=4,
@@ -268,7 +268,7 @@ class BalancedAffine(NormedAffine):
         return balanced_weight(self.affine.weight, v, r, single_pass=self.norm.single_pass)
 
     def _outputs_per_example(self, x: torch.Tensor) -> float:
-        """``H_out * W_out * stride^2`` (1 for dense): the ``r`` of 000 per example."""
+        """``H_out * W_out * stride^2`` (1 for dense): the ``r`` of Defazio & Bottou 2018 per example."""
         if isinstance(self.affine, nn.Linear):
             return 1.0
         a = self.affine

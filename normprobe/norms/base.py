@@ -164,7 +164,7 @@ class Normalizer(nn.Module):
 
 
 def _values_per_channel(z: torch.Tensor) -> int:
-    # DESIGN.md: N = 1 in train mode is an error for every batch-statistic
+    # docs/definitions.md: N = 1 in train mode is an error for every batch-statistic
     # normalizer, also for conv layers where (H, W) would give more than one value.
     return int(z.shape[0])
 

@@ -2,14 +2,14 @@
 
 ``batch`` and ``batch-train`` call ``torch.nn.functional.batch_norm`` so they
 match ``torch.nn.BatchNorm1d/2d`` to the last bit; the others follow the
-formulas of DESIGN.md (BMLV and LMBV from seed 003, Batch Renorm from seed
-002, mean-only batch norm from Salimans & Kingma via seed 004).
+formulas of docs/definitions.md (BMLV and LMBV from Rao & Sohl-Dickstein 2020, Batch Renorm from
+Ioffe 2017, mean-only batch norm from Salimans & Kingma via Arpit's lecture slides).
 
 Microbatch ("ghost batch") normalization: every class here takes
 ``norm_batch`` (None, the default: the whole minibatch). With ``norm_batch =
 g``, train mode splits a minibatch of N examples into N / g consecutive groups
 of g examples and normalizes each group with its own statistics, exactly as if
-the plain layer ran on each group separately (002: minibatches of 32 in
+the plain layer ran on each group separately (Ioffe 2017: minibatches of 32 in
 microbatches of 4). The running statistics are updated once per forward pass,
 with the average over the groups of the per-group statistics, each computed as
 the plain layer computes it (for example ``batch``: the mean of the group means
@@ -158,7 +158,7 @@ class BatchNorm(_RunningStats):
 
 
 class BatchTrainNorm(BatchNorm):
-    """BatchNorm that also uses the batch's own statistics in eval mode ("Batch-Train" of 003).
+    """BatchNorm that also uses the batch's own statistics in eval mode ("Batch-Train" of Rao & Sohl-Dickstein 2020).
 
     Train mode is ``batch`` exactly (running statistics are still tracked, so
     the two can be compared); eval mode normalizes with the eval batch's
@@ -184,7 +184,7 @@ class BatchTrainNorm(BatchNorm):
 
 
 class BMLVNorm(_RunningStats):
-    """Batch-Mean Layer-Variance (003): ``u = z - mean_B z``, then ``u / sqrt(var_F u + eps)``.
+    """Batch-Mean Layer-Variance (Rao & Sohl-Dickstein 2020): ``u = z - mean_B z``, then ``u / sqrt(var_F u + eps)``.
 
     Eval mode subtracts the running mean instead of ``mean_B``; the variance is
     always per example, so only the mean depends on the batch.
@@ -223,7 +223,7 @@ class BMLVNorm(_RunningStats):
 
 
 class LMBVNorm(_RunningStats):
-    """Layer-Mean Batch-Variance (003): ``u = z - mean_F z``, then ``u / sqrt(var_B u + eps)``.
+    """Layer-Mean Batch-Variance (Rao & Sohl-Dickstein 2020): ``u = z - mean_F z``, then ``u / sqrt(var_B u + eps)``.
 
     Eval mode divides by the running variance (tracked unbiased, as torch's
     BatchNorm does); the mean is always per example.
@@ -303,14 +303,14 @@ class MeanOnlyBatchNorm(_RunningStats):
 
 
 class BatchRenorm(_RunningStats):
-    """Batch Renormalization (Ioffe 2017, seed 002).
+    """Batch Renormalization (Ioffe 2017).
 
     Train mode: ``(z - mean_B) / sigma_B * r + d`` with
     ``r = clip(sigma_B / sigma, 1/r_max, r_max)`` and
     ``d = clip((mean_B - mu) / sigma, -d_max, d_max)``, both treated as
     constants by autograd, and ``sigma_B = sqrt(var_B + eps)``. The moving
     ``mu`` (``running_mean``) and ``sigma`` (``running_std``) are updated after
-    use at rate ``momentum`` (002's alpha, default 0.01). Eval mode:
+    use at rate ``momentum`` (Ioffe's alpha, default 0.01). Eval mode:
     ``(z - mu) / sigma``.
 
     ``r_max`` and ``d_max`` follow a schedule over the step counter

@@ -4,8 +4,8 @@ None of these look across the batch, so train and eval mode are the same.
 ``layer``, ``group``, ``instance`` and ``rms`` call torch's kernels and so equal
 ``GroupNorm(1, C)``, ``GroupNorm(G, C)``, ``InstanceNorm2d(affine=True)`` and
 ``RMSNorm``.
-RegNorm and PreRegNorm also record the batch-mean penalty of DESIGN.md
-(003 sec. 3.2) for :func:`normprobe.norms.regularization`.
+RegNorm and PreRegNorm also record the batch-mean penalty of docs/definitions.md
+(Rao & Sohl-Dickstein 2020, sec. 3.2) for :func:`normprobe.norms.regularization`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class RMSNorm(Normalizer):
     of squares is over the feature axes, (C) dense and (C, *spatial) conv, as
     for ``layer``, so a dense layer equals ``torch.nn.RMSNorm(C)`` and a conv
     layer equals ``torch.nn.RMSNorm((C, H, W))`` with its gain repeated over
-    (H, W). ``eps`` defaults to 1e-5 (DESIGN.md); ``eps=None`` takes torch's
+    (H, W). ``eps`` defaults to 1e-5 (docs/definitions.md); ``eps=None`` takes torch's
     own default, the machine epsilon of the input's dtype. A sequence
     ``(N, T, D)`` is normalized per position by passing it as ``(N * T, D)``.
 
@@ -92,7 +92,7 @@ class RMSNorm(Normalizer):
 def default_groups(num_channels: int, max_groups: int = 32) -> int:
     """The largest group count <= ``max_groups`` that divides ``num_channels``.
 
-    This is ``min(32, C)`` whenever that divides C (DESIGN.md), and stays
+    This is ``min(32, C)`` whenever that divides C (docs/definitions.md), and stays
     usable for channel counts such as 48 or 100 that 32 does not divide.
     """
     for g in range(min(max_groups, 32, num_channels), 0, -1):
@@ -163,7 +163,7 @@ class _Penalized(Normalizer):
     """A normalizer that records RegNorm's batch-mean penalty of its last forward pass.
 
     ``penalty`` is ``mean over channels of (mean_B u)^2`` for the normalized,
-    pre-affine output ``u`` (003 eq. 3, DESIGN.md); it is zero exactly when
+    pre-affine output ``u`` (Rao & Sohl-Dickstein 2020, eq. 3, docs/definitions.md); it is zero exactly when
     every channel has zero batch mean. It holds the autograd graph of the last
     forward pass so it can join the loss, and is left out of pickles and
     deep copies.
@@ -197,7 +197,7 @@ class _Penalized(Normalizer):
 
 
 class RegNorm(_Penalized):
-    """RegNorm (003 sec. 3.2): ``layer`` normalization plus the batch-mean penalty."""
+    """RegNorm (Rao & Sohl-Dickstein 2020, sec. 3.2): ``layer`` normalization plus the batch-mean penalty."""
 
     norm_name = "regnorm"
 
@@ -209,7 +209,7 @@ class RegNorm(_Penalized):
 
 
 class PreLayerNorm(Normalizer):
-    """The after-affine half of PreLayerNorm (003 sec. 3.1): ``z / sqrt(var_F z + eps)``.
+    """The after-affine half of PreLayerNorm (Rao & Sohl-Dickstein 2020, sec. 3.1): ``z / sqrt(var_F z + eps)``.
 
     No mean is subtracted here: the mean was removed from the affine op's
     input by :class:`CenterFeatures`.
@@ -227,7 +227,7 @@ class PreLayerNorm(Normalizer):
 
 
 class PreRegNorm(PreLayerNorm, _Penalized):
-    """PreRegNorm (003): PreLayerNorm plus RegNorm's batch-mean penalty on ``z / std_F z``."""
+    """PreRegNorm (Rao & Sohl-Dickstein 2020): PreLayerNorm plus RegNorm's batch-mean penalty on ``z / std_F z``."""
 
     norm_name = "preregnorm"
 

@@ -1,4 +1,4 @@
-"""Weight-space normalizers: weight norm and scaled weight norm (seed 004).
+"""Weight-space normalizers: weight norm and scaled weight norm (Arpit's lecture slides).
 
 ``weight`` is torch's own ``torch.nn.utils.parametrizations.weight_norm``.
 ``scaled-weight`` (Arpit & Bengio 2019) multiplies the weight-normalized
@@ -59,7 +59,7 @@ class ScaledWeightNorm(nn.Module):
 def apply_scaled_weight_norm(
     affine: nn.Module, nonlinearity: Literal["relu", "linear"] = "relu"
 ) -> nn.Module:
-    """Scaled weight norm on ``affine.weight``: ``g = 1`` and bias 0 at initialization (004)."""
+    """Scaled weight norm on ``affine.weight``: ``g = 1`` and bias 0 at initialization (Arpit's lecture slides)."""
     fan_in, fan_out = fan_in_out(affine.weight)
     gain = 2.0 if nonlinearity == "relu" else 1.0
     scale = math.sqrt(gain * fan_in / fan_out)

@@ -1,11 +1,11 @@
-"""Figures from stored results: one function per figure of seed 003, one look for all.
+"""Figures from stored results: one function per figure of Rao & Sohl-Dickstein 2020, one look for all.
 
 - :mod:`normprobe.plotting.style`: the fixed color and marker of every normalizer.
 - :mod:`normprobe.plotting.figures`: ``fig1a`` ... ``fig6b`` and the generic
   :func:`depth_profile`, :func:`through_training`, :func:`hessian_density_panels`.
 - :mod:`normprobe.plotting.experiments`: :func:`fig5` (batch size) and the
   appendix studies :func:`fig_renorm`, :func:`fig_balnorm`, :func:`fig_regnorm_mean`,
-  and :func:`fig_transformer` (a Transformer language model, 003 sec. 7).
+  and :func:`fig_transformer` (a Transformer language model, Rao & Sohl-Dickstein 2020, sec. 7).
 - :mod:`normprobe.plotting.gallery`: :func:`plot_results`, every figure a
   results directory supports, written to files (``normprobe plot``).
 - :mod:`normprobe.plotting.properties`: the properties table as a heatmap.

@@ -1,4 +1,4 @@
-"""Figures of the training-time experiments: batch size (003 fig. 5) and the appendix studies.
+"""Figures of the training-time experiments: batch size (Rao & Sohl-Dickstein 2020, fig. 5) and the appendix studies.
 
 (Over 500 lines on purpose: five multi-panel figures, one function each, with
 the variant and panel helpers only they use.)
@@ -7,20 +7,20 @@ the variant and panel helpers only they use.)
   aggregated statistics at test time (eval mode) and without them (each test
   batch's own statistics), one panel per normalizer;
 - :func:`fig_renorm`: BatchNorm against Batch Renorm on i.i.d., microbatch
-  and non-i.i.d. minibatches (seed 002), test accuracy through training in
+  and non-i.i.d. minibatches (Ioffe 2017), test accuracy through training in
   eval mode and in training mode;
-- :func:`fig_balnorm`: BalNorm against BatchNorm and GroupNorm (seed 000),
+- :func:`fig_balnorm`: BalNorm against BatchNorm and GroupNorm (Defazio & Bottou 2018),
   train and test loss and accuracy through training;
 - :func:`fig_regnorm_mean`: each layer's batch mean ``R_l`` through training
-  (003 appendix), RegNorm against LayerNorm;
-- :func:`fig_transformer`: a Transformer language model (003 sec. 7, LM1B):
+  (Rao & Sohl-Dickstein 2020, appendix), RegNorm against LayerNorm;
+- :func:`fig_transformer`: a Transformer language model (Rao & Sohl-Dickstein 2020, sec. 7, LM1B):
   test perplexity through training, representation correlation with depth
   at initialization and the Hessian outlier ratio at a few steps, one line
   per normalizer and placement (pre-LN solid, post-LN dashed).
 
 Each analysis is one config with ``variants`` (a ``variant`` column in the
 tables); lines are the median over seeds with the interquartile range as a
-band (000 sec. 6.5: the asymmetry of accuracy across seeds is the point), at
+band (Defazio & Bottou 2018, sec. 6.5: the asymmetry of accuracy across seeds is the point), at
 the learning rate selected per normalizer and variant. Like every figure,
 these read stored tables only.
 """
@@ -214,7 +214,7 @@ def fig5(data: Results, fig: Figure | None = None) -> Figure:
     return fig
 
 
-# --------------------------------------------------------------------------- seed 002
+# --------------------------------------------------------------------------- Ioffe 2017
 
 
 def _variant_text(data: Results, variant: str) -> str:
@@ -233,7 +233,7 @@ def _variant_text(data: Results, variant: str) -> str:
 
 
 def fig_renorm(data: Results, fig: Figure | None = None) -> Figure:
-    """002: test accuracy through training, BatchNorm vs Batch Renorm, one panel per variant.
+    """Ioffe 2017: test accuracy through training, BatchNorm vs Batch Renorm, one panel per variant.
 
     Solid: eval mode (moving averages); dashed: "training mode", each test
     batch normalized with its own statistics (for a non-i.i.d. variant with
@@ -279,13 +279,13 @@ def fig_renorm(data: Results, fig: Figure | None = None) -> Figure:
             Line2D([], [], color="#333333", ls="--", label="training mode (batch statistics)"),
         ]
         fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
-        fig.suptitle(with_model("Batch Renorm vs BatchNorm (seed 002)", data), x=0.01, ha="left")
+        fig.suptitle(with_model("Batch Renorm vs BatchNorm (Ioffe 2017)", data), x=0.01, ha="left")
         fig.tight_layout(rect=(0, 0.06, 1, 0.9))
         _figure_caption(fig, data, "")
     return fig
 
 
-# --------------------------------------------------------------------------- seed 000
+# --------------------------------------------------------------------------- Defazio & Bottou 2018
 
 
 def _line_key(data: Results, norm: str, variant: Any) -> str:
@@ -302,7 +302,7 @@ def _line_key(data: Results, norm: str, variant: Any) -> str:
 
 
 def fig_balnorm(data: Results, fig: Figure | None = None, *, panels: Sequence[str] = ()) -> Figure:
-    """000: train and test loss and accuracy through training, one line per normalizer setting.
+    """Defazio & Bottou 2018: train and test loss and accuracy through training, one line per normalizer setting.
 
     Runs that differ only in their variant and give the same line (e.g. a
     BatchNorm run in every variant) are drawn once, from the first variant.
@@ -384,7 +384,7 @@ def fig_balnorm(data: Results, fig: Figure | None = None, *, panels: Sequence[st
             for line in lines
         ]
         fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
-        fig.suptitle(with_model("BalNorm vs BatchNorm (seed 000)", data), x=0.01, ha="left")
+        fig.suptitle(with_model("BalNorm vs BatchNorm (Defazio & Bottou 2018)", data), x=0.01, ha="left")
         fig.tight_layout(rect=(0, 0.05, 1, 0.9))
         _figure_caption(fig, data, "")
     return fig
@@ -394,7 +394,7 @@ def fig_balnorm(data: Results, fig: Figure | None = None, *, panels: Sequence[st
 
 
 def fig_regnorm_mean(data: Results, fig: Figure | None = None) -> Figure:
-    """003 appendix: each normalization layer's batch mean ``R_l`` through training (log scale).
+    """Rao & Sohl-Dickstein 2020, appendix: each normalization layer's batch mean ``R_l`` through training (log scale).
 
     One panel per normalizer, one line per layer (darker: deeper), median over
     seeds with the interquartile band. RegNorm's loss term drives ``R_l`` to zero.
@@ -430,7 +430,7 @@ def fig_regnorm_mean(data: Results, fig: Figure | None = None) -> Figure:
         ]
         fig.legend(handles=handles, loc="upper right", ncols=2, frameon=False, fontsize=8)
         fig.suptitle(
-            with_model("Batch mean of each normalized layer (003 appendix)", data),
+            with_model("Batch mean of each normalized layer (Rao & Sohl-Dickstein 2020, appendix)", data),
             x=0.01,
             ha="left",
         )
@@ -471,7 +471,7 @@ def _with_lines(data: Results, rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def fig_transformer(data: Results, fig: Figure | None = None) -> Figure:
-    """003 sec. 7 (LM1B) at small scale: a Transformer language model under each normalizer.
+    """Rao & Sohl-Dickstein 2020, sec. 7 (LM1B) at small scale: a Transformer language model under each normalizer.
 
     Three panels, one line per normalizer and placement (pre-LN solid,
     post-LN dashed), median over seeds with the interquartile band, at the
@@ -574,7 +574,7 @@ def fig_transformer(data: Results, fig: Figure | None = None) -> Figure:
             fontsize=8,
         )
         fig.suptitle(
-            with_model("Normalizers in a language model (003 sec. 7)", data), x=0.01, ha="left"
+            with_model("Normalizers in a language model (Rao & Sohl-Dickstein 2020, sec. 7)", data), x=0.01, ha="left"
         )
         fig.tight_layout(rect=(0, 0.08, 1, 0.88))
         final = final_rows(ppl).groupby("line")["value"].median()

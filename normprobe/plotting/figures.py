@@ -1,4 +1,4 @@
-"""One function per figure of seed 003 (DESIGN.md, Figures), drawn from stored results only.
+"""One function per figure of Rao & Sohl-Dickstein 2020 (docs/definitions.md, Figures), drawn from stored results only.
 
 (Over 500 lines on purpose: twelve figure functions and the line, band,
 legend and caption helpers they share; the appendix figures are in

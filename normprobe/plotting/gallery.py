@@ -1,6 +1,6 @@
 """Every figure a results directory supports, drawn to files: what ``normprobe plot`` runs.
 
-The figure names follow seed 003 and the analysed model: an MLP gives
+The figure names follow Rao & Sohl-Dickstein 2020 and the analysed model: an MLP gives
 ``fig1a``/``fig1b``, a WideResNet without skips ``fig2a``/``fig2b``, with
 skips ``fig2a_skip``/``fig2b_skip``; the training figures (3, 4, 6) carry no
 suffix for the WRN without skips (the paper's network), ``_skip`` with
@@ -136,14 +136,14 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec(
         "figA_renorm",
         E.fig_renorm,
-        "BatchNorm vs Batch Renorm on microbatches and non-i.i.d. batches (002)",
+        "BatchNorm vs Batch Renorm on microbatches and non-i.i.d. batches (Ioffe 2017)",
         plain_for=ALL,
         analyses=("renorm_small_noniid",),
     ),
     FigureSpec(
         "figA_balnorm",
         E.fig_balnorm,
-        "BalNorm vs BatchNorm and GroupNorm: loss and accuracy through training (000)",
+        "BalNorm vs BatchNorm and GroupNorm: loss and accuracy through training (Defazio & Bottou 2018)",
         plain_for=ALL,
         analyses=("balnorm_convergence",),
     ),
@@ -158,14 +158,14 @@ FIGURES: tuple[FigureSpec, ...] = (
     FigureSpec(
         "properties",
         properties_figure,
-        "the measured properties table (003 Table 2) as a heatmap: verdicts and numbers",
+        "the measured properties table (Rao & Sohl-Dickstein 2020, Table 2) as a heatmap: verdicts and numbers",
         plain_for=ALL,
         analyses=("properties",),
     ),
     FigureSpec(
         "figA_regnorm_mean",
         E.fig_regnorm_mean,
-        "each layer's batch mean R_l through training, RegNorm vs LayerNorm (003 appendix)",
+        "each layer's batch mean R_l through training, RegNorm vs LayerNorm (Rao & Sohl-Dickstein 2020, appendix)",
         plain_for=ALL,
         analyses=("regnorm_batch_mean",),
     ),

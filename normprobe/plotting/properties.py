@@ -58,7 +58,7 @@ def heatmap(table: PropertyTable) -> Figure:
         spine.set_visible(False)
     source = f" ({table.source})" if table.source else ""
     fig.suptitle(
-        "Measured properties (seed 003 Table 2): + green, - red, n/m not measured" + source,
+        "Measured properties (Rao & Sohl-Dickstein 2020, Table 2): + green, - red, n/m not measured" + source,
         fontsize=9,
         y=0.995,
     )

@@ -1,4 +1,4 @@
-"""Probes that hook into any ``torch.nn.Module`` (DESIGN.md, Probes 1-3).
+"""Probes that hook into any ``torch.nn.Module`` (docs/definitions.md, Probes 1-3).
 
 - :func:`representation_correlation`: how similar two minibatches' representations
   stay with depth (pairings ``noise``, ``independent``, ``within``);

@@ -1,7 +1,7 @@
 """The batch mean of each normalization layer's output: RegNorm's regularizer value.
 
 For a normalization layer ``l`` with normalized, pre-affine output ``u_l``
-(DESIGN.md, RegNorm loss term; 003 sec. 3.2 and appendix figure 11)::
+(docs/definitions.md, RegNorm loss term; Rao & Sohl-Dickstein 2020, sec. 3.2 and appendix figure 11)::
 
     R_l = mean over channels of (mean over the batch (and space) of u_l)^2
 

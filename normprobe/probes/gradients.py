@@ -1,4 +1,4 @@
-"""Gradient probes: gradient correlation (003 sec. 4.2, 5) and gradient norm with depth (sec. 4.3).
+"""Gradient probes: gradient correlation (Rao & Sohl-Dickstein 2020, sec. 4.2, 5) and gradient norm with depth (sec. 4.3).
 
 Both take the gradient of the mean loss ``loss_fn(model(x), y)`` with respect
 to each layer's parameters, for all layers at once with one

@@ -1,9 +1,9 @@
-"""Representation correlation with depth (information propagation, 003 sec. 4.1).
+"""Representation correlation with depth (information propagation, Rao & Sohl-Dickstein 2020, sec. 4.1).
 
 For a minibatch ``X`` and a similar minibatch ``X'``, per layer
 ``rho_l = pearson(vec h_l(X), vec h_l(X'))``, ``vec`` flattening the whole
 minibatch (N x features; a transformer's (N, T, D) output entirely). Pairings
-(DESIGN.md, Probes 1):
+(docs/definitions.md, Probes 1):
 
 - ``noise`` (default): ``X' = X + s * std(X) * eps``, ``eps ~ N(0, 1)`` drawn
   from a ``torch.Generator`` seeded with ``seed``, ``s = 0.3``, ``std`` the
@@ -232,7 +232,7 @@ def representation_correlation(
     if pairing == "noise":
         if not (isinstance(noise_scale, (int, float)) and 0 <= noise_scale < float("inf")):
             raise ProbeError(
-                f"noise_scale must be a finite number >= 0 (DESIGN.md: 0.3), got {noise_scale!r}"
+                f"noise_scale must be a finite number >= 0 (docs/definitions.md: 0.3), got {noise_scale!r}"
             )
         device = input_tensors(x)[0][1].device
         generator = torch.Generator(device=device).manual_seed(seed)

@@ -1,7 +1,7 @@
 """Structural probes: batch dependence, train/eval consistency, signal-propagation statistics.
 
-These feed the measured properties table (:mod:`normprobe.properties`, seed
-003 Table 2).
+These feed the measured properties table (:mod:`normprobe.properties`,
+Rao & Sohl-Dickstein 2020, Table 2).
 
 - :func:`batch_dependence`: how much the outputs of the first half of a
   minibatch change when the second half is replaced by other examples.

@@ -1,4 +1,4 @@
-"""Normalizers without a torch twin, against references written here from DESIGN.md.
+"""Normalizers without a torch twin, against references written here from docs/definitions.md.
 
 Each reference is plain tensor algebra in float64 with the axes spelled out,
 so it shares no code with the package. Gradients are compared too: the
@@ -213,7 +213,7 @@ def test_batch_renorm_against_reference_through_its_schedule(kind: str) -> None:
     gamma, beta = _gamma_beta(m)
     mu, sigma = torch.zeros(6, dtype=DT), torch.ones(6, dtype=DT)
     for step in range(total + 2):
-        # DESIGN.md: pure BN for the first 10%, r_max reaches 3 at 50%, d_max 5 at 80%
+        # docs/definitions.md: pure BN for the first 10%, r_max reaches 3 at 50%, d_max 5 at 80%
         t = step
         r_max = 1.0 if t < 2 else min(3.0, 1.0 + 2.0 * (t - 2) / (10 - 2))
         d_max = 0.0 if t < 2 else min(5.0, 5.0 * (t - 2) / (16 - 2))
@@ -314,7 +314,7 @@ def test_scaled_weight_formula(kind: str, nonlinearity: str, gain: float) -> Non
 
 
 def test_scaled_weight_preserves_input_norm_of_wide_relu_layer() -> None:
-    """004: E ||ReLU(sqrt(2 fan_in / fan_out) R u)||^2 = ||u||^2 for unit-norm rows R."""
+    """Arpit's lecture slides: E ||ReLU(sqrt(2 fan_in / fan_out) R u)||^2 = ||u||^2 for unit-norm rows R."""
     fan_in, fan_out, trials = 256, 1024, 40
     u = torch.randn(1, fan_in, generator=torch.Generator().manual_seed(1), dtype=DT)
     ratios = []
@@ -336,7 +336,7 @@ def test_scaled_weight_preserves_input_norm_of_wide_relu_layer() -> None:
 
 
 def _balanced_reference(W: torch.Tensor, v: torch.Tensor, r: float, single_pass: bool):
-    """000 sec. 4.1, index by index."""
+    """Defazio & Bottou 2018, sec. 4.1, index by index."""
     D, C = W.shape[:2]
     K = W[0, 0].numel()
     Wf = W.reshape(D, C, K)
@@ -402,7 +402,7 @@ def test_balanced_weight_and_forward_against_reference(kind: str, single_pass: b
 
 
 def test_balanced_balances_positive_and_negative_contributions() -> None:
-    """000 figure 1: with positive inputs and cyclic padding, the positive and negative
+    """Defazio & Bottou 2018, figure 1: with positive inputs and cyclic padding, the positive and negative
     weights of each output channel contribute exactly +r and -r in total."""
     g = torch.Generator().manual_seed(0)
     N, C, D, H = 3, 4, 5, 6

@@ -68,7 +68,7 @@ def test_eps_none_is_torch_default_machine_epsilon() -> None:
     ref = nn.RMSNorm(C, dtype=torch.float64)  # eps=None: torch.finfo(float64).eps
     torch.testing.assert_close(norms.RMSNorm(C, eps=None).double()(x), ref(x))
     assert not torch.allclose(norms.RMSNorm(C).double()(x), ref(x))
-    assert norms.RMSNorm(C).eps == 1e-5  # DESIGN.md's eps, as every other normalizer
+    assert norms.RMSNorm(C).eps == 1e-5  # the eps of docs/definitions.md, as every other normalizer
 
 
 def test_rms_divides_by_the_root_mean_square_without_centring() -> None:

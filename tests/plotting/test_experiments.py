@@ -1,4 +1,4 @@
-"""The training-experiment figures (003 fig. 5 and the appendix studies) on synthetic tables."""
+"""The training-experiment figures (Rao & Sohl-Dickstein 2020, fig. 5 and the appendix studies) on synthetic tables."""
 
 from __future__ import annotations
 

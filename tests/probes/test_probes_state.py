@@ -1,4 +1,4 @@
-"""Every probe leaves every normalizer's model exactly as it found it (DESIGN.md, Probes)."""
+"""Every probe leaves every normalizer's model exactly as it found it (docs/definitions.md, Probes)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def test_representation_correlation_flattens_the_whole_minibatch() -> None:
     frame = representation_correlation(model, x, pairing="independent", x_other=x_other)
     assert frame["layer"].tolist() == ["input", "blocks.0.mlp.act", "blocks.1.mlp.act"]
     assert frame["shape"].tolist() == [str(T), f"{T}x16", f"{T}x16"]  # (T,) tokens, (T, 2D)
-    # DESIGN.md: pearson of vec h(X) and vec h(X'), the N x T x features entries all at once
+    # docs/definitions.md: pearson of vec h(X) and vec h(X'), the N x T x features entries all at once
     with Probe(model, layers=["blocks.1.mlp.act"]) as p, torch.no_grad():
         model(x)
         a = p.activations["blocks.1.mlp.act"]
