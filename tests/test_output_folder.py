@@ -141,20 +141,22 @@ def test_the_thread_count_is_recorded_and_a_resume_keeps_it(tmp_path: Path) -> N
     (tmp_path / "runs" / "batch_lr0.1_seed0" / "run.json").unlink()  # one run left to do
     run_json = tmp_path / "runs" / "layer_lr0.1_seed0" / "run.json"
     status = json.loads(run_json.read_text())
-    assert status["threads"] == json.loads((tmp_path / "manifest.json").read_text())["threads"]
-    # pretend the finished run trained with 2 threads
-    status["threads"] = 2
+    threads = json.loads((tmp_path / "manifest.json").read_text())["threads"]
+    assert status["threads"] == threads
+    # pretend the finished run trained with another count than this process would use
+    other = threads + 1
+    status["threads"] = other
     run_json.write_text(json.dumps(status))
     lines: list[str] = []
     # train.threads unset (as with --jobs changing between tries): pinned to the record
     results = analyze({**TINY, "normalizers": ["layer", "batch"]}, out=tmp_path, log=lines.append)
-    assert "resuming with 2 torch thread(s)" in "\n".join(lines)
-    assert json.loads((tmp_path / "manifest.json").read_text())["threads"] == 2
-    assert set(results.runs["threads"]) == {2}
+    assert f"resuming with {other} torch thread(s)" in "\n".join(lines)
+    assert json.loads((tmp_path / "manifest.json").read_text())["threads"] == other
+    assert set(results.runs["threads"]) == {other}
     # runs trained with different counts cannot be resumed consistently: refused
-    status["threads"] = 1
+    status["threads"] = other + 1
     run_json.write_text(json.dumps(status))
-    with pytest.raises(ConfigError, match=r"different torch thread counts \(1, 2\)"):
+    with pytest.raises(ConfigError, match=rf"different torch thread counts \({other}, {other + 1}\)"):
         analyze({**TINY, "normalizers": ["layer", "batch"]}, out=tmp_path, quiet=True)
 
 
