@@ -64,7 +64,7 @@ from normprobe.results import (
 )
 from normprobe.schema import PROBES, Schedule
 from normprobe.state import preserved
-from normprobe.training import classes_last, evaluate
+from normprobe.training import classes_last, evaluate, metric_rows
 
 __all__ = ["Monitor", "MonitorError", "measured_names", "logged_name"]
 
@@ -431,15 +431,7 @@ class Monitor:
         values: dict[str, float] = {}
         for name, (x, y) in self.eval_data.items():
             values[f"{name}_loss"], values[f"{name}_acc"] = evaluate(self.model, x, y)
-        return pd.DataFrame(
-            {
-                "step": step,
-                "layer": None,
-                "depth": float("nan"),
-                "metric": list(values),
-                "value": list(values.values()),
-            }
-        )
+        return metric_rows(step, values)
 
     def _class_count(self, probe_data: Any) -> int | None:
         """K for the outlier ratio: the size of the class axis of the model's output."""

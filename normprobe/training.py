@@ -39,6 +39,7 @@ __all__ = [
     "label_minibatches",
     "label_grouped_batches",
     "evaluate",
+    "metric_rows",
     "evaluate_batch_stats",
     "norm_batch_of",
     "make_optimizer",
@@ -375,7 +376,8 @@ def _perplexity(loss: float) -> float:
         return math.inf
 
 
-def _rows(step: int, values: dict[str, float]) -> pd.DataFrame:
+def metric_rows(step: int, values: dict[str, float]) -> pd.DataFrame:
+    """One tidy row per scalar metric of a step (no layer, no depth)."""
     return pd.DataFrame(
         {
             "step": step,
@@ -450,7 +452,7 @@ def train(
         if per_token:
             values["train_perplexity"] = _perplexity(train_loss)
             values["test_perplexity"] = _perplexity(test_loss)
-        frames.append(_rows(step, values))
+        frames.append(metric_rows(step, values))
         if batch_stats_size is not None or batch_stats_batches is not None:
             on_train, on_test = batch_stats_batches or (None, None)
             train_loss, train_acc = evaluate_batch_stats(
@@ -460,7 +462,7 @@ def train(
                 model, *test_split, batch_size=batch_stats_size, batches=on_test
             )
             frames.append(
-                _rows(
+                metric_rows(
                     step,
                     {
                         "train_loss_batchstats": train_loss,
