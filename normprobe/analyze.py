@@ -44,8 +44,8 @@ from normprobe.lock import LOCK_NAME, OWNER_NAME, folder_lock
 from normprobe.plan import ProbeData, RunSpec, build_run_model, plan_runs, prepare_data
 from normprobe.results import (
     Results,
-    RunRecord,
     ResultsError,
+    RunRecord,
     assemble,
     check_output_folder,
     clean_partial,
@@ -56,6 +56,7 @@ from normprobe.results import (
     write_run,
 )
 from normprobe.run import run_one
+from normprobe.threads import AUTO, Threads, check_threads
 
 with warnings.catch_warnings():
     # in a notebook without ipywidgets tqdm.auto warns at import and falls back to the text
@@ -99,6 +100,7 @@ def analyze(
     executor: str = "local",
     jobs: int | None = None,
     address: str | None = None,
+    threads: Threads = None,
 ) -> Results:
     """Run every (normalizer, lr, seed) of a config and return the result tables.
 
@@ -112,15 +114,23 @@ def analyze(
     process, or, with ``jobs=N`` (N > 1), ``N`` at a time in worker
     processes; ``"ray"`` makes each run a Ray task, on the cluster at
     ``address`` (``"auto"``: the one this machine belongs to) or on a local
-    Ray instance with ``jobs`` CPUs (see :mod:`normprobe.executors`). Worker
-    processes and Ray tasks use ``train.threads`` torch threads, 1 if unset.
-    The tables are the same whichever executor ran them (with the same
-    ``train.threads``: CPU reductions can depend on the thread count). With
+    Ray instance with ``jobs`` CPUs (see :mod:`normprobe.executors`).
+
+    Every run uses ``train.threads`` torch threads; with ``auto`` (the
+    default) a count from the largest model's size, this machine's cores and
+    ``jobs``, never the load (:mod:`normprobe.threads`; 1 per Ray task). The
+    count is recorded with each run and a resume keeps it. ``threads`` (a
+    number or ``"auto"``) replaces ``train.threads`` for this call without
+    changing the config or its hash, as ``jobs`` does. The tables are the
+    same whichever executor ran them when the thread count is the same (CPU
+    reductions can depend on it). The caller's torch thread count is
+    restored on return. With
     worker processes, call ``analyze`` from a script's
     ``if __name__ == "__main__":`` block (the ``spawn`` start method
     imports the main module again).
     """
     executors.check_executor(executor, jobs, address)
+    check_threads(threads, "threads")
     config = _resolve(config_or_path, overrides)
     what = "output"
     if out is not None:
@@ -160,14 +170,11 @@ def analyze(
         # the Ray tasks get the GPUs; this machine only checks the models, on its CPU
         check_device = torch.device("cpu")
 
-    threads = torch.get_num_threads()
+    caller_threads = torch.get_num_threads()
     created = not directory.exists()
     make_output_folder(directory, what)
     try:
         with folder_lock(directory, what):
-            run_threads = _thread_count(config, directory, force, executor, jobs, log)
-            if executors.in_process(executor, jobs):
-                torch.set_num_threads(run_threads)
             return _analyze(
                 config,
                 directory,
@@ -180,7 +187,7 @@ def analyze(
                 jobs=jobs,
                 address=address,
                 check_device=check_device,
-                threads=run_threads,
+                threads=threads,
             )
     except NormprobeError:
         # refused before anything was written: leave no empty folder behind
@@ -189,7 +196,7 @@ def analyze(
                 shutil.rmtree(directory, ignore_errors=True)
         raise
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(caller_threads)
 
 
 #: What an otherwise empty folder may hold: the lock of an analysis refused before it wrote.
@@ -220,21 +227,25 @@ def _thread_count(
     executor: str,
     jobs: int | None,
     log: Callable[[str], None],
+    parameters: int,
+    threads: Threads = None,
 ) -> int:
     """The torch thread count every run of this grid trains with.
 
-    CPU reductions can depend on the thread count, so a grid whose finished
-    runs used one count is resumed with that count (when ``train.threads``
-    is unset) or refused (when it asks for another): mixing counts would
-    make the tables depend on how the grid was interrupted.
+    ``train.threads``, or with ``auto`` :func:`normprobe.executors.run_threads`
+    of the grid's largest model (``parameters``). CPU reductions can depend
+    on the thread count, so a grid whose finished runs used one count is
+    resumed with that count (with ``auto``, which may pick another count
+    under another ``--jobs``) or refused (when a number asks for another):
+    mixing counts would make the tables depend on how the grid was
+    interrupted. ``threads``, when given, replaces ``train.threads``.
     """
+    what = "train.threads"
     asked = config.train.threads
-    default = (
-        torch.get_num_threads()
-        if executors.in_process(executor, jobs)
-        else executors.worker_threads(asked)
-    )
-    wanted = asked if asked is not None else default
+    if threads is not None:
+        what, asked = "threads", threads
+    wanted = executors.run_threads(asked, parameters, executor, jobs)
+    asked = None if asked == AUTO else asked
     if force:
         return wanted
     done = finished_runs(directory)
@@ -252,9 +263,9 @@ def _thread_count(
     recorded = int(counts.pop())
     if asked is not None and asked != recorded:
         raise ConfigError(
-            f"train.threads: {asked}, but the finished runs in {str(directory)!r} were trained "
-            f"with {recorded} torch thread(s); set train.threads: {recorded} to resume them, "
-            "or pass --force to redo them all"
+            f"{what}: {asked}, but the finished runs in {str(directory)!r} were trained "
+            f"with {recorded} torch thread(s); leave it at auto to resume them with "
+            f"{recorded}, or pass --force to redo them all"
         )
     if recorded != wanted:
         log(f"resuming with {recorded} torch thread(s), the count the finished runs used")
@@ -282,20 +293,15 @@ def _analyze(
     jobs: int | None = None,
     address: str | None = None,
     check_device: torch.device | None = None,
-    threads: int | None = None,
+    threads: Threads = None,
 ) -> Results:
     check_device = device if check_device is None else check_device
-    if threads is None:
-        threads = (
-            torch.get_num_threads()
-            if executors.in_process(executor, jobs)
-            else executors.worker_threads(config.train.threads)
-        )
     variants = config.variant_configs()
     data: dict[str | None, ProbeData] = {}
     usable: dict[str | None, list[str]] = {}
     skipped: dict[str, str] = {}
     loaded: dict[str, ProbeData] = {}
+    sizes: dict[str, int] = {}  # parameters of each usable model, for threads: auto
     for variant, vconfig in variants:
         key = json.dumps(vconfig.data.model_dump(mode="json"), sort_keys=True)
         same = loaded.get(key)
@@ -303,7 +309,7 @@ def _analyze(
             check_norm_options(vconfig)
             data[variant] = prepare_data(vconfig, same.dataset if same is not None else None)
             loaded.setdefault(key, data[variant])
-            usable[variant], why = preflight(vconfig, data[variant], check_device)
+            usable[variant], why = preflight(vconfig, data[variant], check_device, sizes)
         except ConfigError as err:
             if variant is None:
                 raise
@@ -313,6 +319,11 @@ def _analyze(
             if f"{norm}{where}" not in skipped:
                 log(f"skipping {norm}{where}: {reason}")
             skipped[f"{norm}{where}"] = reason
+    threads = _thread_count(
+        config, directory, force, executor, jobs, log, max(sizes.values(), default=0), threads
+    )
+    if executors.in_process(executor, jobs):
+        torch.set_num_threads(threads)  # analyze() restores the caller's count
 
     if force and directory.exists():
         for name in (

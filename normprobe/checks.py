@@ -141,11 +141,16 @@ def check_norm_options(config: Config) -> None:
 
 
 def preflight(
-    config: Config, data: ProbeData, device: torch.device
+    config: Config,
+    data: ProbeData,
+    device: torch.device,
+    sizes: dict[str, int] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """Build each normalizer's model once and run a forward pass; sort out those that cannot work.
 
     Returns the usable normalizers and, for the skipped ones, the reason.
+    ``sizes``, when given, receives each usable model's parameter count by
+    normalizer (the largest, when it is filled again for another variant).
     With ``normalizers: all`` a normalizer the model cannot take (instance
     norm in an MLP) is skipped; one named explicitly is a
     :class:`~normprobe.config.ConfigError`.
@@ -178,4 +183,7 @@ def preflight(
                 f"{type(err).__name__}: {err}"
             ) from None
         usable.append(norm)
+        if sizes is not None:
+            count = sum(p.numel() for p in model.parameters())
+            sizes[norm] = max(sizes.get(norm, 0), count)
     return usable, skipped

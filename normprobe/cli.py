@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="runs at once: local, N worker processes (default: one run at a time, in this "
         "process); ray, the CPUs of the local Ray instance and the most runs in flight. "
-        "Each worker uses train.threads torch threads, 1 if unset",
+        "Each run uses train.threads torch threads (auto: from the model's size, the cores "
+        "and N)",
     )
     p_an.add_argument(
         "--address",
@@ -233,9 +234,9 @@ def add_figures_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         metavar="N",
-        help="torch CPU threads (default: 1 at quick scale, where the networks are too small "
-        "to gain from more and a busy machine makes extra threads much slower; torch's "
-        "default at paper scale)",
+        help="torch CPU threads of every run (default: 1 at quick scale, where the networks "
+        "are too small to gain from more and a busy machine makes extra threads much slower; "
+        "each analysis' train.threads, auto unless set, at paper scale)",
     )
 
 

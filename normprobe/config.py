@@ -467,6 +467,14 @@ def _hashed(value: dict[str, Any], default: dict[str, Any], path: str) -> dict[s
     return out
 
 
+def _legacy_threads(dump: dict[str, Any]) -> None:
+    """``train.threads: auto`` hashes as the ``null`` it replaced as the default, so configs
+    that leave the threads alone (or say null) keep the hash they had before ``auto``."""
+    train = dump.get("train")
+    if isinstance(train, dict) and train.get("threads") == "auto":
+        train["threads"] = None
+
+
 def config_hash(config: Config) -> str:
     """A short hash of the resolved config, excluding where its output goes.
 
@@ -476,5 +484,7 @@ def config_hash(config: Config) -> str:
     data = config.to_dict()
     data.pop("output", None)
     default = Config().to_dict()
+    for dump in (data, default):
+        _legacy_threads(dump)
     text = json.dumps(_hashed(data, default, ""), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -16,10 +16,11 @@ specifications (each carrying its resolved config) and the data the driver
 prepared (pickled once per analysis), so every run sees the same tensors bit
 for bit. Every executor calls the same :func:`normprobe.run.run_one`.
 
-Torch threads: a worker process or Ray task uses ``train.threads`` CPU
-threads, 1 when it is not set (N workers on N cores; more threads per
-worker only make them wait on each other). A Ray task asks Ray for that
-many CPUs, and for one GPU when ``train.device`` is ``cuda``.
+Torch threads: every run uses :func:`run_threads` CPU threads, the same in
+this process, a worker process or a Ray task: ``train.threads``, or with
+``auto`` (the default) a count from the model's size, this machine's cores
+and ``jobs`` (:mod:`normprobe.threads`), 1 for a Ray task. A Ray task asks
+Ray for that many CPUs, and for one GPU when ``train.device`` is ``cuda``.
 
 Failures: a run that raises (a bug, a model that cannot train) is recorded
 as ``failed`` by the worker and never retried; a worker process that dies
@@ -54,8 +55,9 @@ from normprobe.errors import NormprobeError
 from normprobe.plan import RunSpec
 from normprobe.results import RunRecord
 from normprobe.run import run_one
+from normprobe.threads import AUTO, Threads, auto_threads
 
-__all__ = ["EXECUTORS", "RETRIES", "ExecutorError", "check_executor", "worker_threads"]
+__all__ = ["EXECUTORS", "RETRIES", "ExecutorError", "check_executor", "run_threads"]
 
 #: The executors ``analyze`` knows.
 EXECUTORS = ("local", "ray")
@@ -112,9 +114,25 @@ def in_process(executor: str, jobs: int | None) -> bool:
     return executor == "local" and (jobs is None or jobs == 1)
 
 
-def worker_threads(threads: int | None) -> int:
-    """Torch threads of a worker process or Ray task: ``train.threads``, else 1."""
-    return threads if threads is not None else 1
+def run_threads(threads: Threads, parameters: int, executor: str, jobs: int | None) -> int:
+    """The torch threads each run of an analysis uses, whichever process runs it.
+
+    A number is used as given. ``"auto"`` (or None) is
+    :func:`normprobe.threads.auto_threads` of the largest model's
+    ``parameters``, this machine's cores and ``jobs`` runs at once (one in
+    this process without ``jobs``); a Ray task gets 1 thread (Ray runs one
+    task per CPU it counts, on machines this one cannot see).
+
+    >>> run_threads(3, 10**9, "local", 4), run_threads("auto", 10_000, "local", None)
+    (3, 1)
+    >>> run_threads("auto", 10**9, "ray", None)
+    1
+    """
+    if threads is not None and threads != AUTO:
+        return int(threads)
+    if executor == "ray":
+        return 1
+    return auto_threads(parameters, jobs=jobs or 1)
 
 
 # ---------------------------------------------------------------------------

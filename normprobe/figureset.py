@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from normprobe.analyze import analyze, summary_line
 from normprobe.errors import NormprobeError
 from normprobe.plotting import FIGURES, plot_results
 from normprobe.properties import PropertiesError, PropertyTable
 from normprobe.results import Results, load_results
+from normprobe.threads import check_threads
 from normprobe.zoo_measures import measure_properties
 
 __all__ = [
@@ -101,9 +100,11 @@ def regenerate(
 
     ``runs`` defaults to ``runs/figures`` (``runs/figures-paper``), ``out`` to
     ``figures`` (``figures/paper``). A group whose analysis fails is reported
-    and the others still run. ``threads`` sets torch's CPU threads (default 1
-    at quick scale: the small networks gain nothing from more, and on a busy
-    machine two threads made a run several times slower).
+    and the others still run. ``threads`` sets the torch threads of every
+    run in place of each analysis' ``train.threads`` (default 1 at quick
+    scale: the small networks gain nothing from more, and on a busy machine
+    two threads made a run several times slower; at paper scale, each
+    analysis' own setting, ``auto`` unless it says otherwise).
     """
     if scale not in ("quick", "paper"):
         raise NormprobeError(f"--scale: {scale!r} is not a scale; use quick or paper")
@@ -129,9 +130,7 @@ def regenerate(
     if threads is None and scale == "quick":
         threads = 1
     if threads is not None and not plot_only:
-        if threads < 1:
-            raise NormprobeError(f"--threads: give a positive number, got {threads}")
-        torch.set_num_threads(threads)
+        check_threads(threads, "--threads")
     report = RegenerateReport()
     total = time.perf_counter()
     for group in chosen:
@@ -147,6 +146,7 @@ def regenerate(
                     out=directory,
                     force=force,
                     quiet=quiet,
+                    threads=threads,
                 )
                 log(summary_line(results))
             drawn = plot_results(

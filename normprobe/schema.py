@@ -274,9 +274,10 @@ class TrainConfig(Strict):
     eval_batch_size: int = Field(512, ge=2)
     eval_train_samples: int = Field(1024, ge=1)
     device: str = "cpu"
-    # torch's CPU threads while the analysis runs (None: torch's default, one per core).
-    # On a machine shared with other jobs, 1 avoids OpenMP threads waiting on each other.
-    threads: int | None = Field(None, ge=1)
+    # torch's CPU threads of each run: a number, or "auto" (normprobe.threads.auto_threads:
+    # from the model's size, the machine's cores and --jobs, never the load). null, as older
+    # configs may say, means auto.
+    threads: int | Literal["auto"] = "auto"
     # the largest model (in parameters) an analysis builds without being told to
     max_parameters: int = Field(100_000_000, ge=1)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
@@ -356,6 +357,15 @@ class TrainConfig(Strict):
         else:
             check(lr, ())
         return lr
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads_ok(cls, threads: Any) -> Any:
+        if threads is None or threads == "auto":
+            return "auto"
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"give a positive number of threads or 'auto', got {threads!r}")
+        return threads
 
     @field_validator("device")
     @classmethod

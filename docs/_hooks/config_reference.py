@@ -76,8 +76,11 @@ DESCRIPTIONS: dict[str, str] = {
     "TrainConfig.device": "A torch device: `cpu`, `cuda`, `cuda:1`.",
     "TrainConfig.max_parameters": "the largest model, in parameters, an analysis builds "
     "unless told to: a larger one (depth: 100000) is refused up front with its size.",
-    "TrainConfig.threads": "torch CPU threads while the analysis runs (unset: torch's default). "
-    "`1` is much faster on a machine shared with other jobs.",
+    "TrainConfig.threads": "torch CPU threads of each run: a number, or `auto` (the default; "
+    "`null` means the same): 1 thread per 250,000 parameters of the largest model, at most "
+    "the cores but one, shared among `--jobs` runs; never from the load, so a rerun on the "
+    "same machine reproduces bit for bit. Recorded with each run; a resume keeps it. "
+    "`1` is the fastest choice on a busy machine.",
     "TrainConfig.sampler": "How minibatches are drawn (section `train.sampler`); `sampler: iid` "
     "is short for `{kind: iid}`.",
     "TrainConfig.eval_batch_stats": "Also evaluate without aggregated statistics (section "
@@ -179,7 +182,7 @@ EXAMPLES: dict[str, str] = {
     "TrainConfig.eval_batch_size": "train: {eval_batch_size: 256}",
     "TrainConfig.eval_train_samples": "train: {eval_train_samples: 512}",
     "TrainConfig.device": "train: {device: cpu}",
-    "TrainConfig.threads": "train: {threads: 1}",
+    "TrainConfig.threads": "train: {threads: auto}",
     "TrainConfig.max_parameters": "train: {max_parameters: 500000000}",
     "TrainConfig.sampler": "train: {sampler: iid}",
     "TrainConfig.eval_batch_stats": "train: {eval_batch_stats: 2}",
