@@ -289,7 +289,7 @@ def main() -> None:
     parser.add_argument("--sizes", action="store_true", help="also 1 vs 2 threads across sizes")
     args = parser.parse_args()
     args.repeats = args.repeats or (1 if args.quick else 3)
-    args.limit = args.limit or (30.0 if args.quick else 300.0)
+    args.limit = args.limit or (25.0 if args.quick else 300.0)
     ratios = contention(args)
     if args.sizes:
         sizes(args.repeats if not args.quick else 3)
