@@ -195,3 +195,21 @@ def test_library_calls_leave_torch_threads_as_they_were() -> None:
     with pytest.raises(ThreadsError, match=r"^threads: give a positive number"):
         hessian_spectrum(model, F.cross_entropy, (x, y), what="top", k=2, threads=0)
     assert torch.get_num_threads() == before
+
+
+def test_the_threads_argument_sets_the_runs_count_without_changing_the_hash(
+    tmp_path: Path,
+) -> None:
+    plain = analyze(TINY, out=tmp_path / "auto", quiet=True)
+    two = analyze(TINY, out=tmp_path / "two", quiet=True, threads=2)
+    assert two.manifest["threads"] == 2 and set(two.runs["threads"]) == {2}
+    assert two.manifest["config_hash"] == plain.manifest["config_hash"]
+    assert two.manifest["config"]["train"]["threads"] == "auto"
+
+
+def test_figures_refuse_a_bad_thread_count_before_running() -> None:
+    from normprobe.errors import NormprobeError
+    from normprobe.figureset import regenerate
+
+    with pytest.raises(NormprobeError, match=r"^--threads: give a positive number"):
+        regenerate(threads=0, analyses=Path(__file__).resolve().parents[1] / "analyses")
