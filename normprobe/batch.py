@@ -613,7 +613,7 @@ def attributes_kept(modules: nn.Module | list[nn.Module]) -> Iterator[None]:
 
 
 @contextmanager
-def dropout_off(model: nn.Module) -> Iterator[None]:
+def dropout_off(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
     """Every dropout of ``model`` switched off, also the rates that attention passes to SDPA.
 
     ``nn.Dropout`` modules go to eval mode with ``p = 0``, and float
@@ -621,11 +621,12 @@ def dropout_off(model: nn.Module) -> Iterator[None]:
     to 0: Hugging Face attention passes such a rate to
     ``F.scaled_dot_product_attention`` whenever the attention module is in
     training mode, whatever its dropout submodule's mode. Everything is put
-    back on exit (flags by the caller's :func:`normprobe.state.preserved`).
+    back on exit (flags by the caller's :func:`normprobe.state.preserved`). ``modules``:
+    ``list(model.modules())`` when the caller has it.
     """
     saved: list[tuple[nn.Module, str, Any]] = []
     try:
-        for m in model.modules():
+        for m in model.modules() if modules is None else modules:
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.eval()
                 saved.append((m, "p", m.p))

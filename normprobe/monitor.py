@@ -61,6 +61,7 @@ from normprobe.results import (
     RunRecord,
     assemble,
     finish_run,
+    logged_rows,
     records_results,
     start_run,
     write_json_atomic,
@@ -203,14 +204,6 @@ def _inputs_of(
         num_classes,
         loss_fn,
     )
-
-
-def _logged_rows(logged: list[dict[str, Any]]) -> pd.DataFrame:
-    """Logged values as metric rows: step, layer (None), depth (NaN), metric, value."""
-    new = pd.DataFrame(logged)
-    new.insert(1, "layer", None)
-    new.insert(2, "depth", float("nan"))
-    return new
 
 
 class Monitor:
@@ -482,7 +475,7 @@ class Monitor:
             if len(self._frames[name]) > 1:
                 self._frames[name] = [pd.concat(self._frames[name], ignore_index=True, sort=False)]
         if self._logged:
-            new = _logged_rows(self._logged)
+            new = logged_rows(self._logged)
             self._logged_frame = pd.concat([self._logged_frame, new], ignore_index=True)
             self._logged = []
         metrics = [*self._frames["metrics"], self._logged_frame]
@@ -532,24 +525,20 @@ class Monitor:
                 finish_run(self.directory, self.record())
 
     def _write_part(self, measured: Mapping[str, list[pd.DataFrame]]) -> None:
-        """One part file per table for this measurement (metrics: its rows, then the values
-        logged since the previous part)."""
+        """One part file per table for this measurement (the values logged since the previous
+        part travel with its metrics part)."""
         assert self.directory is not None
-        logged = [_logged_rows(self._unwritten)] if self._unwritten else []
         tables: dict[str, pd.DataFrame] = {}
-        count = 0
         for name, frames in measured.items():
             frames = [f for f in frames if len(f)]
-            if name == "metrics":
-                count = sum(len(f) for f in frames)
-                frames = frames + logged
             if frames:
                 tables[name] = (
-                    frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True, sort=False)
+                    frames[0]
+                    if len(frames) == 1
+                    else pd.concat(frames, ignore_index=True, sort=False)
                 )
-        if tables:
-            write_part(self.directory, self.run, self._parts, tables, count)
-            self._parts += 1
+        write_part(self.directory, self.run, self._parts, tables, self._unwritten)
+        self._parts += 1
         self._unwritten = []
 
     def _manifest(self) -> dict[str, Any]:

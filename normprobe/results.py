@@ -60,6 +60,7 @@ __all__ = [
     "write_part",
     "finish_run",
     "UnclosedRunWarning",
+    "logged_rows",
     "finished_runs",
     "scan_runs",
     "assemble",
@@ -92,8 +93,8 @@ RUN_TABLES = ("metrics", "hessian_nodes", "hessian_density")
 FINISHED = ("done", "diverged")
 #: The key of ``run.json`` that lists the run's table files with their sizes and checksums.
 FILES_KEY = "files"
-#: The columns of the values a monitor logs (a loop's ``batch_loss``), in this order.
-LOGGED_COLUMNS = ("step", "layer", "depth", "metric", "value")
+#: The metadata key of a metrics part file that holds the values logged with it.
+LOGGED_KEY = "normprobe_logged"
 #: The folder of a monitored run's part files (one per measurement) until the run is closed.
 PARTS = "parts"
 
@@ -308,24 +309,39 @@ def start_run(directory: Path, record: RunRecord) -> Path:
     return final
 
 
+def logged_rows(logged: list[dict[str, Any]]) -> pd.DataFrame:
+    """Logged values (``{"step", "metric", "value"}`` each) as metric rows: step, layer (None),
+    depth (NaN), metric, value."""
+    new = pd.DataFrame(logged)
+    new.insert(1, "layer", None)
+    new.insert(2, "depth", float("nan"))
+    return new
+
+
 def write_part(
-    directory: Path, run: str, number: int, tables: Mapping[str, pd.DataFrame], measured: int
+    directory: Path,
+    run: str,
+    number: int,
+    tables: Mapping[str, pd.DataFrame],
+    logged: list[dict[str, Any]] | None = None,
 ) -> None:
     """Add one measurement's rows to a started run (:func:`start_run`): one part file per
     table, each written under a temporary name and renamed, the ``metrics`` part last (a
     measurement counts once its metrics part is there). ``tables`` holds the rows without the
-    run's identity columns; the metrics part's first ``measured`` rows are the measures', the
-    rest the values logged since the previous part (its name records ``measured``)."""
+    run's identity columns; the values logged since the previous part (``logged``, see
+    :func:`logged_rows`) travel in the metrics part's metadata, not as rows."""
     parts = directory / "runs" / run / PARTS
-    names = [n for n in tables if n != "metrics"] + (["metrics"] if "metrics" in tables else [])
-    for name in names:
+    tables = dict(tables)
+    metrics = tables.pop("metrics", None)
+    metrics = pd.DataFrame() if metrics is None else metrics.copy(deep=False)
+    metrics.attrs = {LOGGED_KEY: json_safe(list(logged or []))}
+    for name, frame in [*tables.items(), ("metrics", metrics)]:
         if name not in RUN_TABLES:
             raise ValueError(f"unknown run table {name!r}; expected one of {RUN_TABLES}")
-        tail = f".{measured}" if name == "metrics" else ""
-        path = parts / f"{number:06d}.{name}{tail}.parquet"
+        path = parts / f"{number:06d}.{name}.parquet"
         tmp = parts / f".{path.name}.tmp"
         try:
-            tables[name].to_parquet(tmp, index=False)
+            frame.to_parquet(tmp, index=False)
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -404,9 +420,14 @@ def read_parts(path: Path, status: Mapping[str, Any]) -> dict[str, pd.DataFrame]
             continue
         frame = pd.read_parquet(p)
         if name == "metrics":
-            n = int(fields[2])
-            measured.append(frame.iloc[:n])
-            logged.append(frame.iloc[n:][[c for c in LOGGED_COLUMNS if c in frame.columns]])
+            rows = [
+                {**row, "value": float("nan") if row["value"] is None else row["value"]}
+                for row in frame.attrs.get(LOGGED_KEY, [])
+            ]
+            frame.attrs = {}
+            measured.append(frame)
+            if rows:
+                logged.append(logged_rows(rows))
         else:
             tables[name].append(frame)
     tables["metrics"] = measured + logged

@@ -176,7 +176,9 @@ def test_the_lightning_callback_prefers_lightning_pytorch_and_falls_back(monkeyp
         chosen = importlib.reload(integration)
         assert chosen.LIGHTNING == "pytorch_lightning"
         assert issubclass(chosen.NormprobeCallback, pl.Callback)
-        with pytest.raises(ImportError, match="expected one of lightning.pytorch, pytorch_lightning"):
+        with pytest.raises(
+            ImportError, match="expected one of lightning.pytorch, pytorch_lightning"
+        ):
             integration.lightning_package("lightning")
         monkeypatch.delenv("NORMPROBE_LIGHTNING")
         monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # not installed: falls back

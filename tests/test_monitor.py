@@ -270,7 +270,11 @@ def test_a_killed_monitor_loses_at_most_the_measurement_in_progress(tmp_path: Pa
     script = tmp_path / "crashing_loop.py"
     script.write_text(CRASHING_LOOP)
     out = tmp_path / "results"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "OMP_NUM_THREADS": "1",
+    }
     child = subprocess.Popen(
         [sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env
     )

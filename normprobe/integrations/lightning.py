@@ -50,9 +50,7 @@ def lightning_package(choice: str | None = None) -> ModuleType:
     """
     choice = choice or os.environ.get("NORMPROBE_LIGHTNING") or None
     if choice is not None and choice not in PACKAGES:
-        raise ImportError(
-            f"NORMPROBE_LIGHTNING={choice!r}: expected one of {', '.join(PACKAGES)}"
-        )
+        raise ImportError(f"NORMPROBE_LIGHTNING={choice!r}: expected one of {', '.join(PACKAGES)}")
     tried = []
     for name in [choice] if choice else PACKAGES:
         try:
@@ -60,7 +58,7 @@ def lightning_package(choice: str | None = None) -> ModuleType:
         except ImportError as err:
             tried.append(f"{name} ({err})")
     raise ImportError(
-        f"the Lightning callback needs PyTorch Lightning: pip install \"normprobe[lightning]\" "
+        f'the Lightning callback needs PyTorch Lightning: pip install "normprobe[lightning]" '
         f"(or the lightning package); tried {'; '.join(tried)}"
     )
 
