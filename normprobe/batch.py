@@ -376,11 +376,29 @@ def check_call(model: nn.Module, inputs: Inputs, error: ErrorType = BatchError) 
     _check_signature(model, inputs, error)
 
 
+#: the signature of each ``forward`` function (bound: without ``self``), read once
+_SIGNATURES: dict[Any, inspect.Signature | None] = {}
+
+
+def _forward_signature(model: nn.Module) -> inspect.Signature | None:
+    """The signature of ``model.forward`` (None: a builtin or C forward), cached per function."""
+    forward = model.forward
+    key = getattr(forward, "__func__", None)  # a method: the same signature on every instance
+    if key is not None and key in _SIGNATURES:
+        return _SIGNATURES[key]
+    try:
+        signature: inspect.Signature | None = inspect.signature(forward)
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to check
+        signature = None
+    if key is not None and len(_SIGNATURES) < 1024:
+        _SIGNATURES[key] = signature
+    return signature
+
+
 def _check_signature(model: nn.Module, inputs: Inputs, error: ErrorType) -> None:
     """Refuse inputs the model's ``forward`` cannot take, before a silent misuse or a deep TypeError."""
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):  # a builtin or C forward: nothing to check
+    signature = _forward_signature(model)
+    if signature is None:
         return
     try:
         if isinstance(inputs, Mapping):
