@@ -250,6 +250,10 @@ class Monitor:
             model's class axis).
         total_steps: the length of the run, which makes the schedules end on
             it as an analysis' do (``every`` includes the last step).
+        tensorboard: a TensorBoard log folder (needs the ``tensorboard``
+            package) or a writer with ``add_scalar`` (a ``SummaryWriter``):
+            the scalar measures and logged values are written there too
+            (:mod:`normprobe.integrations.tensorboard`).
 
     Example:
         >>> import torch.nn.functional as F
@@ -281,6 +285,7 @@ class Monitor:
         eval_data: Mapping[str, Any] | None = None,
         num_classes: int | None = None,
         total_steps: int | None = None,
+        tensorboard: str | Path | Any | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise MonitorError(
@@ -336,6 +341,14 @@ class Monitor:
             for name, batch in (eval_data or {}).items()
         }
         self.directory = None if out is None else Path(out)
+        self._scalars = None
+        if tensorboard is not None:
+            from normprobe.integrations.tensorboard import ScalarWriter
+
+            try:
+                self._scalars = ScalarWriter(tensorboard)
+            except (ImportError, TypeError) as err:
+                raise MonitorError(str(err)) from None
         self._frames: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
         self._logged: list[dict[str, Any]] = []  # logged since the last part or record()
         self._unwritten: list[dict[str, Any]] = []  # logged since the last part file
@@ -416,6 +429,8 @@ class Monitor:
             self._frames[name].extend(frames)
         if self.directory is not None:
             self._write_part(measured)
+        if self._scalars is not None:
+            self._scalars.write(measured["metrics"])
         self.measure_seconds += time.perf_counter() - t0
         self._last_step = step
 
@@ -440,6 +455,8 @@ class Monitor:
             self._logged.append(row)
             if self.directory is not None:
                 self._unwritten.append(row)
+            if self._scalars is not None:
+                self._scalars.log(row["step"], {name: row["value"]})
 
     def _evaluated(self, step: int) -> pd.DataFrame:
         values: dict[str, float] = {}
@@ -508,6 +525,8 @@ class Monitor:
         """Mark the run done, write its folder's tables (once, replacing its part files) and
         the folder's combined tables; the results."""
         self.status = "done"
+        if self._scalars is not None:
+            self._scalars.close()
         if self.directory is None:
             return self.results
         finish_run(self.directory, self.record())
@@ -521,6 +540,8 @@ class Monitor:
             self.close()
         else:  # the loop failed: keep what was recorded, marked failed
             self.status = "failed"
+            if self._scalars is not None:
+                self._scalars.close()
             if self.directory is not None:
                 finish_run(self.directory, self.record())
 

@@ -7,6 +7,7 @@ Layout of an output directory::
         run.json             status (done, diverged, failed), timings, settings
         metrics.parquet      tidy rows: step, layer, depth, metric, value, ...
         hessian_nodes.parquet, hessian_density.parquet   (when the Hessian ran)
+        parts/               a monitored run's part files, until its monitor is closed
     results.parquet          every run's metrics, one row per measurement
     results.csv              the same, for spreadsheets
     hessian_nodes.parquet    SLQ nodes and weights of every spectrum

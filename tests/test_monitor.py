@@ -412,3 +412,52 @@ def test_a_logged_value_cannot_take_a_measured_metric_s_name() -> None:
     monitor = Monitor(_net(), None, (x, y), hessian=False)
     with pytest.raises(MonitorError, match=r"'grad_norm' is a metric the measures write.*"):
         monitor.log(3, grad_norm=1.0)
+
+
+class _Scalars:
+    """A stand-in for a SummaryWriter: records add_scalar calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.calls.append((tag, value, step))
+
+
+def test_scalar_measures_go_to_a_tensorboard_writer() -> None:
+    model = _net()
+    x, y = _data()
+    writer = _Scalars()
+    monitor = Monitor(
+        model, F.cross_entropy, (x, y), schedule=2, hessian={**SMALL_HESSIAN, "schedule": [0]},
+        tensorboard=writer,
+    )  # fmt: skip
+    for step in range(3):
+        monitor.step(step, batch_loss=1.0 / (step + 1))
+    monitor.close()
+    tags = {(tag, step) for tag, _, step in writer.calls}
+    assert {("grad_corr/0", 0), ("grad_corr/0", 2), ("grad_growth_rate", 2)} <= tags
+    assert {("eigenvalue/1", 0), ("trace", 0), ("batch_loss", 1)} <= tags
+    assert not any(tag.startswith(("trace_sample", "slq_node")) for tag, _ in tags)
+    rows = monitor.results.metrics
+    want = rows[(rows["metric"] == "grad_corr") & (rows["layer"] == "0")]["value"].tolist()
+    assert [v for tag, v, _ in writer.calls if tag == "grad_corr/0"] == want
+    with pytest.raises(MonitorError, match=r"Monitor\(tensorboard=...\): expected a log folder"):
+        Monitor(model, F.cross_entropy, (x, y), hessian=False, tensorboard=3)
+
+
+def test_tensorboard_log_folder(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = _net()
+    x, y = _data()
+    with Monitor(
+        model, F.cross_entropy, (x, y), schedule=1, hessian=False, tensorboard=tmp_path / "tb"
+    ) as monitor:
+        for step in range(2):
+            monitor.step(step, batch_loss=0.5)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"grad_corr/0", "grad_growth_rate", "batch_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("grad_growth_rate")] == [0, 1]
