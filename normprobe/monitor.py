@@ -350,7 +350,7 @@ class Monitor:
             except (ImportError, TypeError) as err:
                 raise MonitorError(str(err)) from None
         self._frames: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
-        self._logged: list[dict[str, Any]] = []  # logged since the last part or record()
+        self._logged: list[dict[str, Any]] = []  # logged since the last record()
         self._unwritten: list[dict[str, Any]] = []  # logged since the last part file
         self._parts = 0
         self._logged_frame = pd.DataFrame(
