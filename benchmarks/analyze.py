@@ -41,7 +41,7 @@ def timed_analyze(overrides: list[str]) -> float:
         return time.perf_counter() - start
 
 
-def probe_overhead(norms: list[str], repeats: int) -> None:
+def probe_overhead(norms: list[str], repeats: int) -> float:
     common = [f"normalizers=[{','.join(norms)}]", "hessian.enabled=false"]
     off = [
         "probes.representation.enabled=false",
@@ -67,6 +67,7 @@ def probe_overhead(norms: list[str], repeats: int) -> None:
     overhead = with_probes / without - 1
     verdict = "ok" if overhead <= 0.10 else f"MISSED ({overhead:.1%})"
     print(f"  overhead {overhead:+.1%}   target <= 10%: {verdict}")
+    return with_probes / without
 
 
 def quickstart() -> None:
@@ -95,10 +96,12 @@ def main() -> None:
         f"normprobe analyze benchmark: torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start"
     )
-    probe_overhead(args.norms, args.repeats)
+    ratio = probe_overhead(args.norms, args.repeats)
     if not args.no_quickstart:
         quickstart()
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+    print(f"RATIO probe_overhead_quickstart {ratio:.3f}")
+    print("LOAD " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":

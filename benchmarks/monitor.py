@@ -7,10 +7,14 @@ is timed side by side, interleaved over ``--repeats`` rounds: without a
 monitor; with a Monitor running the quickstart's probes (representation,
 gradient correlation, gradient norms) every 50 steps and writing its run
 folder; the same without a folder (``out=None``: the results in memory,
-which shows what the atomic writes cost); and, with ``--hessian``, with the quickstart's Hessian added at
+which shows what the part files cost); the same loop running, at the same steps, only the
+bare passes the probes need (two forward passes without autograd and two forward+backward
+passes at the probe batch of 128, on a copy of the model: the floor no bookkeeping can go
+under); and, with ``--hessian``, with the quickstart's Hessian added at
 steps 0, 50 and the last (``analyses/quickstart.yaml``). Printed: the median wall time of each
 and the overhead ``monitored / plain - 1`` (target <= 10% for the probes),
-with the measuring time alone and the load average.
+with the measuring time alone and the load average; at the end one line per ratio,
+``RATIO <name> <monitored / plain>``, for a summary to collect.
 
 - ``mlp``: the quickstart MLP, 8 x 128, on the 64 digit pixels.
 - ``wrn``: a WRN-10-1 on the digits upsampled to 16 x 16.
@@ -19,6 +23,7 @@ with the measuring time alone and the load average.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -55,7 +60,8 @@ def loop(name: str, ds: Any, options: dict[str, Any], steps: int, case: str) -> 
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         monitor = None
-        if case != "plain":
+        bare = copy.deepcopy(model) if case == "bare probe passes" else None
+        if case not in ("plain", "bare probe passes"):
             hessian: Any = False
             if case == "probes + Hessian":
                 hessian = {**QUICKSTART["hessian"], "schedule": [0, 50, steps]}
@@ -68,6 +74,8 @@ def loop(name: str, ds: Any, options: dict[str, Any], steps: int, case: str) -> 
         for step in range(steps + 1):
             if monitor is not None:
                 monitor.step(step)
+            if bare is not None and (step % 50 == 0 or step == steps):
+                bare_passes(bare, x[:128], y[:128], x[128:256], y[128:256])
             if step == steps:
                 break
             i = torch.randint(len(x), (64,), generator=g)
@@ -83,6 +91,19 @@ def loop(name: str, ds: Any, options: dict[str, Any], steps: int, case: str) -> 
         return time.perf_counter() - start, monitor.measure_seconds if monitor else 0.0
 
 
+def bare_passes(
+    model: torch.nn.Module, xa: torch.Tensor, ya: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor
+) -> None:
+    """What the quickstart's probes compute, without their bookkeeping: the representation
+    probe's two forward passes, and one gradient per probe batch (``autograd.grad``)."""
+    with torch.no_grad():
+        model(xa)
+        model(xa + 0.3 * xa.std() * torch.randn_like(xa))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for x, y in ((xa, ya), (xb, yb)):
+        torch.autograd.grad(F.cross_entropy(model(x), y), params)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["mlp", "wrn"], choices=["mlp", "wrn"])
@@ -91,8 +112,15 @@ def main() -> None:
     parser.add_argument("--hessian", action="store_true", help="also time the Hessian case")
     args = parser.parse_args()
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
-    cases = ["plain", "probes every 50", "probes, no folder"]
+    cases = ["plain", "probes every 50", "probes, no folder", "bare probe passes"]
     cases += ["probes + Hessian"] if args.hessian else []
+    ratios: list[tuple[str, float]] = []
+    names = {
+        "probes every 50": "monitor_overhead_{}",
+        "probes, no folder": "monitor_overhead_{}_memory",
+        "bare probe passes": "monitor_floor_{}",
+        "probes + Hessian": "monitor_overhead_{}_hessian",
+    }
     for name in args.models:
         ds, options = setup(name)
         loop(name, ds, options, 20, "probes every 50")  # warm-up
@@ -112,7 +140,12 @@ def main() -> None:
                 "" if case == "plain" else f"  overhead {t / plain - 1:+.1%} (measuring {m:.2f} s)"
             )
             print(f"  {case:<18} {t:7.2f} s{extra}")
+            if case != "plain":
+                ratios.append((names[case].format(name), t / plain))
     print(f"\nload average after: {os.getloadavg()}")
+    for key, ratio in ratios:
+        print(f"RATIO {key} {ratio:.3f}")
+    print("LOAD " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -376,11 +376,29 @@ def check_call(model: nn.Module, inputs: Inputs, error: ErrorType = BatchError) 
     _check_signature(model, inputs, error)
 
 
+#: the signature of each ``forward`` function (bound: without ``self``), read once
+_SIGNATURES: dict[Any, inspect.Signature | None] = {}
+
+
+def _forward_signature(model: nn.Module) -> inspect.Signature | None:
+    """The signature of ``model.forward`` (None: a builtin or C forward), cached per function."""
+    forward = model.forward
+    key = getattr(forward, "__func__", None)  # a method: the same signature on every instance
+    if key is not None and key in _SIGNATURES:
+        return _SIGNATURES[key]
+    try:
+        signature: inspect.Signature | None = inspect.signature(forward)
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to check
+        signature = None
+    if key is not None and len(_SIGNATURES) < 1024:
+        _SIGNATURES[key] = signature
+    return signature
+
+
 def _check_signature(model: nn.Module, inputs: Inputs, error: ErrorType) -> None:
     """Refuse inputs the model's ``forward`` cannot take, before a silent misuse or a deep TypeError."""
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):  # a builtin or C forward: nothing to check
+    signature = _forward_signature(model)
+    if signature is None:
         return
     try:
         if isinstance(inputs, Mapping):
@@ -613,7 +631,7 @@ def attributes_kept(modules: nn.Module | list[nn.Module]) -> Iterator[None]:
 
 
 @contextmanager
-def dropout_off(model: nn.Module) -> Iterator[None]:
+def dropout_off(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
     """Every dropout of ``model`` switched off, also the rates that attention passes to SDPA.
 
     ``nn.Dropout`` modules go to eval mode with ``p = 0``, and float
@@ -621,11 +639,12 @@ def dropout_off(model: nn.Module) -> Iterator[None]:
     to 0: Hugging Face attention passes such a rate to
     ``F.scaled_dot_product_attention`` whenever the attention module is in
     training mode, whatever its dropout submodule's mode. Everything is put
-    back on exit (flags by the caller's :func:`normprobe.state.preserved`).
+    back on exit (flags by the caller's :func:`normprobe.state.preserved`). ``modules``:
+    ``list(model.modules())`` when the caller has it.
     """
     saved: list[tuple[nn.Module, str, Any]] = []
     try:
-        for m in model.modules():
+        for m in model.modules() if modules is None else modules:
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.eval()
                 saved.append((m, "p", m.p))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from normprobe.data import describe as describe_datasets
 from normprobe.errors import NormprobeError
 from normprobe.models import MODELS
 from normprobe.norms import NORMS
-from normprobe.results import check_output_folder, load_results
+from normprobe.results import UnclosedRunWarning, check_output_folder, load_results
 from normprobe.zoo_measures import measure_properties
 
 __all__ = ["main", "build_parser", "add_figures_arguments"]
@@ -273,9 +274,16 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out is not None else Path(args.results) / "figures"
     check_output_folder(out, "--out")
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    results = load_results(args.results)
+    with warnings.catch_warnings():  # said below, in the command's own words
+        warnings.simplefilter("ignore", UnclosedRunWarning)
+        results = load_results(args.results)
     for run, problem in sorted(results.incomplete.items()):
         print(f"left out {run}: its folder is incomplete ({problem}); rerun `normprobe analyze`")
+    for run in results.unclosed:
+        print(
+            f"read {run} from its part files: its monitor was not closed (still recording, or "
+            f"its process died); every measurement completed before is drawn"
+        )
     # the plotting stack (matplotlib, seaborn, scipy.stats) loads with the commands that draw
     from normprobe.figureset import property_table
     from normprobe.plotting import plot_results

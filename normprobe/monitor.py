@@ -6,10 +6,12 @@ names, runs the measures an analysis would (the same table of measures,
 model, its ``.grad``, the optimizer and the global random state as found.
 Its records are the tables of an analysis: ``monitor.results`` is a
 :class:`~normprobe.results.Results`, and with ``out=`` it keeps a run folder
-in the layout of ``normprobe analyze`` up to date (rewritten atomically after
-every measurement, so a crash loses at most the measurement in progress),
-which ``normprobe plot``, ``normprobe properties`` and
-:func:`~normprobe.results.load_results` read. Several monitored runs (one per
+in the layout of ``normprobe analyze``: each measurement adds one small part
+file (written under a temporary name and renamed, so a crash loses at most
+the measurement in progress) and :meth:`Monitor.close` writes the run's
+tables once. ``normprobe plot``, ``normprobe properties`` and
+:func:`~normprobe.results.load_results` read it, closed or not (an unclosed
+run is read from its parts and named in ``Results.unclosed``). Several monitored runs (one per
 normalizer, say) written to one folder plot together.
 
 >>> import torch, torch.nn.functional as F
@@ -58,9 +60,12 @@ from normprobe.results import (
     Results,
     RunRecord,
     assemble,
+    finish_run,
+    logged_rows,
     records_results,
+    start_run,
     write_json_atomic,
-    write_run,
+    write_part,
 )
 from normprobe.schema import PROBES, Schedule
 from normprobe.state import preserved
@@ -228,7 +233,9 @@ class Monitor:
             unless ``probes``/``hessian`` give their own ``schedule``: ``50``
             (every 50 steps), a list of steps, or ``{"log": n}`` (needs
             ``total_steps``); default: the config's schedules.
-        out: a results folder; the run is kept in ``out/runs/<run>/``.
+        out: a results folder; the run is kept in ``out/runs/<run>/``: one
+            part file per measurement as it goes (a crash loses at most the
+            measurement in progress), its tables written by :meth:`close`.
         run: the run's name (default ``<normalizer>_seed<seed>``, with the
             learning rate when ``lr`` is known).
         normalizer: the name the figures group and color the run by (default:
@@ -243,6 +250,10 @@ class Monitor:
             model's class axis).
         total_steps: the length of the run, which makes the schedules end on
             it as an analysis' do (``every`` includes the last step).
+        tensorboard: a TensorBoard log folder (needs the ``tensorboard``
+            package) or a writer with ``add_scalar`` (a ``SummaryWriter``):
+            the scalar measures and logged values are written there too
+            (:mod:`normprobe.integrations.tensorboard`).
 
     Example:
         >>> import torch.nn.functional as F
@@ -274,6 +285,7 @@ class Monitor:
         eval_data: Mapping[str, Any] | None = None,
         num_classes: int | None = None,
         total_steps: int | None = None,
+        tensorboard: str | Path | Any | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise MonitorError(
@@ -329,8 +341,18 @@ class Monitor:
             for name, batch in (eval_data or {}).items()
         }
         self.directory = None if out is None else Path(out)
+        self._scalars = None
+        if tensorboard is not None:
+            from normprobe.integrations.tensorboard import ScalarWriter
+
+            try:
+                self._scalars = ScalarWriter(tensorboard)
+            except (ImportError, TypeError) as err:
+                raise MonitorError(str(err)) from None
         self._frames: dict[str, list[pd.DataFrame]] = {name: [] for name in TABLES}
         self._logged: list[dict[str, Any]] = []  # logged since the last record()
+        self._unwritten: list[dict[str, Any]] = []  # logged since the last part file
+        self._parts = 0
         self._logged_frame = pd.DataFrame(
             {
                 "step": pd.Series(dtype="int64"),
@@ -346,6 +368,7 @@ class Monitor:
         self._last_step: int | None = None
         if self.directory is not None:
             self._write_manifest()
+            start_run(self.directory, self.record())
 
     # ------------------------------------------------------------------ the schedule
 
@@ -404,9 +427,12 @@ class Monitor:
             measured["metrics"][:0] = [self._evaluated(step)]
         for name, frames in measured.items():
             self._frames[name].extend(frames)
+        if self.directory is not None:
+            self._write_part(measured)
+        if self._scalars is not None:
+            self._scalars.write(measured["metrics"])
         self.measure_seconds += time.perf_counter() - t0
         self._last_step = step
-        self._save()
 
     __call__ = step
 
@@ -414,7 +440,7 @@ class Monitor:
         """Record training metrics (``batch_loss=``, ``test_acc=``, ...) at ``step``.
 
         Logged values are kept in memory and written with the next
-        measurement (or :meth:`close`).
+        measurement's part file (or by :meth:`close`).
         """
         taken = sorted(set(values) & measured_names())
         if taken:
@@ -425,7 +451,12 @@ class Monitor:
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
                 value = value.item()
-            self._logged.append({"step": int(step), "metric": name, "value": float(value)})
+            row = {"step": int(step), "metric": name, "value": float(value)}
+            self._logged.append(row)
+            if self.directory is not None:
+                self._unwritten.append(row)
+            if self._scalars is not None:
+                self._scalars.log(row["step"], {name: row["value"]})
 
     def _evaluated(self, step: int) -> pd.DataFrame:
         values: dict[str, float] = {}
@@ -461,9 +492,7 @@ class Monitor:
             if len(self._frames[name]) > 1:
                 self._frames[name] = [pd.concat(self._frames[name], ignore_index=True, sort=False)]
         if self._logged:
-            new = pd.DataFrame(self._logged)
-            new.insert(1, "layer", None)
-            new.insert(2, "depth", float("nan"))
+            new = logged_rows(self._logged)
             self._logged_frame = pd.concat([self._logged_frame, new], ignore_index=True)
             self._logged = []
         metrics = [*self._frames["metrics"], self._logged_frame]
@@ -489,16 +518,18 @@ class Monitor:
         """The recorded tables: with ``out``, every run in that folder (as
         :func:`~normprobe.results.load_results` reads it); otherwise this run's."""
         if self.directory is not None:
-            self._save()
-            return assemble(self.directory, write=False)
+            return assemble(self.directory, write=False, live=[self.record()])
         return records_results([self.record()], ".", self._manifest())
 
     def close(self) -> Results:
-        """Mark the run done, write its folder and the folder's combined tables; the results."""
+        """Mark the run done, write its folder's tables (once, replacing its part files) and
+        the folder's combined tables; the results."""
         self.status = "done"
+        if self._scalars is not None:
+            self._scalars.close()
         if self.directory is None:
             return self.results
-        self._save()
+        finish_run(self.directory, self.record())
         return assemble(self.directory)
 
     def __enter__(self) -> Monitor:
@@ -509,12 +540,27 @@ class Monitor:
             self.close()
         else:  # the loop failed: keep what was recorded, marked failed
             self.status = "failed"
+            if self._scalars is not None:
+                self._scalars.close()
             if self.directory is not None:
-                self._save()
+                finish_run(self.directory, self.record())
 
-    def _save(self) -> None:
-        if self.directory is not None:
-            write_run(self.directory, self.record())
+    def _write_part(self, measured: Mapping[str, list[pd.DataFrame]]) -> None:
+        """One part file per table for this measurement (the values logged since the previous
+        part travel with its metrics part)."""
+        assert self.directory is not None
+        tables: dict[str, pd.DataFrame] = {}
+        for name, frames in measured.items():
+            frames = [f for f in frames if len(f)]
+            if frames:
+                tables[name] = (
+                    frames[0]
+                    if len(frames) == 1
+                    else pd.concat(frames, ignore_index=True, sort=False)
+                )
+        write_part(self.directory, self.run, self._parts, tables, self._unwritten)
+        self._parts += 1
+        self._unwritten = []
 
     def _manifest(self) -> dict[str, Any]:
         model = type(self.model)

@@ -7,6 +7,7 @@ Layout of an output directory::
         run.json             status (done, diverged, failed), timings, settings
         metrics.parquet      tidy rows: step, layer, depth, metric, value, ...
         hessian_nodes.parquet, hessian_density.parquet   (when the Hessian ran)
+        parts/               a monitored run's part files, until its monitor is closed
     results.parquet          every run's metrics, one row per measurement
     results.csv              the same, for spreadsheets
     hessian_nodes.parquet    SLQ nodes and weights of every spectrum
@@ -15,7 +16,13 @@ Layout of an output directory::
 
 A run folder appears only once everything in it is written (it is built
 under a temporary name and renamed), so killing the process loses at most
-the run in progress. The combined tables are rebuilt from the run folders
+the run in progress. A run recorded by a :class:`~normprobe.monitor.Monitor`
+inside the user's own loop is the exception: its folder is there from the
+start, marked ``running``, and each measurement adds one small part file
+(``runs/<run>/parts/``, written under a temporary name and renamed) until
+the monitor is closed and writes the folder's tables once; a run whose
+monitor was never closed (the process was killed) is read from its parts,
+and :attr:`Results.unclosed` names it. The combined tables are rebuilt from the run folders
 once per grid, also atomically, and only from complete runs: each run's
 ``run.json`` records the size and SHA-256 of its table files, and a run
 whose files are missing or differ counts as not finished (the next
@@ -34,6 +41,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +57,11 @@ __all__ = [
     "ResultsError",
     "load_results",
     "write_run",
+    "start_run",
+    "write_part",
+    "finish_run",
+    "UnclosedRunWarning",
+    "logged_rows",
     "finished_runs",
     "scan_runs",
     "assemble",
@@ -81,10 +94,18 @@ RUN_TABLES = ("metrics", "hessian_nodes", "hessian_density")
 FINISHED = ("done", "diverged")
 #: The key of ``run.json`` that lists the run's table files with their sizes and checksums.
 FILES_KEY = "files"
+#: The metadata key of a metrics part file that holds the values logged with it.
+LOGGED_KEY = "normprobe_logged"
+#: The folder of a monitored run's part files (one per measurement) until the run is closed.
+PARTS = "parts"
 
 
 class ResultsError(NormprobeError, ValueError):
     """A results directory that cannot be read or written as asked."""
+
+
+class UnclosedRunWarning(UserWarning):
+    """A monitored run read from its part files: its monitor was not closed (yet)."""
 
 
 def _umask() -> int:
@@ -267,6 +288,159 @@ def write_run(directory: Path, record: RunRecord) -> Path:
     return final
 
 
+def start_run(directory: Path, record: RunRecord) -> Path:
+    """The folder of a run recorded as it goes (a :class:`~normprobe.monitor.Monitor`'s):
+    ``run.json`` with the record's status (``running``) and an empty ``parts/``, replacing a
+    folder of the same name; written under a temporary name and renamed, like :func:`write_run`.
+    """
+    runs = directory / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    final = runs / record.run
+    tmp = Path(tempfile.mkdtemp(dir=runs, prefix=f".{record.run}.", suffix=".tmp"))
+    try:
+        _as_created(tmp, folder=True)
+        (tmp / PARTS).mkdir()
+        write_json_atomic(tmp / "run.json", {**record.summary(), FILES_KEY: {}})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def logged_rows(logged: list[dict[str, Any]]) -> pd.DataFrame:
+    """Logged values (``{"step", "metric", "value"}`` each) as metric rows: step, layer (None),
+    depth (NaN), metric, value."""
+    new = pd.DataFrame(logged)
+    new.insert(1, "layer", None)
+    new.insert(2, "depth", float("nan"))
+    return new
+
+
+def write_part(
+    directory: Path,
+    run: str,
+    number: int,
+    tables: Mapping[str, pd.DataFrame],
+    logged: list[dict[str, Any]] | None = None,
+) -> None:
+    """Add one measurement's rows to a started run (:func:`start_run`): one part file per
+    table, each written under a temporary name and renamed, the ``metrics`` part last (a
+    measurement counts once its metrics part is there). ``tables`` holds the rows without the
+    run's identity columns; the values logged since the previous part (``logged``, see
+    :func:`logged_rows`) travel in the metrics part's metadata, not as rows."""
+    parts = directory / "runs" / run / PARTS
+    tables = dict(tables)
+    metrics = tables.pop("metrics", None)
+    metrics = pd.DataFrame() if metrics is None else metrics.copy(deep=False)
+    metrics.attrs = {LOGGED_KEY: json_safe(list(logged or []))}
+    for name, frame in [*tables.items(), ("metrics", metrics)]:
+        if name not in RUN_TABLES:
+            raise ValueError(f"unknown run table {name!r}; expected one of {RUN_TABLES}")
+        path = parts / f"{number:06d}.{name}.parquet"
+        tmp = parts / f".{path.name}.tmp"
+        try:
+            frame.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def finish_run(directory: Path, record: RunRecord) -> Path:
+    """Write a started run's tables and ``run.json`` (as :func:`write_run` writes them, the
+    same files and bytes), then remove its parts.
+
+    Done in place, in an order that is safe at every point: the table files
+    first (each under a temporary name, renamed), then ``run.json`` with
+    the final status and the files' checksums, then ``parts/``; until
+    ``run.json`` is replaced the run still reads from its parts. A run that
+    was not started is written by :func:`write_run`.
+    """
+    final = directory / "runs" / record.run
+    if not (final / PARTS).is_dir():
+        return write_run(directory, record)
+    files = {}
+    for name, frame in record.tables.items():
+        if name not in RUN_TABLES:
+            raise ValueError(f"unknown run table {name!r}; expected one of {RUN_TABLES}")
+        if frame is not None and len(frame):
+            file = final / f"{name}.parquet"
+            tmp = final / f".{file.name}.tmp"
+            try:
+                _with_identity(frame, record).to_parquet(tmp, index=False)
+                os.replace(tmp, file)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            files[file.name] = file_digest(file)
+    write_json_atomic(final / "run.json", {**record.summary(), FILES_KEY: files})
+    shutil.rmtree(final / PARTS, ignore_errors=True)
+    return final
+
+
+def is_unclosed(path: Path, status: Mapping[str, Any]) -> bool:
+    """Whether a run folder is a monitored run still read from its parts (not closed)."""
+    return status.get("status") == "running" and (path / PARTS).is_dir()
+
+
+def _identity_record(status: Mapping[str, Any]) -> RunRecord:
+    lr = status.get("lr")
+    return RunRecord(
+        str(status.get("run")),
+        str(status.get("normalizer")),
+        float("nan") if lr is None else float(lr),
+        int(status.get("seed") or 0),
+        str(status.get("status")),
+        variant=status.get("variant"),
+    )
+
+
+def read_parts(path: Path, status: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
+    """The tables of an unclosed monitored run, from its part files, with the identity columns.
+
+    Every measurement whose metrics part was written is there (the
+    measures' rows of each measurement in order, then the logged values,
+    as the closed run's tables order them); the parts of a measurement in
+    progress (no metrics part yet) and temporary files are left out.
+    """
+    parts = path / PARTS
+    files = sorted(
+        p for p in parts.iterdir() if p.name.endswith(".parquet") and not p.name.startswith(".")
+    )
+    complete = {p.name.split(".")[0] for p in files if p.name.split(".")[1] == "metrics"}
+    measured: list[pd.DataFrame] = []
+    logged: list[pd.DataFrame] = []
+    tables: dict[str, list[pd.DataFrame]] = {name: [] for name in RUN_TABLES}
+    for p in files:
+        fields = p.name.split(".")
+        number, name = fields[0], fields[1]
+        if number not in complete or name not in RUN_TABLES:
+            continue
+        frame = pd.read_parquet(p)
+        if name == "metrics":
+            rows = [
+                {**row, "value": float("nan") if row["value"] is None else row["value"]}
+                for row in frame.attrs.get(LOGGED_KEY, [])
+            ]
+            frame.attrs = {}
+            measured.append(frame)
+            if rows:
+                logged.append(logged_rows(rows))
+        else:
+            tables[name].append(frame)
+    tables["metrics"] = measured + logged
+    record = _identity_record(status)
+    out = {}
+    for name, frames in tables.items():
+        frame = _concat(frames)
+        if len(frame):
+            out[name] = _with_identity(frame, record)
+    return out
+
+
 def _run_dirs(directory: Path) -> list[Path]:
     runs = directory / "runs"
     if not runs.is_dir():
@@ -407,20 +581,44 @@ def _select_lrs(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
     return runs
 
 
-def assemble(directory: Path, *, write: bool = True) -> Results:
-    """Combine the run folders into the result tables; with ``write``, save them (atomically)."""
+def assemble(
+    directory: Path, *, write: bool = True, live: Iterable[RunRecord] = ()
+) -> Results:
+    """Combine the run folders into the result tables; with ``write``, save them (atomically).
+
+    ``live``: run records held in memory (a monitor's run being recorded),
+    taken instead of their folders. A monitored run that was not closed is
+    read from its part files and named in :attr:`Results.unclosed`.
+    """
     directory = Path(directory)
     tables: dict[str, list[pd.DataFrame]] = {name: [] for name in RUN_TABLES}
     statuses = []
+    unclosed = []
     complete, broken = scan_runs(directory)
-    for run, status in complete.items():
+    held = {record.run: record for record in live}
+    for run in sorted(set(complete) | set(held)):
+        if run in held:
+            record = held[run]
+            statuses.append(record.summary())
+            for name, frame in record.tables.items():
+                if frame is not None and len(frame):
+                    tables[name].append(_with_identity(frame, record))
+            broken.pop(run, None)
+            continue
+        status = complete[run]
         path = directory / "runs" / run
         statuses.append({k: v for k, v in status.items() if k != FILES_KEY})
+        if is_unclosed(path, status):
+            unclosed.append(run)
+            for name, frame in read_parts(path, status).items():
+                tables[name].append(frame)
+            continue
         for name in RUN_TABLES:
             file = path / f"{name}.parquet"
             if file.exists():
                 tables[name].append(pd.read_parquet(file))
     results = _combined(directory, statuses, tables, _read_manifest(directory), broken)
+    results.unclosed = unclosed
     if write:
         results.save_tables()
     return results
@@ -534,6 +732,9 @@ class Results:
     manifest: dict[str, Any]
     #: run folders left out because a file is missing or damaged: run -> what is wrong
     incomplete: dict[str, str] = field(default_factory=dict)
+    #: monitored runs read from their part files: their monitor was not closed (the process
+    #: is still recording, or was killed); every measurement completed before is there
+    unclosed: list[str] = field(default_factory=list)
 
     def save_tables(self) -> None:
         d = self.directory
@@ -640,7 +841,17 @@ def load_results(directory: str | Path) -> Results:
             "pass the output folder of `normprobe analyze`"
         )
     if (directory / "runs").is_dir():
-        return assemble(directory, write=False)
+        results = assemble(directory, write=False)
+        if results.unclosed:
+            warnings.warn(
+                f"{str(directory)!r}: run(s) {', '.join(results.unclosed)} were read from the part "
+                f"files of a monitor that was not closed (still recording, or its process died); "
+                f"every measurement completed before is there. Call monitor.close() (or use the "
+                f"monitor as a context manager) to write the run's tables",
+                UnclosedRunWarning,
+                stacklevel=2,
+            )
+        return results
     return _read_only(directory)
 
 

@@ -33,14 +33,26 @@ class ModelSnapshot:
 
 
 def snapshot(model: nn.Module) -> ModelSnapshot:
-    """Record the mutable state of ``model`` (buffers and gradients are copied)."""
-    params = list(model.named_parameters(remove_duplicate=True))
+    """Record the mutable state of ``model`` (buffers and gradients are copied).
+
+    One walk over the modules (``named_modules``, as ``named_parameters``
+    walks them), so a probe's call pays for the model's size once.
+    """
+    training = []
     buffers = []
-    for module in model.modules():
+    params: list[tuple[str, nn.Parameter]] = []
+    seen: set[int] = set()
+    for prefix, module in model.named_modules():
+        training.append((module, module.training))
+        for name, p in module._parameters.items():
+            if p is None or id(p) in seen:  # named_parameters(remove_duplicate=True)'s rule
+                continue
+            seen.add(id(p))
+            params.append((f"{prefix}.{name}" if prefix else name, p))
         for name, buf in module._buffers.items():
             buffers.append((module, name, buf, None if buf is None else buf.detach().clone()))
     return ModelSnapshot(
-        training=[(m, m.training) for m in model.modules()],
+        training=training,
         requires_grad=[(p, p.requires_grad) for _, p in params],
         grads=[(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for _, p in params],
         buffers=buffers,
@@ -51,9 +63,11 @@ def snapshot(model: nn.Module) -> ModelSnapshot:
 def restore(snap: ModelSnapshot) -> None:
     """Put back what :func:`snapshot` recorded; the same tensor objects are kept where possible."""
     for module, flag in snap.training:
-        module.training = flag
+        if module.training is not flag:
+            module.training = flag
     for p, flag in snap.requires_grad:
-        p.requires_grad_(flag)
+        if p.requires_grad is not flag:
+            p.requires_grad_(flag)
     with torch.no_grad():
         for p, grad, saved in snap.grads:
             if grad is None:
@@ -95,12 +109,15 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def frozen_statistics(model: nn.Module) -> Iterator[nn.Module]:
+def frozen_statistics(
+    model: nn.Module, modules: list[nn.Module] | None = None
+) -> Iterator[nn.Module]:
     """Use batch statistics in train mode without updating running statistics or counters.
 
     Sets ``track_running_stats = False`` on every module that has that flag
     (torch's BatchNorm/InstanceNorm and normprobe's normalizers), restoring it
-    on exit. torch gives the flag exactly this meaning for a module that has
+    on exit (``modules``: ``list(model.modules())`` when the caller has it). torch gives the flag
+    exactly this meaning for a module that has
     running buffers: train mode normalizes with the batch's statistics and
     leaves the buffers alone.
 
@@ -113,7 +130,7 @@ def frozen_statistics(model: nn.Module) -> Iterator[nn.Module]:
     """
     flagged = [
         (m, m.track_running_stats)
-        for m in model.modules()
+        for m in (model.modules() if modules is None else modules)
         if isinstance(getattr(m, "track_running_stats", None), bool)
     ]
     try:

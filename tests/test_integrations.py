@@ -146,3 +146,46 @@ def test_huggingface_callback_records_a_run_and_leaves_training_unchanged(tmp_pa
         assert sorted(results.rows(metric)["step"].unique()) == [0, 3, 6], metric
     assert sorted(results.rows("loss")["step"]) == [2, 4, 6]  # the Trainer's logged loss
     assert sorted(results.rows("trainer_grad_norm")["step"]) == [2, 4, 6]
+
+
+def test_the_lightning_callback_prefers_lightning_pytorch_and_falls_back(monkeypatch) -> None:
+    """``lightning.pytorch`` (the ``lightning`` distribution) first, else ``pytorch_lightning``;
+    NORMPROBE_LIGHTNING picks one. The first is faked here: only pytorch-lightning is installed."""
+    import importlib
+    import sys
+    import types
+
+    import normprobe.integrations.lightning as integration
+
+    fake_root = types.ModuleType("lightning")
+    fake = types.ModuleType("lightning.pytorch")
+
+    class Callback:  # what the fake package offers
+        pass
+
+    fake.Callback, fake.Trainer, fake.LightningModule = Callback, object, object
+    fake_root.pytorch = fake
+    try:
+        monkeypatch.delenv("NORMPROBE_LIGHTNING", raising=False)
+        monkeypatch.setitem(sys.modules, "lightning", fake_root)
+        monkeypatch.setitem(sys.modules, "lightning.pytorch", fake)
+        chosen = importlib.reload(integration)
+        assert chosen.LIGHTNING == "lightning.pytorch"
+        assert issubclass(chosen.NormprobeCallback, Callback)
+        monkeypatch.setenv("NORMPROBE_LIGHTNING", "pytorch_lightning")
+        chosen = importlib.reload(integration)
+        assert chosen.LIGHTNING == "pytorch_lightning"
+        assert issubclass(chosen.NormprobeCallback, pl.Callback)
+        with pytest.raises(
+            ImportError, match="expected one of lightning.pytorch, pytorch_lightning"
+        ):
+            integration.lightning_package("lightning")
+        monkeypatch.delenv("NORMPROBE_LIGHTNING")
+        monkeypatch.setitem(sys.modules, "lightning.pytorch", None)  # not installed: falls back
+        chosen = importlib.reload(integration)
+        assert chosen.LIGHTNING == "pytorch_lightning"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(integration)
+    assert integration.LIGHTNING == "pytorch_lightning"
+    assert issubclass(integration.NormprobeCallback, pl.Callback)

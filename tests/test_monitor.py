@@ -218,6 +218,113 @@ def test_run_folder_is_written_as_it_goes_and_several_runs_plot_together(tmp_pat
     assert {"batch", "layer"} <= set(results.rows("test_acc")["normalizer"])
 
 
+CRASHING_LOOP = """
+import sys, time
+import torch, torch.nn.functional as F
+from torch import nn
+from normprobe import Monitor
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+
+def data(n):
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+def loop(out, steps, report=None):
+    model = net()
+    x, y = data(64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = Monitor(model, F.cross_entropy, (x, y), schedule=2, out=out, normalizer="batch",
+                      hessian={"pieces": ["top", "density"], "lanczos_steps": 6, "schedule": [0, 4]},
+                      eval_data={"test": data(32)}, optimizer=opt)
+    for step in range(steps + 1):
+        monitor.step(step)
+        if report is not None and monitor.due(step):
+            print("measured", step, flush=True)
+            time.sleep(0.05)
+        loss = F.cross_entropy(model(x[:32]), y[:32])
+        monitor.log(step, batch_loss=loss.item())
+        opt.zero_grad(); loss.backward(); opt.step()
+    return monitor
+
+if __name__ == "__main__":
+    loop(sys.argv[1], 10**6, report=True)
+"""
+
+
+def test_a_killed_monitor_loses_at_most_the_measurement_in_progress(tmp_path: Path) -> None:
+    """SIGKILL mid-run: load_results reads every measurement completed before the kill (from
+    the part files, saying the run is unclosed), the values those of a run that was not killed,
+    and ``normprobe plot`` draws it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import warnings
+
+    from normprobe.cli import main
+    from normprobe.results import UnclosedRunWarning
+
+    script = tmp_path / "crashing_loop.py"
+    script.write_text(CRASHING_LOOP)
+    out = tmp_path / "results"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "OMP_NUM_THREADS": "1",
+    }
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    measured: list[int] = []
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:
+            measured.append(int(line.split()[1]))
+            if len(measured) == 4:  # steps 0, 2, 4 (with the Hessian), 6
+                break
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    assert measured == [0, 2, 4, 6]
+    with pytest.warns(UnclosedRunWarning, match="batch_lr0.05_seed0"):
+        crashed = load_results(out)
+    assert crashed.unclosed == ["batch_lr0.05_seed0"]
+    assert crashed.runs["status"].tolist() == ["running"]
+    rows = crashed.metrics
+    assert set(measured) <= set(rows[rows["metric"] == "grad_corr"]["step"])
+    assert set(rows[rows["metric"] == "eigenvalue"]["step"]) == {0, 4}
+
+    # the same loop, not killed, closed after the last step seen: the same rows up to it
+    namespace: dict = {}
+    exec(compile(CRASHING_LOOP, str(script), "exec"), namespace)
+    whole = namespace["loop"](tmp_path / "whole", measured[-1]).close()
+    last = measured[-1]
+    for table in ("metrics", "hessian_nodes", "hessian_density"):
+        got, want = getattr(crashed, table), getattr(whole, table)
+        if table == "metrics":  # the loss logged after the last measurement came with the next
+            got, want = (f[(f["step"] < last) | (f["metric"] != "batch_loss")] for f in (got, want))
+        got, want = got[got["step"] <= last], want[want["step"] <= last]
+        by = [c for c in ("step", "metric", "layer", "index", "vector", "grid") if c in want]
+        got = got.sort_values(by, kind="stable").reset_index(drop=True)
+        want = want.sort_values(by, kind="stable").reset_index(drop=True)
+        assert len(got) == len(want) > 0, table
+        for column in ("step", "metric", "value"):
+            if column in want:
+                assert got[column].tolist() == want[column].tolist(), (table, column)
+
+    assert main(["plot", str(out), "--out", str(tmp_path / "figures")]) == 0
+    assert any((tmp_path / "figures").iterdir())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # closed: read from its tables, no warning
+        assert load_results(tmp_path / "whole").unclosed == []
+    assert not (tmp_path / "whole" / "runs" / "batch_lr0.05_seed0" / "parts").exists()
+
+
 def test_results_without_a_folder_are_the_same_object_load_results_gives() -> None:
     model = _net()
     x, y = _data()
@@ -305,3 +412,52 @@ def test_a_logged_value_cannot_take_a_measured_metric_s_name() -> None:
     monitor = Monitor(_net(), None, (x, y), hessian=False)
     with pytest.raises(MonitorError, match=r"'grad_norm' is a metric the measures write.*"):
         monitor.log(3, grad_norm=1.0)
+
+
+class _Scalars:
+    """A stand-in for a SummaryWriter: records add_scalar calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.calls.append((tag, value, step))
+
+
+def test_scalar_measures_go_to_a_tensorboard_writer() -> None:
+    model = _net()
+    x, y = _data()
+    writer = _Scalars()
+    monitor = Monitor(
+        model, F.cross_entropy, (x, y), schedule=2, hessian={**SMALL_HESSIAN, "schedule": [0]},
+        tensorboard=writer,
+    )  # fmt: skip
+    for step in range(3):
+        monitor.step(step, batch_loss=1.0 / (step + 1))
+    monitor.close()
+    tags = {(tag, step) for tag, _, step in writer.calls}
+    assert {("grad_corr/0", 0), ("grad_corr/0", 2), ("grad_growth_rate", 2)} <= tags
+    assert {("eigenvalue/1", 0), ("trace", 0), ("batch_loss", 1)} <= tags
+    assert not any(tag.startswith(("trace_sample", "slq_node")) for tag, _ in tags)
+    rows = monitor.results.metrics
+    want = rows[(rows["metric"] == "grad_corr") & (rows["layer"] == "0")]["value"].tolist()
+    assert [v for tag, v, _ in writer.calls if tag == "grad_corr/0"] == want
+    with pytest.raises(MonitorError, match=r"Monitor\(tensorboard=...\): expected a log folder"):
+        Monitor(model, F.cross_entropy, (x, y), hessian=False, tensorboard=3)
+
+
+def test_tensorboard_log_folder(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = _net()
+    x, y = _data()
+    with Monitor(
+        model, F.cross_entropy, (x, y), schedule=1, hessian=False, tensorboard=tmp_path / "tb"
+    ) as monitor:
+        for step in range(2):
+            monitor.step(step, batch_loss=0.5)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"grad_corr/0", "grad_growth_rate", "batch_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("grad_growth_rate")] == [0, 1]

@@ -5,7 +5,10 @@ step: the model is measured at step 0 when training starts and after each
 update the schedule names; the training loss the ``training_step`` returns
 is logged as ``batch_loss``, and the values Lightning logs (``self.log``:
 e.g. ``val_acc``) are recorded at each measured step. Needs
-``pip install "normprobe[lightning]"``.
+``pip install "normprobe[lightning]"`` (``pytorch-lightning``); with the
+``lightning`` distribution installed, the callback subclasses
+``lightning.pytorch.Callback`` instead (:func:`lightning_package` says which,
+and how to choose when both are installed).
 
 >>> import torch, torch.nn.functional as F
 >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
@@ -16,17 +19,53 @@ True
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 
 from normprobe.monitor import Monitor, logged_name
 from normprobe.results import Results
 
-__all__ = ["NormprobeCallback"]
+__all__ = ["NormprobeCallback", "LIGHTNING", "lightning_package"]
+
+#: the packages that provide Lightning's ``Callback``, in the order they are tried
+PACKAGES = ("lightning.pytorch", "pytorch_lightning")
+
+
+def lightning_package(choice: str | None = None) -> ModuleType:
+    """The Lightning package the callback subclasses: ``lightning.pytorch`` (the ``lightning``
+    distribution) if it imports, else ``pytorch_lightning`` (the ``pytorch-lightning`` one).
+
+    A ``Trainer`` accepts only callbacks of its own package, so with both installed, set
+    ``NORMPROBE_LIGHTNING=pytorch_lightning`` (or pass ``choice``) to follow a training
+    script that imports ``pytorch_lightning``.
+
+    >>> lightning_package("pytorch_lightning").__name__
+    'pytorch_lightning'
+    """
+    choice = choice or os.environ.get("NORMPROBE_LIGHTNING") or None
+    if choice is not None and choice not in PACKAGES:
+        raise ImportError(f"NORMPROBE_LIGHTNING={choice!r}: expected one of {', '.join(PACKAGES)}")
+    tried = []
+    for name in [choice] if choice else PACKAGES:
+        try:
+            return importlib.import_module(name)
+        except ImportError as err:
+            tried.append(f"{name} ({err})")
+    raise ImportError(
+        f'the Lightning callback needs PyTorch Lightning: pip install "normprobe[lightning]" '
+        f"(or the lightning package); tried {'; '.join(tried)}"
+    )
+
+
+pl = lightning_package()
+#: the name of the package the callback subclasses: "lightning.pytorch" or "pytorch_lightning"
+LIGHTNING: str = pl.__name__
 
 
 class NormprobeCallback(pl.Callback):

@@ -346,12 +346,12 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
     with ExitStack() as stack:
         stack.enter_context(preserved(model))
         stack.enter_context(attributes_kept(modules))
-        stack.enter_context(frozen_statistics(model))
+        stack.enter_context(frozen_statistics(model, modules))
         stack.enter_context(_forked_random_state(model, seed))
         if any(m.training != training for m in modules):
             model.train(training)
         if training:
-            stack.enter_context(dropout_off(model))
+            stack.enter_context(dropout_off(model, modules))
         yield model
 
 

@@ -377,10 +377,43 @@ def gradient_statistics(
     >>> gradient_statistics(net, nn.functional.cross_entropy, a, b).metric.unique().tolist()
     ['grad_corr', 'grad_norm', 'grad_norm_ratio']
     """
+    return pd.DataFrame(
+        statistics_columns(
+            model,
+            loss_fn,
+            batch_a,
+            batch_b,
+            layers=layers,
+            mode=mode,
+            seed=seed,
+            output=output,
+            embeddings=embeddings,
+            norms=norms,
+            frozen=frozen,
+        )  # fmt: skip
+    )
+
+
+def statistics_columns(
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    batch_a: Batch,
+    batch_b: Batch,
+    *,
+    layers: Layers = None,
+    mode: Mode = "train",
+    seed: int = 0,
+    output: OutputPick = None,
+    embeddings: bool = False,
+    norms: bool = False,
+    frozen: bool = True,
+) -> dict[str, list[Any]]:
+    """:func:`gradient_statistics`' rows as columns (name -> values), for a driver that builds
+    one table per step rather than one per probe (:func:`normprobe.measures.measure_step`)."""
     grads_a, grads_b, rule = _two_batches(
         model, loss_fn, batch_a, batch_b, layers, mode, seed, output, (embeddings, norms, frozen)
     )
-    return _frame(_corr_rows(grads_a, grads_b) + _norm_rows(grads_a), mode, seed, rule)
+    return _columns(_corr_rows(grads_a, grads_b) + _norm_rows(grads_a), mode, seed, rule)
 
 
 def _two_batches(
@@ -415,23 +448,27 @@ def _corr_rows(
 def _frame(
     rows: list[tuple[LayerGradient, str, float]], mode: str, seed: int, rule: str
 ) -> pd.DataFrame:
+    return pd.DataFrame(_columns(rows, mode, seed, rule))
+
+
+def _columns(
+    rows: list[tuple[LayerGradient, str, float]], mode: str, seed: int, rule: str
+) -> dict[str, list[Any]]:
     n = len(rows)
-    return pd.DataFrame(
-        {
-            "layer": [g.name for g, _, _ in rows],
-            "depth": [g.depth for g, _, _ in rows],
-            "metric": [metric for _, metric, _ in rows],
-            "value": [value for _, _, value in rows],
-            "module_type": [g.module_type for g, _, _ in rows],
-            "shape": [g.shape for g, _, _ in rows],
-            "calls": [g.calls for g, _, _ in rows],
-            "mode": [mode] * n,
-            "probe_seed": [seed] * n,
-            "role": [g.role for g, _, _ in rows],
-            "frozen": [g.frozen for g, _, _ in rows],
-            "layer_rule": [rule] * n,
-        }
-    )
+    return {
+        "layer": [g.name for g, _, _ in rows],
+        "depth": [g.depth for g, _, _ in rows],
+        "metric": [metric for _, metric, _ in rows],
+        "value": [value for _, _, value in rows],
+        "module_type": [g.module_type for g, _, _ in rows],
+        "shape": [g.shape for g, _, _ in rows],
+        "calls": [g.calls for g, _, _ in rows],
+        "mode": [mode] * n,
+        "probe_seed": [seed] * n,
+        "role": [g.role for g, _, _ in rows],
+        "frozen": [g.frozen for g, _, _ in rows],
+        "layer_rule": [rule] * n,
+    }
 
 
 def growth_rate(frame: pd.DataFrame) -> float:
@@ -467,3 +504,16 @@ def growth_rate(frame: pd.DataFrame) -> float:
         )
     slope = log_linear_slope(rows["depth"].tolist(), rows["value"].tolist())
     return math.exp(-slope)
+
+
+def growth_of(columns: dict[str, list[Any]]) -> float:
+    """:func:`growth_rate` of one network's rows given as columns (``depth``, ``metric``,
+    ``value``: :func:`statistics_columns`), the same number without building a frame."""
+    rows = [(d, v) for d, m, v in zip(columns["depth"], columns["metric"], columns["value"])
+            if m == "grad_norm"]  # fmt: skip
+    if not rows:
+        raise ProbeError("growth_rate found no rows with metric 'grad_norm'")
+    depths = [d for d, _ in rows]
+    if len(set(depths)) != len(depths):
+        raise ProbeError("growth_rate got several grad_norm rows at the same depth")
+    return math.exp(-log_linear_slope(depths, [v for _, v in rows]))

@@ -27,7 +27,7 @@ integer ones (token ids, masks); inputs with no floating-point tensor need
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import torch
@@ -198,6 +198,34 @@ def representation_correlation(
     >>> frame.layer.tolist(), frame.depth.tolist(), frame.metric.unique().tolist()
     (['input', '1', '3'], [0, 1, 2], ['repr_corr_noise'])
     """
+    return pd.DataFrame(
+        representation_columns(
+            model,
+            x,
+            pairing=pairing,
+            x_other=x_other,
+            layers=layers,
+            mode=mode,
+            noise_scale=noise_scale,
+            seed=seed,
+        )  # fmt: skip
+    )
+
+
+def representation_columns(
+    model: nn.Module,
+    x: Inputs,
+    *,
+    pairing: Pairing = "noise",
+    x_other: Inputs | None = None,
+    layers: Layers = None,
+    mode: Mode = "train",
+    noise_scale: float = 0.3,
+    seed: int = 0,
+) -> dict[str, list[Any]]:
+    """:func:`representation_correlation`'s rows as columns (name -> values), for a driver
+    that builds one table per step rather than one per probe
+    (:func:`normprobe.measures.measure_step`)."""
     if pairing not in PAIRINGS:
         raise ProbeError(
             f"unknown pairing {pairing!r}; choose 'noise' (X' = X + {noise_scale} std(X) eps), "
@@ -266,9 +294,10 @@ def representation_correlation(
                 *(correlations[c.label] for c in calls),
             ]
         shapes = [_input_shape(x), *(kept[c.label][-1] for c in calls)]
-    frame = _frame(calls, shapes, values, pairing, mode, seed)
-    frame["layer_rule"] = probe.rule
-    return frame
+    return {
+        **_columns(calls, shapes, values, pairing, mode, seed),
+        "layer_rule": [probe.rule] * len(shapes),
+    }
 
 
 def _correlate(first: tuple | None, h: torch.Tensor) -> torch.Tensor:
@@ -297,27 +326,25 @@ def _input_shape(x: Inputs) -> str:
     return "+".join(_shape(t) for _, t in input_tensors(x))
 
 
-def _frame(
+def _columns(
     calls: list[LayerCall],
     shapes: list[str],
     values: list[torch.Tensor],
     pairing: str,
     mode: str,
     seed: int,
-) -> pd.DataFrame:
+) -> dict[str, list[Any]]:
     n = len(calls) + 1
-    return pd.DataFrame(
-        {
-            "layer": ["input", *(c.label for c in calls)],
-            "depth": [0, *(c.depth for c in calls)],
-            "metric": [METRICS[pairing]] * n,
-            "value": torch.stack(values).double().cpu().tolist(),  # one device sync
-            "pairing": [pairing] * n,
-            "module": ["input", *(c.name for c in calls)],
-            "call": [1, *(c.call for c in calls)],
-            "module_type": ["input", *(c.module_type for c in calls)],
-            "shape": shapes,
-            "mode": [mode] * n,
-            "probe_seed": [seed] * n,
-        }
-    )
+    return {
+        "layer": ["input", *(c.label for c in calls)],
+        "depth": [0, *(c.depth for c in calls)],
+        "metric": [METRICS[pairing]] * n,
+        "value": torch.stack(values).double().cpu().tolist(),  # one device sync
+        "pairing": [pairing] * n,
+        "module": ["input", *(c.name for c in calls)],
+        "call": [1, *(c.call for c in calls)],
+        "module_type": ["input", *(c.module_type for c in calls)],
+        "shape": shapes,
+        "mode": [mode] * n,
+        "probe_seed": [seed] * n,
+    }
