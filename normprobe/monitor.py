@@ -55,6 +55,7 @@ from normprobe.batch import (
     to_device,
 )
 from normprobe.config import ConfigError, HessianConfig, ProbesConfig, parse_config
+from normprobe.integrations.tensorboard import ScalarWriter
 from normprobe.measures import MEASURES, TABLES, MeasureInputs, enabled_measures, measure_step
 from normprobe.results import (
     Results,
@@ -343,8 +344,6 @@ class Monitor:
         self.directory = None if out is None else Path(out)
         self._scalars = None
         if tensorboard is not None:
-            from normprobe.integrations.tensorboard import ScalarWriter
-
             try:
                 self._scalars = ScalarWriter(tensorboard)
             except (ImportError, TypeError) as err:

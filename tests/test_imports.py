@@ -33,6 +33,8 @@ DEFERRED = {
     # for the commands that draw, so `normprobe analyze` starts without it
     ("normprobe.cli", "normprobe.plotting"),
     ("normprobe.cli", "normprobe.figureset"),
+    # TensorBoard is optional: its writer is loaded only when a monitor is asked to log to it
+    ("normprobe.integrations.tensorboard", "torch.utils.tensorboard"),
 }
 #: the modules that may import what readers may not (the upper layer)
 READER_ALLOWED = {"normprobe.results", "normprobe.properties", "normprobe.errors"}
