@@ -245,11 +245,12 @@ def sizes(repeats: int) -> None:
         model = normprobe.build_model("mlp", "batch", seed=0, depth=depth, width=width)
         params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        n = max(20, int(3e6 / params))
         times: dict[int, list[float]] = {1: [], 2: []}
         for threads in times:
             torch.set_num_threads(threads)
             _steps(model, opt, x, y, 5)
+        torch.set_num_threads(1)
+        n = max(5, int(300 / _steps(model, opt, x, y, 10)))  # about 0.3 s at 1 thread
         for _ in range(repeats):
             for threads in times:
                 torch.set_num_threads(threads)
