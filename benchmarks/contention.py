@@ -4,7 +4,10 @@
 
 Two jobs, each timed on the machine as it is ("quiet") and beside CPU-bound
 background processes ("busy": ``--spinners`` Python busy loops, default one,
-started before the timing and killed after it), under two thread policies:
+started before the timing and killed after it, each in a session of its own
+as another user's job would be; ``--same-session`` keeps them in this one,
+where Linux's autogroup scheduling makes them share this session's part of
+the CPU with the job), under two thread policies:
 
 - ``default``: torch's default, one thread per core (what a run got before
   ``threads: auto``);
@@ -118,8 +121,13 @@ def _child(job: str, threads: str, quick: bool) -> None:
 # the parent: spinners, interleaved timings, ratios
 
 
-def spinners(n: int) -> list[subprocess.Popen]:
-    procs = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(n)]
+def spinners(n: int, same_session: bool = False) -> list[subprocess.Popen]:
+    """``n`` busy loops, each in a session of its own (another user's job: with Linux's
+    autogroup scheduling a session shares the CPU as one) unless ``same_session``."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", SPIN], start_new_session=not same_session)
+        for _ in range(n)
+    ]
     time.sleep(0.5)  # let them take their share of the cores
     return procs
 
@@ -131,12 +139,14 @@ def stop(procs: list[subprocess.Popen]) -> None:
         proc.wait()
 
 
-def timed(job: str, threads: str, quick: bool, busy: int, limit: float) -> tuple[float, bool]:
+def timed(
+    job: str, threads: str, quick: bool, busy: int, limit: float, same_session: bool = False
+) -> tuple[float, bool]:
     """Seconds of one job in a child process (beside ``busy`` spinners), and whether it hit
     ``limit`` (then the limit is returned)."""
     command = [sys.executable, __file__, "--child", job, threads] + (["--quick"] if quick else [])
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    background = spinners(busy) if busy else []
+    background = spinners(busy, same_session) if busy else []
     try:
         out = subprocess.run(
             command, capture_output=True, text=True, timeout=limit, env=env, check=True
@@ -167,7 +177,9 @@ def contention(args: argparse.Namespace) -> dict[str, float]:
         f"contention benchmark{' (--quick)' if args.quick else ''}: {cores} cores, default "
         f"{cores} thread(s) (torch's: one per core), auto {auto_threads(parameters, cores)} "
         f"thread(s) for the quickstart MLP ({parameters:,} parameters); busy = beside "
-        f"{args.spinners} busy-loop process(es); {args.repeats} round(s), limit {args.limit:.0f} s "
+        f"{args.spinners} busy-loop process(es) "
+        f"({'in this session' if args.same_session else 'each in a session of its own'}); "
+        f"{args.repeats} round(s), limit {args.limit:.0f} s "
         f"per timing; load average {_load()} at start",
         flush=True,
     )
@@ -181,7 +193,9 @@ def contention(args: argparse.Namespace) -> dict[str, float]:
             for policy, threads in policies.items():
                 for state, busy in (("quiet", 0), ("busy", args.spinners)):
                     loads.append(os.getloadavg()[0])
-                    seconds, hit = timed(job, threads, args.quick, busy, args.limit)
+                    seconds, hit = timed(
+                        job, threads, args.quick, busy, args.limit, args.same_session
+                    )
                     samples.setdefault((policy, state), []).append(seconds)
                     if hit:
                         capped.add((policy, state))
@@ -245,11 +259,12 @@ def sizes(repeats: int) -> None:
         model = normprobe.build_model("mlp", "batch", seed=0, depth=depth, width=width)
         params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        n = max(20, int(3e6 / params))
         times: dict[int, list[float]] = {1: [], 2: []}
         for threads in times:
             torch.set_num_threads(threads)
             _steps(model, opt, x, y, 5)
+        torch.set_num_threads(1)
+        n = max(5, int(300 / _steps(model, opt, x, y, 10)))  # about 0.3 s at 1 thread
         for _ in range(repeats):
             for threads in times:
                 torch.set_num_threads(threads)
@@ -284,6 +299,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller jobs, one round (~3 min)")
     parser.add_argument("--repeats", type=int, default=None, help="rounds (default 3; 1 quick)")
     parser.add_argument("--spinners", type=int, default=1, help="background busy loops")
+    parser.add_argument(
+        "--same-session",
+        action="store_true",
+        help="start the busy loops in this session (as a job of the same user's shell) "
+        "instead of a session of their own (another user's job)",
+    )
     parser.add_argument("--limit", type=float, default=None, help="seconds per timing at most")
     parser.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
     parser.add_argument("--sizes", action="store_true", help="also 1 vs 2 threads across sizes")

@@ -4,12 +4,12 @@ Torch's default is one OpenMP thread per core. On a machine where anything
 else runs (a shared workstation, a cluster node, N runs side by side with
 ``--jobs``) that default is the slow choice: an OpenMP parallel region ends
 with every thread waiting for the slowest, and a thread the scheduler puts
-aside holds all the others up. On a 2-core machine beside one busy process,
-two threads made a quickstart run and a Hessian spectrum several times
-slower than one thread, while on a quiet machine a second thread gains
-little for the small networks of most analyses (nothing below about 250,000
-parameters for an MLP, 1.2-1.4x above; ``benchmarks/contention.py``
-measures both).
+aside holds all the others up. On a 2-core machine shared with other work,
+two threads made a quickstart run more than 3x and a Hessian spectrum more
+than 9x slower than one thread, while a second thread sped up an MLP's
+training step by nothing below about 250,000 parameters and 1.2-1.4x at
+0.5-1.9M (2 cores at load 2.6; ``benchmarks/contention.py`` measures
+both).
 
 ``auto`` therefore picks a thread count from three things only: the model's
 parameter count, the machine's core count (the cores this process may run
