@@ -13,8 +13,11 @@ passes at the probe batch of 128, on a copy of the model: the floor no bookkeepi
 under); and, with ``--hessian``, with the quickstart's Hessian added at
 steps 0, 50 and the last (``analyses/quickstart.yaml``). Printed: the median wall time of each
 and the overhead ``monitored / plain - 1`` (target <= 10% for the probes),
-with the measuring time alone and the load average; at the end one line per ratio,
-``RATIO <name> <monitored / plain>``, for a summary to collect.
+with the measuring time alone and the load average, and the same ratio in CPU time
+(user + system time of the process, which other processes on a loaded machine barely
+change, unlike wall time; it leaves out time spent waiting on the disk); at the end one line
+per ratio, ``RATIO <name> <monitored / plain>`` (``..._cpu``: in CPU time), for a summary to
+collect.
 
 - ``mlp``: the quickstart MLP, 8 x 128, on the 64 digit pixels.
 - ``wrn``: a WRN-10-1 on the digits upsampled to 16 x 16.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -49,8 +53,16 @@ def setup(name: str) -> tuple[Any, dict[str, Any]]:
     return ds, {"depth": 10, "widen": 1}
 
 
-def loop(name: str, ds: Any, options: dict[str, Any], steps: int, case: str) -> tuple[float, float]:
-    """Wall time of one training run, and the monitor's measuring time."""
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def loop(
+    name: str, ds: Any, options: dict[str, Any], steps: int, case: str
+) -> tuple[float, float, float]:
+    """Wall time and CPU time of one training run, and the monitor's measuring time."""
     model = normprobe.build_model(
         name, "batch", seed=0, input_shape=ds.input_shape, num_classes=ds.num_classes, **options
     )
@@ -58,7 +70,7 @@ def loop(name: str, ds: Any, options: dict[str, Any], steps: int, case: str) -> 
     x, y = ds.train.x, ds.train.y
     g = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         monitor = None
         bare = copy.deepcopy(model) if case == "bare probe passes" else None
         if case not in ("plain", "bare probe passes"):
@@ -88,7 +100,8 @@ def loop(name: str, ds: Any, options: dict[str, Any], steps: int, case: str) -> 
             opt.step()
         if monitor is not None:
             monitor.close()
-        return time.perf_counter() - start, monitor.measure_seconds if monitor else 0.0
+        measured = monitor.measure_seconds if monitor else 0.0
+        return time.perf_counter() - start, cpu_seconds() - cpu, measured
 
 
 def bare_passes(
@@ -125,23 +138,31 @@ def main() -> None:
         ds, options = setup(name)
         loop(name, ds, options, 20, "probes every 50")  # warm-up
         wall: dict[str, list[float]] = {c: [] for c in cases}
+        cpu: dict[str, list[float]] = {c: [] for c in cases}
         measuring: dict[str, list[float]] = {c: [] for c in cases}
         for _ in range(args.repeats):
             for case in cases:
-                seconds, measured = loop(name, ds, options, args.steps, case)
+                seconds, used, measured = loop(name, ds, options, args.steps, case)
                 wall[case].append(seconds)
+                cpu[case].append(used)
                 measuring[case].append(measured)
         plain = statistics.median(wall["plain"])
+        plain_cpu = statistics.median(cpu["plain"])
         print(f"\n{name}, {args.steps} steps, batch 64, medians of {args.repeats} (interleaved):")
         for case in cases:
             t = statistics.median(wall[case])
+            c = statistics.median(cpu[case])
             m = statistics.median(measuring[case])
             extra = (
-                "" if case == "plain" else f"  overhead {t / plain - 1:+.1%} (measuring {m:.2f} s)"
+                ""
+                if case == "plain"
+                else f"  overhead {t / plain - 1:+.1%}, CPU {c / plain_cpu - 1:+.1%} "
+                f"(measuring {m:.2f} s)"
             )
-            print(f"  {case:<18} {t:7.2f} s{extra}")
+            print(f"  {case:<18} {t:7.2f} s, CPU {c:6.2f} s{extra}")
             if case != "plain":
                 ratios.append((names[case].format(name), t / plain))
+                ratios.append((names[case].format(name) + "_cpu", c / plain_cpu))
     print(f"\nload average after: {os.getloadavg()}")
     for key, ratio in ratios:
         print(f"RATIO {key} {ratio:.3f}")

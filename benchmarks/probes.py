@@ -97,7 +97,11 @@ def _spread(s: list[float]) -> float:
     return q[-1] / q[0]
 
 
-def report(title: str, samples: dict[str, list[float]]) -> None:
+#: ``RATIO <name> <value>`` lines printed at the end, for a summary to collect
+RATIOS: list[tuple[str, float]] = []
+
+
+def report(title: str, samples: dict[str, list[float]], key: str = "") -> None:
     times = {name: statistics.median(s) for name, s in samples.items()}
     fwd, fb = times["forward"], times["forward+backward"]
     spread = max(_spread(samples[name]) for name in BASELINES)
@@ -115,6 +119,8 @@ def report(title: str, samples: dict[str, list[float]]) -> None:
             base, limit = TARGETS[name]
             ratio = t / times[base]
             target = f"<= {limit}x {base}: {'ok' if ratio <= limit else 'MISSED'} ({ratio:.2f}x)"
+            per = "forward" if base == "forward" else "fwd_bwd"
+            RATIOS.append((f"probe_{name.split()[0]}_per_{per}_{key}", ratio))
         print(f"  {name:<24}{t * 1e3:>9.2f}{t / fwd:>11.2f}{t / fb:>11.2f}  {target}")
 
 
@@ -163,7 +169,11 @@ def main() -> None:
             model = normprobe.build_model(
                 name, norm, seed=0, input_shape=ds.input_shape, num_classes=ds.num_classes, **kwargs
             )
-            report(f"{title}, norm={norm}", measure(cases(model, a, b), args.repeats, args.warmup))
+            samples = measure(cases(model, a, b), args.repeats, args.warmup)
+            report(f"{title}, norm={norm}", samples, key=f"{name}_{norm}")
+    for key, ratio in RATIOS:
+        print(f"RATIO {key} {ratio:.3f}")
+    print("LOAD " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
 
 
 if __name__ == "__main__":
