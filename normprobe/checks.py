@@ -20,6 +20,8 @@ from torch import nn
 from normprobe.config import Config, ConfigError
 from normprobe.configtools import format_path
 from normprobe.errors import NormprobeError
+from normprobe.hessian.basis import TopKCostError, check_top_k_fits
+from normprobe.hessian.spectrum import MAX_MATVECS
 from normprobe.norms import NORMS, build
 from normprobe.plan import ProbeData, build_run_model
 from normprobe.state import preserved
@@ -99,7 +101,8 @@ def check_model_size(config: Config, norm: str, dataset: Any) -> None:
 
 
 def check_hessian_size(config: Config, model: nn.Module) -> None:
-    """Refuse more Hessian eigenvalues than the model has parameters (its dimension)."""
+    """Refuse more Hessian eigenvalues than the model has parameters (its dimension), or more
+    than ARPACK can find within the memory free now and its budget of products."""
     hc = config.hessian
     if not hc.enabled:
         return
@@ -109,6 +112,11 @@ def check_hessian_size(config: Config, model: nn.Module) -> None:
             f"hessian.top_k: {hc.top_k} eigenvalues asked of a Hessian of dimension {dim} "
             f"(the model's trainable parameters); use top_k <= {dim}"
         )
+    if {"top", "smallest"} & set(hc.pieces):
+        try:
+            check_top_k_fits(dim, hc.top_k, max_matvecs=MAX_MATVECS, name="top_k")
+        except TopKCostError as err:
+            raise ConfigError(f"hessian.{err}") from None
 
 
 def _try_norm_options(name: str, options: dict[str, Any]) -> None:

@@ -83,6 +83,11 @@ CASES: dict[str, tuple[str | list[str], list[str]]] = {
          "--set", "hessian.top_k=100000"],
         ["hessian.top_k", "use top_k <="],
     ),
+    "top_k within the parameters but beyond ARPACK's budget": (
+        ["--set", "hessian.enabled=true", "--set", "hessian.schedule=[0]",
+         "--set", "model.options.width=64", "--set", "hessian.top_k=600"],
+        ["hessian.top_k: 600 eigenvalues", "1,201 Hessian-vector products", "use top_k <= 499"],
+    ),
     "hessian_samples beyond the data": (
         ["--set", "hessian.enabled=true", "--set", "hessian.schedule=[0]",
          "--set", "data.hessian_samples=100000"],
@@ -218,6 +223,13 @@ API_CASES = {
             nn.Linear(2, 2), LOSS, (torch.randn(8, 2), torch.arange(8) % 2), what="top", k=100
         ),
         ["k: 100 eigenvalues", "dimension 6", "use k <= 6"],
+    ),
+    "k within the dimension but beyond the memory": (
+        lambda: hessian_spectrum(
+            nn.Linear(1000, 100), LOSS, (torch.randn(8, 1000), torch.arange(8)), what="top",
+            k=100_099,
+        ),
+        ["k: 100099 eigenvalues", "dimension 100,100", "dense Hessian", "available", "use k <="],
     ),
 }
 

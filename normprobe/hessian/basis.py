@@ -11,6 +11,9 @@ memory-mapped file), rather than dying in the allocator halfway or swapping.
   CPU: ``MemAvailable`` of ``/proc/meminfo``, else ``sysconf``; None if unknown).
 - :func:`check_basis_fits`: raise :class:`BasisMemoryError` when the basis
   needs more than a budget (default: the free memory of its device).
+- :func:`check_top_k_fits`: raise :class:`TopKCostError` when ARPACK's top-k
+  (or the dense fallback) would need more memory or Hessian-vector products
+  than it has, with the largest ``k`` that fits.
 - :func:`lanczos_basis`: a context manager yielding the buffer on a device or
   in a memory-mapped file (removed afterwards).
 """
@@ -29,8 +32,11 @@ from normprobe.hessian.lanczos import HessianError, basis_bytes
 
 __all__ = [
     "BasisMemoryError",
+    "TopKCostError",
     "available_bytes",
     "check_basis_fits",
+    "check_top_k_fits",
+    "top_k_cost",
     "lanczos_basis",
 ]
 
@@ -117,6 +123,93 @@ def check_basis_fits(
         f"{_gib(budget)} are available for it; pass {half}fewer steps ({fit} steps: "
         f"{_gib(basis_bytes(fit, dim, dtype))}), basis_device='cpu' when the model is on an "
         f"accelerator, or basis_path='/some/disk/file' (a memory-mapped basis, slower)"
+    )
+
+
+class TopKCostError(HessianError):
+    """More top eigenvalues asked than ARPACK (or the dense fallback) can find within its memory
+    or its budget of Hessian-vector products."""
+
+
+#: at or below this dimension (or for k >= dim - 1) the top eigenvalues come from a dense
+#: Hessian built column by column (:func:`normprobe.hessian.lanczos.extreme_eigenpairs`)
+DENSE_DIM = 64
+
+
+def top_k_cost(dim: int, k: int, dtype: torch.dtype = torch.float64) -> tuple[str, int, int]:
+    """``(method, bytes, products)``: what the ``k`` extreme eigenvalues of a ``dim``-dimensional
+    Hessian cost at least, the way :func:`~normprobe.hessian.lanczos.extreme_eigenpairs` finds
+    them.
+
+    ARPACK keeps ``ncv = min(dim, max(2k + 1, 20))`` Lanczos vectors of ``dim`` numbers and needs
+    at least ``ncv`` products; the dense fallback (``dim <= 64`` or ``k >= dim - 1``) builds the
+    ``dim x dim`` Hessian (and an identity of that size) with ``dim`` products.
+
+    >>> top_k_cost(126_218, 10)
+    ('arpack', 21204624, 21)
+    >>> top_k_cost(126_218, 126_217)[:2]
+    ('dense', 254895736384)
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if dim <= DENSE_DIM or k >= dim - 1:
+        return "dense", dim * dim * (8 + itemsize), dim
+    ncv = min(dim, max(2 * k + 1, 20))
+    return "arpack", ncv * dim * itemsize, ncv
+
+
+def check_top_k_fits(
+    dim: int,
+    k: int,
+    dtype: torch.dtype = torch.float64,
+    *,
+    max_matvecs: int | None = None,
+    device: torch.device | str | None = None,
+    budget: int | None = None,
+    name: str = "k",
+) -> None:
+    """Refuse ``k`` top eigenvalues when their cost (:func:`top_k_cost`) exceeds ``budget`` bytes
+    (default 80% of the free memory of ``device``) or, when given, ``max_matvecs`` products
+    (ARPACK cannot even fill its first Krylov space with fewer products than vectors).
+
+    The message names the argument (``name``), the estimate and the largest ``k`` that fits.
+
+    >>> check_top_k_fits(126_218, 10)
+    >>> check_top_k_fits(126_218, 100_000, max_matvecs=1000, budget=16 * 2**30)
+    Traceback (most recent call last):
+    ...
+    normprobe.hessian.basis.TopKCostError: k: 100000 eigenvalues of a Hessian of dimension 126,218 need ARPACK to keep 126,218 vectors (118.70 GiB) and at least 126,218 Hessian-vector products, more than the 16.00 GiB available and more than its budget of 1000 products (max_matvecs); use k <= 499
+    """
+    method, need, products = top_k_cost(dim, k, dtype)
+    if budget is None:
+        free = available_bytes(device)
+        budget = None if free is None else int(BASIS_SHARE * free)
+    too_big = budget is not None and need > budget
+    starved = method != "dense" and max_matvecs is not None and products > max_matvecs
+    if not too_big and not starved:
+        return
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    # the largest k whose ARPACK run fits both limits (the dense path is only taken near k = dim)
+    by_products = dim if max_matvecs is None else (max_matvecs - 1) // 2
+    by_memory = by_products if budget is None else (budget // (dim * itemsize) - 1) // 2
+    fit = max(0, min(by_products, by_memory, dim - 2))
+    if method == "dense":
+        what = (
+            f"the dense Hessian ({dim:,} x {dim:,}: {_gib(need)}) built from {products:,} "
+            "Hessian-vector products"
+        )
+    else:
+        what = (
+            f"ARPACK to keep {products:,} vectors ({_gib(need)}) and at least {products:,} "
+            "Hessian-vector products"
+        )
+    limits = []
+    if too_big:
+        limits.append(f"more than the {_gib(budget)} available")
+    if starved:
+        limits.append(f"more than its budget of {max_matvecs} products (max_matvecs)")
+    raise TopKCostError(
+        f"{name}: {k} eigenvalues of a Hessian of dimension {dim:,} need {what}, "
+        f"{' and '.join(limits)}; use {name} <= {fit}"
     )
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from normprobe.batch import OutputPick, batch_size, take
-from normprobe.hessian.basis import lanczos_basis
+from normprobe.hessian.basis import check_top_k_fits, lanczos_basis
 from normprobe.hessian.distributed import ShardGroup, shard_group
 from normprobe.hessian.hvp import (
     Data,
@@ -69,6 +69,9 @@ TraceMethod = Literal["hutchinson", "hutch++", "xtrace"]
 TRACE_METHODS: tuple[str, ...] = ("hutchinson", "hutch++", "xtrace")
 #: default Gaussian kernel width of :meth:`HessianSpectrum.density`, as a fraction of the spectral range
 DENSITY_WIDTH_FRACTION = 0.01
+
+#: the default bound on each ARPACK run's Hessian-vector products (``max_matvecs``)
+MAX_MATVECS = 1000
 
 
 class HessianConvergenceWarning(UserWarning):
@@ -426,7 +429,7 @@ def hessian_spectrum(
     trace_samples: int = 64,
     dtype: torch.dtype = torch.float64,
     tol: float | None = None,
-    max_matvecs: int = 1000,
+    max_matvecs: int = MAX_MATVECS,
     weight_scaled: bool = False,
     graph_memory: int = 2 * 2**30,
     seed: int = 0,
@@ -606,6 +609,8 @@ def hessian_spectrum(
             f"k: {k} eigenvalues asked of a Hessian of dimension {op.dim} (the parameters "
             f"selected); use k <= {op.dim}"
         )
+    if "top" in pieces or "smallest" in pieces:
+        check_top_k_fits(op.dim, k, dtype)  # memory only: ARPACK works in host memory
     both_double = dtype == torch.float64 and op.dtype == torch.float64
     coarse = torch.float64 if both_double else torch.float32
     tol = math.sqrt(torch.finfo(coarse).eps) if tol is None else float(tol)
