@@ -19,6 +19,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from normprobe.batch import OutputPick, batch_size, take
-from normprobe.hessian.basis import lanczos_basis
+from normprobe.hessian.basis import BasisMemoryError, lanczos_basis
 from normprobe.hessian.distributed import ShardGroup, shard_group
 from normprobe.hessian.hvp import (
     Data,
@@ -50,6 +51,7 @@ from normprobe.hessian.lanczos import (
     stochastic_lanczos_quadrature,
 )
 from normprobe.hessian.trace import hutch_plus_plus, xtrace
+from normprobe.roles import is_normalizer
 
 __all__ = [
     "Piece",
@@ -57,6 +59,7 @@ __all__ = [
     "HessianSpectrum",
     "HessianConvergenceWarning",
     "hessian_spectrum",
+    "fully_connected",
     "DENSITY_WIDTH_FRACTION",
 ]
 
@@ -98,7 +101,10 @@ class HessianSpectrum:
     values of the deflated Hessian and ``trace_low_rank`` the exact trace over
     the sketched range, which :attr:`trace` adds (0 for plain Hutchinson and
     for ``"xtrace"``, whose samples are its exchangeable estimates ``t_i``).
-    ``basis_dtype`` and ``reorthogonalize``: how the SLQ basis was kept.
+    ``basis_dtype`` and ``reorthogonalize``: how the SLQ basis was kept;
+    ``batched``: per piece ("density", "trace"), whether its products were
+    taken in blocks (:func:`hessian_spectrum`'s ``batched``; the numbers are
+    the same either way).
     """
 
     dim: int
@@ -135,6 +141,7 @@ class HessianSpectrum:
     trace_low_rank: float = 0.0
     basis_dtype: str | None = None
     reorthogonalize: str = "full"
+    batched: dict[str, bool] = field(default_factory=dict)
 
     # -- derived values ----------------------------------------------------------------------
 
@@ -408,6 +415,29 @@ def _selection_label(params: ParamSelection, op: HessianOperator, model: nn.Modu
     return ",".join(params)
 
 
+def fully_connected(model: nn.Module) -> bool:
+    """Whether every layer with parameters of ``model`` is a ``Linear`` or a normalization layer.
+
+    :func:`hessian_spectrum`'s ``batched="auto"`` takes batched products for
+    such networks only: a rule of structure, so the path is the same on
+    every run (measured on a CPU, b = 4: 0.55-0.88 of a product's time per
+    vector on a 126k-parameter BatchNorm MLP, 0.96-1.14 on WRN-16-1).
+
+    >>> fully_connected(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    True
+    >>> fully_connected(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()))
+    False
+    """
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    for module in model.modules():
+        if next(module.parameters(recurse=False), None) is None:
+            continue
+        if not isinstance(module, (nn.Linear, ParametrizationList)) and not is_normalizer(module):
+            return False
+    return True
+
+
 def hessian_spectrum(
     model: nn.Module,
     loss_fn: LossFn,
@@ -441,6 +471,7 @@ def hessian_spectrum(
     basis_device: torch.device | str | None = None,
     basis_path: str | os.PathLike[str] | None = None,
     reorthogonalize: Literal["full", "partial"] = "full",
+    batched: Literal["auto"] | bool = "auto",
 ) -> HessianSpectrum:
     """Hessian spectrum of the mean loss of ``model`` over a probe set (docs/definitions.md, the Hessian).
 
@@ -500,6 +531,22 @@ def hessian_spectrum(
       the Hessian's Frobenius norm (as after training), a higher one on a
       flat spectrum (as at initialization).
 
+    ``batched`` takes the SLQ start vectors side by side (one batched
+    product per Lanczos step, :func:`~normprobe.hessian.lanczos.lanczos_lockstep`,
+    a basis per start vector) and the Hutchinson probes 8 at a time
+    (:meth:`~normprobe.hessian.hvp.HessianOperator.matmat`): the same
+    vectors and, row by row, the same products to rounding, so the same
+    numbers to rounding (bit for bit on the BatchNorm MLPs measured, 5e-16
+    relative on a tanh MLP in float64). ``"auto"`` (default)
+    decides from the model's structure alone, never from a timing, so a
+    rerun takes the same path: batched for a fully connected network (every
+    layer with parameters a ``Linear`` or a normalization layer: 0.55-0.88 of
+    a product's time per vector at 126k parameters), one product at a time
+    for anything else (convolutions measured no faster batched on a CPU).
+    SLQ stays sequential when the bases of all start vectors would not fit
+    (or ``basis_path`` is given). :attr:`HessianSpectrum.batched` records
+    the path each piece took.
+
     Every eigenvalue comes with ``||H v - lambda v||`` from one extra
     product; ``converged`` is False (and a :class:`HessianConvergenceWarning`
     is issued) when it exceeds ``tol`` relative to ``|lambda|`` (to the
@@ -553,6 +600,8 @@ def hessian_spectrum(
         raise HessianError(
             f"trace_method must be one of {', '.join(TRACE_METHODS)}, got {trace_method!r}"
         )
+    if batched not in ("auto", True, False):
+        raise HessianError(f"batched must be 'auto', True or False, got {batched!r}")
     if basis_dtype not in (None, torch.float32, torch.float64):
         raise HessianError(f"basis_dtype must be torch.float32 or torch.float64, got {basis_dtype}")
     if trace_method != "hutchinson" and isinstance(trace_samples, int) and trace_samples < 4:
@@ -599,6 +648,8 @@ def hessian_spectrum(
     seconds: dict[str, float] = {}
     messages: list[str] = []
     probes = torch.Generator().manual_seed(seed)
+    block = batched is True or (batched == "auto" and fully_connected(model))
+    used: dict[str, bool] = {}
 
     def timed(piece: str, fn: Any) -> Any:
         before, start = op.matvecs, time.perf_counter()
@@ -616,13 +667,33 @@ def hessian_spectrum(
                 messages.append(f"outlier ratio not computed: {op.classes_problem}")
         quad = None
         if "density" in pieces:
-            with lanczos_basis(
-                min(steps, op.dim),
-                op.dim,
-                dtype if basis_dtype is None else basis_dtype,
-                op.device if basis_device is None else basis_device,
-                path=basis_path,
-            ) as basis:
+            taken = min(steps, op.dim)
+            side_by_side = block and num_vectors > 1 and basis_path is None
+            with ExitStack() as stack:
+                basis = bases = None
+                if side_by_side:
+                    try:
+                        bases = stack.enter_context(
+                            lanczos_basis(
+                                num_vectors * taken,
+                                op.dim,
+                                dtype if basis_dtype is None else basis_dtype,
+                                op.device if basis_device is None else basis_device,
+                            )
+                        ).view(num_vectors, taken, op.dim)
+                    except BasisMemoryError:
+                        side_by_side = False  # one basis at a time fits, or the next check says why
+                if not side_by_side:
+                    basis = stack.enter_context(
+                        lanczos_basis(
+                            taken,
+                            op.dim,
+                            dtype if basis_dtype is None else basis_dtype,
+                            op.device if basis_device is None else basis_device,
+                            path=basis_path,
+                        )
+                    )
+                used["density"] = side_by_side
                 quad = timed(
                     "density",
                     lambda: stochastic_lanczos_quadrature(
@@ -636,6 +707,8 @@ def hessian_spectrum(
                         basis=basis,
                         reorthogonalize=reorthogonalize,
                         matvec_eps=torch.finfo(coarse).eps,
+                        matmat=op.matmat if side_by_side else None,
+                        bases=bases,
                     ),
                 )
             messages.extend(_breakdown_messages(quad.steps, quad.requested, quad.residual_norms))
@@ -661,6 +734,7 @@ def hessian_spectrum(
             )
             results.update(trace_samples=estimate.samples, trace_low_rank=estimate.low_rank)
         elif "trace" in pieces:
+            used["trace"] = block
 
             def trace() -> np.ndarray:
                 if quad is None:
@@ -671,6 +745,7 @@ def hessian_spectrum(
                         generator=probes,
                         dtype=dtype,
                         device=op.device,
+                        matmat=op.matmat if block else None,
                     )
                 free = np.asarray(quad.first_moments[:trace_samples]) * op.dim
                 rest = hutchinson(
@@ -680,6 +755,7 @@ def hessian_spectrum(
                     generator=probes,
                     dtype=dtype,
                     device=op.device,
+                    matmat=op.matmat if block else None,
                 )
                 return np.concatenate([free, rest])
 
@@ -735,6 +811,8 @@ def hessian_spectrum(
             if small.message:
                 messages.append(f"smallest eigenvalue: {small.message}")
             results["smallest"] = dataclasses.replace(small, vectors=None)
+    # a model whose double backward cannot be batched took its products one at a time
+    used = {piece: way and op.batch_works is not False for piece, way in used.items()}
     spectrum = HessianSpectrum(
         dim=op.dim,
         num_samples=op.num_samples,
@@ -761,6 +839,7 @@ def hessian_spectrum(
         trace_method=trace_method,
         basis_dtype=str(dtype if basis_dtype is None else basis_dtype).replace("torch.", ""),
         reorthogonalize=reorthogonalize,
+        batched=used,
         **results,
     )
     for message in messages:
