@@ -146,24 +146,21 @@ class LanczosResult:
     reorthogonalizations: int = 0
 
 
-def _reorthogonalize(
-    q: torch.Tensor, w: torch.Tensor, tmp: torch.Tensor
-) -> tuple[float, torch.Tensor]:
+def _reorthogonalize(q: torch.Tensor, w: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Classical Gram-Schmidt of ``w`` against the rows of ``q``, in place, twice when needed.
 
     A second pass runs when the first removed more than ``1 - 1/sqrt(2)`` of
-    the norm (Daniel-Gragg-Kaufman-Stewart: "twice is enough"). ``tmp`` is a
-    scratch vector like ``w``. Returns what the passes found along the last
+    the norm (Daniel-Gragg-Kaufman-Stewart: "twice is enough"). Returns what the passes found along the last
     row (added to ``alpha``) and the new norm.
     """
     before = torch.linalg.vector_norm(w)
-    h = q @ w
-    w.sub_(torch.mv(q.T, h, out=tmp))
+    h = torch.mv(q, w)
+    w.addmv_(q.T, h, alpha=-1)  # one pass over the basis and w (the subtraction fused in)
     da = float(h[-1])
     after = torch.linalg.vector_norm(w)
     if after < before / math.sqrt(2.0):
-        h = q @ w
-        w.sub_(torch.mv(q.T, h, out=tmp))
+        h = torch.mv(q, w)
+        w.addmv_(q.T, h, alpha=-1)
         da += float(h[-1])
         after = torch.linalg.vector_norm(w)
     return da, after
@@ -424,7 +421,6 @@ class _LanczosRun:
         self.same = basis.dtype == dtype and basis.device == self.home
         basis[0] = self._to_basis(start)
         self.work = torch.empty(dim, dtype=basis.dtype, device=basis.device)  # the new direction
-        self.tmp = torch.empty_like(self.work)  # scratch
         noise = eps if matvec_eps is None else max(float(matvec_eps), eps)
         self.watch = _Orthogonality(steps, dim, noise) if reorthogonalize == "partial" else None
         self.reorthogonalized = 0
@@ -445,22 +441,23 @@ class _LanczosRun:
 
     def step(self, product: torch.Tensor) -> None:
         """Take ``A q_j``: extend the tridiagonal and the basis by one step."""
-        j, dim, basis, tmp = self.j, self.dim, self.basis, self.tmp
+        j, dim, basis = self.j, self.dim, self.basis
         if product.shape != (dim,):
             raise HessianError(f"matvec must return shape ({dim},), got {tuple(product.shape)}")
         w = self._to_basis(product.to(self.dtype))
         # The three-term recurrence, then reorthogonalization against the whole basis
         # (every step, or where the partial scheme's estimate says so). Written into
-        # two scratch vectors, out= and in place: a fresh vector per operation costs
+        # one scratch vector, out= and in place, each subtraction fused with its product
+        # (add with alpha, addmv): a fresh vector per operation costs
         # page faults that measured several times the arithmetic (float64, 126k).
         a = float(basis[j] @ w)
-        w = torch.sub(w, torch.mul(basis[j], a, out=tmp), out=self.work)
+        w = torch.add(w, basis[j], alpha=-a, out=self.work)
         if j:
-            w.sub_(torch.mul(basis[j - 1], self.beta[j - 1].item(), out=tmp))
+            w.add_(basis[j - 1], alpha=-self.beta[j - 1].item())
         q = basis[: j + 1]
         watch = self.watch
         if watch is None or watch.due:
-            da, after = _reorthogonalize(q, w, tmp)
+            da, after = _reorthogonalize(q, w)
             a += da
             self.reorthogonalized += 1
         else:
@@ -468,7 +465,7 @@ class _LanczosRun:
         b = float(after)
         if watch is not None and j + 1 < self.steps and b > 0 and math.isfinite(b):
             if watch.advance(self.alpha[:j].numpy(), self.beta[:j].numpy(), a, b) and not watch.due:
-                da, after = _reorthogonalize(q, w, tmp)
+                da, after = _reorthogonalize(q, w)
                 a += da
                 b = float(after)
                 self.reorthogonalized += 1
