@@ -245,3 +245,17 @@ def test_a_model_without_a_batching_rule_falls_back_to_one_product_at_a_time() -
         assert np.array_equal(a, b)
     if works is False:
         assert bat.batched == {"density": False, "trace": False}
+
+
+def test_auto_runs_large_bases_one_start_vector_at_a_time(bn_mlp, monkeypatch) -> None:
+    import normprobe.hessian.spectrum as spectrum
+
+    model, x, y = bn_mlp
+    common = dict(what=("density", "trace"), steps=10, num_vectors=2, trace_samples=4)
+    monkeypatch.setattr(spectrum, "LOCKSTEP_BYTES", 1000)
+    auto = hessian_spectrum(model, nn.functional.cross_entropy, (x, y), **common)
+    forced = hessian_spectrum(model, nn.functional.cross_entropy, (x, y), batched=True, **common)
+    assert auto.batched == {"density": False, "trace": True}
+    assert forced.batched == {"density": True, "trace": True}
+    for a, b in zip(auto.nodes, forced.nodes):
+        assert np.abs(a - b).max() <= 1e-12 * np.abs(a).max()
