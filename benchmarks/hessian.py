@@ -78,6 +78,7 @@ from normprobe.hessian import (
     stochastic_lanczos_quadrature,
     xtrace,
 )
+from normprobe.hessian.spectrum import BATCHED_MAX_DIM
 from normprobe.state import frozen_statistics, preserved
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -312,11 +313,11 @@ def batched_cost(op: HessianOperator, name: str, dim: int, repeats: int, b: int 
         repeats,
     )
     value = t["batched"] / t["sequential"]
-    ratio(f"batched_per_vector_{name}", value, "< 1 to pay")
+    ratio(f"batched_per_vector_{name}", value, "< 1")
     print(
         f"  batched HVP, b = {b}: per-vector time / single HVP = {value:.2f}   "
         f"(batched backward works: {op.batch_works}; hessian_spectrum's auto takes it: "
-        f"{fully_connected(op.model)})"
+        f"{fully_connected(op.model) and dim <= BATCHED_MAX_DIM})"
     )
 
 
@@ -410,9 +411,7 @@ def bench(
         f"10 before and 10 after; basis {steps * dim * 8 / 2**20:.1f} MiB in float64; full "
         f"reorthogonalization, float64 basis)"
     )
-    if fully_connected(
-        model
-    ):  # hessian_spectrum's batched="auto" runs the start vectors side by side
+    if fully_connected(model):  # start vectors side by side: batched=True, or "auto" when small
         lockstep(op, model_name, dim, steps, hvp_times)
     batched_cost(op, model_name, dim, repeats)
     if not quick or model_name != "wrn":

@@ -863,6 +863,12 @@ def extreme_eigenpairs(
     where it misses the tolerance. Operators of dimension <= 64 are
     diagonalized densely (``dim`` matvecs) instead.
 
+    Cost beside the products: ARPACK's own work per matvec (reorthogonalizing
+    against its ``ncv`` Lanczos vectors, implicit restarts), memory bound: at
+    126k dimensions 4.4-5 ms per matvec on a 2-core machine, the same as
+    ``eigsh`` on a plain numpy operator (the numpy/torch wrapping here costs
+    next to nothing: no copies, no casts when ``dtype`` is the matvec's).
+
     >>> a = torch.diag(torch.arange(100, dtype=torch.float64))
     >>> top = extreme_eigenpairs(lambda v: a @ v, 100, 3, generator=torch.Generator().manual_seed(0))
     >>> top.values.round(8).tolist(), bool(top.converged.all())

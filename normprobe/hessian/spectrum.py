@@ -70,6 +70,9 @@ PIECES: tuple[str, ...] = ("density", "top", "smallest", "trace")
 #: how :func:`hessian_spectrum` estimates the trace
 TraceMethod = Literal["hutchinson", "hutch++", "xtrace"]
 TRACE_METHODS: tuple[str, ...] = ("hutchinson", "hutch++", "xtrace")
+#: ``batched="auto"`` takes batched products only up to this many parameters (measured, b = 4,
+#: 1 thread: 0.73-0.76 of a product's time per vector at 4.6k parameters, 0.88-1.08 at 126k)
+BATCHED_MAX_DIM = 2**16
 #: ``batched="auto"`` runs SLQ's start vectors side by side only while their bases take at most
 #: this many bytes (measured, 40 steps, 1 thread: 4 start vectors of a 4.6k-parameter MLP, 6 MB,
 #: 0.70x the time of one at a time; 2 of the quickstart's 126k-parameter MLP, 80 MB, 1.16x)
@@ -543,12 +546,13 @@ def hessian_spectrum(
     vectors and, row by row, the same products to rounding, so the same
     numbers to rounding (bit for bit on the BatchNorm MLPs measured, 5e-16
     relative on a tanh MLP in float64). ``"auto"`` (default)
-    decides from the model's structure alone, never from a timing, so a
-    rerun takes the same path: batched for a fully connected network (every
-    layer with parameters a ``Linear`` or a normalization layer: 0.55-0.99 of
-    a product's time per vector at 126k parameters, 0.73 at 4.6k), one
-    product at a time for anything else (convolutions measured no faster
-    batched on a CPU); and SLQ side by side only while the bases of all
+    decides from the model's structure and size alone, never from a
+    timing, so a rerun takes the same path: batched for a fully connected
+    network (every layer with parameters a ``Linear`` or a normalization
+    layer) of at most ``BATCHED_MAX_DIM`` (65,536) parameters (per vector
+    0.73-0.76 of a product's time at 4.6k parameters; 0.88-1.08 at 126k, no
+    gain there), one product at a time for anything else (convolutions
+    measured no faster batched on a CPU); and SLQ side by side only while the bases of all
     start vectors take at most ``LOCKSTEP_BYTES`` (32 MiB: beyond that the
     passes over several bases cost more than the batching saves, 1.16x the
     sequential time for the quickstart's 126k MLP, 0.70x for a 4.6k one).
@@ -657,7 +661,9 @@ def hessian_spectrum(
     seconds: dict[str, float] = {}
     messages: list[str] = []
     probes = torch.Generator().manual_seed(seed)
-    block = batched is True or (batched == "auto" and fully_connected(model))
+    block = batched is True or (
+        batched == "auto" and fully_connected(model) and op.dim <= BATCHED_MAX_DIM
+    )
     used: dict[str, bool] = {}
 
     def timed(piece: str, fn: Any) -> Any:

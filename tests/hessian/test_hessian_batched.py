@@ -259,3 +259,20 @@ def test_auto_runs_large_bases_one_start_vector_at_a_time(bn_mlp, monkeypatch) -
     assert forced.batched == {"density": True, "trace": True}
     for a, b in zip(auto.nodes, forced.nodes):
         assert np.abs(a - b).max() <= 1e-12 * np.abs(a).max()
+
+
+def test_auto_keeps_larger_networks_one_product_at_a_time(bn_mlp, monkeypatch) -> None:
+    import normprobe.hessian.spectrum as spectrum
+
+    model, x, y = bn_mlp
+    monkeypatch.setattr(spectrum, "BATCHED_MAX_DIM", 100)
+    spec = hessian_spectrum(
+        model,
+        nn.functional.cross_entropy,
+        (x, y),
+        what=("density", "trace"),
+        steps=5,
+        num_vectors=2,
+        trace_samples=4,
+    )
+    assert spec.batched == {"density": False, "trace": False}
