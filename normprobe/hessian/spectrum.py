@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from normprobe.batch import OutputPick, batch_size, take
 from normprobe.hessian.basis import BasisMemoryError, lanczos_basis
@@ -436,8 +437,6 @@ def fully_connected(model: nn.Module) -> bool:
     >>> fully_connected(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()))
     False
     """
-    from torch.nn.utils.parametrize import ParametrizationList
-
     for module in model.modules():
         if next(module.parameters(recurse=False), None) is None:
             continue
