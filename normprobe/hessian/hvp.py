@@ -87,6 +87,7 @@ from normprobe.batch import (
     split_batch,
     to_device,
 )
+from normprobe.hessian.batchnorm import LeanBatchNorm
 from normprobe.hessian.distributed import (
     ShardGroup,
     bits_checksum,
@@ -505,6 +506,8 @@ class HessianOperator:
         self._vector_weights: torch.Tensor | None = None
         #: whether :meth:`matmat`'s batched backward worked (None until tried)
         self.batch_works: bool | None = None
+        #: train-mode ``F.batch_norm`` through :mod:`normprobe.hessian.batchnorm` (False: torch's)
+        self.lean_batch_norm = True
 
     def _set_up(
         self,
@@ -909,6 +912,11 @@ class HessianOperator:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
             if self._weight_norm:
                 stack.enter_context(_PlainWeightNorm())
+            if self.lean_batch_norm:
+                # train-mode batch norm with a hand-written second derivative (large inputs):
+                # the same loss and gradient bits, products equal to rounding, a WRN-16-1
+                # product 0.77x the time
+                stack.enter_context(LeanBatchNorm())
             # attention through F.scaled_dot_product_attention (nn.MultiheadAttention, Hugging
             # Face's "sdpa") takes the math kernel, whose double backward exists; the fused CPU
             # and GPU kernels have none
