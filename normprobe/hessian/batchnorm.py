@@ -72,7 +72,8 @@ class _BatchNormBackward(Function):
         shape, axes = _channel_shape(x), _batch_axes(x)
         n = x.numel() // x.shape[1]
         s = invstd
-        xhat = torch.addcmul((-mean * s).view(shape), x, s.view(shape))
+        # (out-of-place addcmul with a per-channel input measured 4x slower than mul, add_)
+        xhat = torch.mul(x, s.view(shape)).sub_((mean * s).view(shape))
         if u is None:
             u = torch.zeros_like(x)
         zero = torch.zeros_like(weight)
@@ -83,7 +84,7 @@ class _BatchNormBackward(Function):
         sux = (u * xhat).sum(axes)
         k = weight * s
         # d/dg = k u + (u_w - k Sux / n) xhat + (u_b - k Su / n)
-        gg = torch.addcmul((u_b - k * su / n).view(shape), u, k.view(shape))
+        gg = torch.mul(u, k.view(shape)).add_((u_b - k * su / n).view(shape))
         gg.addcmul_(xhat, (u_w - k * sux / n).view(shape))
         gw = s * (sug - big_a * su / n - big_b * sux / n)
         k2 = weight * s * s / n
@@ -91,7 +92,7 @@ class _BatchNormBackward(Function):
         c_u = -k2 * big_b
         c_g = -k2 * sux + s * u_w
         c_0 = (k2 / n) * (big_b * su + big_a * sux) - s * u_w * big_a / n
-        gx = torch.addcmul(c_0.view(shape), xhat, c_x.view(shape))
+        gx = torch.mul(xhat, c_x.view(shape)).add_(c_0.view(shape))
         gx.addcmul_(u, c_u.view(shape))
         gx.addcmul_(g, c_g.view(shape))
         return gg, gx, gw, None, None, None
