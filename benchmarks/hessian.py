@@ -386,6 +386,18 @@ def bench(
         f"  HVP without graph reuse {u['hvp'] * 1e3:.1f} ms (/ gradient = "
         f"{u['hvp'] / u['gradient']:.2f}); first HVP incl. building graphs {build_time * 1e3:.1f} ms"
     )
+    if model_name == "wrn":  # torch's batch norm double backward against the lean one
+        native = HessianOperator(model, F.cross_entropy, chunks)
+        native.lean_batch_norm = False
+        native.matvec(v)
+        w = interleaved({"lean": lambda: op.matvec(v), "native": lambda: native.matvec(v)}, repeats)
+        native.release()
+        ratio("lean_bn_over_native_hvp_wrn", w["lean"] / w["native"], "< 1")
+        print(
+            f"  HVP with torch's batch norm double backward {w['native'] * 1e3:.1f} ms: "
+            f"lean / torch's = {w['lean'] / w['native']:.3f} (HVP / gradient with torch's: "
+            f"{w['native'] / t['gradient']:.2f})"
+        )
 
     # 2. SLQ(m) / (m x HVP): plain HVPs timed just before and after, same conditions
     def hvp_times(n: int) -> list[float]:
