@@ -1,7 +1,19 @@
 """Cost of the Hessian engine against a gradient, against its own HVPs, and against PyHessian.
 
     python benchmarks/hessian.py [--models mlp wrn quickstart] [--repeats 7] [--steps 100]
-        [--threads N] [--no-pyhessian] [--trace] [--memory 1e6 1e7]
+        [--threads N] [--no-pyhessian] [--trace] [--memory 1e6 1e7] [--quick]
+
+``--quick`` runs every ratio once on all three models, small (about 5
+minutes at one thread on a loaded 2-core machine); each ratio is also
+printed at the end as a machine-readable ``RATIO <name> <value>`` line
+(``TARGET <name> <target>`` beside it where the issue set one), which
+``benchmarks/summary.py`` collects: HVP/gradient; SLQ/(m x HVP) with the
+default basis, per basis option and with the start vectors side by side
+(batched products); the per-vector cost of a batched product; the lean
+batch norm against torch's double backward (WRN); ARPACK's own overhead
+per matvec (quickstart), and our call against bare ``eigsh``; Hutch++
+against Hutchinson at 48 HVPs; top-10 against PyHessian at matched
+accuracy (MLP).
 
 One run, the same model and probe set for every measurement (digits, 512
 samples in 4 chunks of 128, float32 models with BatchNorm):
@@ -344,6 +356,52 @@ def arpack_overhead(
     print(
         f"  top-10 by ARPACK: {top.matvecs} matvecs, overhead per matvec {per * 1e3:.2f} ms = "
         f"{per / hvp:.2f} HVP (HVP {hvp * 1e3:.1f} ms)"
+    )
+
+
+def arpack_wrapper(dim: int, repeats: int) -> None:
+    """Our ARPACK call (torch matvec, LinearOperator wrapping, residual checks) against bare eigsh.
+
+    Both on the same diagonal operator (a torch multiply against a numpy
+    one), same k, ncv, tol and start vector, interleaved: the time per
+    matvec of ours over that of bare ``eigsh``. About 1 means the wrapping
+    costs nothing and the overhead is ARPACK's own.
+    """
+    import scipy.sparse.linalg as sla
+
+    from normprobe.hessian import blas_threads
+
+    d = _diagonal_operator(dim)
+    dn = d.numpy()
+    v0 = torch.randn(dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64).numpy()
+    bare_count = [0]
+
+    def bare() -> None:
+        def mv(x: np.ndarray) -> np.ndarray:
+            bare_count[0] += 1
+            return dn * x.ravel()
+
+        op = sla.LinearOperator((dim, dim), matvec=mv, dtype=np.float64)
+        with blas_threads(1):
+            sla.eigsh(op, k=10, which="LA", tol=1e-6, ncv=21, v0=v0)
+
+    ours_count = [0]
+
+    def ours() -> None:
+        top = extreme_eigenpairs(
+            d.mul, dim, 10, tol=1e-6, generator=torch.Generator().manual_seed(1)
+        )
+        ours_count[0] += top.matvecs
+
+    t = interleaved({"bare": bare, "ours": ours}, repeats)
+    per_bare = t["bare"] / (bare_count[0] / repeats)
+    per_ours = t["ours"] / (ours_count[0] / repeats)
+    ratio(f"arpack_ours_over_bare_eigsh_per_matvec_{dim // 1000}k", per_ours / per_bare, "~1")
+    print(
+        f"\n== ARPACK wrapping, {dim:,} dimensions (diagonal operator) ==\n  per matvec: ours "
+        f"{per_ours * 1e3:.2f} ms, bare scipy eigsh on a numpy operator {per_bare * 1e3:.2f} ms "
+        f"(ours / bare = {per_ours / per_bare:.2f}; ours includes 10 residual checks); load "
+        f"{os.getloadavg()[0]:.2f}"
     )
 
 
@@ -765,6 +823,7 @@ def main() -> None:
         bench(name, args.repeats, steps, compare, args.accuracy, quick=args.quick)
     if args.trace:
         trace_errors(seeds=10, budgets=(48,)) if args.quick else trace_errors()
+    arpack_wrapper(126_218, args.repeats)
     if args.memory:
         memory_scaling([int(n) for n in args.memory])
     print(f"\ntotal {time.perf_counter() - start:.0f} s, load average now {os.getloadavg()[0]:.2f}")
