@@ -428,9 +428,10 @@ def fully_connected(model: nn.Module) -> bool:
     """Whether every layer with parameters of ``model`` is a ``Linear`` or a normalization layer.
 
     :func:`hessian_spectrum`'s ``batched="auto"`` takes batched products for
-    such networks only: a rule of structure, so the path is the same on
-    every run (measured on a CPU, b = 4: 0.55-0.88 of a product's time per
-    vector on a 126k-parameter BatchNorm MLP, 0.96-1.14 on WRN-16-1).
+    such networks only (and only small ones): a rule of structure, so the
+    path is the same on every run (measured on a CPU, b = 4, per vector:
+    0.67-0.76 of a product's time on a 4.6k-parameter BatchNorm MLP,
+    0.88-1.08 at 126k, 0.96-1.14 on WRN-16-1).
 
     >>> fully_connected(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
     True
@@ -544,17 +545,18 @@ def hessian_spectrum(
     (:meth:`~normprobe.hessian.hvp.HessianOperator.matmat`): the same
     vectors and, row by row, the same products to rounding, so the same
     numbers to rounding (bit for bit on the BatchNorm MLPs measured, 5e-16
-    relative on a tanh MLP in float64). ``"auto"`` (default)
-    decides from the model's structure and size alone, never from a
-    timing, so a rerun takes the same path: batched for a fully connected
-    network (every layer with parameters a ``Linear`` or a normalization
-    layer) of at most ``BATCHED_MAX_DIM`` (65,536) parameters (per vector
-    0.73-0.76 of a product's time at 4.6k parameters; 0.88-1.08 at 126k, no
-    gain there), one product at a time for anything else (convolutions
-    measured no faster batched on a CPU); and SLQ side by side only while the bases of all
-    start vectors take at most ``LOCKSTEP_BYTES`` (32 MiB: beyond that the
-    passes over several bases cost more than the batching saves, 1.16x the
-    sequential time for the quickstart's 126k MLP, 0.70x for a 4.6k one).
+    relative on a tanh MLP in float64). ``"auto"`` (default) decides from
+    the model's structure and size alone, never from a timing, so a rerun
+    takes the same path: batched for a fully connected network (every
+    layer with parameters a ``Linear`` or a normalization layer) of at
+    most ``BATCHED_MAX_DIM`` (65,536) parameters (per vector 0.67-0.76 of a
+    product's time at 4.6k parameters; 0.88-1.08 at 126k, no gain there),
+    one product at a time for anything else (convolutions measured no
+    faster batched on a CPU); and SLQ side by side only while the bases of
+    all start vectors take at most ``LOCKSTEP_BYTES`` (32 MiB: beyond that
+    the passes over several bases cost more than the batching saves, 1.16x
+    the sequential time for the quickstart's 126k MLP; 0.69x for 4 start
+    vectors of a 4.6k one, 0.97-1.0x for 2).
     SLQ stays sequential when the bases of all start vectors would not fit
     (or ``basis_path`` is given). :attr:`HessianSpectrum.batched` records
     the path each piece took.
