@@ -1,7 +1,19 @@
 """Cost of the Hessian engine against a gradient, against its own HVPs, and against PyHessian.
 
     python benchmarks/hessian.py [--models mlp wrn quickstart] [--repeats 7] [--steps 100]
-        [--threads N] [--no-pyhessian] [--trace] [--memory 1e6 1e7]
+        [--threads N] [--no-pyhessian] [--trace] [--memory 1e6 1e7] [--quick]
+
+``--quick`` runs every ratio once on all three models, small (about 5
+minutes at one thread on a loaded 2-core machine); each ratio is also
+printed at the end as a machine-readable ``RATIO <name> <value>`` line
+(``TARGET <name> <target>`` beside it where the issue set one), which
+``benchmarks/summary.py`` collects: HVP/gradient; SLQ/(m x HVP) with the
+default basis, per basis option and with the start vectors side by side
+(batched products); the per-vector cost of a batched product; the lean
+batch norm against torch's double backward (WRN); ARPACK's own overhead
+per matvec (quickstart), and our call against bare ``eigsh``; Hutch++
+against Hutchinson at 48 HVPs; top-10 against PyHessian at matched
+accuracy (MLP).
 
 One run, the same model and probe set for every measurement (digits, 512
 samples in 4 chunks of 128, float32 models with BatchNorm):
@@ -68,17 +80,28 @@ from normprobe.hessian import (
     available_bytes,
     basis_bytes,
     extreme_eigenpairs,
+    fully_connected,
     gauss_quadrature,
     hessian_spectrum,
     hutch_plus_plus,
     hutchinson,
     lanczos,
+    rademacher,
     stochastic_lanczos_quadrature,
     xtrace,
 )
+from normprobe.hessian.spectrum import BATCHED_MAX_DIM
 from normprobe.state import frozen_statistics, preserved
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+#: name -> (value, target): printed at the end as machine-readable ``RATIO name value`` lines
+RATIOS: dict[str, tuple[float, str]] = {}
+
+
+def ratio(name: str, value: float, target: str = "") -> None:
+    """Record a ratio for the closing ``RATIO`` lines (``target`` as text, e.g. ``<= 2.5``)."""
+    RATIOS[name] = (float(value), target)
 
 
 def probe_set(model_name: str, samples: int = 512) -> Batch:
@@ -261,8 +284,137 @@ def pyhessian_run(
         module.hessian_vector_product = original
 
 
-def bench(model_name: str, repeats: int, steps: int, use_pyhessian: bool, accuracy: float) -> None:
-    x, y = probe_set(model_name)
+def lockstep(
+    op: HessianOperator, name: str, dim: int, steps: int, hvp_times: Callable[[int], list[float]]
+) -> None:
+    """SLQ with the start vectors side by side (batched products) against b x m single HVPs."""
+    for b in (2, 4):
+        around = hvp_times(10)
+        seconds, _ = timed(
+            lambda b=b: stochastic_lanczos_quadrature(
+                op.matvec,
+                dim,
+                steps,
+                b,
+                generator=torch.Generator().manual_seed(0),
+                matmat=op.matmat,
+            )
+        )
+        around += hvp_times(10)
+        hvp = statistics.median(around)
+        value = seconds / (b * steps * hvp)
+        ratio(f"slq_lockstep{b}_over_m_hvp_{name}", value, "<= 1.05")
+        print(
+            f"  SLQ m={steps}, {b} start vectors side by side (batched products): "
+            f"SLQ / ({b} x m x HVP) = {value:.3f}   (HVP {hvp * 1e3:.1f} ms; load "
+            f"{os.getloadavg()[0]:.2f})"
+        )
+
+
+def batched_cost(op: HessianOperator, name: str, dim: int, repeats: int, b: int = 4) -> None:
+    """Per-vector time of one batched product of b vectors over b single products, interleaved."""
+    vs = torch.stack(
+        [rademacher(dim, generator=torch.Generator().manual_seed(i)) for i in range(b)]
+    )
+    vs = vs.to(op.dtype)
+    t = interleaved(
+        {
+            "sequential": lambda: [op.matvec(v) for v in vs],
+            "batched": lambda: op.matmat(vs),
+        },
+        repeats,
+    )
+    value = t["batched"] / t["sequential"]
+    ratio(f"batched_per_vector_{name}", value, "< 1")
+    print(
+        f"  batched HVP, b = {b}: per-vector time / single HVP = {value:.2f}   "
+        f"(batched backward works: {op.batch_works}; hessian_spectrum's auto takes it: "
+        f"{fully_connected(op.model) and dim <= BATCHED_MAX_DIM})"
+    )
+
+
+def arpack_overhead(
+    op: HessianOperator, name: str, dim: int, hvp_times: Callable[[int], list[float]]
+) -> None:
+    """ARPACK's own time per matvec of a top-10 solve: (total - matvecs x HVP) / matvecs.
+
+    The wrapper (numpy <-> torch, dtype casts, LinearOperator) costs next to
+    nothing: eigsh on a plain numpy diagonal has the same per-matvec overhead.
+    What remains is ARPACK's own work per matvec, its reorthogonalization
+    against the ncv = 21 Lanczos vectors and its implicit restarts.
+    """
+    around = hvp_times(10)
+    seconds, top = timed(
+        lambda: extreme_eigenpairs(
+            op.matvec, dim, 10, tol=1e-4, generator=torch.Generator().manual_seed(1)
+        )
+    )
+    around += hvp_times(10)
+    hvp = statistics.median(around)
+    per = (seconds - top.matvecs * hvp) / top.matvecs
+    ratio(f"arpack_overhead_per_matvec_over_hvp_{name}", per / hvp, "")
+    print(
+        f"  top-10 by ARPACK: {top.matvecs} matvecs, overhead per matvec {per * 1e3:.2f} ms = "
+        f"{per / hvp:.2f} HVP (HVP {hvp * 1e3:.1f} ms)"
+    )
+
+
+def arpack_wrapper(dim: int, repeats: int) -> None:
+    """Our ARPACK call (torch matvec, LinearOperator wrapping, residual checks) against bare eigsh.
+
+    Both on the same diagonal operator (a torch multiply against a numpy
+    one), same k, ncv, tol and start vector, interleaved: the time per
+    matvec of ours over that of bare ``eigsh``. About 1 means the wrapping
+    costs nothing and the overhead is ARPACK's own.
+    """
+    import scipy.sparse.linalg as sla
+
+    from normprobe.hessian import blas_threads
+
+    d = _diagonal_operator(dim)
+    dn = d.numpy()
+    v0 = torch.randn(dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64).numpy()
+    bare_count = [0]
+
+    def bare() -> None:
+        def mv(x: np.ndarray) -> np.ndarray:
+            bare_count[0] += 1
+            return dn * x.ravel()
+
+        op = sla.LinearOperator((dim, dim), matvec=mv, dtype=np.float64)
+        with blas_threads(1):
+            sla.eigsh(op, k=10, which="LA", tol=1e-6, ncv=21, v0=v0)
+
+    ours_count = [0]
+
+    def ours() -> None:
+        top = extreme_eigenpairs(
+            d.mul, dim, 10, tol=1e-6, generator=torch.Generator().manual_seed(1)
+        )
+        ours_count[0] += top.matvecs
+
+    t = interleaved({"bare": bare, "ours": ours}, repeats)
+    per_bare = t["bare"] / (bare_count[0] / repeats)
+    per_ours = t["ours"] / (ours_count[0] / repeats)
+    ratio(f"arpack_ours_over_bare_eigsh_per_matvec_{dim // 1000}k", per_ours / per_bare, "~1")
+    print(
+        f"\n== ARPACK wrapping, {dim:,} dimensions (diagonal operator) ==\n  per matvec: ours "
+        f"{per_ours * 1e3:.2f} ms, bare scipy eigsh on a numpy operator {per_bare * 1e3:.2f} ms "
+        f"(ours / bare = {per_ours / per_bare:.2f}; ours includes 10 residual checks); load "
+        f"{os.getloadavg()[0]:.2f}"
+    )
+
+
+def bench(
+    model_name: str,
+    repeats: int,
+    steps: int,
+    use_pyhessian: bool,
+    accuracy: float,
+    quick: bool = False,
+) -> None:
+    # quick: the WRN on 256 samples (2 chunks; the ratios are per chunk alike)
+    x, y = probe_set(model_name, 256 if quick and model_name == "wrn" else 512)
     model = build(model_name, x)
     warm_up_running_stats(model, x)
     n_chunks = max(1, len(x) // 128)
@@ -282,6 +434,7 @@ def bench(model_name: str, repeats: int, steps: int, use_pyhessian: bool, accura
     # pairs, not a three-way round: the rebuilt operator's allocations slow whatever runs next
     t = interleaved({"gradient": gradient, "hvp": lambda: op.matvec(v)}, repeats)
     u = interleaved({"gradient": gradient, "hvp": lambda: rebuilt.matvec(v)}, repeats)
+    ratio(f"hvp_over_gradient_{model_name}", t["hvp"] / t["gradient"], "<= 2.5")
     print(f"  gradient {t['gradient'] * 1e3:9.1f} ms")
     print(
         f"  HVP      {t['hvp'] * 1e3:9.1f} ms   HVP / gradient = {t['hvp'] / t['gradient']:.2f}"
@@ -291,6 +444,18 @@ def bench(model_name: str, repeats: int, steps: int, use_pyhessian: bool, accura
         f"  HVP without graph reuse {u['hvp'] * 1e3:.1f} ms (/ gradient = "
         f"{u['hvp'] / u['gradient']:.2f}); first HVP incl. building graphs {build_time * 1e3:.1f} ms"
     )
+    if model_name == "wrn":  # torch's batch norm double backward against the lean one
+        native = HessianOperator(model, F.cross_entropy, chunks)
+        native.lean_batch_norm = False
+        native.matvec(v)
+        w = interleaved({"lean": lambda: op.matvec(v), "native": lambda: native.matvec(v)}, repeats)
+        native.release()
+        ratio("lean_bn_over_native_hvp_wrn", w["lean"] / w["native"], "< 1")
+        print(
+            f"  HVP with torch's batch norm double backward {w['native'] * 1e3:.1f} ms: "
+            f"lean / torch's = {w['lean'] / w['native']:.3f} (HVP / gradient with torch's: "
+            f"{w['native'] / t['gradient']:.2f})"
+        )
 
     # 2. SLQ(m) / (m x HVP): plain HVPs timed just before and after, same conditions
     def hvp_times(n: int) -> list[float]:
@@ -301,20 +466,28 @@ def bench(model_name: str, repeats: int, steps: int, use_pyhessian: bool, accura
             out.append(time.perf_counter() - start)
         return out
 
-    around = hvp_times(20)
+    around = hvp_times(10)
     slq_time, _ = timed(
         lambda: stochastic_lanczos_quadrature(
             op.matvec, dim, steps, 1, generator=torch.Generator().manual_seed(0)
         )
     )
-    around += hvp_times(20)
+    around += hvp_times(10)
     hvp_now = statistics.median(around)
+    ratio(f"slq_over_m_hvp_{model_name}", slq_time / (steps * hvp_now), "<= 1.05")
     print(
         f"  SLQ m={steps}, 1 vector: {slq_time:.2f} s   SLQ / (m x HVP) = "
-        f"{slq_time / (steps * hvp_now):.3f}   (target <= 1.1; HVP {hvp_now * 1e3:.1f} ms, median of "
-        f"20 before and 20 after; basis {steps * dim * 8 / 2**20:.1f} MiB in float64)"
+        f"{slq_time / (steps * hvp_now):.3f}   (target <= 1.05; HVP {hvp_now * 1e3:.1f} ms, median of "
+        f"10 before and 10 after; basis {steps * dim * 8 / 2**20:.1f} MiB in float64; full "
+        f"reorthogonalization, float64 basis)"
     )
-    slq_options(op, dim, steps, repeats=repeats)
+    if fully_connected(model):  # start vectors side by side: batched=True, or "auto" when small
+        lockstep(op, model_name, dim, steps, hvp_times)
+    batched_cost(op, model_name, dim, repeats)
+    if not quick or model_name != "wrn":
+        slq_options(op, dim, steps, repeats=repeats, name=model_name)
+    if model_name != "wrn":
+        arpack_overhead(op, model_name, dim, hvp_times)
     op.release()
     rebuilt.release()
     if not use_pyhessian:
@@ -360,11 +533,14 @@ def bench(model_name: str, repeats: int, steps: int, use_pyhessian: bool, accura
         if py_err <= accuracy
         else " (PyHessian did not reach the accuracy: a lower bound for the matched ratio)"
     )
+    ratio(f"pyhessian_over_ours_top10_time_{model_name}", py_time / ours_time, ">= 3")
     print(
         f"    PyHessian / ours = {py_time / ours_time:.1f}x in time, "
         f"{py_hvps / ours.matvecs['top']:.1f}x in HVPs   (target >= 3){reached}"
     )
 
+    if quick:
+        return
     # 4. SLQ vs PyHessian density(), eval mode, same m, one start vector
     with torch_eig_shim():
         py_time, (py_nodes, py_weights), py_hvps = pyhessian_run(
@@ -423,7 +599,11 @@ def _accuracy(ref: object, out: object, scale: float) -> str:
     return f"W1 {w1 / scale:.1e}, top node {abs(n.max() - n_ref.max()) / scale:.1e} of the scale"
 
 
-def slq_options(op: HessianOperator, dim: int, steps: int, repeats: int) -> None:
+#: short names of BASIS_OPTIONS for the RATIO lines
+OPTION_KEYS = ("full64", "partial64", "full32", "partial32")
+
+
+def slq_options(op: HessianOperator, dim: int, steps: int, repeats: int, name: str = "") -> None:
     """SLQ / (m x HVP) for each basis option, interleaved, with accuracy against the default."""
     v = torch.randn(dim, generator=torch.Generator().manual_seed(0))
     eps32 = torch.finfo(op.dtype).eps
@@ -453,11 +633,13 @@ def slq_options(op: HessianOperator, dim: int, steps: int, repeats: int) -> None
         f"  SLQ m={steps} by basis option (median of {repeats} interleaved; HVP {hvp * 1e3:.1f} ms "
         f"median of {len(hvps)} between them; load {os.getloadavg()[0]:.2f}):"
     )
-    for label, _, _ in BASIS_OPTIONS:
+    for key, (label, _, _) in zip(OPTION_KEYS, BASIS_OPTIONS):
         out = outs[label]
-        ratio = statistics.median(runs[label]) / (steps * hvp)
+        value = statistics.median(runs[label]) / (steps * hvp)
+        if key != "full64":  # the default's ratio is slq_over_m_hvp_<name>
+            ratio(f"slq_over_m_hvp_{name}_{key}", value, "<= 1.05")
         print(
-            f"    {label:30s} SLQ / (m x HVP) = {ratio:.3f}  ({out.reorthogonalizations} of "
+            f"    {label:30s} SLQ / (m x HVP) = {value:.3f}  ({out.reorthogonalizations} of "
             f"{out.steps} steps reorthogonalized; vs default: {_accuracy(ref, out, scale)})"
         )
 
@@ -481,7 +663,7 @@ def trace_errors(seeds: int = 30, budgets: tuple[int, ...] = (24, 48, 96)) -> No
     x, y = probe_set("mlp")
     model = build("mlp", x)
     warm_up_running_stats(model, x)
-    print("\n== trace at equal HVPs: RMS error over 30 seeds against the exact trace ==")
+    print(f"\n== trace at equal HVPs: RMS error over {seeds} seeds against the exact trace ==")
     print("   (digits MLP, 4,618 parameters, exact float64 Hessian in eval mode as the operator)")
     for when, net in (("at initialization", model), ("after 100 SGD steps", trained(model, x, y))):
         h = exact_hessian(net, x, y)
@@ -502,6 +684,13 @@ def trace_errors(seeds: int = 30, budgets: tuple[int, ...] = (24, 48, 96)) -> No
             rms = {
                 k: float(np.sqrt(np.mean(np.square(np.array(v) - exact)))) for k, v in err.items()
             }
+            if m == 48:
+                key = "init" if when.startswith("at") else "trained"
+                ratio(
+                    f"hutchpp_over_hutchinson_error_48hvp_{key}",
+                    rms["hutch++"] / rms["hutchinson"],
+                    "< 1",
+                )
             print(
                 f"    {m:3d} HVPs: Hutchinson {rms['hutchinson']:.4f}, Hutch++ {rms['hutch++']:.4f} "
                 f"({rms['hutch++'] / rms['hutchinson']:.2f}x), XTrace {rms['xtrace']:.4f} "
@@ -597,7 +786,21 @@ def main() -> None:
     parser.add_argument(
         "--accuracy", type=float, default=1e-3, help="top-10 max relative error to match"
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="every ratio once, small: 3 repeats, m = 40 (20 for the WRN, on 256 samples), all "
+        "three models, the trace comparison over 10 seeds at 48 HVPs, PyHessian's top-10 on the "
+        "MLP only (a few minutes at 1 thread)",
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.models, args.repeats, args.steps, args.trace = (
+            ["mlp", "quickstart", "wrn"],
+            3,
+            40,
+            True,
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     use_pyhessian = not args.no_pyhessian
@@ -612,14 +815,23 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.2f}"
     )
     start = time.perf_counter()
+    load_before = os.getloadavg()[0]
     for name in args.models:
         steps = 40 if name == "quickstart" else args.steps  # the quickstart's lanczos_steps
-        bench(name, args.repeats, steps, use_pyhessian and name != "quickstart", args.accuracy)
+        steps = 20 if args.quick and name == "wrn" else steps
+        compare = use_pyhessian and name != "quickstart" and not (args.quick and name == "wrn")
+        bench(name, args.repeats, steps, compare, args.accuracy, quick=args.quick)
     if args.trace:
-        trace_errors()
+        trace_errors(seeds=10, budgets=(48,)) if args.quick else trace_errors()
+    arpack_wrapper(126_218, args.repeats)
     if args.memory:
         memory_scaling([int(n) for n in args.memory])
     print(f"\ntotal {time.perf_counter() - start:.0f} s, load average now {os.getloadavg()[0]:.2f}")
+    print(f"LOAD before {load_before:.2f} after {os.getloadavg()[0]:.2f}")
+    for name, (value, target) in RATIOS.items():
+        print(f"RATIO {name} {value:.4g}")
+        if target:
+            print(f"TARGET {name} {target.replace(' ', '')}")
 
 
 if __name__ == "__main__":

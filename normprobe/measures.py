@@ -376,6 +376,7 @@ def _hessian(
         norm_mode=hc.norm_mode,
         chunk_size=hc.chunk_size,
         dtype=getattr(torch, hc.dtype),
+        batched=hc.batched,
         seed=inputs.seed + step,
     )
     # the spectrum's own seed would collide with the run's seed column

@@ -482,6 +482,10 @@ class HessianConfig(Strict):
     # K of the outlier ratio lambda_1 / lambda_K (None: the dataset's number of classes, as in
     # Rao & Sohl-Dickstein 2020, sec. 6, which calls K "a heuristic guess"); the top max(top_k, K) eigenvalues are found
     outlier_k: int | None = Field(None, ge=1)
+    # products in blocks (SLQ start vectors side by side, Hutchinson probes 8 at a time): the
+    # same numbers to rounding; "auto" decides from the model (fully connected, <= 65,536
+    # parameters), never from a timing
+    batched: Literal["auto"] | bool = "auto"
 
 
 def _check_option_type(key: str, value: Any, default: Any) -> None:

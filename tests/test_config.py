@@ -325,6 +325,7 @@ def test_per_normalizer_options_merge_and_the_old_key_still_works() -> None:
         data["probes"].pop(key)
     data["train"]["eval_batch_stats"].pop("batches")
     data["hessian"].pop("outlier_k")
+    data["hessian"].pop("batched")
     data["train"].pop("max_parameters")
     assert data["train"]["threads"] == "auto"
     data["train"]["threads"] = None  # the default before threads: auto
@@ -332,6 +333,8 @@ def test_per_normalizer_options_merge_and_the_old_key_still_works() -> None:
     assert config_hash(plain) == hashlib.sha256(text.encode()).hexdigest()[:16]
     on = parse_config({"normalizers": ["batch"], "probes": {"signal": True}})
     assert on.probes.signal.enabled and config_hash(on) != config_hash(plain)
+    forced = parse_config({"normalizers": ["batch"], "hessian": {"batched": False}})
+    assert forced.hessian.batched is False and config_hash(forced) != config_hash(plain)
 
 
 def test_variants_change_settings_per_variant_and_name_runs() -> None:

@@ -145,6 +145,10 @@ DESCRIPTIONS: dict[str, str] = {
     "HessianConfig.dtype": "Floating-point type of the Hessian computation.",
     "HessianConfig.outlier_k": "K of the outlier ratio `lambda_1 / lambda_K` (unset: the "
     "dataset's number of classes).",
+    "HessianConfig.batched": "Hessian-vector products in blocks (SLQ's start vectors side by "
+    "side, Hutchinson's probes 8 at a time): the same numbers to rounding. `auto`: for fully "
+    "connected networks of at most 65,536 parameters (decided from the model, never from a "
+    "timing, so a rerun takes the same path); `true` or `false` to force.",
 }
 
 # One YAML snippet per field; each must validate on its own (tests/test_docs.py checks,
@@ -231,6 +235,7 @@ EXAMPLES: dict[str, str] = {
     "HessianConfig.chunk_size": "hessian: {chunk_size: 64}",
     "HessianConfig.dtype": "hessian: {dtype: float32}",
     "HessianConfig.outlier_k": "hessian: {outlier_k: 5}",
+    "HessianConfig.batched": "hessian: {batched: false}",
 }
 
 # ---------------------------------------------------------------------------- the walk

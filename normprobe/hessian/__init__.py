@@ -71,6 +71,7 @@ from normprobe.hessian.lanczos import (
     gaussian_density,
     hutchinson,
     lanczos,
+    lanczos_lockstep,
     mean_and_stderr,
     rademacher,
     ritz_residuals,
@@ -82,6 +83,7 @@ from normprobe.hessian.spectrum import (
     HessianConvergenceWarning,
     HessianSpectrum,
     Piece,
+    fully_connected,
     hessian_spectrum,
 )
 from normprobe.hessian.trace import TraceEstimate, hutch_plus_plus, hutch_plus_plus_split, xtrace
@@ -94,6 +96,7 @@ __all__ = [
     "Piece",
     "PIECES",
     "DENSITY_WIDTH_FRACTION",
+    "fully_connected",
     # the operator
     "HessianOperator",
     "select_parameters",
@@ -107,6 +110,7 @@ __all__ = [
     "Data",
     # the math
     "lanczos",
+    "lanczos_lockstep",
     "LanczosResult",
     "gauss_quadrature",
     "ritz_residuals",

@@ -62,6 +62,8 @@ __all__ = [
     "basis_bytes",
     "rademacher",
     "lanczos",
+    "lanczos_lockstep",
+    "Matmat",
     "gauss_quadrature",
     "ritz_residuals",
     "stochastic_lanczos_quadrature",
@@ -144,24 +146,21 @@ class LanczosResult:
     reorthogonalizations: int = 0
 
 
-def _reorthogonalize(
-    q: torch.Tensor, w: torch.Tensor, tmp: torch.Tensor
-) -> tuple[float, torch.Tensor]:
+def _reorthogonalize(q: torch.Tensor, w: torch.Tensor) -> tuple[float, torch.Tensor]:
     """Classical Gram-Schmidt of ``w`` against the rows of ``q``, in place, twice when needed.
 
     A second pass runs when the first removed more than ``1 - 1/sqrt(2)`` of
-    the norm (Daniel-Gragg-Kaufman-Stewart: "twice is enough"). ``tmp`` is a
-    scratch vector like ``w``. Returns what the passes found along the last
+    the norm (Daniel-Gragg-Kaufman-Stewart: "twice is enough"). Returns what the passes found along the last
     row (added to ``alpha``) and the new norm.
     """
     before = torch.linalg.vector_norm(w)
-    h = q @ w
-    w.sub_(torch.mv(q.T, h, out=tmp))
+    h = torch.mv(q, w)
+    w.addmv_(q.T, h, alpha=-1)  # one pass over the basis and w (the subtraction fused in)
     da = float(h[-1])
     after = torch.linalg.vector_norm(w)
     if after < before / math.sqrt(2.0):
-        h = q @ w
-        w.sub_(torch.mv(q.T, h, out=tmp))
+        h = torch.mv(q, w)
+        w.addmv_(q.T, h, alpha=-1)
         da += float(h[-1])
         after = torch.linalg.vector_norm(w)
     return da, after
@@ -326,6 +325,37 @@ def lanczos(
                 "pass generator=torch.Generator().manual_seed(seed)"
             )
         start = rademacher(dim, generator=generator, dtype=dtype, device=device)
+    run = _lanczos_run(
+        dim,
+        steps,
+        start,
+        dtype=dtype,
+        device=device,
+        breakdown_tol=breakdown_tol,
+        basis_dtype=basis_dtype,
+        basis=basis,
+        reorthogonalize=reorthogonalize,
+        matvec_eps=matvec_eps,
+    )
+    while run.active:
+        run.step(matvec(run.vector()))
+    return run.result(keep_basis)
+
+
+def _lanczos_run(
+    dim: int,
+    steps: int,
+    start: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str | None,
+    breakdown_tol: float | None,
+    basis_dtype: torch.dtype | None,
+    basis: torch.Tensor | None,
+    reorthogonalize: str,
+    matvec_eps: float | None,
+) -> _LanczosRun:
+    """A :class:`_LanczosRun` from :func:`lanczos`'s arguments, checked."""
     start = start.to(dtype=dtype, device=device if device is not None else start.device)
     if start.shape != (dim,):
         raise HessianError(f"start vector must have shape ({dim},), got {tuple(start.shape)}")
@@ -352,82 +382,196 @@ def lanczos(
         if breakdown_tol is None
         else breakdown_tol
     )
-    if basis is None:
-        basis = torch.empty(steps, dim, dtype=basis_dtype, device=start.device)
-    home = start.device  # where the matvec lives
-    same = basis.dtype == dtype and basis.device == home
-
-    def to_matvec(v: torch.Tensor) -> torch.Tensor:
-        return v if same else v.to(dtype=dtype, device=home)
-
-    def to_basis(v: torch.Tensor) -> torch.Tensor:
-        return v if same else v.to(dtype=basis.dtype, device=basis.device)
-
-    basis[0] = to_basis(start / norm)
-    work = torch.empty(dim, dtype=basis.dtype, device=basis.device)  # the new direction
-    tmp = torch.empty_like(work)  # scratch
     if reorthogonalize not in ("full", "partial"):
         raise HessianError(f"reorthogonalize must be 'full' or 'partial', got {reorthogonalize!r}")
-    noise = eps if matvec_eps is None else max(float(matvec_eps), eps)
-    watch = _Orthogonality(steps, dim, noise) if reorthogonalize == "partial" else None
-    reorthogonalized = 0
-    alpha = torch.zeros(steps, dtype=torch.float64)
-    beta = torch.zeros(steps, dtype=torch.float64)
-    scale = 0.0  # running bound on ||T|| for the breakdown test
-    taken, breakdown, residual = steps, False, 0.0
-    for j in range(steps):
-        w = matvec(to_matvec(basis[j])).to(dtype)
-        if w.shape != (dim,):
-            raise HessianError(f"matvec must return shape ({dim},), got {tuple(w.shape)}")
-        w = to_basis(w)
+    run = _LanczosRun(
+        dim, steps, start / norm, dtype, basis_dtype, basis, tol, eps, reorthogonalize, matvec_eps
+    )
+    return run
+
+
+class _LanczosRun:
+    """One Lanczos recurrence, advanced one product at a time.
+
+    :func:`lanczos` feeds it ``A q_j`` for ``q_j = vector()`` until it is no
+    longer ``active``; :func:`lanczos_lockstep` advances several side by
+    side, with one batched product per step. The arithmetic of a run
+    depends only on its own products, so a run gives the same bits whether
+    it runs alone or in lockstep with others.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        steps: int,
+        start: torch.Tensor,
+        dtype: torch.dtype,
+        basis_dtype: torch.dtype,
+        basis: torch.Tensor | None,
+        tol: float,
+        eps: float,
+        reorthogonalize: str,
+        matvec_eps: float | None,
+    ) -> None:
+        if basis is None:
+            basis = torch.empty(steps, dim, dtype=basis_dtype, device=start.device)
+        self.dim, self.steps, self.dtype, self.tol, self.eps = dim, steps, dtype, tol, eps
+        self.basis = basis
+        self.home = start.device  # where the matvec lives
+        self.same = basis.dtype == dtype and basis.device == self.home
+        basis[0] = self._to_basis(start)
+        self.work = torch.empty(dim, dtype=basis.dtype, device=basis.device)  # the new direction
+        noise = eps if matvec_eps is None else max(float(matvec_eps), eps)
+        self.watch = _Orthogonality(steps, dim, noise) if reorthogonalize == "partial" else None
+        self.reorthogonalized = 0
+        self.alpha = torch.zeros(steps, dtype=torch.float64)
+        self.beta = torch.zeros(steps, dtype=torch.float64)
+        self.scale = 0.0  # running bound on ||T|| for the breakdown test
+        self.taken, self.breakdown, self.residual = steps, False, 0.0
+        self.j = 0
+        self.active = True
+
+    def _to_basis(self, v: torch.Tensor) -> torch.Tensor:
+        return v if self.same else v.to(dtype=self.basis.dtype, device=self.basis.device)
+
+    def vector(self) -> torch.Tensor:
+        """``q_j``, the vector whose product the next :meth:`step` needs (dtype and device of the matvec)."""
+        q = self.basis[self.j]
+        return q if self.same else q.to(dtype=self.dtype, device=self.home)
+
+    def step(self, product: torch.Tensor) -> None:
+        """Take ``A q_j``: extend the tridiagonal and the basis by one step."""
+        j, dim, basis = self.j, self.dim, self.basis
+        if product.shape != (dim,):
+            raise HessianError(f"matvec must return shape ({dim},), got {tuple(product.shape)}")
+        w = self._to_basis(product.to(self.dtype))
         # The three-term recurrence, then reorthogonalization against the whole basis
         # (every step, or where the partial scheme's estimate says so). Written into
-        # two scratch vectors, out= and in place: a fresh vector per operation costs
+        # one scratch vector, out= and in place, each subtraction fused with its product
+        # (add with alpha, addmv): a fresh vector per operation costs
         # page faults that measured several times the arithmetic (float64, 126k).
         a = float(basis[j] @ w)
-        w = torch.sub(w, torch.mul(basis[j], a, out=tmp), out=work)
+        w = torch.add(w, basis[j], alpha=-a, out=self.work)
         if j:
-            w.sub_(torch.mul(basis[j - 1], beta[j - 1].item(), out=tmp))
+            w.add_(basis[j - 1], alpha=-self.beta[j - 1].item())
         q = basis[: j + 1]
+        watch = self.watch
         if watch is None or watch.due:
-            da, after = _reorthogonalize(q, w, tmp)
+            da, after = _reorthogonalize(q, w)
             a += da
-            reorthogonalized += 1
+            self.reorthogonalized += 1
         else:
             after = torch.linalg.vector_norm(w)
         b = float(after)
-        if watch is not None and j + 1 < steps and b > 0 and math.isfinite(b):
-            if watch.advance(alpha[:j].numpy(), beta[:j].numpy(), a, b) and not watch.due:
-                da, after = _reorthogonalize(q, w, tmp)
+        if watch is not None and j + 1 < self.steps and b > 0 and math.isfinite(b):
+            if watch.advance(self.alpha[:j].numpy(), self.beta[:j].numpy(), a, b) and not watch.due:
+                da, after = _reorthogonalize(q, w)
                 a += da
                 b = float(after)
-                reorthogonalized += 1
+                self.reorthogonalized += 1
                 watch.reset()
-        alpha[j] = a
-        if not math.isfinite(b) or not math.isfinite(float(alpha[j])):
+        self.alpha[j] = a
+        if not math.isfinite(b) or not math.isfinite(float(self.alpha[j])):
             raise HessianError(
                 f"the matrix-vector product returned non-finite values at Lanczos step {j + 1}; "
                 "check the loss at the current parameters (it may have diverged)"
             )
-        beta[j] = b
-        scale = max(scale, abs(float(alpha[j])) + b + (float(beta[j - 1]) if j else 0.0))
-        residual = b
-        if j + 1 < steps:
-            if b <= tol * max(scale, eps):
-                taken, breakdown = j + 1, True
-                break
+        self.beta[j] = b
+        self.scale = max(
+            self.scale, abs(float(self.alpha[j])) + b + (float(self.beta[j - 1]) if j else 0.0)
+        )
+        self.residual = b
+        self.j = j + 1
+        if j + 1 >= self.steps:
+            self.active = False
+        elif b <= self.tol * max(self.scale, self.eps):
+            self.taken, self.breakdown, self.active = j + 1, True, False
+        else:
             torch.div(w, b, out=basis[j + 1])
-    return LanczosResult(
-        alpha=alpha[:taken].clone(),
-        beta=beta[: taken - 1].clone(),
-        residual_norm=residual,
-        steps=taken,
-        requested=steps,
-        breakdown=breakdown,
-        basis=basis[:taken] if keep_basis else None,
-        breakdown_tol=tol,
-        reorthogonalizations=reorthogonalized,
-    )
+
+    def result(self, keep_basis: bool) -> LanczosResult:
+        taken = self.taken
+        return LanczosResult(
+            alpha=self.alpha[:taken].clone(),
+            beta=self.beta[: taken - 1].clone(),
+            residual_norm=self.residual,
+            steps=taken,
+            requested=self.steps,
+            breakdown=self.breakdown,
+            basis=self.basis[:taken] if keep_basis else None,
+            breakdown_tol=self.tol,
+            reorthogonalizations=self.reorthogonalized,
+        )
+
+
+#: ``V -> A V`` for a ``(b, dim)`` block of vectors (one product per row); :func:`lanczos_lockstep`
+Matmat = Callable[[torch.Tensor], torch.Tensor]
+
+
+def lanczos_lockstep(
+    matmat: Matmat,
+    starts: torch.Tensor,
+    steps: int,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    breakdown_tol: float | None = None,
+    basis_dtype: torch.dtype | None = None,
+    bases: torch.Tensor | None = None,
+    reorthogonalize: Literal["full", "partial"] = "full",
+    matvec_eps: float | None = None,
+) -> list[LanczosResult]:
+    """:func:`lanczos` from each row of ``starts`` (``(b, dim)``), the runs side by side.
+
+    Each step applies ``matmat`` once to the ``(b', dim)`` block of the
+    current Lanczos vectors of the runs still going (a run that breaks down
+    leaves the block). Every run does exactly the arithmetic of
+    :func:`lanczos` on its own products, so when ``matmat`` gives each row
+    the bits ``matvec`` would (as a batched Hessian-vector product does),
+    the results are bit for bit those of one :func:`lanczos` per start.
+    ``bases``, if given, is a ``(b, steps, dim)`` buffer (one basis per run).
+
+    >>> a = torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64))
+    >>> starts = torch.ones(2, 6, dtype=torch.float64)
+    >>> runs = lanczos_lockstep(lambda v: v @ a, starts, 3)
+    >>> [r.steps for r in runs], bool(torch.equal(runs[0].alpha, runs[1].alpha))
+    ([3, 3], True)
+    """
+    if starts.dim() != 2 or starts.shape[0] < 1:
+        raise HessianError(f"starts must be a (b, dim) block, got shape {tuple(starts.shape)}")
+    count, dim = starts.shape
+    if bases is not None and (bases.dim() != 3 or bases.shape[0] < count):
+        raise HessianError(
+            f"bases must have shape (>= {count}, steps, {dim}), got {tuple(bases.shape)}"
+        )
+    runs: list[_LanczosRun] = []
+    for i in range(count):
+        runs.append(
+            _lanczos_run(
+                dim,
+                steps,
+                starts[i],
+                dtype=dtype,
+                device=device,
+                breakdown_tol=breakdown_tol,
+                basis_dtype=basis_dtype,
+                basis=None if bases is None else bases[i],
+                reorthogonalize=reorthogonalize,
+                matvec_eps=matvec_eps,
+            )
+        )
+    while True:
+        going = [r for r in runs if r.active]
+        if not going:
+            break
+        products = matmat(torch.stack([r.vector() for r in going]))
+        if products.shape != (len(going), dim):
+            raise HessianError(
+                f"matmat must return shape ({len(going)}, {dim}), got {tuple(products.shape)}"
+            )
+        for run, product in zip(going, products):
+            run.step(product)
+    return [r.result(False) for r in runs]
 
 
 def _tridiagonal_eigh(alpha: torch.Tensor | np.ndarray, beta: torch.Tensor | np.ndarray):
@@ -515,6 +659,8 @@ def stochastic_lanczos_quadrature(
     breakdown_tol: float | None = None,
     reorthogonalize: Literal["full", "partial"] = "full",
     matvec_eps: float | None = None,
+    matmat: Matmat | None = None,
+    bases: torch.Tensor | None = None,
 ) -> Quadrature:
     """SLQ (Ghorbani et al. 2019): ``num_vectors`` Rademacher starts, ``steps`` Lanczos steps each.
 
@@ -524,6 +670,14 @@ def stochastic_lanczos_quadrature(
     ``basis_dtype``, ``basis`` (one ``(steps, dim)`` buffer, reused by every
     start vector), ``breakdown_tol``, ``reorthogonalize`` and ``matvec_eps``
     go to :func:`lanczos`.
+
+    With ``matmat`` (``V -> A V`` for a ``(b, dim)`` block) the start
+    vectors run side by side (:func:`lanczos_lockstep`: one block product
+    per step instead of ``num_vectors`` products), each in a basis of its
+    own: ``bases``, a ``(num_vectors, steps, dim)`` buffer, or allocated.
+    The start vectors are the same draws, and each run's arithmetic is its
+    sequential run's, so the nodes and weights are the same bits whenever
+    ``matmat``'s rows are ``matvec``'s products.
 
     >>> a = torch.diag(torch.linspace(-1, 1, 50, dtype=torch.float64))
     >>> q = stochastic_lanczos_quadrature(lambda v: a @ v, 50, 8, 2,
@@ -537,21 +691,35 @@ def stochastic_lanczos_quadrature(
     norms: list[float] = []
     passes: list[int] = []
     tol = float("nan")
-    for _ in range(num_vectors):
-        start = rademacher(dim, generator=generator, dtype=dtype, device=device)
-        run = lanczos(
-            matvec,
-            dim,
-            steps,
-            start=start,
-            dtype=dtype,
-            device=device,
-            basis_dtype=basis_dtype,
-            basis=basis,
-            breakdown_tol=breakdown_tol,
-            reorthogonalize=reorthogonalize,
-            matvec_eps=matvec_eps,
+    options = {
+        "dtype": dtype,
+        "device": device,
+        "basis_dtype": basis_dtype,
+        "breakdown_tol": breakdown_tol,
+        "reorthogonalize": reorthogonalize,
+        "matvec_eps": matvec_eps,
+    }
+    if matmat is None:
+        runs: Iterator[LanczosResult] = (
+            lanczos(
+                matvec,
+                dim,
+                steps,
+                start=rademacher(dim, generator=generator, dtype=dtype, device=device),
+                basis=basis,
+                **options,
+            )
+            for _ in range(num_vectors)
+        )  # one at a time: the start vectors are drawn in the same order either way
+    else:
+        starts = torch.stack(
+            [
+                rademacher(dim, generator=generator, dtype=dtype, device=device)
+                for _ in range(num_vectors)
+            ]
         )
+        runs = iter(lanczos_lockstep(matmat, starts, steps, bases=bases, **options))
+    for run in runs:
         n, vectors = _tridiagonal_eigh(run.alpha, run.beta)
         nodes.append(n)
         weights.append(vectors[0] ** 2)
@@ -584,19 +752,35 @@ def hutchinson(
     generator: torch.Generator,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    matmat: Matmat | None = None,
+    block: int = 8,
 ) -> np.ndarray:
     """``v^T A v`` for ``samples`` Rademacher vectors ``v`` from ``generator`` (unnormalized).
 
     Each value is an unbiased estimate of ``trace(A)``; see :func:`mean_and_stderr`.
+    With ``matmat`` (``V -> A V`` for a ``(b, dim)`` block) the products are
+    taken ``block`` vectors at a time: the same vectors, in the same order.
 
     >>> a = torch.diag(torch.arange(1.0, 5.0, dtype=torch.float64))
     >>> hutchinson(lambda v: a @ v, 4, 3, generator=torch.Generator().manual_seed(0)).tolist()
     [10.0, 10.0, 10.0]
     """
     values = np.empty(samples)
-    for i in range(samples):
-        v = rademacher(dim, generator=generator, dtype=dtype, device=device)
-        values[i] = float(v @ matvec(v).to(dtype))
+    if matmat is None:
+        for i in range(samples):
+            v = rademacher(dim, generator=generator, dtype=dtype, device=device)
+            values[i] = float(v @ matvec(v).to(dtype))
+        return values
+    if block < 1:
+        raise HessianError(f"block must be a positive integer, got {block}")
+    for first in range(0, samples, block):
+        count = min(block, samples - first)
+        vs = torch.stack(
+            [rademacher(dim, generator=generator, dtype=dtype, device=device) for _ in range(count)]
+        )
+        products = matmat(vs).to(dtype)
+        for i in range(count):
+            values[first + i] = float(vs[i] @ products[i])
     return values
 
 
@@ -678,6 +862,12 @@ def extreme_eigenpairs(
     pair is then checked with an explicit residual; ``converged`` is False
     where it misses the tolerance. Operators of dimension <= 64 are
     diagonalized densely (``dim`` matvecs) instead.
+
+    Cost beside the products: ARPACK's own work per matvec (reorthogonalizing
+    against its ``ncv`` Lanczos vectors, implicit restarts), memory bound: at
+    126k dimensions 4.4-5 ms per matvec on a 2-core machine, the same as
+    ``eigsh`` on a plain numpy operator (the numpy/torch wrapping here costs
+    next to nothing: no copies, no casts when ``dtype`` is the matvec's).
 
     >>> a = torch.diag(torch.arange(100, dtype=torch.float64))
     >>> top = extreme_eigenpairs(lambda v: a @ v, 100, 3, generator=torch.Generator().manual_seed(0))
