@@ -391,7 +391,7 @@ def _analyze(
 
     try:
         run_all(todo)
-        while True:
+        while any(v.train.lr_extend.max_extra for _, v in variants):
             added = _extend_grids(assemble(directory, write=False), variants, usable, extensions)
             if not added:
                 break
@@ -530,13 +530,20 @@ def unsettled_lines(results: Results) -> list[str]:
         metric = runs["selected_by"].dropna().iloc[0]
         lines.append(f"learning rates selected on {metric} (final value, mean over seeds)")
     keys = ["normalizer", "variant"] if "variant" in runs else ["normalizer"]
+    single = []
     for key, group in runs.groupby(keys, dropna=False, sort=False):
         key = key if isinstance(key, tuple) else (key,)
         edge = str(group["lr_edge"].iloc[0] or "")
-        if not edge:
-            continue
         where = f" (variant {key[1]})" if len(key) > 1 and not pd.isna(key[1]) else ""
-        lines.append(f"not settled: {key[0]}{where}: {group['lr_note'].iloc[0]}")
+        if edge == "single":
+            single.append(f"{key[0]}{where}")
+        elif edge:
+            lines.append(f"not settled: {key[0]}{where}: {group['lr_note'].iloc[0]}")
+    if single:
+        lines.append(
+            f"not settled: one learning rate, nothing selected it: {', '.join(single)} "
+            "(give train.lr a grid, or train.lr_extend)"
+        )
     return lines
 
 

@@ -528,6 +528,7 @@ def _select_lrs(
         here = scores[scores["normalizer"] == key[0]]
         if len(keys) > 1:
             here = here[here["variant"].isna() if pd.isna(key[1]) else here["variant"] == key[1]]
+        here = here[here["lr"].notna()]
         done = group[group["status"].isin(("done", "running"))]
         if here.empty or (here["score"].isna().all() and not here["diverged"].any()):
             # nothing to compare (runs that record no score, or no learning rate): keep all
