@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from tqdm import TqdmExperimentalWarning, TqdmWarning
 
@@ -68,6 +69,7 @@ with warnings.catch_warnings():
 __all__ = [
     "analyze",
     "summary_line",
+    "unsettled_lines",
     "RunSpec",
     "plan_runs",
     "build_run_model",
@@ -340,6 +342,8 @@ def _analyze(
     directory.mkdir(parents=True, exist_ok=True)
     clean_partial(directory)
     broken: dict[str, str] = {}
+    # rates added past a grid edge by an earlier run of this analysis (train.lr_extend)
+    extensions = [] if force else _recorded_extensions(directory)
     first = data[variants[0][0]]
     manifest = {
         "name": config.name,
@@ -352,26 +356,29 @@ def _analyze(
         "device": str(device),
         "threads": threads,
         "executor": {"kind": executor, "jobs": jobs, "address": address},
+        "lr_extensions": extensions,
     }
     write_json_atomic(directory / "manifest.json", manifest)
 
     plan = plan_runs(config, usable, variants=variants)
+    plan += _extension_specs(extensions, variants, usable)
     done = finished_runs(directory, broken)
     for run, problem in sorted(broken.items()):
         log(f"{run}: its folder is incomplete ({problem}); running it again")
     todo = [spec for spec in plan if spec.run not in done]
     if done and todo:
         log(f"resuming: {len(plan) - len(todo)} of {len(plan)} runs already finished")
-    finished = 0
 
-    def finish(record: RunRecord) -> None:
-        nonlocal finished
-        finished += 1
-        record.info["threads"] = threads
-        write_run(directory, record)
-        log(f"[{finished}/{len(todo)}] {_report(record)}")
+    def run_all(todo: list[RunSpec]) -> None:
+        finished = 0
 
-    try:
+        def finish(record: RunRecord) -> None:
+            nonlocal finished
+            finished += 1
+            record.info["threads"] = threads
+            write_run(directory, record)
+            log(f"[{finished}/{len(todo)}] {_report(record)}")
+
         if executors.in_process(executor, jobs):
             bar_factory = _progress(quiet)
             for spec in todo:
@@ -392,6 +399,20 @@ def _analyze(
                 executors.run_in_pool(
                     todo, payload, jobs=min(jobs, len(todo)), folder=directory, **common
                 )
+
+    try:
+        run_all(todo)
+        while any(v.train.lr_extend.max_extra for _, v in variants):
+            added = _extend_grids(assemble(directory, write=False), variants, usable, extensions)
+            if not added:
+                break
+            for _, line in added:
+                if line:
+                    log(line)
+            manifest["lr_extensions"] = extensions
+            write_json_atomic(directory / "manifest.json", manifest)
+            done = finished_runs(directory)
+            run_all([spec for spec, _ in added if spec.run not in done])
     except BaseException:
         # the tables are written once, at the end of the grid, and on interruption: the runs
         # finished so far are in them (and in their folders, which a rerun resumes from)
@@ -402,6 +423,139 @@ def _analyze(
     write_json_atomic(directory / "manifest.json", manifest)
     results.manifest = manifest
     return results
+
+
+def _recorded_extensions(directory: Path) -> list[dict[str, Any]]:
+    """The learning rates added to the grid by an earlier ``analyze`` of this folder."""
+    try:
+        value = json.loads((directory / "manifest.json").read_text()).get("lr_extensions")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(value, list):
+        return []
+    return [
+        e
+        for e in value
+        if isinstance(e, dict) and isinstance(e.get("normalizer"), str) and "lr" in e
+    ]
+
+
+def _extension_specs(
+    extensions: list[dict[str, Any]],
+    variants: Sequence[tuple[str | None, Config]],
+    usable: Mapping[str | None, Sequence[str]],
+) -> list[RunSpec]:
+    """The runs of the recorded extra rates (every seed), for the variants and normalizers
+    this config still runs."""
+    configs = dict(variants)
+    specs = []
+    for e in extensions:
+        variant, norm = e.get("variant"), e["normalizer"]
+        if variant not in configs or norm not in usable.get(variant, ()):
+            continue
+        vconfig = configs[variant]
+        if float(e["lr"]) in vconfig.train.rates_for(norm):
+            continue
+        specs += [RunSpec(norm, float(e["lr"]), seed, variant, vconfig) for seed in vconfig.train.seeds]
+    return specs
+
+
+def _round_rate(rate: float) -> float:
+    """A learning rate to three significant digits (0.125, not 0.12500000000000003)."""
+    return float(f"{rate:.3g}")
+
+
+def _extend_grids(
+    results: Results,
+    variants: Sequence[tuple[str | None, Config]],
+    usable: Mapping[str | None, Sequence[str]],
+    extensions: list[dict[str, Any]],
+) -> list[tuple[RunSpec, str]]:
+    """The runs of one more rate beyond each edge where ``train.lr_extend`` asks for it.
+
+    ``extensions`` (the manifest's record) receives each added rate. Each
+    (variant, normalizer) whose selected rate is the smallest (largest) of
+    its grid gets the edge rate divided (multiplied) by the factor, unless
+    ``max_extra`` rates were added below (above) the configured grid already.
+    """
+    runs = results.runs
+    if runs.empty or "lr_edge" not in runs:
+        return []
+    added: list[tuple[RunSpec, str]] = []
+    for variant, vconfig in variants:
+        spec = vconfig.train.lr_extend
+        if spec.max_extra == 0:
+            continue
+        for norm in usable.get(variant, ()):
+            group = runs[runs["normalizer"] == norm]
+            if "variant" in group:
+                group = group[group["variant"].isna() if variant is None else group["variant"] == variant]
+            if group.empty:
+                continue
+            edge = str(group["lr_edge"].iloc[0])
+            if edge not in ("low", "high", "single"):
+                continue
+            base = sorted(vconfig.train.rates_for(norm))
+            grid = sorted(set(group["lr"].astype(float)))
+            directions = ("low", "high") if edge == "single" else (edge,)
+            for direction in directions:
+                if direction == "high":
+                    extra = [r for r in grid if r > base[-1]]
+                    factor = spec.factor or (base[-1] / base[-2] if len(base) > 1 else 3.0)
+                    rate = _round_rate(grid[-1] * factor)
+                else:
+                    extra = [r for r in grid if r < base[0]]
+                    factor = spec.factor or (base[1] / base[0] if len(base) > 1 else 3.0)
+                    rate = _round_rate(grid[0] / factor)
+                if len(extra) >= spec.max_extra or rate in grid:
+                    continue
+                extensions.append({"variant": variant, "normalizer": norm, "lr": rate})
+                where = f" (variant {variant})" if variant is not None else ""
+                selected = group[group["selected"].astype(bool)]["lr"]
+                best = f"{float(selected.iloc[0]):g}" if len(selected) else "?"
+                line = (
+                    f"{norm}{where}: best rate {best} is at the {direction} edge of "
+                    f"[{', '.join(f'{r:g}' for r in grid)}]; adding lr {rate:g} "
+                    f"({len(extra) + 1} of at most {spec.max_extra} in that direction)"
+                )
+                specs = [RunSpec(norm, rate, seed, variant, vconfig) for seed in vconfig.train.seeds]
+                added += [(s, line if i == 0 else "") for i, s in enumerate(specs)]
+    return added
+
+
+def unsettled_lines(results: Results) -> list[str]:
+    """One ``not settled`` line per (normalizer, variant) whose selected rate is at an edge
+    of its grid (or that has none), with the reason, and which split selected.
+
+    >>> runs = pd.DataFrame({"normalizer": ["layer"], "lr": [0.05], "selected": [True],
+    ...     "lr_edge": ["high"], "selected_by": ["val_acc"],
+    ...     "lr_note": ["best rate 0.05 is the top of the grid [0.01, 0.05]"]})
+    >>> unsettled_lines(Results(Path("."), pd.DataFrame(), runs, pd.DataFrame(), pd.DataFrame(), {}))
+    ['learning rates selected on val_acc (final value, mean over seeds)', 'not settled: layer: best rate 0.05 is the top of the grid [0.01, 0.05]']
+    """
+    runs = results.runs
+    if runs.empty or "lr_edge" not in runs:
+        return []
+    lines = []
+    if "selected_by" in runs and runs["selected_by"].notna().any():
+        metric = runs["selected_by"].dropna().iloc[0]
+        lines.append(f"learning rates selected on {metric} (final value, mean over seeds)")
+    keys = ["normalizer", "variant"] if "variant" in runs else ["normalizer"]
+    single = []
+    for key, group in runs.groupby(keys, dropna=False, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        edge = str(group["lr_edge"].iloc[0] or "")
+        where = f" (variant {key[1]})" if len(key) > 1 and not pd.isna(key[1]) else ""
+        if edge == "single":
+            single.append(f"{key[0]}{where}")
+        elif edge:
+            lines.append(f"not settled: {key[0]}{where}: {group['lr_note'].iloc[0]}")
+    if single:
+        lines.append(
+            f"not settled: one learning rate, nothing selected it: {', '.join(single)} "
+            "(give train.lr a grid, or train.lr_extend)"
+        )
+    return lines
 
 
 def _versions() -> dict[str, str]:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from normprobe import __version__
-from normprobe.analyze import analyze, summary_line
+from normprobe.analyze import analyze, summary_line, unsettled_lines
 from normprobe.data import describe as describe_datasets
 from normprobe.errors import NormprobeError
 from normprobe.models import MODELS
@@ -265,6 +265,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if not args.quiet and len(results.runs):
         table = results.summary()
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}", na_rep="-"))
+    for line in unsettled_lines(results):
+        print(line)
     print(summary_line(results))
     failed = int((results.runs["status"] == "failed").sum()) if len(results.runs) else 0
     return 1 if failed else 0

@@ -129,6 +129,16 @@ class Config(Strict):
         return value
 
     @model_validator(mode="after")
+    def _held_out_for_selection(self) -> Config:
+        if self.train.select_on == "held_out" and not self.data.held_out:
+            raise PathError(
+                ("train", "select_on"),
+                "held_out selects on a held-out split of the training data, but data.held_out "
+                "is 0; set data.held_out (e.g. 0.1) or select_on: auto",
+            )
+        return self
+
+    @model_validator(mode="after")
     def _variants_ok(self) -> Config:
         for name in self.variants:
             self.variant_config(name)

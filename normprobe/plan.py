@@ -142,6 +142,23 @@ class ProbeData:
     batch_a: tuple[torch.Tensor, torch.Tensor]
     batch_b: tuple[torch.Tensor, torch.Tensor]
     hessian: tuple[torch.Tensor, torch.Tensor]
+    #: indices of the training examples held out for learning-rate selection (None: none)
+    held_out: torch.Tensor | None = None
+
+    def train_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples trained on: the training set less the held-out ones, in their order."""
+        x, y = self.dataset.train.x, self.dataset.train.y
+        if self.held_out is None:
+            return x, y
+        keep = torch.ones(len(x), dtype=torch.bool)
+        keep[self.held_out] = False
+        return x[keep], y[keep]
+
+    def val_split(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The held-out examples (None when nothing is held out)."""
+        if self.held_out is None:
+            return None
+        return self.dataset.train.x[self.held_out], self.dataset.train.y[self.held_out]
 
 
 def prepare_data(config: Config, dataset: Any = None) -> ProbeData:
@@ -159,6 +176,12 @@ def prepare_data(config: Config, dataset: Any = None) -> ProbeData:
         except NormprobeError as err:
             raise ConfigError(f"data.options: {err}") from None
     n = len(dataset.train)
+    held = config.data.held_out_count(n)
+    if held and n - held < config.train.batch_size:
+        raise ConfigError(
+            f"data.held_out: holding out {held} of the {n} training examples leaves "
+            f"{n - held}, fewer than a batch ({config.train.batch_size}); hold out fewer"
+        )
     size = config.data.probe_batch
     if 2 * size > n:
         raise ConfigError(
@@ -183,7 +206,7 @@ def prepare_data(config: Config, dataset: Any = None) -> ProbeData:
             f"dataset {config.data.name!r} has a target per position; use sampler: iid"
         )
     if sampler.kind == "labels":
-        counts = torch.bincount(dataset.train.y)
+        counts = torch.bincount(dataset.train.y[_kept(n, held, config.data.seed)])
         present = int((counts > 0).sum())
         if sampler.labels_per_batch > present:
             raise ConfigError(
@@ -207,7 +230,23 @@ def prepare_data(config: Config, dataset: Any = None) -> ProbeData:
     x, y = dataset.train.x, dataset.train.y
     a, b = order[:size], order[size : 2 * size]
     h = torch.randperm(n, generator=g)[: min(config.data.hessian_samples, n)]
-    return ProbeData(dataset, (x[a], y[a]), (x[b], y[b]), (x[h], y[h]))
+    held_out = _held_out(n, held, config.data.seed) if held else None
+    return ProbeData(dataset, (x[a], y[a]), (x[b], y[b]), (x[h], y[h]), held_out)
+
+
+def _held_out(n: int, count: int, seed: int) -> torch.Tensor:
+    """The held-out indices: the last ``count`` of a permutation of ``n`` seeded by ``seed``
+    (the permutation whose first examples are the probe batches), sorted."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[n - count :].sort().values
+
+
+def _kept(n: int, count: int, seed: int) -> torch.Tensor:
+    """A mask of the training examples trained on (all but the held-out ones)."""
+    keep = torch.ones(n, dtype=torch.bool)
+    if count:
+        keep[_held_out(n, count, seed)] = False
+    return keep
 
 
 def build_run_model(config: Config, normalizer: str, seed: int, dataset: Any) -> nn.Module:

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from normprobe.errors import NormprobeError
-from normprobe.results import Results, final_rows, load_results, selected_rows
+from normprobe.results import Results, final_rows, load_results, lr_note, selected_rows
 
 __all__ = [
     "CRITERIA",
@@ -94,6 +94,9 @@ class Criterion:
     measure: Callable[[pd.DataFrame], pd.DataFrame]
     direction: Literal["higher", "lower", "exact"] = "exact"
     floor: float = 0.0
+    #: the variant whose selected learning rate the verdict rests on (None: it reads only
+    #: step 0 or the normalizer itself, so no learning rate)
+    lr_variant: str | None = "main"
 
 
 # --------------------------------------------------------------------------- row selection
@@ -317,6 +320,7 @@ CRITERIA: tuple[Criterion, ...] = (
         "means no larger than their spread)",
         "probes.signal at step 0",
         _scaling,
+        lr_variant=None,
     ),
     Criterion(
         "training",
@@ -339,6 +343,7 @@ CRITERIA: tuple[Criterion, ...] = (
         _depth,
         "higher",
         0.02,
+        lr_variant="deep",
     ),
     Criterion(
         "outliers",
@@ -383,6 +388,7 @@ CRITERIA: tuple[Criterion, ...] = (
         f"+ when at most {EXACT_TOL:g}; computed from the normalizer itself, always measured",
         "the normalizer (no stored results)",
         lambda metrics: pd.DataFrame(),  # from the sequence_leaks given to judge_properties
+        lr_variant=None,
     ),
     Criterion(
         "confusion",
@@ -417,6 +423,7 @@ CRITERIA: tuple[Criterion, ...] = (
         _explosion,
         "higher",
         0.02,
+        lr_variant=None,
     ),
 )
 
@@ -486,12 +493,18 @@ class PropertyTable:
     normalizers: list[str]
     source: str = ""
 
-    def wide(self, what: Literal["verdict", "shown", "cell"] = "cell") -> pd.DataFrame:
-        """Normalizers as rows, properties as columns: the verdict, the number, or both."""
+    def wide(
+        self, what: Literal["verdict", "shown", "cell", "settled"] = "cell"
+    ) -> pd.DataFrame:
+        """Normalizers as rows, properties as columns: the verdict, the number, both (with
+        "(not settled)" where the verdict rests on a rate at the edge of its grid), or
+        whether it is settled."""
         cells = self.cells.copy()
+        if "settled" not in cells:
+            cells["settled"] = True
         cells["cell"] = [
-            v if v == NOT_MEASURED else f"{v} {s}"
-            for v, s in zip(cells["verdict"], cells["shown"], strict=True)
+            v if v == NOT_MEASURED else f"{v} {s}" + ("" if ok else " (not settled)")
+            for v, s, ok in zip(cells["verdict"], cells["shown"], cells["settled"], strict=True)
         ]
         table = cells.pivot(index="normalizer", columns="property", values=what)
         return table.reindex(index=self.normalizers, columns=[c.key for c in self.criteria])
@@ -525,12 +538,37 @@ class PropertyTable:
         )
         lines.append("")
         lines.extend(self.footnotes())
+        unsettled = self.unsettled()
+        if unsettled:
+            lines.append("")
+            lines.append(
+                "Not settled: a verdict marked (not settled) rests on a learning rate at the edge "
+                "of its grid (the best rate may lie beyond it):"
+            )
+            lines.append("")
+            lines.extend(f"- {line}" for line in unsettled)
         return "\n".join(lines) + "\n"
+
+    def unsettled(self) -> list[str]:
+        """One line per normalizer (and variant) whose verdicts rest on an edge rate: why."""
+        cells = self.cells
+        if "settled" not in cells:
+            return []
+        rows = cells[~cells["settled"].astype(bool)]
+        out = []
+        for (norm, reason), group in rows.groupby(["normalizer", "lr_note"], sort=False):
+            keys = ", ".join(f"({self._number(k)})" for k in group["property"])
+            out.append(f"{norm}, columns {keys}: {reason}")
+        return out
+
+    def _number(self, key: str) -> int:
+        return [c.key for c in self.criteria].index(key) + 1
 
     def against_paper(self) -> str:
         """Markdown: the verdicts of Rao & Sohl-Dickstein's Table 2 next to the measured ones, disagreements bold."""
         norms = [n for n in PAPER if n in self.normalizers]
         verdicts = self.wide("verdict")
+        settled = self.wide("settled")
         lines = [
             "| property | " + " | ".join(norms) + " |",
             "| --- |" + " --- |" * len(norms),
@@ -539,12 +577,13 @@ class PropertyTable:
             cells = []
             for n in norms:
                 paper, measured = PAPER[n][c.key], verdicts.loc[n, c.key]
+                flag = "" if bool(settled.loc[n, c.key]) else " (not settled)"
                 if measured == NOT_MEASURED:
                     cells.append(f"{paper} / not measured")
                 elif agrees_with_paper(paper, measured):
-                    cells.append(f"{paper} / {measured}")
+                    cells.append(f"{paper} / {measured}{flag}")
                 else:
-                    cells.append(f"{paper} / **{measured}**")
+                    cells.append(f"{paper} / **{measured}**{flag}")
             lines.append(f"| {c.title} | " + " | ".join(cells) + " |")
         lines.append("")
         lines.append(
@@ -629,14 +668,53 @@ def judge_properties(
             )
         chosen = [known[p] for p in properties]
     frames = []
+    edges = _lr_edges(metrics)
     for c in chosen:
         if c.key == "sequential":
             measured = _sequential(sequence_leaks, normalizers)
         else:
             measured = c.measure(metrics)
-        frames.append(_judge(c, measured, normalizers))
+        frames.append(_settled(_judge(c, measured, normalizers), c, edges))
     cells = pd.concat(frames, ignore_index=True)
     return PropertyTable(cells, tuple(chosen), normalizers, source)
+
+
+def _lr_edges(metrics: pd.DataFrame) -> dict[tuple[str, str], tuple[str, str]]:
+    """(normalizer, variant) -> (lr_edge, lr_note) of the selected rate, for the groups whose
+    selected rate is at an edge of the grid (the ``lr_edge`` column :func:`assemble
+    <normprobe.results.assemble>` adds); ``variant`` is ``main`` without variants."""
+    if "lr_edge" not in metrics or "lr" not in metrics:
+        return {}
+    rows = metrics[metrics["lr_edge"].fillna("").astype(str) != ""]
+    if rows.empty:
+        return {}
+    variant = rows["variant"] if "variant" in rows else pd.Series("main", index=rows.index)
+    rows = rows.assign(_variant=variant.fillna("main"))
+    out = {}
+    for (norm, var), group in rows.groupby(["normalizer", "_variant"], sort=False):
+        edge = str(group["lr_edge"].iloc[0])
+        chosen = selected_rows(group)["lr"]
+        picked = float(chosen.iloc[0]) if len(chosen) and edge != "diverged" else None
+        out[(norm, var)] = (edge, lr_note(edge, picked, sorted(set(group["lr"].astype(float)))))
+    return out
+
+
+def _settled(
+    cells: pd.DataFrame, c: Criterion, edges: Mapping[tuple[str, str], tuple[str, str]]
+) -> pd.DataFrame:
+    """``settled`` and ``lr_note`` of each cell: a measured verdict that rests on a learning
+    rate at the edge of its grid is not settled."""
+    notes = []
+    for norm, verdict in zip(cells["normalizer"], cells["verdict"], strict=True):
+        edge = edges.get((norm, c.lr_variant)) if c.lr_variant is not None else None
+        if edge is None or verdict == NOT_MEASURED:
+            notes.append("")
+        else:
+            where = f" (variant {c.lr_variant})" if c.lr_variant != "main" else ""
+            notes.append(f"{edge[1]}{where}")
+    cells["lr_note"] = notes
+    cells["settled"] = cells["lr_note"] == ""
+    return cells
 
 
 def _judge(c: Criterion, measured: pd.DataFrame, normalizers: list[str]) -> pd.DataFrame:

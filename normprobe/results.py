@@ -42,7 +42,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,11 @@ __all__ = [
     "write_json_atomic",
     "selected_rows",
     "final_rows",
+    "selection_metric",
+    "rate_scores",
+    "choose_rate",
+    "lr_note",
+    "LR_EDGES",
     "METRIC_COLUMNS",
     "RUN_TABLES",
 ]
@@ -533,19 +538,143 @@ def _concat(frames: Iterable[pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True, sort=False)
 
 
-def _select_lrs(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
-    """Mark, per normalizer (and variant), the learning rate with the best mean final test score.
+#: ``lr_edge`` values: why a selected rate is not settled ('' when it is)
+LR_EDGES = ("", "low", "high", "single", "diverged")
 
-    The score is the test accuracy; for language models (runs that record
-    ``test_perplexity``, whose final value goes into ``final_test_perplexity``)
-    it is the lowest mean final test loss, the mean token cross-entropy.
+
+def selection_metric(metrics: pd.DataFrame, select_on: str = "auto") -> tuple[str, str]:
+    """(metric, ``max`` or ``min``) that selects the learning rate in ``metrics``.
+
+    ``select_on``: ``held_out`` (the ``val_*`` metrics), ``test``, or
+    ``auto`` (held_out when the runs record ``val_acc``, else test). The
+    score is the accuracy, or for language models (runs that record a
+    perplexity) the loss, the mean token cross-entropy.
+
+    >>> rows = pd.DataFrame({"metric": ["test_acc", "val_acc"]})
+    >>> selection_metric(rows), selection_metric(rows, "test")
+    (('val_acc', 'max'), ('test_acc', 'max'))
+    """
+    names = set(metrics["metric"].unique()) if "metric" in metrics else set()
+    split = select_on
+    if split == "auto":
+        split = "held_out" if "val_acc" in names else "test"
+    prefix = "val" if split == "held_out" else "test"
+    if f"{prefix}_perplexity" in names:
+        return f"{prefix}_loss", "min"
+    return f"{prefix}_acc", "max"
+
+
+def _g(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def lr_note(edge: str, chosen: float | None, grid: Sequence[float]) -> str:
+    """The reason a selected rate is not settled, in words ('' when it is).
+
+    >>> lr_note("high", 0.05, [0.01, 0.05])
+    'best rate 0.05 is the top of the grid [0.01, 0.05]; extend the grid upwards (train.lr_extend)'
+    """
+    shown = "[" + ", ".join(_g(r) for r in sorted(grid)) + "]"
+    if edge == "high":
+        return (
+            f"best rate {_g(chosen)} is the top of the grid {shown}; extend the grid upwards "
+            "(train.lr_extend)"
+        )
+    if edge == "low":
+        return (
+            f"best rate {_g(chosen)} is the bottom of the grid {shown}; extend the grid "
+            "downwards (train.lr_extend)"
+        )
+    if edge == "single":
+        return f"one learning rate ({_g(chosen)}) only: nothing to compare it with"
+    if edge == "diverged":
+        return f"every run diverged at every rate of the grid {shown}"
+    return ""
+
+
+def rate_scores(
+    runs: pd.DataFrame, metrics: pd.DataFrame, select_on: str = "auto"
+) -> pd.DataFrame:
+    """Per (normalizer, variant, lr): the selection score and how many seeds diverged.
+
+    Columns ``normalizer, variant, lr, score, seeds, diverged``: ``score`` is
+    the mean over the finished seeds of the selection metric at each run's
+    last recorded step (:func:`selection_metric`); ``diverged`` counts the
+    seeds whose loss became non-finite. Failed runs are left out.
+    """
+    metric, best = selection_metric(metrics, select_on)
+    rows = metrics[metrics["metric"] == metric] if "metric" in metrics else metrics.iloc[0:0]
+    last = rows.sort_values("step").groupby("run").tail(1).set_index("run")["value"]
+    runs = runs[runs["status"].isin(("done", "running", "diverged"))].copy()
+    if "variant" not in runs:
+        runs["variant"] = None
+    runs["final"] = runs["run"].map(last)
+    runs.loc[runs["status"] == "diverged", "final"] = float("nan")
+    runs["is_diverged"] = runs["status"] == "diverged"
+    keys = ["normalizer", "variant", "lr"]
+    out = (
+        runs.groupby(keys, dropna=False, sort=True)
+        .agg(score=("final", "mean"), seeds=("run", "size"), diverged=("is_diverged", "sum"))
+        .reset_index()
+    )
+    out.attrs["metric"], out.attrs["best"] = metric, best
+    return out
+
+
+def choose_rate(scores: pd.DataFrame, best: str) -> tuple[float | None, str]:
+    """The selected rate of one group's :func:`rate_scores` rows, and its ``lr_edge``.
+
+    A rate loses to every rate with fewer diverged seeds; among rates with as
+    many, the better mean score of the finished seeds wins; ties go to the
+    smaller rate. A rate at which every seed diverged is never chosen (then
+    the group's edge is ``diverged``). The edge is ``low``/``high`` when the
+    chosen rate is the smallest/largest of the grid (every rate that ran,
+    diverged or not), ``single`` for a one-rate grid, else ''.
+
+    >>> s = pd.DataFrame({"lr": [0.01, 0.1, 1.0], "score": [0.5, 0.9, float("nan")],
+    ...                   "seeds": [1, 1, 1], "diverged": [0, 0, 1]})
+    >>> choose_rate(s, "max")
+    (0.1, '')
+    """
+    scores = scores.sort_values("lr")
+    grid = scores["lr"].tolist()
+    ok = scores[(scores["diverged"] < scores["seeds"]) & scores["score"].notna()]
+    if ok.empty:
+        return None, "diverged" if len(scores) and scores["diverged"].gt(0).any() else ""
+    sign = -1.0 if best == "max" else 1.0
+    ranked = ok.assign(key=sign * ok["score"]).sort_values(
+        ["diverged", "key", "lr"], kind="mergesort"
+    )
+    chosen = float(ranked["lr"].iloc[0])
+    if len(grid) == 1:
+        edge = "single"
+    elif chosen == grid[0]:
+        edge = "low"
+    elif chosen == grid[-1]:
+        edge = "high"
+    else:
+        edge = ""
+    return chosen, edge
+
+
+def _select_lrs(
+    runs: pd.DataFrame, metrics: pd.DataFrame, select_on: str = "auto"
+) -> pd.DataFrame:
+    """Mark, per normalizer (and variant), the learning rate :func:`choose_rate` selects.
+
+    The score is the final accuracy on the split ``select_on`` names
+    (:func:`selection_metric`), or for language models the lowest loss.
     Runs still being recorded (status ``running``) count as done. Where no
-    run of a group records a test score there is nothing to compare, and every
-    done run of the group is marked.
+    run of a group records the score there is nothing to compare, and every
+    done run of the group is marked. Every run of a group gets its
+    ``lr_edge`` and ``lr_note`` (:func:`lr_note`) and ``selected_by`` (the
+    metric that selected).
     """
     runs = runs.copy()
     runs["final_test_acc"] = float("nan")
     runs["selected"] = False
+    runs["lr_edge"] = ""
+    runs["lr_note"] = ""
     if metrics.empty or runs.empty:
         return runs
 
@@ -561,23 +690,29 @@ def _select_lrs(runs: pd.DataFrame, metrics: pd.DataFrame) -> pd.DataFrame:
         runs.loc[runs["status"].isin(("done", "running")), "selected"] = True
         return runs
     runs["final_test_acc"] = runs["run"].map(last)
-    score, best = "final_test_acc", "max"
-    perplexity = final("test_perplexity")
-    if perplexity is not None:
-        runs["final_test_perplexity"] = runs["run"].map(perplexity)
+    if final("test_perplexity") is not None:
+        runs["final_test_perplexity"] = runs["run"].map(final("test_perplexity"))
         runs["final_test_loss"] = runs["run"].map(final("test_loss"))
-        score, best = "final_test_loss", "min"
+    metric, best = selection_metric(metrics, select_on)
+    runs["selected_by"] = metric
+    scores = rate_scores(runs, metrics, select_on)
     keys = ["normalizer", "variant"] if "variant" in runs else ["normalizer"]
-    for _, group in runs.groupby(keys, dropna=False):
-        # a run still being recorded (a Monitor's, status running) is compared like a done one
+    for key, group in runs.groupby(keys, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        here = scores[scores["normalizer"] == key[0]]
+        if len(keys) > 1:
+            here = here[here["variant"].isna() if pd.isna(key[1]) else here["variant"] == key[1]]
+        here = here[here["lr"].notna()]
         done = group[group["status"].isin(("done", "running"))]
-        by_lr = done.groupby("lr")[score].mean().dropna()
-        if by_lr.empty:
-            # nothing to compare (runs that record no test score, or no learning rate): keep all
+        if here.empty or (here["score"].isna().all() and not here["diverged"].any()):
+            # nothing to compare (runs that record no score, or no learning rate): keep all
             runs.loc[done.index, "selected"] = True
             continue
-        chosen = by_lr.idxmax() if best == "max" else by_lr.idxmin()
-        runs.loc[group.index[group["lr"] == chosen], "selected"] = True
+        chosen, edge = choose_rate(here, best)
+        runs.loc[group.index, "lr_edge"] = edge
+        runs.loc[group.index, "lr_note"] = lr_note(edge, chosen, here["lr"].tolist())
+        if chosen is not None:
+            runs.loc[done.index[done["lr"] == chosen], "selected"] = True
     return runs
 
 
@@ -636,9 +771,9 @@ def _combined(
     runs = pd.DataFrame(statuses)
     metrics = _concat(tables["metrics"])
     if not runs.empty:
-        runs = _select_lrs(runs, metrics)
+        runs = _select_lrs(runs, metrics, _select_on(manifest))
         if not metrics.empty:
-            metrics = metrics.merge(runs[["run", "selected"]], on="run", how="left")
+            metrics = metrics.merge(runs[["run", "selected", "lr_edge"]], on="run", how="left")
     return Results(
         directory=directory,
         metrics=_order(metrics),
@@ -648,6 +783,14 @@ def _combined(
         manifest=manifest,
         incomplete=dict(incomplete or {}),
     )
+
+
+def _select_on(manifest: Mapping[str, Any]) -> str:
+    """``train.select_on`` of the manifest's config (``auto`` when it has none)."""
+    config = manifest.get("config") if isinstance(manifest, Mapping) else None
+    train = config.get("train") if isinstance(config, Mapping) else None
+    value = train.get("select_on") if isinstance(train, Mapping) else None
+    return value if value in ("auto", "held_out", "test") else "auto"
 
 
 def records_results(

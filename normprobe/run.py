@@ -97,10 +97,11 @@ def run_one(
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{loss:.3f}")
 
+        train_x, train_y = data.train_split()
         batches = None
         if tc.sampler.kind == "labels":
             batches = label_minibatches(
-                data.dataset.train.y,
+                train_y,
                 tc.sampler.labels_per_batch,
                 tc.sampler.per_label,
                 torch.Generator().manual_seed(spec.seed),
@@ -116,12 +117,13 @@ def run_one(
                     tc.sampler.per_label,
                     torch.Generator().manual_seed(config.data.seed),
                 )
-                for y in (data.dataset.train.y[: tc.eval_train_samples], data.dataset.test.y)
+                for y in (train_y[: tc.eval_train_samples], data.dataset.test.y)
             )
         outcome = train(
             model,
-            (data.dataset.train.x, data.dataset.train.y),
+            (train_x, train_y),
             (data.dataset.test.x, data.dataset.test.y),
+            val_split=data.val_split(),
             optimizer=optimizer,
             steps=tc.steps,
             batch_size=tc.batch_size,

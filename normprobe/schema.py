@@ -35,6 +35,7 @@ __all__ = [
     "PROBES",
     "LayerSpec",
     "LearningRates",
+    "LrExtend",
 ]
 
 
@@ -163,6 +164,32 @@ class DataConfig(Strict):
     probe_batch: int = Field(128, ge=2)
     hessian_samples: int = Field(512, ge=2)
     seed: int = Field(0, ge=0)
+    # training examples held out for learning-rate selection: a fraction (0 < f < 1) or a count
+    held_out: int | float = Field(0, ge=0)
+
+    @field_validator("held_out")
+    @classmethod
+    def _held_out_ok(cls, value: int | float) -> int | float:
+        if isinstance(value, float):
+            if value.is_integer() and value >= 1:
+                return int(value)
+            if not 0 <= value < 1:
+                raise ValueError(
+                    f"{value!r} is neither a fraction (0 < f < 1) nor a count of examples; "
+                    "e.g. held_out: 0.1 or held_out: 500"
+                )
+        return value
+
+    def held_out_count(self, n: int) -> int:
+        """How many of ``n`` training examples are held out (a fraction rounds, at least 1).
+
+        >>> DataConfig(held_out=0.1).held_out_count(1000), DataConfig(held_out=7).held_out_count(1000)
+        (100, 7)
+        """
+        h = self.held_out
+        if isinstance(h, float) and h > 0:
+            return max(1, int(round(h * n)))
+        return int(h)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -260,6 +287,30 @@ class BatchStatsEval(Strict):
         return value
 
 
+class LrExtend(Strict):
+    """Extending the learning-rate grid past an edge (``train.lr_extend``).
+
+    When the rate selected for a (normalizer, variant) is the smallest or
+    the largest of its grid, ``analyze`` runs one more rate beyond that
+    edge (the edge rate divided or multiplied by ``factor``; default: the
+    ratio of the two rates at that edge of the grid, or 3 for a one-rate
+    grid), selects again, and repeats until the best rate is inside the
+    grid, ``max_extra`` rates were added in that direction, or the new rate
+    diverged for every seed. In YAML an integer is short for
+    ``{max_extra: n}``.
+    """
+
+    max_extra: int = Field(0, ge=0)
+    factor: float | None = Field(None, gt=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return {"max_extra": value}
+        return value
+
+
 class TrainConfig(Strict):
     """Optimizer, learning rate(s), batch size, steps and seeds of every run."""
 
@@ -282,6 +333,10 @@ class TrainConfig(Strict):
     max_parameters: int = Field(100_000_000, ge=1)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     eval_batch_stats: BatchStatsEval = Field(default_factory=BatchStatsEval)
+    # what selects the learning rate per normalizer: the held-out split of the training data
+    # (data.held_out), the test set, or auto (held_out when data.held_out > 0, else test)
+    select_on: Literal["auto", "held_out", "test"] = "auto"
+    lr_extend: LrExtend = Field(default_factory=LrExtend)
 
     @field_validator("steps")
     @classmethod

@@ -407,6 +407,7 @@ def train(
     batch_stats_batches: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None,
     batches: Iterator[torch.Tensor] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    val_split: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TrainOutcome:
     """Train for ``steps`` updates, measuring at ``measure_steps``; stop at a non-finite loss.
 
@@ -421,7 +422,9 @@ def train(
     (:func:`evaluate_batch_stats` with batches of that size), or with
     ``batch_stats_batches`` = (index batches into the first
     ``eval_train_samples`` training examples, index batches into the test
-    set), the same four on those batches.
+    set), the same four on those batches. With ``val_split`` (examples held
+    out of training), also ``val_loss`` and ``val_acc`` (and
+    ``val_perplexity`` for next-token targets), evaluated like the test set.
 
     ``batches`` yields the index batches to train on (e.g.
     :func:`label_minibatches`); default: :func:`minibatches` of
@@ -452,6 +455,11 @@ def train(
         if per_token:
             values["train_perplexity"] = _perplexity(train_loss)
             values["test_perplexity"] = _perplexity(test_loss)
+        if val_split is not None:
+            val_loss, val_acc = evaluate(model, *val_split, batch_size=eval_batch_size)
+            values["val_loss"], values["val_acc"] = val_loss, val_acc
+            if per_token:
+                values["val_perplexity"] = _perplexity(val_loss)
         frames.append(metric_rows(step, values))
         if batch_stats_size is not None or batch_stats_batches is not None:
             on_train, on_test = batch_stats_batches or (None, None)

@@ -321,7 +321,9 @@ def test_cli_analyze_prints_a_summary_and_writes_results(tmp_path: Path) -> None
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    header, row, last = result.stdout.strip().splitlines()
+    header, row, selected_by, single, last = result.stdout.strip().splitlines()
+    assert selected_by == "learning rates selected on test_acc (final value, mean over seeds)"
+    assert single.startswith("not settled: one learning rate, nothing selected it: layer")
     assert header.split() == [
         "normalizer",
         "lr",

@@ -301,3 +301,30 @@ def test_the_sequence_row_agrees_with_the_normalizers_the_transformer_takes() ->
     for norm in normprobe.normalizers():
         leaks = sequence_leak(norm) > 0
         assert leaks == (sequence_problem(norm, "pre") is not None), norm
+
+
+def test_a_verdict_resting_on_an_edge_rate_reads_not_settled(tmp_path) -> None:
+    rows = []
+    for norm, acc, edge in (("none", 0.6, ""), ("batch", 0.9, ""), ("layer", 0.1, "high")):
+        for lr, selected in ((0.01, False), (0.05, True)):
+            for variant in ("main", "deep"):
+                rows.append(
+                    _row(norm, "test_acc", acc if selected else 0.0, lr=lr, variant=variant,
+                         selected=selected, lr_edge=edge if variant == "deep" else "")
+                )
+    table = measure_properties(
+        pd.DataFrame(rows), properties=["training", "depth"], normalizers=["none", "batch", "layer"]
+    )
+    cells = table.cells.set_index(["normalizer", "property"])
+    assert not cells.loc[("layer", "depth"), "settled"]
+    assert cells.loc[("layer", "training"), "settled"]  # the main variant's rate is inside
+    assert cells.loc[("batch", "depth"), "settled"]
+    assert "top of the grid [0.01, 0.05]" in cells.loc[("layer", "depth"), "lr_note"]
+    text = table.to_markdown()
+    assert "| layer | - 0.100 | - 0.100 (not settled) |" in text
+    assert "Not settled:" in text and "- layer, columns (2): best rate 0.05" in text
+    assert "(not settled)" in table.against_paper()
+    from normprobe.plotting import write_properties
+
+    write_properties(table, tmp_path)
+    assert "settled" in pd.read_csv(tmp_path / "properties.csv").columns

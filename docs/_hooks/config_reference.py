@@ -58,12 +58,17 @@ DESCRIPTIONS: dict[str, str] = {
     "DataConfig.probe_batch": "Examples per probe minibatch (the gradient correlation takes two "
     "disjoint ones).",
     "DataConfig.hessian_samples": "Size `n_H` of the fixed Hessian probe set.",
-    "DataConfig.seed": "Seed that picks the probe batches and the Hessian probe set.",
+    "DataConfig.seed": "Seed that picks the probe batches, the Hessian probe set and the "
+    "held-out split.",
+    "DataConfig.held_out": "Training examples held out for learning-rate selection: a fraction "
+    "(0 < f < 1) or a count. They are the last ones of a permutation of the training set seeded "
+    "by `data.seed`, never trained on; runs record `val_loss` and `val_acc` (and "
+    "`val_perplexity` for a language model) at the evaluation steps. `0`: none.",
     # train
     "TrainConfig.optimizer": "`sgd` (with `momentum`) or `adam`.",
     "TrainConfig.lr": "A learning rate, a grid, or a mapping per normalizer with an optional "
-    "`default`. Every rate runs; the best per normalizer (final test accuracy, or test loss for "
-    "a language model) is marked `selected`.",
+    "`default`. Every rate runs; the best per normalizer (final accuracy, or loss for a language "
+    "model, on the split `select_on` names) is marked `selected`.",
     "TrainConfig.momentum": "SGD momentum.",
     "TrainConfig.weight_decay": "Weight decay of the optimizer.",
     "TrainConfig.batch_size": "Training minibatch size.",
@@ -85,6 +90,14 @@ DESCRIPTIONS: dict[str, str] = {
     "is short for `{kind: iid}`.",
     "TrainConfig.eval_batch_stats": "Also evaluate without aggregated statistics (section "
     "`train.eval_batch_stats`); `true` or a batch size is a shorthand.",
+    "TrainConfig.select_on": "What selects the learning rate: `held_out` (the `data.held_out` "
+    "split), `test` (the test set), or `auto` (held_out when `data.held_out` > 0, else test).",
+    "TrainConfig.lr_extend": "Extend the grid past an edge when the selected rate is at it "
+    "(section `train.lr_extend`); an integer is short for `{max_extra: n}`. Off by default.",
+    "LrExtend.max_extra": "The most rates added beyond each edge of a (normalizer, variant)'s "
+    "grid; 0: no extension.",
+    "LrExtend.factor": "The ratio between an added rate and the edge rate (unset: the ratio of "
+    "the two rates at that edge of the grid; 3 for a one-rate grid).",
     "SamplerConfig.kind": "`iid`: a fresh permutation each epoch. `labels`: non-i.i.d. batches of "
     "`labels_per_batch` distinct labels with `per_label` examples each.",
     "SamplerConfig.labels_per_batch": "Distinct labels per batch (kind `labels` only).",
@@ -175,6 +188,7 @@ EXAMPLES: dict[str, str] = {
     "DataConfig.probe_batch": "data: {probe_batch: 256}",
     "DataConfig.hessian_samples": "data: {hessian_samples: 256}",
     "DataConfig.seed": "data: {seed: 1}",
+    "DataConfig.held_out": "data: {held_out: 0.1}",
     "TrainConfig.optimizer": "train: {optimizer: adam}",
     "TrainConfig.lr": "train: {lr: {batch: [0.1, 0.03], default: 0.01}}",
     "TrainConfig.momentum": "train: {momentum: 0.9}",
@@ -190,6 +204,10 @@ EXAMPLES: dict[str, str] = {
     "TrainConfig.max_parameters": "train: {max_parameters: 500000000}",
     "TrainConfig.sampler": "train: {sampler: iid}",
     "TrainConfig.eval_batch_stats": "train: {eval_batch_stats: 2}",
+    "TrainConfig.select_on": "train: {select_on: test}",
+    "TrainConfig.lr_extend": "train: {lr_extend: 2}",
+    "LrExtend.max_extra": "train: {lr_extend: {max_extra: 3}}",
+    "LrExtend.factor": "train: {lr_extend: {max_extra: 2, factor: 3.0}}",
     "SamplerConfig.kind": "train: {batch_size: 32, sampler: {kind: labels, labels_per_batch: 4, "
     "per_label: 8}}",
     "SamplerConfig.labels_per_batch": "train: {batch_size: 40, sampler: {kind: labels, "

@@ -286,6 +286,7 @@ def caption(data: Data | None, extra: str = "", *, band: str = "min-max") -> str
                 f"{train.get('optimizer')} lr {_lr_text(data)}, batch {train.get('batch_size')}, "
                 f"{train.get('steps')} steps"
             )
+            parts.append(_unsettled_text(data))
         elif data_cfg:
             parts.append(f"untrained, probe batch {data_cfg.get('probe_batch')}")
         if train:
@@ -307,6 +308,25 @@ def _lr_text(data: Data | None) -> str:
     if runs["lr"].nunique() > 1:
         return "set per normalizer"
     return f"{runs['lr'].iloc[0]:g}"
+
+
+def _unsettled_text(data: Data | None) -> str:
+    """Which normalizers' selected rate is at an edge of their grid (or diverged everywhere):
+    the figure's lines for them are not settled."""
+    runs = data.runs if isinstance(data, Results) else pd.DataFrame()
+    if not len(runs) or "lr_edge" not in runs:
+        return ""
+    edge = runs[runs["lr_edge"].isin(("low", "high", "diverged"))]
+    if edge.empty:
+        return ""
+    names = []
+    for _, row in edge.drop_duplicates(
+        [c for c in ("normalizer", "variant") if c in edge]
+    ).iterrows():
+        variant = row.get("variant")
+        where = f" ({variant})" if isinstance(variant, str) else ""
+        names.append(f"{row['normalizer']}{where} {row['lr_edge']}")
+    return "not settled (selected rate at the grid's edge): " + ", ".join(names)
 
 
 def log_y(ax: Axes) -> None:

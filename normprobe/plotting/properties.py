@@ -1,7 +1,8 @@
 """The measured properties table as a heatmap: normalizers by properties, verdict colours.
 
 Green is ``+``, red ``-``, grey "not measured"; each cell carries the
-measured number. Drawn from a :class:`~normprobe.properties.PropertyTable`,
+measured number, and a hatched cell reads "not settled" (its verdict rests
+on a learning rate at the edge of its grid). Drawn from a :class:`~normprobe.properties.PropertyTable`,
 itself computed from stored results.
 """
 
@@ -15,6 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from normprobe.plotting.figures import FigureSkipped
 from normprobe.plotting.style import parse_formats, style_context
@@ -31,6 +33,7 @@ def heatmap(table: PropertyTable) -> Figure:
     """One row per normalizer, one column per property; the colour is the verdict."""
     verdicts = table.wide("verdict")
     shown = table.wide("shown")
+    settled = table.wide("settled")
     codes = verdicts.apply(lambda col: col.map(CODES)).to_numpy(dtype=float)
     n_rows, n_cols = codes.shape
     fig, ax = plt.subplots(figsize=(2.0 + 1.45 * n_cols, 1.2 + 0.42 * n_rows))
@@ -39,6 +42,20 @@ def heatmap(table: PropertyTable) -> Figure:
         for j in range(n_cols):
             verdict, number = verdicts.iat[i, j], shown.iat[i, j]
             text = "n/m" if verdict == "not measured" else f"{verdict}\n{number}"
+            if verdict != "not measured" and not bool(settled.iat[i, j]):
+                # the verdict rests on a learning rate at the edge of its grid: hatched
+                text += "\nnot settled"
+                ax.add_patch(
+                    Rectangle(
+                        (j - 0.5, i - 0.5),
+                        1,
+                        1,
+                        fill=False,
+                        hatch="///",
+                        edgecolor="#777777",
+                        linewidth=0,
+                    )
+                )
             ax.text(j, i, text, ha="center", va="center", fontsize=6.5, linespacing=1.1)
     ax.set_xticks(np.arange(n_cols))
     ax.set_xticklabels(
@@ -58,7 +75,8 @@ def heatmap(table: PropertyTable) -> Figure:
         spine.set_visible(False)
     source = f" ({table.source})" if table.source else ""
     fig.suptitle(
-        "Measured properties (Rao & Sohl-Dickstein 2020, Table 2): + green, - red, n/m not measured" + source,
+        "Measured properties (Rao & Sohl-Dickstein 2020, Table 2): + green, - red, n/m not "
+        "measured, hatched: not settled (learning rate at the edge of its grid)" + source,
         fontsize=9,
         y=0.995,
     )
