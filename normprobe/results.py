@@ -42,7 +42,8 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,12 +270,7 @@ def _with_identity(frame: pd.DataFrame, record: RunRecord) -> pd.DataFrame:
 
 def write_run(directory: Path, record: RunRecord) -> Path:
     """Write one run's folder atomically: build it under a temporary name, then rename."""
-    runs = directory / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    final = runs / record.run
-    tmp = Path(tempfile.mkdtemp(dir=runs, prefix=f".{record.run}.", suffix=".tmp"))
-    try:
-        _as_created(tmp, folder=True)
+    with _staged_run_folder(directory, record) as tmp:
         files = {}
         for name, frame in record.tables.items():
             if name not in RUN_TABLES:
@@ -284,13 +280,26 @@ def write_run(directory: Path, record: RunRecord) -> Path:
                 _with_identity(frame, record).to_parquet(file, index=False)
                 files[file.name] = file_digest(file)
         write_json_atomic(tmp / "run.json", {**record.summary(), FILES_KEY: files})
-        if final.exists():  # a failed run being redone
+    return directory / "runs" / record.run
+
+
+@contextmanager
+def _staged_run_folder(directory: Path, record: RunRecord) -> Iterator[Path]:
+    """A temporary folder beside the run's, renamed to the run's (replacing a folder of that
+    name: a failed run being redone) when the block ends, removed if the block raises."""
+    runs = directory / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    final = runs / record.run
+    tmp = Path(tempfile.mkdtemp(dir=runs, prefix=f".{record.run}.", suffix=".tmp"))
+    try:
+        _as_created(tmp, folder=True)
+        yield tmp
+        if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
 
 
 def start_run(directory: Path, record: RunRecord) -> Path:
@@ -298,21 +307,10 @@ def start_run(directory: Path, record: RunRecord) -> Path:
     ``run.json`` with the record's status (``running``) and an empty ``parts/``, replacing a
     folder of the same name; written under a temporary name and renamed, like :func:`write_run`.
     """
-    runs = directory / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    final = runs / record.run
-    tmp = Path(tempfile.mkdtemp(dir=runs, prefix=f".{record.run}.", suffix=".tmp"))
-    try:
-        _as_created(tmp, folder=True)
+    with _staged_run_folder(directory, record) as tmp:
         (tmp / PARTS).mkdir()
         write_json_atomic(tmp / "run.json", {**record.summary(), FILES_KEY: {}})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return directory / "runs" / record.run
 
 
 def logged_rows(logged: list[dict[str, Any]]) -> pd.DataFrame:

@@ -644,6 +644,14 @@ class HessianOperator:
             )
         if self.scales is not None:
             total *= self.scales
+        self._check_finite(total)
+        self.matvecs += 1
+        self._versions = self._state_versions()
+        return total.to(dtype=v.dtype, device=v.device)
+
+    __call__ = matvec
+
+    def _check_finite(self, total: torch.Tensor) -> None:
         if not bool(torch.isfinite(total).all()):
             raise HessianError(
                 f"a Hessian-vector product is not finite (model dtype "
@@ -651,11 +659,6 @@ class HessianOperator:
                 f"{str(self.dtype).replace('torch.', '')}); the loss or its curvature overflows "
                 f"at these parameters: check that the loss is finite, or pass dtype=torch.float64"
             )
-        self.matvecs += 1
-        self._versions = self._state_versions()
-        return total.to(dtype=v.dtype, device=v.device)
-
-    __call__ = matvec
 
     def matmat(self, vs: torch.Tensor) -> torch.Tensor:
         """``H v`` for each row of a ``(b, dim)`` block, in one batched backward pass.
@@ -687,13 +690,7 @@ class HessianOperator:
         self.batch_works = True
         if self.scales is not None:
             total *= self.scales
-        if not bool(torch.isfinite(total).all()):
-            raise HessianError(
-                f"a Hessian-vector product is not finite (model dtype "
-                f"{str(self.model_dtype).replace('torch.', '')}, products in "
-                f"{str(self.dtype).replace('torch.', '')}); the loss or its curvature overflows "
-                f"at these parameters: check that the loss is finite, or pass dtype=torch.float64"
-            )
+        self._check_finite(total)
         self.matvecs += len(vs)
         self._versions = self._state_versions()
         return total.to(dtype=vs.dtype, device=vs.device)
