@@ -42,6 +42,7 @@ from normprobe.probes.capture import is_normalizer
 from normprobe.probes.gradients import growth_of, statistics_columns
 from normprobe.probes.signal import representation_columns
 from normprobe.probes.structure import batch_dependence, signal_statistics, train_eval_gap
+from normprobe.state import held
 from normprobe.training import loss_for, norm_batch_of
 
 __all__ = [
@@ -182,8 +183,10 @@ def measure_step(
     """
     out: Tables = {name: [] for name in TABLES}
     pending: dict[str, list[Columns]] = {name: [] for name in TABLES}
-    for m in measures:
-        for table, frames in m.compute(model, step, inputs, probes, hessian).items():
+    with held(model):  # one snapshot of the model's state for the whole step
+        computed = [m.compute(model, step, inputs, probes, hessian) for m in measures]
+    for tables in computed:
+        for table, frames in tables.items():
             for frame in frames:
                 if isinstance(frame, Mapping):
                     pending[table].append(frame)

@@ -13,12 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["preserved", "frozen_statistics", "ModelSnapshot", "snapshot", "restore"]
+__all__ = [
+    "preserved",
+    "held",
+    "held_snapshot",
+    "frozen_statistics",
+    "ModelSnapshot",
+    "snapshot",
+    "restore",
+]
 
 
 @dataclass
@@ -30,6 +38,9 @@ class ModelSnapshot:
     grads: list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]]
     buffers: list[tuple[nn.Module, str, torch.Tensor | None, torch.Tensor | None]]
     versions: list[tuple[str, nn.Parameter, int]]
+    #: the version counter of each recorded grad (None for a missing grad) and buffer, in order
+    grad_versions: list[int | None] = field(default_factory=list)
+    buffer_versions: list[int | None] = field(default_factory=list)
 
 
 def snapshot(model: nn.Module) -> ModelSnapshot:
@@ -51,17 +62,27 @@ def snapshot(model: nn.Module) -> ModelSnapshot:
             params.append((f"{prefix}.{name}" if prefix else name, p))
         for name, buf in module._buffers.items():
             buffers.append((module, name, buf, None if buf is None else buf.detach().clone()))
+    grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for _, p in params]
     return ModelSnapshot(
         training=training,
         requires_grad=[(p, p.requires_grad) for _, p in params],
-        grads=[(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for _, p in params],
+        grads=grads,
         buffers=buffers,
         versions=[(name, p, p._version) for name, p in params],
+        grad_versions=[None if g is None else g._version for _, g, _ in grads],
+        buffer_versions=[None if b is None else b._version for _, _, b, _ in buffers],
     )
 
 
-def restore(snap: ModelSnapshot) -> None:
-    """Put back what :func:`snapshot` recorded; the same tensor objects are kept where possible."""
+def restore(snap: ModelSnapshot, *, changed_only: bool = False) -> None:
+    """Put back what :func:`snapshot` recorded; the same tensor objects are kept where possible.
+
+    ``changed_only``: copy back only the grads and buffers that were rebound or
+    modified in place since the snapshot (their version counters moved); the
+    others still hold the recorded values. (A write through ``.data`` escapes
+    version counters: :func:`held` uses this between the blocks it covers, and
+    copies everything back when it ends.)
+    """
     for module, flag in snap.training:
         if module.training is not flag:
             module.training = flag
@@ -69,16 +90,21 @@ def restore(snap: ModelSnapshot) -> None:
         if p.requires_grad is not flag:
             p.requires_grad_(flag)
     with torch.no_grad():
-        for p, grad, saved in snap.grads:
+        for i, (p, grad, saved) in enumerate(snap.grads):
             if grad is None:
-                p.grad = None
-            else:
+                if p.grad is not None:
+                    p.grad = None
+            elif not (changed_only and p.grad is grad and grad._version == snap.grad_versions[i]):
                 grad.copy_(saved)
                 p.grad = grad
-        for module, name, buf, saved in snap.buffers:
+        for i, (module, name, buf, saved) in enumerate(snap.buffers):
             if buf is None:
                 module._buffers[name] = None
-            else:
+            elif not (
+                changed_only
+                and module._buffers.get(name) is buf
+                and buf._version == snap.buffer_versions[i]
+            ):
                 buf.copy_(saved)
                 module._buffers[name] = buf
     changed = [name for name, p, version in snap.versions if p._version != version]
@@ -106,6 +132,61 @@ def preserved(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         restore(snap)
+
+
+#: id(model) -> [model, the snapshot taken by :func:`held`, blocks inside it now]
+_HELD: dict[int, list] = {}
+
+
+@contextmanager
+def held(model: nn.Module) -> Iterator[nn.Module]:
+    """One snapshot of the model around several blocks that each leave it as found.
+
+    A driver that runs several probes on the model in a row (one
+    measurement step) records the model's state once here instead of once per
+    probe: a probe entered inside (:func:`held_snapshot`) restores only the
+    flags, ``requires_grad`` and whatever grads and buffers moved, from this
+    snapshot, and plain attributes are put back once, on exit, with
+    everything else. Nested calls on the same model are one block.
+
+    >>> import torch
+    >>> bn = torch.nn.BatchNorm1d(3)
+    >>> with held(bn):
+    ...     _ = bn(torch.randn(8, 3) + 5)
+    >>> int(bn.num_batches_tracked)
+    0
+    """
+    entry = _HELD.get(id(model))
+    if entry is not None and entry[0] is model:
+        yield model
+        return
+    from normprobe.batch import attributes_kept  # normprobe.batch imports this module's users
+
+    snap = snapshot(model)
+    _HELD[id(model)] = [model, snap, 0]
+    try:
+        with attributes_kept(model):
+            yield model
+    finally:
+        del _HELD[id(model)]
+        restore(snap)
+
+
+@contextmanager
+def held_snapshot(model: nn.Module) -> Iterator[bool]:
+    """Inside :func:`held` (and not inside another block it covers): restore the model from the
+    held snapshot on exit (what moved only) and yield True; otherwise do nothing and yield False
+    (the caller preserves the model itself)."""
+    entry = _HELD.get(id(model))
+    if entry is None or entry[0] is not model or entry[2]:
+        yield False
+        return
+    entry[2] += 1
+    try:
+        yield True
+    finally:
+        entry[2] -= 1
+        restore(entry[1], changed_only=True)
 
 
 @contextmanager

@@ -81,3 +81,28 @@ def test_frozen_statistics_use_batch_statistics_and_touch_no_buffer(norm: str) -
     # the frozen pass computed exactly what an ordinary train-mode pass computes
     assert torch.equal(frozen, model(x))
     assert all(m.track_running_stats for m in model.modules() if hasattr(m, "track_running_stats"))
+
+
+def test_held_restores_what_a_covered_block_moved_and_everything_on_exit() -> None:
+    from normprobe.probes.capture import session
+    from normprobe.state import held
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    net(torch.randn(8, 3)).sum().backward()
+    net.eval()
+    grads = [p.grad.clone() for p in net.parameters()]
+    running = net[1].running_mean.clone()
+    with held(net):
+        with session(net, "train"):
+            net[1].running_mean.add_(1.0)  # moved inside a covered block: put back at its end
+            net[0].weight.grad.mul_(2.0)
+            net[2].bias.grad = None
+            net[0].extra = 1  # a plain attribute: put back when held ends
+        assert not net.training and torch.equal(net[1].running_mean, running)
+        assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads))
+        assert net[0].extra == 1
+        with session(net, "train"):  # a second covered block sees the model as found
+            assert torch.equal(net[1].running_mean, running)
+    assert not hasattr(net[0], "extra") and not net.training
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads))

@@ -62,7 +62,7 @@ from normprobe.roles import (
     weight_layers,
     weight_rule,
 )
-from normprobe.state import frozen_statistics, preserved
+from normprobe.state import frozen_statistics, held_snapshot, preserved
 
 __all__ = [
     "ProbeError",
@@ -344,8 +344,10 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
     modules = list(model.modules())
     training = mode == "train"
     with ExitStack() as stack:
-        stack.enter_context(preserved(model))
-        stack.enter_context(attributes_kept(modules))
+        # inside normprobe.state.held (a measurement step), the step's snapshot restores the model
+        if not stack.enter_context(held_snapshot(model)):
+            stack.enter_context(preserved(model))
+            stack.enter_context(attributes_kept(modules))
         stack.enter_context(frozen_statistics(model, modules))
         stack.enter_context(_forked_random_state(model, seed))
         if any(m.training != training for m in modules):
