@@ -26,12 +26,19 @@ import pandas as pd
 import torch
 from torch import nn
 
+from normprobe.hessian.hvp import NonFiniteProductError
 from normprobe.measures import MeasureInputs, enabled_measures, measure_step
 from normprobe.norms import set_total_steps
 from normprobe.norms import spec as norm_spec
 from normprobe.plan import ProbeData, RunSpec, build_run_model
 from normprobe.results import RunRecord
-from normprobe.training import label_grouped_batches, label_minibatches, make_optimizer, train
+from normprobe.training import (
+    MeasurementDiverged,
+    label_grouped_batches,
+    label_minibatches,
+    make_optimizer,
+    train,
+)
 
 __all__ = ["run_one"]
 
@@ -71,7 +78,10 @@ def run_one(
         chosen = (probes if step in spec.probe_steps else []) + (
             hessian if step in spec.hessian_steps else []
         )
-        measured = measure_step(model, step, inputs, chosen, config.probes, config.hessian)
+        try:
+            measured = measure_step(model, step, inputs, chosen, config.probes, config.hessian)
+        except NonFiniteProductError as err:  # the model blew up: a diverged run, not a failure
+            raise MeasurementDiverged(str(err)) from err
         for name in tables:
             tables[name].extend(measured[name])
         return measured["metrics"]

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from normprobe.batch import attributes_kept
+
 __all__ = [
     "preserved",
     "held",
@@ -160,8 +162,6 @@ def held(model: nn.Module) -> Iterator[nn.Module]:
     if entry is not None and entry[0] is model:
         yield model
         return
-    from normprobe.batch import attributes_kept  # normprobe.batch imports this module's users
-
     snap = snapshot(model)
     _HELD[id(model)] = [model, snap, 0]
     try:

@@ -31,6 +31,7 @@ from normprobe.norms import regularization
 from normprobe.state import frozen_statistics, preserved
 
 __all__ = [
+    "MeasurementDiverged",
     "TrainOutcome",
     "cross_entropy",
     "loss_for",
@@ -48,6 +49,12 @@ __all__ = [
 ]
 
 Measure = Callable[[int, nn.Module], list[pd.DataFrame]]
+
+
+class MeasurementDiverged(Exception):
+    """Raised by a ``measure`` callback when the model's numbers are no longer finite (e.g. a
+    Hessian-vector product overflowed): :func:`train` then ends the run as ``diverged`` at that
+    step, keeping what it recorded before, as it does for a non-finite training loss."""
 
 
 @dataclass
@@ -409,7 +416,8 @@ def train(
     progress: Callable[[int, float], None] | None = None,
     val_split: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TrainOutcome:
-    """Train for ``steps`` updates, measuring at ``measure_steps``; stop at a non-finite loss.
+    """Train for ``steps`` updates, measuring at ``measure_steps``; stop at a non-finite loss
+    (or when ``measure`` raises :class:`MeasurementDiverged`).
 
     Records ``batch_loss`` at every update and, at each measured step,
     ``train_loss``, ``train_acc`` (on the first ``eval_train_samples``
@@ -487,7 +495,16 @@ def train(
     model.train()
     for step in range(steps + 1):
         if step in measure_steps:
-            record(step)
+            try:
+                record(step)
+            except MeasurementDiverged:
+                return TrainOutcome(
+                    "diverged",
+                    _finish(frames, losses),
+                    step,
+                    time.perf_counter() - start,
+                    measure_seconds,
+                )
         if step == steps:
             break
         index = next(batches)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from normprobe.config import HessianConfig, ProbesConfig, load_config
+from normprobe.hessian.hvp import NonFiniteProductError
 from normprobe.measures import (
     MEASURES,
     Measure,
@@ -112,3 +113,25 @@ def test_run_one_needs_a_planned_spec_and_records_a_failure_as_failed() -> None:
     broken = RunSpec("batch", -1.0, 0, None, config)  # SGD refuses a negative rate
     record = run_one(broken, data)
     assert record.status == "failed" and "traceback" in record.info
+
+
+def test_a_non_finite_hessian_product_ends_the_run_as_diverged_keeping_what_it_measured() -> None:
+    """A model that blew up gives NaN curvature before a NaN loss: that is a diverged run (it
+    counts as the worst at its rate), not a failure that loses its rows and is retried."""
+
+    def overflow(model, step, inputs, probes, hessian):
+        if step > 0:
+            raise NonFiniteProductError("a Hessian-vector product is not finite")
+        return {"metrics": [pd.DataFrame({"layer": [None], "metric": ["probe"], "value": [1.0]})]}
+
+    extra = Measure("overflow", ("probes.signal",), "probes", ("model",), ("probe",), overflow)
+    register(extra)
+    try:
+        config, _ = load_config(TINY)
+        record = run_one(plan_runs(config)[0], prepare_data(config))
+    finally:
+        del MEASURES["overflow"]
+    rows = record.tables["metrics"]
+    assert record.status == "diverged" and record.diverged_step == 4
+    assert rows[rows["metric"] == "probe"]["step"].tolist() == [0]
+    assert set(rows[rows["metric"] == "test_acc"]["step"]) == {0, 4}

@@ -105,6 +105,7 @@ from normprobe.roles import is_embedding, is_normalizer
 from normprobe.state import frozen_statistics, preserved
 
 __all__ = [
+    "NonFiniteProductError",
     "LossFn",
     "NormMode",
     "ParamSelection",
@@ -333,6 +334,11 @@ def _weight_norm_decomposed(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> t
     """``g * v / ||v||`` with the norm over every axis but ``dim`` (all axes for -1), plain ops."""
     axes = list(range(v.dim())) if dim == -1 else [a for a in range(v.dim()) if a != dim % v.dim()]
     return v * (g / torch.linalg.vector_norm(v, dim=axes, keepdim=True))
+
+
+class NonFiniteProductError(HessianError):
+    """A Hessian-vector product came out NaN or infinite: the loss or its curvature overflows at
+    these parameters (a diverged model, or too coarse a dtype)."""
 
 
 class _PlainWeightNorm(TorchFunctionMode):
@@ -653,7 +659,7 @@ class HessianOperator:
 
     def _check_finite(self, total: torch.Tensor) -> None:
         if not bool(torch.isfinite(total).all()):
-            raise HessianError(
+            raise NonFiniteProductError(
                 f"a Hessian-vector product is not finite (model dtype "
                 f"{str(self.model_dtype).replace('torch.', '')}, products in "
                 f"{str(self.dtype).replace('torch.', '')}); the loss or its curvature overflows "
