@@ -1,6 +1,6 @@
 """Cost of the probes inside training, and the wall time of the quickstart analysis.
 
-    python benchmarks/analyze.py [--norms batch layer none] [--repeats 3] [--no-quickstart]
+    python benchmarks/analyze.py [--norms batch layer none] [--repeats 3] [--no-quickstart] [--quick]
 
 1. Probe overhead: ``analyses/quickstart.yaml`` restricted to ``--norms``,
    the Hessian off, trained twice side by side (interleaved, ``--repeats``
@@ -104,7 +104,12 @@ def main() -> None:
     parser.add_argument("--norms", nargs="+", default=["batch", "layer", "none"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-quickstart", action="store_true")
+    parser.add_argument(
+        "--quick", action="store_true", help="the probe overhead only (for benchmarks/summary.py)"
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.no_quickstart = True
     print(
         f"normprobe analyze benchmark: torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start"

@@ -1,6 +1,6 @@
 """Overhead of normprobe.Monitor in a plain PyTorch training loop.
 
-    python benchmarks/monitor.py [--models mlp wrn] [--repeats 3] [--steps 300] [--hessian]
+    python benchmarks/monitor.py [--models mlp wrn] [--repeats 3] [--steps 300] [--hessian] [--quick]
 
 The same loop (SGD with momentum 0.9, lr 0.05, batch 64, BatchNorm, digits)
 is timed side by side, interleaved over ``--repeats`` rounds: without a
@@ -123,7 +123,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--hessian", action="store_true", help="also time the Hessian case")
+    parser.add_argument("--quick", action="store_true", help="2 rounds (for benchmarks/summary.py)")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 2
     print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
     cases = ["plain", "probes every 50", "probes, no folder", "bare probe passes"]
     cases += ["probes + Hessian"] if args.hessian else []
