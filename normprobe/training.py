@@ -492,19 +492,18 @@ def train(
             frames.extend(measure(step, model))
         measure_seconds += time.perf_counter() - t0
 
+    def outcome(status: Literal["done", "diverged"], step: int | None) -> TrainOutcome:
+        return TrainOutcome(
+            status, _finish(frames, losses), step, time.perf_counter() - start, measure_seconds
+        )
+
     model.train()
     for step in range(steps + 1):
         if step in measure_steps:
             try:
                 record(step)
             except MeasurementDiverged:
-                return TrainOutcome(
-                    "diverged",
-                    _finish(frames, losses),
-                    step,
-                    time.perf_counter() - start,
-                    measure_seconds,
-                )
+                return outcome("diverged", step)
         if step == steps:
             break
         index = next(batches)
@@ -513,21 +512,13 @@ def train(
         value = loss.item()
         losses.append(value)
         if not math.isfinite(value):
-            return TrainOutcome(
-                "diverged",
-                _finish(frames, losses),
-                step,
-                time.perf_counter() - start,
-                measure_seconds,
-            )
+            return outcome("diverged", step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if progress is not None:
             progress(step + 1, value)
-    return TrainOutcome(
-        "done", _finish(frames, losses), None, time.perf_counter() - start, measure_seconds
-    )
+    return outcome("done", None)
 
 
 def _finish(frames: list[pd.DataFrame], losses: list[float]) -> list[pd.DataFrame]:
