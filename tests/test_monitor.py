@@ -26,6 +26,7 @@ from normprobe.norms import set_total_steps
 from normprobe.plan import build_run_model, plan_runs, prepare_data
 from normprobe.plotting import plot_results
 from normprobe.results import load_results
+from normprobe.threads import torch_threads
 from normprobe.training import make_optimizer, minibatches, training_loss
 
 STEPS = 6
@@ -48,7 +49,10 @@ def _tables(results: normprobe.Results) -> dict[str, pd.DataFrame]:
 
 
 def test_monitor_results_are_bit_identical_to_analyze(tmp_path: Path) -> None:
-    expected = analyze(CONFIG, out=tmp_path / "analysis", quiet=True)
+    # the analysis at this process's thread count, which the monitor (in the user's loop) keeps
+    expected = analyze(
+        CONFIG, out=tmp_path / "analysis", quiet=True, threads=torch.get_num_threads()
+    )
     config = load_config(CONFIG)[0]
     spec = plan_runs(config)[0]
     data = prepare_data(config)
@@ -302,7 +306,8 @@ def test_a_killed_monitor_loses_at_most_the_measurement_in_progress(tmp_path: Pa
     # the same loop, not killed, closed after the last step seen: the same rows up to it
     namespace: dict = {}
     exec(compile(CRASHING_LOOP, str(script), "exec"), namespace)
-    whole = namespace["loop"](tmp_path / "whole", measured[-1]).close()
+    with torch_threads(1):  # the child's count (OMP_NUM_THREADS=1): CPU sums depend on it
+        whole = namespace["loop"](tmp_path / "whole", measured[-1]).close()
     last = measured[-1]
     for table in ("metrics", "hessian_nodes", "hessian_density"):
         got, want = getattr(crashed, table), getattr(whole, table)
