@@ -272,15 +272,22 @@ def write_run(directory: Path, record: RunRecord) -> Path:
     """Write one run's folder atomically: build it under a temporary name, then rename."""
     with _staged_run_folder(directory, record) as tmp:
         files = {}
-        for name, frame in record.tables.items():
-            if name not in RUN_TABLES:
-                raise ValueError(f"unknown run table {name!r}; expected one of {RUN_TABLES}")
-            if frame is not None and len(frame):
-                file = tmp / f"{name}.parquet"
-                _with_identity(frame, record).to_parquet(file, index=False)
-                files[file.name] = file_digest(file)
+        for name, table in _run_tables(record):
+            file = tmp / f"{name}.parquet"
+            table.to_parquet(file, index=False)
+            files[file.name] = file_digest(file)
         write_json_atomic(tmp / "run.json", {**record.summary(), FILES_KEY: files})
     return directory / "runs" / record.run
+
+
+def _run_tables(record: RunRecord) -> Iterator[tuple[str, pd.DataFrame]]:
+    """The record's non-empty tables, each with the run's identity columns (a table name outside
+    :data:`RUN_TABLES` is an error)."""
+    for name, frame in record.tables.items():
+        if name not in RUN_TABLES:
+            raise ValueError(f"unknown run table {name!r}; expected one of {RUN_TABLES}")
+        if frame is not None and len(frame):
+            yield name, _with_identity(frame, record)
 
 
 @contextmanager
@@ -366,19 +373,16 @@ def finish_run(directory: Path, record: RunRecord) -> Path:
     if not (final / PARTS).is_dir():
         return write_run(directory, record)
     files = {}
-    for name, frame in record.tables.items():
-        if name not in RUN_TABLES:
-            raise ValueError(f"unknown run table {name!r}; expected one of {RUN_TABLES}")
-        if frame is not None and len(frame):
-            file = final / f"{name}.parquet"
-            tmp = final / f".{file.name}.tmp"
-            try:
-                _with_identity(frame, record).to_parquet(tmp, index=False)
-                os.replace(tmp, file)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            files[file.name] = file_digest(file)
+    for name, table in _run_tables(record):
+        file = final / f"{name}.parquet"
+        tmp = final / f".{file.name}.tmp"
+        try:
+            table.to_parquet(tmp, index=False)
+            os.replace(tmp, file)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        files[file.name] = file_digest(file)
     write_json_atomic(final / "run.json", {**record.summary(), FILES_KEY: files})
     shutil.rmtree(final / PARTS, ignore_errors=True)
     return final
