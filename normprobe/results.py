@@ -349,14 +349,19 @@ def write_part(
     for name, frame in [*tables.items(), ("metrics", metrics)]:
         if name not in RUN_TABLES:
             raise ValueError(f"unknown run table {name!r}; expected one of {RUN_TABLES}")
-        path = parts / f"{number:06d}.{name}.parquet"
-        tmp = parts / f".{path.name}.tmp"
-        try:
-            frame.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        _write_parquet_atomic(frame, parts / f"{number:06d}.{name}.parquet")
+
+
+def _write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+    """Write ``frame`` to ``path`` under a temporary name in the same folder, then rename it, so a
+    reader sees the old file or the whole new one, never a part."""
+    tmp = path.parent / f".{path.name}.tmp"
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def finish_run(directory: Path, record: RunRecord) -> Path:
@@ -375,13 +380,7 @@ def finish_run(directory: Path, record: RunRecord) -> Path:
     files = {}
     for name, table in _run_tables(record):
         file = final / f"{name}.parquet"
-        tmp = final / f".{file.name}.tmp"
-        try:
-            table.to_parquet(tmp, index=False)
-            os.replace(tmp, file)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        _write_parquet_atomic(table, file)
         files[file.name] = file_digest(file)
     write_json_atomic(final / "run.json", {**record.summary(), FILES_KEY: files})
     shutil.rmtree(final / PARTS, ignore_errors=True)
