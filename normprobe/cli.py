@@ -126,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and N)",
     )
     p_an.add_argument(
+        "--threads",
+        type=_threads_arg,
+        metavar="N",
+        help="torch CPU threads of every run, a number or auto, for this call only: it replaces "
+        "train.threads without changing the config (its hash), so a folder's runs resume "
+        "under it; a number other than the finished runs' count is refused",
+    )
+    p_an.add_argument(
         "--address",
         metavar="ADDR",
         help="the Ray cluster to submit to (with --executor ray): 'auto' for the cluster this "
@@ -206,7 +214,7 @@ def add_figures_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["quick", "paper"],
         default="quick",
         help="quick: digits, small networks, minutes on a CPU (default); paper: the "
-        "paper\'s settings from analyses/<group>.paper.yaml (needs the datasets, and a GPU)",
+        "paper's settings from analyses/<group>.paper.yaml (needs the datasets, and a GPU)",
     )
     parser.add_argument(
         "--analyses", metavar="DIR", default="analyses", help="folder of the group YAML files"
@@ -251,6 +259,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _threads_arg(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     results = analyze(
         args.config,
@@ -261,6 +273,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         executor=args.executor,
         jobs=args.jobs,
         address=args.address,
+        threads=args.threads,
     )
     if not args.quiet and len(results.runs):
         table = results.summary()

@@ -213,3 +213,22 @@ def test_figures_refuse_a_bad_thread_count_before_running() -> None:
 
     with pytest.raises(NormprobeError, match=r"^--threads: give a positive number"):
         regenerate(threads=0, analyses=Path(__file__).resolve().parents[1] / "analyses")
+
+
+def test_analyze_takes_threads_on_the_command_line_and_a_resume_keeps_the_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from normprobe.cli import main
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = str(tmp_path / "out")
+    assert main(["analyze", str(config), "--out", out, "--quiet", "--threads", "2"]) == 0
+    runs = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    assert {r["threads"] for r in runs} == {2}
+    capsys.readouterr()
+    assert main(["analyze", str(config), "--out", out, "--quiet", "--threads", "1"]) == 2
+    assert "trained with 2 torch thread(s)" in capsys.readouterr().err
+    assert main(["analyze", str(config), "--out", out, "--quiet"]) == 0  # auto resumes with 2
