@@ -2,6 +2,7 @@
 
     python benchmarks/hessian.py [--models mlp wrn quickstart] [--repeats 7] [--steps 100]
         [--threads N] [--no-pyhessian] [--trace] [--memory 1e6 1e7] [--quick]
+        [--spectrum-sizes 1e6 1e7] [--spectrum-vectors 4 1]
 
 ``--quick`` runs every ratio once on all three models, small (about 5
 minutes at one thread on a loaded 2-core machine); each ratio is also
@@ -40,6 +41,11 @@ SGD steps (RMS error over 30 seeds). ``--memory`` times SLQ's Lanczos
 parameter counts for each basis option, with the basis's bytes, the peak
 resident memory of the process and the accuracy against the float64 full
 basis, and says how large a model this machine's free memory allows.
+``--spectrum-sizes 1e6 1e7 5e7`` (with ``--spectrum-vectors 4 4 1``) runs
+``hessian_spectrum``'s density (80 steps) and top-10 end to end on float32
+BatchNorm MLPs of about those parameter counts, each in a process of its
+own: the basis dtype it chose, the peak memory it added, the time and
+products of each piece.
 
 Printed ratios (targets from the issue): HVP time / gradient time (<= 2.5,
 train mode, graphs cached); SLQ(m) time / (m x HVP time) (<= 1.1, full
@@ -62,6 +68,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 import os
 import statistics
 import time
@@ -811,10 +818,69 @@ def memory_scaling(sizes: list[int], steps: int = 80) -> None:
         print(f"    {label:38s} {0.8 * free / per / 1e6:8.1f} M parameters (basis alone)")
 
 
+def _width_for(params: float, depth: int = 4) -> int:
+    """The width of a ``depth``-layer digits MLP (64 inputs, 10 classes) with about ``params`` parameters."""
+    a, b = depth - 1, 64 + 10 + 3 * depth  # a w^2 + b w (weights, biases, batch norm gains)
+    return int((-b + math.sqrt(b * b + 4 * a * params)) / (2 * a))
+
+
+def _spectrum_alone(width: int, vectors: int, out) -> None:
+    """hessian_spectrum's density (80 steps) and top-10 in a fresh process: its peak memory and time."""
+    torch.set_num_threads(1)
+    model = normprobe.build_model("mlp", "batch", seed=0, depth=4, width=width, input_shape=64)
+    x, y = probe_set("mlp", 64)
+    before = _peak_rss()
+    spec = hessian_spectrum(
+        model,
+        F.cross_entropy,
+        (x, y),
+        what=("density", "top"),
+        steps=80,
+        num_vectors=vectors,
+        k=10,
+        n_samples=64,
+        chunk_size=64,
+    )
+    out.put(
+        (
+            spec.dim,
+            spec.basis_dtype,
+            _peak_rss() - before,
+            dict(spec.seconds),
+            dict(spec.matvecs),
+            float(spec.top_eigenvalues[0]),
+            bool(spec.top.all_converged),
+        )
+    )
+
+
+def model_scaling(sizes: list[int], vectors: list[int]) -> None:
+    """hessian_spectrum end to end on float32 BatchNorm MLPs of the given sizes, one process each."""
+    print(
+        "\n== hessian_spectrum, density (80 steps) and top-10, float32 BatchNorm MLP of depth 4, "
+        "64 samples, one thread =="
+    )
+    ctx = mp.get_context("spawn")
+    for params, n_vectors in zip(sizes, vectors):
+        width = _width_for(params)
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_spectrum_alone, args=(width, n_vectors, queue))
+        proc.start()
+        dim, kept, peak, seconds, matvecs, top, converged = queue.get()
+        proc.join()
+        print(
+            f"  {dim:>11,} params (width {width}), {n_vectors} start vector(s): {kept} basis "
+            f"{basis_bytes(80, dim, getattr(torch, kept)) / 2**30:.2f} GiB, peak memory "
+            f"+{peak / 2**30:.2f} GiB; density {seconds['density']:.0f} s ({matvecs['density']} "
+            f"HVPs), top-10 {seconds['top']:.0f} s ({matvecs['top']} HVPs), lambda_1 "
+            f"{top:.4g}, converged {converged}; load {os.getloadavg()[0]:.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--models", nargs="+", default=["mlp", "wrn"], choices=["mlp", "wrn", "quickstart"]
+        "--models", nargs="*", default=["mlp", "wrn"], choices=["mlp", "wrn", "quickstart"]
     )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=100, help="Lanczos steps m")
@@ -826,6 +892,20 @@ def main() -> None:
     )
     parser.add_argument(
         "--accuracy", type=float, default=1e-3, help="top-10 max relative error to match"
+    )
+    parser.add_argument(
+        "--spectrum-sizes",
+        nargs="*",
+        type=float,
+        default=[],
+        help="parameter counts for hessian_spectrum end to end (density and top-10)",
+    )
+    parser.add_argument(
+        "--spectrum-vectors",
+        nargs="*",
+        type=int,
+        default=[],
+        help="SLQ start vectors per --spectrum-sizes entry (default 4 each)",
     )
     parser.add_argument(
         "--quick",
@@ -864,9 +944,14 @@ def main() -> None:
         bench(name, args.repeats, steps, compare, args.accuracy, quick=args.quick)
     if args.trace:
         trace_errors(seeds=10, budgets=(48,)) if args.quick else trace_errors()
-    arpack_wrapper(126_218, args.repeats)
+    if args.models:
+        arpack_wrapper(126_218, args.repeats)
     if args.memory:
         memory_scaling([int(n) for n in args.memory])
+    if args.spectrum_sizes:
+        sizes = [int(n) for n in args.spectrum_sizes]
+        vectors = args.spectrum_vectors + [4] * (len(sizes) - len(args.spectrum_vectors))
+        model_scaling(sizes, vectors)
     print(f"\ntotal {time.perf_counter() - start:.0f} s, load average now {os.getloadavg()[0]:.2f}")
     print(f"LOAD before {load_before:.2f} after {os.getloadavg()[0]:.2f}")
     for name, (value, target) in RATIOS.items():

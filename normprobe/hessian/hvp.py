@@ -79,6 +79,7 @@ from normprobe.batch import (
     Inputs,
     OutputPick,
     Targets,
+    all_finite,
     attributes_kept,
     batch_size,
     call_args,
@@ -334,23 +335,6 @@ def _weight_norm_decomposed(v: torch.Tensor, g: torch.Tensor, dim: int = 0) -> t
     """``g * v / ||v||`` with the norm over every axis but ``dim`` (all axes for -1), plain ops."""
     axes = list(range(v.dim())) if dim == -1 else [a for a in range(v.dim()) if a != dim % v.dim()]
     return v * (g / torch.linalg.vector_norm(v, dim=axes, keepdim=True))
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether every entry of ``t`` is finite, at the cost of one sum.
-
-    A NaN or an infinity makes the sum non-finite, so a finite sum settles it;
-    a non-finite sum of finite entries (an overflow) is told apart by the
-    exact elementwise test, which runs only then. ``isfinite(t).all()``
-    alone costs ten times the sum (a boolean tensor per call), once per
-    Hessian-vector product.
-
-    >>> all_finite(torch.tensor([1.0, 2.0])), all_finite(torch.tensor([1.0, float("nan")]))
-    (True, False)
-    >>> all_finite(torch.tensor([3e38, 3e38]))  # the sum overflows, the entries do not
-    True
-    """
-    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class NonFiniteProductError(HessianError):

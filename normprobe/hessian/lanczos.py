@@ -185,7 +185,8 @@ def _reorthogonalize(q: torch.Tensor, w: torch.Tensor) -> tuple[float, torch.Ten
     """
     before = _norm(w)
     h = _coefficients(q, w)
-    w.addmv_(q.T, h.to(w.dtype), alpha=-1)  # one pass over the basis and w (the subtraction fused in)
+    # one pass over the basis and w (the subtraction fused in)
+    w.addmv_(q.T, h.to(w.dtype), alpha=-1)
     da = float(h[-1])
     after = _norm(w)
     if after < before / math.sqrt(2.0):

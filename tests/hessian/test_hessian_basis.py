@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 
 import numpy as np
-import scipy.stats
 import pytest
+import scipy.stats
 import torch
 from torch import nn
 
