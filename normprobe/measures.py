@@ -42,6 +42,7 @@ from normprobe.probes.capture import is_normalizer
 from normprobe.probes.gradients import growth_of, statistics_columns
 from normprobe.probes.signal import representation_columns
 from normprobe.probes.structure import batch_dependence, signal_statistics, train_eval_gap
+from normprobe.rows import Columns, Rows, joined
 from normprobe.state import held
 from normprobe.training import loss_for, norm_batch_of
 
@@ -60,9 +61,7 @@ __all__ = [
 Batch = tuple[torch.Tensor, torch.Tensor]
 #: the tables a measure may write (besides ``metrics``, the Hessian's SLQ nodes and densities)
 TABLES = ("metrics", "hessian_nodes", "hessian_density")
-Tables = dict[str, list[pd.DataFrame]]
-#: a table's rows as columns (name -> values), made a frame once, with the step column
-Columns = Mapping[str, list[Any]]
+Tables = dict[str, list[pd.DataFrame | Rows]]
 
 
 @dataclass(frozen=True)
@@ -172,6 +171,8 @@ def measure_step(
     measures: Iterable[Measure],
     probes: ProbesConfig,
     hessian: HessianConfig,
+    *,
+    lazy: bool = False,
 ) -> Tables:
     """Run ``measures`` on ``model`` at ``step``; frames per table, each with a ``step`` column.
 
@@ -179,48 +180,32 @@ def measure_step(
     The rows measures give as columns are kept as lists until the step
     ends and made one frame (per run of consecutive such measures), the same
     rows and dtypes as joining a frame per measure, for a fraction of the
-    pandas work.
+    pandas work. With ``lazy``, they are not made frames at all but
+    returned as :class:`~normprobe.rows.Rows` for the caller to join with
+    the rest of its run (:func:`~normprobe.rows.frame_of`): one frame per
+    run instead of one per step.
     """
     out: Tables = {name: [] for name in TABLES}
-    pending: dict[str, list[Columns]] = {name: [] for name in TABLES}
+    pending: dict[str, list[Rows]] = {name: [] for name in TABLES}
     with held(model):  # one snapshot of the model's state for the whole step
         computed = [m.compute(model, step, inputs, probes, hessian) for m in measures]
     for tables in computed:
         for table, frames in tables.items():
             for frame in frames:
                 if isinstance(frame, Mapping):
-                    pending[table].append(frame)
+                    if lazy:
+                        out[table].append(Rows(step, frame))
+                    else:
+                        pending[table].append(Rows(step, frame))
                     continue
                 if pending[table]:
-                    out[table].append(_joined(pending[table], step))
+                    out[table].append(joined(pending[table]))
                     pending[table] = []
                 out[table].append(_tagged(frame, step))
     for table, blocks in pending.items():
         if blocks:
-            out[table].append(_joined(blocks, step))
+            out[table].append(joined(blocks))
     return out
-
-
-def _joined(blocks: list[Columns], step: int) -> pd.DataFrame:
-    """One frame of several measures' columns, with the step column: the rows and dtypes of
-    ``pd.concat`` of a frame per block (a column a block lacks is NaN there; a column that a
-    block gives as all None is an object column, as a frame of that block would make it)."""
-    sizes = [len(next(iter(block.values()), ())) for block in blocks]
-    if len(blocks) == 1:
-        return pd.DataFrame({"step": np.full(sizes[0], step, dtype=np.int64), **blocks[0]})
-    data: dict[str, Any] = {"step": np.full(sum(sizes), step, dtype=np.int64)}
-    for name in dict.fromkeys(key for block in blocks for key in block):
-        values: list[Any] = []
-        objects = False
-        for block, n in zip(blocks, sizes):
-            column = block.get(name)
-            if column is None:
-                values.extend([np.nan] * n)
-            else:
-                values.extend(column)
-                objects = objects or (n > 0 and all(v is None for v in column))
-        data[name] = pd.Series(values, dtype=object) if objects else values
-    return pd.DataFrame(data)
 
 
 def _tagged(frame: pd.DataFrame | Columns, step: int) -> pd.DataFrame:

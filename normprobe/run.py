@@ -32,6 +32,7 @@ from normprobe.norms import set_total_steps
 from normprobe.norms import spec as norm_spec
 from normprobe.plan import ProbeData, RunSpec, build_run_model
 from normprobe.results import RunRecord
+from normprobe.rows import Rows, frame_of
 from normprobe.training import (
     MeasurementDiverged,
     label_grouped_batches,
@@ -65,7 +66,7 @@ def run_one(
     start = time.perf_counter()
     probes = enabled_measures(config.probes, config.hessian, schedule="probes")
     hessian = enabled_measures(config.probes, config.hessian, schedule="hessian")
-    tables: dict[str, list[pd.DataFrame]] = {"hessian_nodes": [], "hessian_density": []}
+    tables: dict[str, list[pd.DataFrame | Rows]] = {"hessian_nodes": [], "hessian_density": []}
     inputs = MeasureInputs(
         data.batch_a,
         data.batch_b,
@@ -74,12 +75,14 @@ def run_one(
         getattr(data.dataset, "num_classes", None),
     )
 
-    def measure(step: int, model: nn.Module) -> list[pd.DataFrame]:
+    def measure(step: int, model: nn.Module) -> list[pd.DataFrame | Rows]:
         chosen = (probes if step in spec.probe_steps else []) + (
             hessian if step in spec.hessian_steps else []
         )
         try:
-            measured = measure_step(model, step, inputs, chosen, config.probes, config.hessian)
+            measured = measure_step(
+                model, step, inputs, chosen, config.probes, config.hessian, lazy=True
+            )
         except NonFiniteProductError as err:  # the model blew up: a diverged run, not a failure
             raise MeasurementDiverged(str(err)) from err
         for name in tables:
@@ -163,10 +166,10 @@ def run_one(
     finally:
         if bar is not None:
             bar.close()
-    out = {"metrics": pd.concat(outcome.frames, ignore_index=True, sort=False)}
+    out = {"metrics": outcome.table()}  # the run's rows made one frame, once
     for name, frames in tables.items():
         if frames:
-            out[name] = pd.concat(frames, ignore_index=True, sort=False)
+            out[name] = frame_of(frames)
     return RunRecord(
         spec.run,
         spec.normalizer,

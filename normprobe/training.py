@@ -28,6 +28,7 @@ from torch import nn
 
 from normprobe.batch import prediction
 from normprobe.norms import regularization
+from normprobe.rows import Rows, frame_of
 from normprobe.state import frozen_statistics, preserved
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "label_minibatches",
     "label_grouped_batches",
     "evaluate",
+    "metric_block",
     "metric_rows",
     "evaluate_batch_stats",
     "norm_batch_of",
@@ -48,7 +50,7 @@ __all__ = [
     "training_loss",
 ]
 
-Measure = Callable[[int, nn.Module], list[pd.DataFrame]]
+Measure = Callable[[int, nn.Module], list[pd.DataFrame | Rows]]
 
 
 class MeasurementDiverged(Exception):
@@ -59,13 +61,27 @@ class MeasurementDiverged(Exception):
 
 @dataclass
 class TrainOutcome:
-    """What a run produced: its status, tidy metric rows and timings."""
+    """What a run produced: its status, tidy metric rows and timings.
+
+    ``items``: the rows in the order recorded, frames or blocks of columns
+    (:class:`~normprobe.rows.Rows`); :meth:`table` makes them one frame,
+    :attr:`frames` a frame each.
+    """
 
     status: Literal["done", "diverged"]
-    frames: list[pd.DataFrame] = field(default_factory=list)
+    items: list[pd.DataFrame | Rows] = field(default_factory=list)
     diverged_step: int | None = None
     seconds: float = 0.0
     measure_seconds: float = 0.0
+
+    @property
+    def frames(self) -> list[pd.DataFrame]:
+        """A frame per recorded block, in order."""
+        return [frame_of([item]) for item in self.items]
+
+    def table(self) -> pd.DataFrame:
+        """Every row in one frame: what concatenating :attr:`frames` gives."""
+        return frame_of(self.items)
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -396,6 +412,25 @@ def metric_rows(step: int, values: dict[str, float]) -> pd.DataFrame:
     )
 
 
+def metric_block(step: int, values: dict[str, float]) -> Rows:
+    """:func:`metric_rows` as a block of columns, for a run that makes its frame at the end.
+
+    >>> values = {"train_loss": 0.5, "test_acc": 0.9}
+    >>> frame_of([metric_block(3, values)]).equals(metric_rows(3, values))
+    True
+    """
+    n = len(values)
+    return Rows(
+        step,
+        {
+            "layer": [None] * n,
+            "depth": [float("nan")] * n,
+            "metric": list(values),
+            "value": list(values.values()),
+        },
+    )
+
+
 def train(
     model: nn.Module,
     train_split: tuple[torch.Tensor, torch.Tensor],
@@ -445,7 +480,7 @@ def train(
     x_eval, y_eval = x_train[:eval_train_samples], y_train[:eval_train_samples]
     if batches is None:
         batches = minibatches(len(x_train), batch_size, torch.Generator().manual_seed(seed))
-    frames: list[pd.DataFrame] = []
+    frames: list[pd.DataFrame | Rows] = []  # made one frame per run, at the end
     losses: list[float] = []
     measure_seconds = 0.0
 
@@ -468,7 +503,7 @@ def train(
             values["val_loss"], values["val_acc"] = val_loss, val_acc
             if per_token:
                 values["val_perplexity"] = _perplexity(val_loss)
-        frames.append(metric_rows(step, values))
+        frames.append(metric_block(step, values))
         if batch_stats_size is not None or batch_stats_batches is not None:
             on_train, on_test = batch_stats_batches or (None, None)
             train_loss, train_acc = evaluate_batch_stats(
@@ -478,7 +513,7 @@ def train(
                 model, *test_split, batch_size=batch_stats_size, batches=on_test
             )
             frames.append(
-                metric_rows(
+                metric_block(
                     step,
                     {
                         "train_loss_batchstats": train_loss,
@@ -521,7 +556,7 @@ def train(
     return outcome("done", None)
 
 
-def _finish(frames: list[pd.DataFrame], losses: list[float]) -> list[pd.DataFrame]:
+def _finish(frames: list[pd.DataFrame | Rows], losses: list[float]) -> list[pd.DataFrame | Rows]:
     """Append the per-update minibatch losses as one frame."""
     if losses:
         frames = [
