@@ -141,12 +141,16 @@ def top_k_cost(dim: int, k: int, dtype: torch.dtype = torch.float64) -> tuple[st
     Hessian cost at least, the way :func:`~normprobe.hessian.lanczos.extreme_eigenpairs` finds
     them.
 
-    ARPACK keeps ``ncv = min(dim, max(2k + 1, 20))`` Lanczos vectors of ``dim`` numbers and needs
-    at least ``ncv`` products; the dense fallback (``dim <= 64`` or ``k >= dim - 1``) builds the
-    ``dim x dim`` Hessian (and an identity of that size) with ``dim`` products.
+    ARPACK keeps ``ncv = min(dim, max(2k + 1, 20))`` Lanczos vectors of ``dim`` numbers, three
+    work vectors, the start vector and a product's input and output, and needs at least ``ncv``
+    products; its ``k`` eigenvectors come out in an array of their own and are returned as a
+    ``(k, dim)`` tensor: ``(ncv + 6 + 2k) * dim`` numbers (376 bytes per parameter for the top
+    10 in float64; a 50M-parameter model's top-10 needs 17.5 GiB).
+    The dense fallback (``dim <= 64`` or ``k >= dim - 1``) builds the ``dim x dim`` Hessian (and
+    an identity of that size) with ``dim`` products.
 
     >>> top_k_cost(126_218, 10)
-    ('arpack', 21204624, 21)
+    ('arpack', 47457968, 21)
     >>> top_k_cost(126_218, 126_217)[:2]
     ('dense', 254895736384)
     """
@@ -154,7 +158,7 @@ def top_k_cost(dim: int, k: int, dtype: torch.dtype = torch.float64) -> tuple[st
     if dim <= DENSE_DIM or k >= dim - 1:
         return "dense", dim * dim * (8 + itemsize), dim
     ncv = min(dim, max(2 * k + 1, 20))
-    return "arpack", ncv * dim * itemsize, ncv
+    return "arpack", (ncv + 6 + 2 * k) * dim * itemsize, ncv
 
 
 def check_top_k_fits(
@@ -177,7 +181,7 @@ def check_top_k_fits(
     >>> check_top_k_fits(126_218, 100_000, max_matvecs=1000, budget=16 * 2**30)
     Traceback (most recent call last):
     ...
-    normprobe.hessian.basis.TopKCostError: k: 100000 eigenvalues of a Hessian of dimension 126,218 need ARPACK to keep 126,218 vectors (118.70 GiB) and at least 126,218 Hessian-vector products, more than the 16.00 GiB available and more than its budget of 1000 products (max_matvecs); use k <= 499
+    normprobe.hessian.basis.TopKCostError: k: 100000 eigenvalues of a Hessian of dimension 126,218 need ARPACK to keep 126,218 Lanczos vectors and 100,000 eigenvectors (306.78 GiB) and at least 126,218 Hessian-vector products, more than the 16.00 GiB available and more than its budget of 1000 products (max_matvecs); use k <= 499
     """
     method, need, products = top_k_cost(dim, k, dtype)
     if budget is None:
@@ -190,7 +194,8 @@ def check_top_k_fits(
     itemsize = torch.empty((), dtype=dtype).element_size()
     # the largest k whose ARPACK run fits both limits (the dense path is only taken near k = dim)
     by_products = dim if max_matvecs is None else (max_matvecs - 1) // 2
-    by_memory = by_products if budget is None else (budget // (dim * itemsize) - 1) // 2
+    # (ncv + 6 + 2k) vectors with ncv = 2k + 1 (where k is large enough to matter)
+    by_memory = by_products if budget is None else (budget // (dim * itemsize) - 7) // 4
     fit = max(0, min(by_products, by_memory, dim - 2))
     if method == "dense":
         what = (
@@ -199,8 +204,8 @@ def check_top_k_fits(
         )
     else:
         what = (
-            f"ARPACK to keep {products:,} vectors ({_gib(need)}) and at least {products:,} "
-            "Hessian-vector products"
+            f"ARPACK to keep {products:,} Lanczos vectors and {k:,} eigenvectors "
+            f"({_gib(need)}) and at least {products:,} Hessian-vector products"
         )
     limits = []
     if too_big:

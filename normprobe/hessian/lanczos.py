@@ -979,14 +979,17 @@ def extreme_eigenpairs(
             mu, vecs = np.zeros(0), np.zeros((dim, 0))
             message = f"ARPACK failed after {count[0]} matvecs ({err}); every value is NaN"
         order = np.argsort(mu)[::-1]
-        mu, vecs = np.asarray(mu, dtype=np.float64)[order], np.asarray(vecs)[:, order]
+        mu, columns = np.asarray(mu, dtype=np.float64)[order], order
+    if method == "dense":
+        columns = np.arange(len(mu))
     values = np.full(k, np.nan)
     residuals = np.full(k, np.nan)
     vectors = torch.full((k, dim), float("nan"), dtype=dtype, device=device)
     found = len(mu)
     values[:found] = mu if which == "largest" else offset - mu
     for i in range(found):
-        v = torch.as_tensor(np.ascontiguousarray(vecs[:, i]), dtype=dtype).to(device)
+        # column by column: a reordered copy of every eigenvector at once cost another k * dim
+        v = torch.as_tensor(np.ascontiguousarray(vecs[:, columns[i]]), dtype=dtype).to(device)
         v = v / torch.linalg.vector_norm(v)
         vectors[i] = v
         residuals[i] = float(torch.linalg.vector_norm(counted(v) - values[i] * v))
