@@ -105,11 +105,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-quickstart", action="store_true")
     parser.add_argument(
-        "--quick", action="store_true", help="the probe overhead only (for benchmarks/summary.py)"
+        "--quick",
+        action="store_true",
+        help="the probe overhead only, median of 5 (for benchmarks/summary.py)",
     )
     args = parser.parse_args()
-    if args.quick:
-        args.no_quickstart = True
+    if args.quick:  # five rounds: the ratio of two ~9 s runs moves by several points between rounds
+        args.no_quickstart, args.repeats = True, max(args.repeats, 5)
     print(
         f"normprobe analyze benchmark: torch {torch.__version__}, {torch.get_num_threads()} "
         f"threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start"

@@ -805,7 +805,7 @@ def memory_scaling(sizes: list[int], steps: int = 80) -> None:
                 f"  {dim:>11,} params  {label:30s} basis "
                 f"{basis_bytes(steps, dim, basis_dtype) / 2**20:6.0f} MiB, peak memory "
                 f"+{peak / 2**20:6.0f} MiB, {seconds / steps * 1e3:6.1f} ms per step "
-                f"({passes} reorth.), vs default: {_accuracy(ref, out, 50.0)}"
+                f"({passes} reorth.), vs float64 full: {_accuracy(ref, out, 50.0)}"
             )
     free = available_bytes("cpu") or 0
     print(f"  free memory now {free / 2**30:.1f} GiB; largest model whose basis takes 80% of it:")

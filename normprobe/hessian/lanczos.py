@@ -489,7 +489,8 @@ class _LanczosRun:
             w.add_(basis[j - 1], alpha=-self.beta[j - 1].item())
         q = basis[: j + 1]
         watch = self.watch
-        if watch is None or watch.due:
+        done = watch is None or watch.due  # this step reorthogonalizes anyway
+        if done:
             da, after = _reorthogonalize(q, w)
             a += da
             self.reorthogonalized += 1
@@ -497,7 +498,9 @@ class _LanczosRun:
             after = _norm(w)
         b = float(after)
         if watch is not None and j + 1 < self.steps and b > 0 and math.isfinite(b):
-            if watch.advance(self.alpha[:j].numpy(), self.beta[:j].numpy(), a, b) and not watch.due:
+            # once per step at most: where the estimate's rounding floor is above sqrt(eps)
+            # (float32 products of more than about 34M parameters) it says "now" every step
+            if watch.advance(self.alpha[:j].numpy(), self.beta[:j].numpy(), a, b) and not done:
                 da, after = _reorthogonalize(q, w)
                 a += da
                 b = float(after)

@@ -433,6 +433,23 @@ def test_partial_reorthogonalization_with_float32_products_in_a_float64_basis() 
     np.testing.assert_allclose(np.sort(top)[::-1], eigs[::-1][:10], rtol=1e-5)
 
 
+def test_partial_reorthogonalization_never_passes_twice_in_a_step() -> None:
+    """Where the estimate's rounding floor ``sqrt(dim) eps / 2`` exceeds ``sqrt(eps)`` (float32
+    products of more than about 34M parameters; here coarse products of 2,000), it asks for a
+    pass every step: one, as full reorthogonalization makes, not two (it made 2 per step)."""
+    dim, steps = 2000, 40
+    d = _hessian_like_diagonal(dim)
+    runs = {
+        mode: lanczos(
+            d.mul, dim, steps, generator=torch.Generator().manual_seed(0),
+            reorthogonalize=mode, matvec_eps=1e-2,
+        )  # fmt: skip
+        for mode in ("full", "partial")
+    }
+    assert runs["partial"].reorthogonalizations <= steps
+    np.testing.assert_allclose(runs["partial"].alpha, runs["full"].alpha, rtol=0, atol=1e-12)
+
+
 def test_partial_reorthogonalization_above_100k_matches_exact_moments() -> None:
     dim = 126_218
     d = _hessian_like_diagonal(dim)
