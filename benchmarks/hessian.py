@@ -101,6 +101,7 @@ from normprobe.hessian import (
     stochastic_lanczos_quadrature,
     xtrace,
 )
+from normprobe.hessian.basis import TopKCostError
 from normprobe.hessian.spectrum import BATCHED_MAX_DIM
 from normprobe.state import frozen_statistics, preserved
 
@@ -825,39 +826,43 @@ def _width_for(params: float, depth: int = 4) -> int:
 
 
 def _spectrum_alone(width: int, vectors: int, out) -> None:
-    """hessian_spectrum's density (80 steps) and top-10 in a fresh process: its peak memory and time."""
+    """hessian_spectrum's density (80 steps), then its top-10, in a fresh process: the peak
+    memory after each, the time and products of each, or the refusal of one that would not fit."""
     torch.set_num_threads(1)
     model = normprobe.build_model("mlp", "batch", seed=0, depth=4, width=width, input_shape=64)
     x, y = probe_set("mlp", 64)
     before = _peak_rss()
-    spec = hessian_spectrum(
-        model,
-        F.cross_entropy,
-        (x, y),
-        what=("density", "top"),
-        steps=80,
-        num_vectors=vectors,
-        k=10,
-        n_samples=64,
-        chunk_size=64,
-    )
-    out.put(
-        (
-            spec.dim,
-            spec.basis_dtype,
-            _peak_rss() - before,
-            dict(spec.seconds),
-            dict(spec.matvecs),
-            float(spec.top_eigenvalues[0]),
-            bool(spec.top.all_converged),
-        )
-    )
+    report: dict[str, object] = {}
+    for piece in ("density", "top"):
+        try:
+            spec = hessian_spectrum(
+                model,
+                F.cross_entropy,
+                (x, y),
+                what=piece,
+                steps=80,
+                num_vectors=vectors,
+                k=10,
+                n_samples=64,
+                chunk_size=64,
+            )
+        except (BasisMemoryError, TopKCostError) as err:
+            report[piece] = f"refused: {err}"
+            continue
+        report["dim"], report["basis"] = spec.dim, spec.basis_dtype
+        detail = f"{spec.seconds[piece]:.0f} s, {spec.matvecs[piece]} HVPs"
+        if piece == "top":
+            detail += (
+                f", lambda_1 {spec.top_eigenvalues[0]:.4g}, converged {spec.top.all_converged}"
+            )
+        report[piece] = f"{detail}, peak memory so far +{(_peak_rss() - before) / 2**30:.2f} GiB"
+    out.put(report)
 
 
 def model_scaling(sizes: list[int], vectors: list[int]) -> None:
     """hessian_spectrum end to end on float32 BatchNorm MLPs of the given sizes, one process each."""
     print(
-        "\n== hessian_spectrum, density (80 steps) and top-10, float32 BatchNorm MLP of depth 4, "
+        "\n== hessian_spectrum, density (80 steps) then top-10, float32 BatchNorm MLP of depth 4, "
         "64 samples, one thread =="
     )
     ctx = mp.get_context("spawn")
@@ -866,15 +871,18 @@ def model_scaling(sizes: list[int], vectors: list[int]) -> None:
         queue = ctx.Queue()
         proc = ctx.Process(target=_spectrum_alone, args=(width, n_vectors, queue))
         proc.start()
-        dim, kept, peak, seconds, matvecs, top, converged = queue.get()
         proc.join()
+        if proc.exitcode != 0 or queue.empty():
+            print(f"  ~{params:,} params (width {width}): the process died (exit {proc.exitcode})")
+            continue
+        report = queue.get()
+        dim = report.get("dim")
         print(
-            f"  {dim:>11,} params (width {width}), {n_vectors} start vector(s): {kept} basis "
-            f"{basis_bytes(80, dim, getattr(torch, kept)) / 2**30:.2f} GiB, peak memory "
-            f"+{peak / 2**30:.2f} GiB; density {seconds['density']:.0f} s ({matvecs['density']} "
-            f"HVPs), top-10 {seconds['top']:.0f} s ({matvecs['top']} HVPs), lambda_1 "
-            f"{top:.4g}, converged {converged}; load {os.getloadavg()[0]:.2f}"
+            f"  {dim or params:>11,} params (width {width}), {report.get('basis', '?')} basis, "
+            f"{n_vectors} start vector(s); load {os.getloadavg()[0]:.2f}"
         )
+        print(f"      density: {report['density']}")
+        print(f"      top-10:  {report['top']}")
 
 
 def main() -> None:
