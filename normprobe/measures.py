@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -208,10 +207,7 @@ def measure_step(
     return out
 
 
-def _tagged(frame: pd.DataFrame | Columns, step: int) -> pd.DataFrame:
-    if isinstance(frame, Mapping):  # columns: one frame, built with its step column
-        n = len(next(iter(frame.values()), ()))
-        return pd.DataFrame({"step": np.full(n, step, dtype=np.int64), **frame})
+def _tagged(frame: pd.DataFrame, step: int) -> pd.DataFrame:
     frame = frame.copy()
     frame.insert(0, "step", step)
     return frame

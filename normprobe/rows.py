@@ -87,8 +87,4 @@ def frame_of(items: Sequence[pd.DataFrame | Rows]) -> pd.DataFrame:
         frames.append(item)
     if run:
         frames.append(joined(run))
-    if len(frames) == 1 and isinstance(frames[0].index, pd.RangeIndex):
-        frame = frames[0]
-        if frame.index.start == 0 and frame.index.step == 1:
-            return frame
     return pd.concat(frames, ignore_index=True, sort=False)

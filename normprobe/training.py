@@ -28,7 +28,7 @@ from torch import nn
 
 from normprobe.batch import prediction
 from normprobe.norms import regularization
-from normprobe.rows import Rows, frame_of
+from normprobe.rows import Rows, frame_of, joined
 from normprobe.state import frozen_statistics, preserved
 
 __all__ = [
@@ -400,24 +400,17 @@ def _perplexity(loss: float) -> float:
 
 
 def metric_rows(step: int, values: dict[str, float]) -> pd.DataFrame:
-    """One tidy row per scalar metric of a step (no layer, no depth)."""
-    return pd.DataFrame(
-        {
-            "step": step,
-            "layer": None,
-            "depth": float("nan"),
-            "metric": list(values),
-            "value": list(values.values()),
-        }
-    )
+    """One tidy row per scalar metric of a step (no layer, no depth), as a frame."""
+    return joined([metric_block(step, values)])
 
 
 def metric_block(step: int, values: dict[str, float]) -> Rows:
-    """:func:`metric_rows` as a block of columns, for a run that makes its frame at the end.
+    """One row per scalar metric of a step as a block of columns, for a run that makes its frame
+    at the end (:func:`metric_rows` makes it a frame now).
 
-    >>> values = {"train_loss": 0.5, "test_acc": 0.9}
-    >>> frame_of([metric_block(3, values)]).equals(metric_rows(3, values))
-    True
+    >>> frame = metric_rows(3, {"train_loss": 0.5, "test_acc": 0.9})
+    >>> frame.dtypes.astype(str).tolist(), frame["layer"].tolist()
+    (['int64', 'object', 'float64', 'str', 'float64'], [None, None])
     """
     n = len(values)
     return Rows(

@@ -715,14 +715,13 @@ def hessian_spectrum(
         quad = None
         if "density" in pieces:
             taken = min(steps, op.dim)
-            kept = basis_kept
             side_by_side = (
                 block
                 and num_vectors > 1
                 and basis_path is None
                 and (
                     batched is True
-                    or basis_bytes(num_vectors * taken, op.dim, kept) <= LOCKSTEP_BYTES
+                    or basis_bytes(num_vectors * taken, op.dim, basis_kept) <= LOCKSTEP_BYTES
                 )
             )
             with ExitStack() as stack:
@@ -733,7 +732,7 @@ def hessian_spectrum(
                             lanczos_basis(
                                 num_vectors * taken,
                                 op.dim,
-                                kept,
+                                basis_kept,
                                 op.device if basis_device is None else basis_device,
                             )
                         ).view(num_vectors, taken, op.dim)
@@ -744,7 +743,7 @@ def hessian_spectrum(
                         lanczos_basis(
                             taken,
                             op.dim,
-                            kept,
+                            basis_kept,
                             op.device if basis_device is None else basis_device,
                             path=basis_path,
                         )

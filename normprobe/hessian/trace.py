@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from normprobe.batch import all_finite
 from normprobe.hessian.lanczos import HessianError, Matvec, mean_and_stderr, rademacher
 
 __all__ = ["TraceEstimate", "hutch_plus_plus", "hutch_plus_plus_split", "xtrace"]
@@ -69,7 +70,7 @@ def hutch_plus_plus_split(matvecs: int) -> tuple[int, int]:
 
 
 def _check_finite(y: torch.Tensor, method: str) -> None:
-    if not bool(torch.isfinite(y).all()):
+    if not all_finite(y):
         raise HessianError(
             f"the matrix-vector product returned non-finite values in {method}; check the loss "
             "at the current parameters (it may have diverged)"
