@@ -117,6 +117,17 @@ def check_hessian_size(config: Config, model: nn.Module) -> None:
             check_top_k_fits(dim, hc.top_k, max_matvecs=MAX_MATVECS, name="top_k")
         except TopKCostError as err:
             raise ConfigError(f"hessian.{err}") from None
+    if "density" in hc.pieces and min(hc.lanczos_steps, dim) > MAX_MATVECS:
+        raise ConfigError(
+            f"hessian.lanczos_steps: {hc.lanczos_steps} Lanczos steps per start vector are more "
+            f"Hessian-vector products than a run may take ({MAX_MATVECS}); use lanczos_steps <= "
+            f"{MAX_MATVECS} (the reference takes 100)"
+        )
+    if "trace" in hc.pieces and hc.trace_samples > MAX_MATVECS:
+        raise ConfigError(
+            f"hessian.trace_samples: {hc.trace_samples} samples are more Hessian-vector products "
+            f"than a trace estimate may take ({MAX_MATVECS}); use trace_samples <= {MAX_MATVECS}"
+        )
 
 
 def _try_norm_options(name: str, options: dict[str, Any]) -> None:

@@ -88,6 +88,16 @@ CASES: dict[str, tuple[str | list[str], list[str]]] = {
          "--set", "model.options.width=64", "--set", "hessian.top_k=600"],
         ["hessian.top_k: 600 eigenvalues", "1,201 Hessian-vector products", "use top_k <= 499"],
     ),
+    "lanczos_steps beyond a run's products": (
+        ["--set", "hessian.enabled=true", "--set", "hessian.schedule=[0]",
+         "--set", "model.options.width=64", "--set", "hessian.lanczos_steps=1000000"],
+        ["hessian.lanczos_steps: 1000000 Lanczos steps", "use lanczos_steps <= 1000"],
+    ),
+    "trace_samples beyond a run's products": (
+        ["--set", "hessian.enabled=true", "--set", "hessian.schedule=[0]",
+         "--set", "hessian.trace_samples=5000"],
+        ["hessian.trace_samples: 5000 samples", "use trace_samples <= 1000"],
+    ),
     "hessian_samples beyond the data": (
         ["--set", "hessian.enabled=true", "--set", "hessian.schedule=[0]",
          "--set", "data.hessian_samples=100000"],

@@ -581,7 +581,9 @@ def hessian_spectrum(
     spread ``lambda_1 - lambda_min`` for the smallest). ``tol`` defaults to
     the square root of the machine epsilon of the coarser of ``dtype`` and
     the model's dtype (1.5e-8 in float64, 3.5e-4 in float32).
-    ``max_matvecs`` bounds each ARPACK run. Randomness comes from ``seed``:
+    ``max_matvecs`` bounds each ARPACK run, and is checked up front
+    against each Lanczos run (``min(steps, dim)`` products) and the trace
+    estimate (``trace_samples``). Randomness comes from ``seed``:
     SLQ and trace probes from ``Generator(seed)``, ARPACK start vectors from
     ``seed + 1`` (top) and ``seed + 2`` (smallest), the probe subset from
     ``seed``.
@@ -683,6 +685,7 @@ def hessian_spectrum(
         )
     if "top" in pieces or "smallest" in pieces:
         check_top_k_fits(op.dim, k, dtype)  # memory only: ARPACK works in host memory
+    check_product_budget(pieces, steps, trace_samples, op.dim, max_matvecs)
     both_double = dtype == torch.float64 and op.dtype == torch.float64
     coarse = torch.float64 if both_double else torch.float32
     tol = math.sqrt(torch.finfo(coarse).eps) if tol is None else float(tol)
@@ -900,6 +903,37 @@ def hessian_spectrum(
     for message in messages:
         warnings.warn(message, HessianConvergenceWarning, stacklevel=2)
     return spectrum
+
+
+def check_product_budget(
+    pieces: Sequence[str], steps: int, trace_samples: int, dim: int, max_matvecs: int
+) -> None:
+    """Refuse a Lanczos run or a trace estimate of more Hessian-vector products than
+    ``max_matvecs``, up front (as an ARPACK run is bounded): a mistyped ``steps=10**6`` would
+    otherwise start a run of ``dim`` products, hours long on a large model.
+
+    >>> try:
+    ...     check_product_budget(("density",), 10**6, 64, 27_008, 1000)
+    ... except HessianError as err:
+    ...     print(err)  # doctest: +ELLIPSIS
+    steps: 1000000 Lanczos steps per start vector (27008 after capping at the Hessian's ...
+    """
+    if not isinstance(max_matvecs, int) or max_matvecs < 1:
+        raise HessianError(f"max_matvecs must be a positive integer, got {max_matvecs!r}")
+    taken = min(steps, dim)
+    if "density" in pieces and taken > max_matvecs:
+        raise HessianError(
+            f"steps: {steps} Lanczos steps per start vector ({taken} after capping at the "
+            f"Hessian's dimension) are more Hessian-vector products than max_matvecs="
+            f"{max_matvecs} allows a run; use steps <= {max_matvecs} (the reference takes 100), "
+            f"or raise max_matvecs"
+        )
+    if "trace" in pieces and trace_samples > max_matvecs:
+        raise HessianError(
+            f"trace_samples: {trace_samples} samples are more Hessian-vector products than "
+            f"max_matvecs={max_matvecs} allows a run; use trace_samples <= {max_matvecs}, or "
+            f"raise max_matvecs"
+        )
 
 
 def _breakdown_messages(taken: list[int], requested: int, residuals: list[float]) -> list[str]:

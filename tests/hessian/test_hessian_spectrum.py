@@ -22,6 +22,7 @@ from normprobe.hessian import (
     DENSITY_WIDTH_FRACTION,
     HessianConvergenceWarning,
     HessianError,
+    HessianOperator,
     hessian_spectrum,
 )
 
@@ -232,6 +233,30 @@ def test_pieces_alone_and_argument_errors(exact_case) -> None:
         hessian_spectrum(exact_case.model, F.cross_entropy, data, what="trace", trace_samples=1)
     with pytest.raises(HessianError, match="dtype"):
         hessian_spectrum(exact_case.model, F.cross_entropy, data, dtype=torch.float16)
+
+
+def test_runs_beyond_max_matvecs_are_refused_before_any_product(exact_case, monkeypatch) -> None:
+    """An absurd steps= (capped at the dimension, still thousands of products on a real
+    model) is refused up front, as an absurd k is; at the bound it runs."""
+    data = (exact_case.x, exact_case.y)
+    products = []
+    for name in ("matvec", "matmat"):
+        original = getattr(HessianOperator, name)
+        monkeypatch.setattr(
+            HessianOperator,
+            name,
+            lambda self, v, original=original: products.append(1) or original(self, v),
+        )
+    with pytest.raises(HessianError, match=r"steps: 1000000 Lanczos steps .* use steps <= 10\b"):
+        hessian_spectrum(exact_case.model, F.cross_entropy, data, what="density",
+                         steps=10**6, max_matvecs=10)  # fmt: skip
+    with pytest.raises(HessianError, match=r"trace_samples: 12 samples .* <= 10\b"):
+        hessian_spectrum(exact_case.model, F.cross_entropy, data, what="trace",
+                         trace_samples=12, max_matvecs=10)  # fmt: skip
+    assert products == []
+    spec = hessian_spectrum(exact_case.model, F.cross_entropy, data, what=("density", "trace"),
+                            steps=10, trace_samples=10, max_matvecs=10)  # fmt: skip
+    assert set(spec.lanczos_steps) == {10} and len(spec.trace_samples) == 10
 
 
 def test_probe_subset_is_seeded_and_sized(exact_case) -> None:
