@@ -400,10 +400,13 @@ def _analyze(
                     todo, payload, jobs=min(jobs, len(todo)), folder=directory, **common
                 )
 
+    read: dict[str, Any] = {}  # the run folders assembled so far (each stage reads only new ones)
     try:
         run_all(todo)
         while any(v.train.lr_extend.max_extra for _, v in variants):
-            added = _extend_grids(assemble(directory, write=False), variants, usable, extensions)
+            added = _extend_grids(
+                assemble(directory, write=False, cache=read), variants, usable, extensions
+            )
             if not added:
                 break
             for _, line in added:
@@ -416,9 +419,9 @@ def _analyze(
     except BaseException:
         # the tables are written once, at the end of the grid, and on interruption: the runs
         # finished so far are in them (and in their folders, which a rerun resumes from)
-        assemble(directory)
+        assemble(directory, cache=read)
         raise
-    results = assemble(directory)
+    results = assemble(directory, cache=read)
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(directory / "manifest.json", manifest)
     results.manifest = manifest

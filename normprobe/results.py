@@ -718,13 +718,22 @@ def _select_lrs(
 
 
 def assemble(
-    directory: Path, *, write: bool = True, live: Iterable[RunRecord] = ()
+    directory: Path,
+    *,
+    write: bool = True,
+    live: Iterable[RunRecord] = (),
+    cache: dict[str, tuple[dict[str, Any], dict[str, pd.DataFrame]]] | None = None,
 ) -> Results:
     """Combine the run folders into the result tables; with ``write``, save them (atomically).
 
     ``live``: run records held in memory (a monitor's run being recorded),
     taken instead of their folders. A monitored run that was not closed is
     read from its part files and named in :attr:`Results.unclosed`.
+    ``cache``: run -> (status line, tables) of finished run folders read by
+    an earlier call; a folder whose status line is unchanged is not read
+    again (an analysis assembles after each stage of its learning-rate
+    grid, and would otherwise read every earlier run once per stage). The
+    cached frames are only read, never changed.
     """
     directory = Path(directory)
     tables: dict[str, list[pd.DataFrame]] = {name: [] for name in RUN_TABLES}
@@ -749,10 +758,18 @@ def assemble(
             for name, frame in read_parts(path, status).items():
                 tables[name].append(frame)
             continue
-        for name in RUN_TABLES:
-            file = path / f"{name}.parquet"
-            if file.exists():
-                tables[name].append(pd.read_parquet(file))
+        if cache is not None and run in cache and cache[run][0] == status:
+            read = cache[run][1]
+        else:
+            read = {
+                name: pd.read_parquet(path / f"{name}.parquet")
+                for name in RUN_TABLES
+                if (path / f"{name}.parquet").exists()
+            }
+            if cache is not None:
+                cache[run] = (status, read)
+        for name, frame in read.items():
+            tables[name].append(frame)
     results = _combined(directory, statuses, tables, _read_manifest(directory), broken)
     results.unclosed = unclosed
     if write:

@@ -703,7 +703,9 @@ def test_tables_are_written_once_at_the_end_and_on_interruption(
     config["probes"] = {"schedule": [0, 2]}  # steps past train.steps are an error
     calls: list[Path] = []
     real = analyze_module.assemble
-    monkeypatch.setattr(analyze_module, "assemble", lambda d: calls.append(d) or real(d))
+    monkeypatch.setattr(
+        analyze_module, "assemble", lambda d, **kw: calls.append(d) or real(d, **kw)
+    )
     results = analyze(config, out=tmp_path / "a", quiet=True)
     assert len(calls) == 1 and len(results.runs) == 2  # not once per run
     # Ctrl-C in the second run: the tables hold the first, whose folder a rerun keeps

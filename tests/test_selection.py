@@ -13,7 +13,7 @@ from normprobe import analyze
 from normprobe.analyze import unsettled_lines
 from normprobe.config import ConfigError, load_config, parse_config
 from normprobe.plan import plan_runs, prepare_data
-from normprobe.results import RunRecord, choose_rate, lr_note, records_results
+from normprobe.results import RunRecord, assemble, choose_rate, lr_note, records_results
 from normprobe.run import run_one
 
 
@@ -153,6 +153,28 @@ def test_the_held_out_split_is_disjoint_from_training_and_deterministic() -> Non
     record = run_one(plan_runs(config)[0], data)
     metrics = record.tables["metrics"]
     assert set(metrics[metrics["metric"] == "val_acc"]["step"]) == {0, 6}
+
+
+def test_a_growing_grid_reads_each_finished_run_folder_once(tmp_path, monkeypatch) -> None:
+    """Each stage of the grid is assembled to choose the next rate; the folders read at one
+    stage are not read again at the next, and the tables are those read afresh."""
+    cfg = _tiny(lr=[0.001, 0.002], lr_extend={"max_extra": 2, "factor": 4.0}, seeds=[0])
+    cfg["train"]["steps"] = 20
+    cfg["probes"]["schedule"] = [0, 20]
+    reads: list[str] = []
+    real = pd.read_parquet
+    monkeypatch.setattr(
+        pd, "read_parquet", lambda path, **kw: reads.append(str(path)) or real(path, **kw)
+    )
+    results = analyze(cfg, out=tmp_path / "out", quiet=True)
+    assert len(results.runs) >= 3  # the grid grew: assembled at least twice before the end
+    metrics_reads = [p for p in reads if p.endswith("metrics.parquet")]
+    assert sorted(metrics_reads) == sorted(set(metrics_reads))
+    assert len(metrics_reads) == len(results.runs)
+    monkeypatch.setattr(pd, "read_parquet", real)
+    fresh = assemble(tmp_path / "out", write=False)
+    pd.testing.assert_frame_equal(fresh.metrics, results.metrics, check_exact=True)
+    pd.testing.assert_frame_equal(fresh.runs, results.runs, check_exact=True)
 
 
 def test_the_grid_extends_past_its_edge_and_resumes_without_rerunning(tmp_path) -> None:
