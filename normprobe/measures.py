@@ -37,9 +37,9 @@ from normprobe.probes import (
     gradient_norms,
     growth_rate,
 )
-from normprobe.probes.capture import is_normalizer
-from normprobe.probes.gradients import growth_of, statistics_columns
-from normprobe.probes.signal import representation_columns
+from normprobe.probes.capture import Probe, is_normalizer
+from normprobe.probes.gradients import growth_of, statistics_alongside, statistics_columns
+from normprobe.probes.signal import representation_columns, representation_sharing
 from normprobe.probes.structure import batch_dependence, signal_statistics, train_eval_gap
 from normprobe.rows import Columns, Rows, joined
 from normprobe.state import held
@@ -186,8 +186,16 @@ def measure_step(
     """
     out: Tables = {name: [] for name in TABLES}
     pending: dict[str, list[Rows]] = {name: [] for name in TABLES}
+    measures = list(measures)
     with held(model):  # one snapshot of the model's state for the whole step
-        computed = [m.compute(model, step, inputs, probes, hessian) for m in measures]
+        together = _shared_forward(measures, probes)
+        done: dict[str, Tables] = {}
+        if together:
+            done.update(_representation_and_gradients(model, step, inputs, probes, hessian))
+        computed = [
+            done[m.name] if m.name in done else m.compute(model, step, inputs, probes, hessian)
+            for m in measures
+        ]
     for tables in computed:
         for table, frames in tables.items():
             for frame in frames:
@@ -219,13 +227,64 @@ def _tagged(frame: pd.DataFrame, step: int) -> pd.DataFrame:
 def _representation(
     model: nn.Module, step: int, inputs: MeasureInputs, pc: ProbesConfig, hc: HessianConfig
 ) -> Tables:
+    kwargs = _representation_kwargs(step, inputs, pc)
+    return {"metrics": [representation_columns(model, inputs.batch_a[0], **kwargs)]}
+
+
+def _representation_kwargs(step: int, inputs: MeasureInputs, pc: ProbesConfig) -> dict[str, Any]:
     rc = pc.representation
     kwargs: dict[str, Any] = {"pairing": rc.pairing, "mode": rc.mode, "layers": rc.layers}
     if rc.pairing == "noise":
         kwargs.update(noise_scale=rc.noise_scale, seed=inputs.seed + step)
     elif rc.pairing == "independent":
         kwargs["x_other"] = inputs.batch_b[0]
-    return {"metrics": [representation_columns(model, inputs.batch_a[0], **kwargs)]}
+    return kwargs
+
+
+def _shared_forward(measures: list[Measure], pc: ProbesConfig) -> bool:
+    """Whether the representation probe's first pass (batch_a, no gradient) can be the
+    gradient probes' batch_a pass: both measured, in one mode, the gradient probes on one
+    layer rule (one pass pair), and a pairing that runs that pass."""
+    names = {m.name for m in measures}
+    rc, gc, gn = pc.representation, pc.gradient_correlation, pc.gradient_norms
+    return (
+        {"representation", "gradients"} <= names
+        and rc.pairing in ("noise", "independent")
+        and gc.enabled
+        and gn.enabled
+        and (gc.layers, gc.mode) == (gn.layers, gn.mode)
+        and rc.mode == gc.mode
+    )
+
+
+def _representation_and_gradients(
+    model: nn.Module, step: int, inputs: MeasureInputs, pc: ProbesConfig, hc: HessianConfig
+) -> dict[str, Tables]:
+    """The representation and gradients measures with one forward pass fewer: batch_a's
+    gradient pass is recorded by the representation probe too, whose own first pass runs
+    only when that one drew random numbers (then it is not the pass it would have run).
+    The tables are the same as the two measures' own, bit for bit."""
+    gc = pc.gradient_correlation
+    loss_fn = inputs.loss(model)
+    out: dict[str, Any] = {}
+
+    def gradient_pass(listener: Probe) -> bool:
+        out["columns"], quiet = statistics_alongside(
+            listener, model, loss_fn, inputs.batch_a, inputs.batch_b, layers=gc.layers,
+            mode=gc.mode,
+        )  # fmt: skip
+        return quiet
+
+    rep = representation_sharing(
+        model, inputs.batch_a[0], gradient_pass, **_representation_kwargs(step, inputs, pc)
+    )
+    if "columns" not in out:  # the probe ran no first pass to share
+        return {"representation": {"metrics": [rep]}}
+    both = out["columns"]
+    return {
+        "representation": {"metrics": [rep]},
+        "gradients": {"metrics": [both, _growth_row(_growth_or_nan(both))]},
+    }
 
 
 def _gradients(

@@ -18,6 +18,7 @@ from normprobe.measures import (
     register,
 )
 from normprobe.plan import RunSpec, plan_runs, prepare_data
+from normprobe.models import build_model
 from normprobe.run import run_one
 
 TINY = {
@@ -135,3 +136,98 @@ def test_a_non_finite_hessian_product_ends_the_run_as_diverged_keeping_what_it_m
     assert record.status == "diverged" and record.diverged_step == 4
     assert rows[rows["metric"] == "probe"]["step"].tolist() == [0]
     assert set(rows[rows["metric"] == "test_acc"]["step"]) == {0, 4}
+
+
+class _Attention(nn.Module):
+    """A block through torch's fused attention, whose kernel choice may look at grad mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.act = nn.GELU()
+        self.head = nn.Linear(4 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x.reshape(-1, 3, 4)).chunk(3, dim=-1)
+        h = self.act(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+        return self.head(h.reshape(len(x), -1))
+
+
+class _Noisy(nn.Module):
+    """Draws random numbers in its forward pass: no pass of it is another's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(12, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x + 0.1 * torch.randn_like(x))
+
+
+def _image_inputs() -> MeasureInputs:
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    return MeasureInputs((x[:8], y[:8]), (x[8:], y[8:]), None, seed=5, num_classes=10)
+
+
+def _token_inputs() -> MeasureInputs:
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randint(0, 16, (16, 6), generator=g), torch.randint(0, 16, (16, 6), generator=g)
+    return MeasureInputs((x[:8], y[:8]), (x[8:], y[8:]), None, seed=5, num_classes=16)
+
+
+def _wide_inputs() -> MeasureInputs:
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g)
+    return MeasureInputs((x[:8], y[:8]), (x[8:], y[8:]), None, seed=5, num_classes=3)
+
+
+SHARED_CASES = {
+    "batch norm, train mode": (_net, _inputs, {}, True, True),
+    "batch norm, eval mode": (lambda: _net().eval(), _inputs, {}, True, True),
+    "batch norm, probes in eval mode": (
+        _net, _inputs,
+        {"representation": {"mode": "eval"}, "gradient_correlation": {"mode": "eval"},
+         "gradient_norms": {"mode": "eval"}},
+        True, True,
+    ),
+    "independent pairing": (_net, _inputs, {"representation": {"pairing": "independent"}}, True, True),
+    "wide resnet": (
+        lambda: build_model("wrn", "batch", seed=0, depth=10, input_shape=(3, 8, 8), num_classes=10),
+        _image_inputs, {}, True, True,
+    ),
+    "transformer on tokens": (
+        lambda: build_model("transformer", "layer", seed=0, num_classes=16, context=6, depth=1,
+                            width=8, heads=2),
+        _token_inputs, {"representation": {"pairing": "independent"}}, True, True,
+    ),
+    "fused attention": (lambda: torch.manual_seed(0) and _Attention(), _wide_inputs, {}, True, True),
+    "random draws in the forward pass": (lambda: torch.manual_seed(0) and _Noisy(), _wide_inputs, {}, False, True),
+    "modes differ": (_net, _inputs, {"representation": {"mode": "eval"}}, False, True),
+    "within pairing": (_net, _inputs, {"representation": {"pairing": "within"}}, False, False),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(SHARED_CASES))
+def test_the_representation_and_gradient_probes_share_a_pass_with_the_same_tables(case) -> None:
+    """Measured together, batch_a's gradient pass is also the representation probe's first
+    pass (one forward fewer) when it is exactly that pass; the tables are those of each
+    measure alone, bit for bit, and where the pass cannot be shared it is not."""
+    build, make_inputs, options, shares, two_pass = SHARED_CASES[case]
+    model, inputs = build(), make_inputs()
+    probes = ProbesConfig(**options)
+    hessian = HessianConfig(enabled=False)
+    passes: list[int] = []
+    model.register_forward_pre_hook(lambda *_: passes.append(1))
+    rep, grads = MEASURES["representation"], MEASURES["gradients"]
+    alone = [measure_step(model, 3, inputs, [m], probes, hessian)["metrics"] for m in (rep, grads)]
+    alone_passes = len(passes)
+    passes.clear()
+    together = measure_step(model, 3, inputs, [rep, grads], probes, hessian)["metrics"]
+    assert len(passes) == alone_passes - (1 if shares else 0)
+    assert alone_passes == (4 if two_pass else 3)
+    pd.testing.assert_frame_equal(
+        pd.concat(together, ignore_index=True),
+        pd.concat(alone[0] + alone[1], ignore_index=True),
+        check_exact=True,
+    )

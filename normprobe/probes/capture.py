@@ -379,6 +379,21 @@ def _forked_random_state(model: nn.Module, seed: int) -> Iterator[None]:
         yield
 
 
+def random_state(model: nn.Module) -> list[torch.Tensor]:
+    """The states of the global generators a pass of ``model`` may draw from (CPU, and the
+    model's CUDA device): equal before and after a pass when it drew no random numbers."""
+    states = [torch.random.default_generator.get_state()]
+    device = model_device(model)
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def same_state(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    """Whether two :func:`random_state` readings are equal."""
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 def to_model(x: Inputs, model: nn.Module) -> Inputs:
     """Inputs on the model's device; floating-point tensors in the model's dtype (batch contract)."""
     inputs = check_inputs(x, "inputs", ProbeError)
@@ -456,6 +471,7 @@ class Probe:
         self._records: dict[str, Any] = {}
         self._reduced: dict[str, Any] = {}
         self._counts: dict[str, int] = {}
+        self._paused = False
 
     # -- context manager
 
@@ -533,6 +549,27 @@ class Probe:
         """One pass of the model on ``inputs`` by the batch contract (tensor, tuple or dict)."""
         return call_model(self.model, inputs, ProbeError)
 
+    @contextmanager
+    def paused(self) -> Iterator[Probe]:
+        """Passes run inside leave this probe's record alone (its hooks stay, and ignore them).
+
+        For a driver that lets two probes share one pass, then runs passes
+        only the other one needs.
+
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        >>> with Probe(net) as p:
+        ...     _ = net(torch.ones(2, 3))
+        ...     with p.paused():
+        ...         _ = net(torch.ones(5, 3))
+        >>> p.activations["1"].shape
+        torch.Size([2, 4])
+        """
+        was, self._paused = self._paused, True
+        try:
+            yield self
+        finally:
+            self._paused = was
+
     def _expect(self, capture: Capture, what: str) -> None:
         if self.capture != capture:
             raise ProbeError(f"Probe.{what} needs Probe(..., capture={capture!r})")
@@ -540,9 +577,12 @@ class Probe:
     # -- hooks
 
     def _start_pass(self, module: nn.Module, args: Any) -> None:
-        self._calls, self._records, self._reduced, self._counts = [], {}, {}, {}
+        if not self._paused:
+            self._calls, self._records, self._reduced, self._counts = [], {}, {}, {}
 
     def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._paused:
+            return
         ran = set(self._counts)
         missing = [name for name in self._required if name not in ran]
         if missing:
@@ -560,6 +600,8 @@ class Probe:
             )
 
     def _record(self, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        if self._paused:
+            return
         call = self._counts.get(name, 0) + 1
         self._counts[name] = call
         label = name if call == 1 else f"{name}#{call}"

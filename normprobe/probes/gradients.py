@@ -53,6 +53,8 @@ from normprobe.probes.capture import (
     Probe,
     ProbeError,
     check_same_layers,
+    random_state,
+    same_state,
     to_model,
     unpack_batch,
 )
@@ -344,7 +346,7 @@ def gradient_correlation(
     >>> gradient_correlation(net, nn.functional.cross_entropy, a, b).layer.tolist()
     ['0', '2']
     """
-    grads_a, grads_b, rule = _two_batches(
+    grads_a, grads_b, rule, _ = _two_batches(
         model, loss_fn, batch_a, batch_b, layers, mode, seed, output, (embeddings, norms, frozen)
     )
     return _frame(_corr_rows(grads_a, grads_b), mode, seed, rule)
@@ -410,10 +412,42 @@ def statistics_columns(
 ) -> dict[str, list[Any]]:
     """:func:`gradient_statistics`' rows as columns (name -> values), for a driver that builds
     one table per step rather than one per probe (:func:`normprobe.measures.measure_step`)."""
-    grads_a, grads_b, rule = _two_batches(
+    grads_a, grads_b, rule, _ = _two_batches(
         model, loss_fn, batch_a, batch_b, layers, mode, seed, output, (embeddings, norms, frozen)
     )
     return _columns(_corr_rows(grads_a, grads_b) + _norm_rows(grads_a), mode, seed, rule)
+
+
+def statistics_alongside(
+    listener: Probe,
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    batch_a: Batch,
+    batch_b: Batch,
+    *,
+    layers: Layers = None,
+    mode: Mode = "train",
+    seed: int = 0,
+    output: OutputPick = None,
+    embeddings: bool = False,
+    norms: bool = False,
+    frozen: bool = True,
+) -> tuple[dict[str, list[Any]], bool]:
+    """:func:`statistics_columns`, with ``listener`` (another active :class:`Probe` of
+    ``model``, entered first) recording ``batch_a``'s forward pass too, and paused for the
+    rest; and whether that pass drew no random numbers.
+
+    When it drew none, the listener holds what a pass of its own on
+    ``batch_a``'s inputs would have recorded (the forward runs the same
+    operations on the same inputs; only the gradient is extra), and a
+    measurement step need not run that pass (:func:`normprobe.measures.measure_step`).
+    """
+    grads_a, grads_b, rule, quiet = _two_batches(
+        model, loss_fn, batch_a, batch_b, layers, mode, seed, output, (embeddings, norms, frozen),
+        listener,
+    )  # fmt: skip
+    columns = _columns(_corr_rows(grads_a, grads_b) + _norm_rows(grads_a), mode, seed, rule)
+    return columns, quiet
 
 
 def _two_batches(
@@ -426,16 +460,26 @@ def _two_batches(
     seed: int,
     output: OutputPick,
     roles: tuple[bool, bool, bool],
-) -> tuple[list[LayerGradient], list[LayerGradient], str]:
+    listener: Probe | None = None,
+) -> tuple[list[LayerGradient], list[LayerGradient], str, bool]:
+    """Both batches' layer gradients, the layer rule, and (with a ``listener`` recording
+    batch_a's pass, see :func:`statistics_alongside`) whether that pass drew no random numbers."""
     probe = _probe(model, layers, mode, seed, *roles)
     was_frozen = frozen_before(probe)
+    quiet = False
     with probe:
+        before = None if listener is None else random_state(model)
         grads_a = layer_gradients(probe, model, loss_fn, batch_a, output, was_frozen)
         calls_a = probe.calls
-        grads_b = layer_gradients(probe, model, loss_fn, batch_b, output, was_frozen)
+        if listener is None:
+            grads_b = layer_gradients(probe, model, loss_fn, batch_b, output, was_frozen)
+        else:
+            quiet = same_state(before, random_state(model))
+            with listener.paused():
+                grads_b = layer_gradients(probe, model, loss_fn, batch_b, output, was_frozen)
         check_same_layers(calls_a, probe.calls, "batch_a and batch_b")
         rule = _stated_rule(probe)
-    return grads_a, grads_b, rule
+    return grads_a, grads_b, rule, quiet
 
 
 def _corr_rows(

@@ -27,6 +27,7 @@ integer ones (token ids, masks); inputs with no floating-point tensor need
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import pandas as pd
@@ -226,6 +227,40 @@ def representation_columns(
     """:func:`representation_correlation`'s rows as columns (name -> values), for a driver
     that builds one table per step rather than one per probe
     (:func:`normprobe.measures.measure_step`)."""
+    return representation_sharing(
+        model, x, None, pairing=pairing, x_other=x_other, layers=layers, mode=mode,
+        noise_scale=noise_scale, seed=seed,
+    )  # fmt: skip
+
+
+#: runs one forward pass of the model on the probe's ``x`` while the representation probe
+#: (given, active) records it; returns whether that pass is the one the probe would have run
+SharedPass = Callable[[Probe], bool]
+
+
+def representation_sharing(
+    model: nn.Module,
+    x: Inputs,
+    shared: SharedPass | None,
+    *,
+    pairing: Pairing = "noise",
+    x_other: Inputs | None = None,
+    layers: Layers = None,
+    mode: Mode = "train",
+    noise_scale: float = 0.3,
+    seed: int = 0,
+) -> dict[str, list[Any]]:
+    """:func:`representation_columns`, whose first pass (on ``x``) may be another probe's.
+
+    ``shared(probe)``, when given, runs the model once on ``x`` (the same
+    inputs object, moved to the model as the probes move it) inside this
+    probe's session, with this probe listening, and pauses it for any other
+    pass; it returns True when that pass is exactly the one this probe
+    would run (the same mode, no random numbers drawn), and the probe then
+    runs only its second pass. On False the probe runs its first pass
+    itself. The values are the same either way: a measurement step uses it
+    to let the representation and gradient probes share ``batch_a``'s forward.
+    """
     if pairing not in PAIRINGS:
         raise ProbeError(
             f"unknown pairing {pairing!r}; choose 'noise' (X' = X + {noise_scale} std(X) eps), "
@@ -283,7 +318,8 @@ def representation_columns(
             values = [mean_offdiagonal_cosine(flat_inputs(x)), *(kept[c.label][0] for c in calls)]
         else:
             probe.reduce = lambda call, h: (*centred(h), _shape(h))
-            probe.run(x)
+            if shared is None or not shared(probe):
+                probe.run(x)
             calls, kept = probe.calls, probe.reduced
             probe.reduce = lambda call, h: _correlate(kept.get(call.label), h)
             probe.run(x_other)
