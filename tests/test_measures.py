@@ -17,8 +17,8 @@ from normprobe.measures import (
     measure_step,
     register,
 )
-from normprobe.plan import RunSpec, plan_runs, prepare_data
 from normprobe.models import build_model
+from normprobe.plan import RunSpec, plan_runs, prepare_data
 from normprobe.run import run_one
 
 TINY = {
