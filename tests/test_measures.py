@@ -18,6 +18,7 @@ from normprobe.measures import (
     register,
 )
 from normprobe.models import build_model
+from normprobe.norms import NORMS
 from normprobe.plan import RunSpec, plan_runs, prepare_data
 from normprobe.run import run_one
 
@@ -226,6 +227,33 @@ def test_the_representation_and_gradient_probes_share_a_pass_with_the_same_table
     together = measure_step(model, 3, inputs, [rep, grads], probes, hessian)["metrics"]
     assert len(passes) == alone_passes - (1 if shares else 0)
     assert alone_passes == (4 if two_pass else 3)
+    pd.testing.assert_frame_equal(
+        pd.concat(together, ignore_index=True),
+        pd.concat(alone[0] + alone[1], ignore_index=True),
+        check_exact=True,
+    )
+
+
+@pytest.mark.parametrize("norm", NORMS.names())
+def test_every_normalizer_shares_the_pass_with_the_same_tables(norm: str) -> None:
+    """The shared pass on the zoo's MLP with each normalizer, after a few training steps
+    (running statistics and step counters moved): the same tables as each measure alone."""
+    if norm == "instance":  # per-channel statistics over space: a conv model
+        model = build_model("wrn", norm, seed=0, depth=10, input_shape=(3, 8, 8), num_classes=10)
+        inputs = _image_inputs()
+    else:
+        model = build_model("mlp", norm, seed=0, depth=3, width=16, input_shape=12, num_classes=3)
+        inputs = _wide_inputs()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = inputs.batch_b
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    probes, hessian = ProbesConfig(), HessianConfig(enabled=False)
+    rep, grads = MEASURES["representation"], MEASURES["gradients"]
+    alone = [measure_step(model, 2, inputs, [m], probes, hessian)["metrics"] for m in (rep, grads)]
+    together = measure_step(model, 2, inputs, [rep, grads], probes, hessian)["metrics"]
     pd.testing.assert_frame_equal(
         pd.concat(together, ignore_index=True),
         pd.concat(alone[0] + alone[1], ignore_index=True),
