@@ -8,7 +8,7 @@ monitor; with a Monitor running the quickstart's probes (representation,
 gradient correlation, gradient norms) every 50 steps and writing its run
 folder; the same without a folder (``out=None``: the results in memory,
 which shows what the part files cost); the same loop running, at the same steps, only the
-bare passes the probes need (two forward passes without autograd and two forward+backward
+bare passes the probes need (a forward pass without autograd and two forward+backward
 passes at the probe batch of 128, on a copy of the model: the floor no bookkeeping can go
 under); and, with ``--hessian``, with the quickstart's Hessian added at
 steps 0, 50 and the last (``analyses/quickstart.yaml``). Printed: the median wall time of each
@@ -108,9 +108,9 @@ def bare_passes(
     model: torch.nn.Module, xa: torch.Tensor, ya: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor
 ) -> None:
     """What the quickstart's probes compute, without their bookkeeping: the representation
-    probe's two forward passes, and one gradient per probe batch (``autograd.grad``)."""
+    probe's forward pass on the noisy batch (its pass on the clean batch is the gradient
+    probes' pass on it), and one gradient per probe batch (``autograd.grad``)."""
     with torch.no_grad():
-        model(xa)
         model(xa + 0.3 * xa.std() * torch.randn_like(xa))
     params = [p for p in model.parameters() if p.requires_grad]
     for x, y in ((xa, ya), (xb, yb)):
