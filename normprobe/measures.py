@@ -38,8 +38,8 @@ from normprobe.probes import (
     growth_rate,
 )
 from normprobe.probes.capture import Probe, is_normalizer
-from normprobe.probes.gradients import growth_of, statistics_alongside, statistics_columns
-from normprobe.probes.signal import representation_columns, representation_sharing
+from normprobe.probes.gradients import Listener, growth_of, statistics_columns
+from normprobe.probes.signal import representation_columns
 from normprobe.probes.structure import batch_dependence, signal_statistics, train_eval_gap
 from normprobe.rows import Columns, Rows, joined
 from normprobe.state import held
@@ -274,15 +274,16 @@ def _representation_and_gradients(
     loss_fn = inputs.loss(model)
     out: dict[str, Any] = {}
 
-    def gradient_pass(listener: Probe) -> bool:
-        out["columns"], quiet = statistics_alongside(
-            listener, model, loss_fn, inputs.batch_a, inputs.batch_b, layers=gc.layers,
-            mode=gc.mode,
+    def gradient_pass(probe: Probe) -> bool:
+        listener = Listener(probe)
+        out["columns"] = statistics_columns(
+            model, loss_fn, inputs.batch_a, inputs.batch_b, layers=gc.layers, mode=gc.mode,
+            listener=listener,
         )  # fmt: skip
-        return quiet
+        return listener.quiet
 
-    rep = representation_sharing(
-        model, inputs.batch_a[0], gradient_pass, **_representation_kwargs(step, inputs, pc)
+    rep = representation_columns(
+        model, inputs.batch_a[0], shared=gradient_pass, **_representation_kwargs(step, inputs, pc)
     )
     if "columns" not in out:  # the probe ran no first pass to share
         return {"representation": {"metrics": [rep]}}

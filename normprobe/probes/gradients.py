@@ -346,7 +346,7 @@ def gradient_correlation(
     >>> gradient_correlation(net, nn.functional.cross_entropy, a, b).layer.tolist()
     ['0', '2']
     """
-    grads_a, grads_b, rule, _ = _two_batches(
+    grads_a, grads_b, rule = _two_batches(
         model, loss_fn, batch_a, batch_b, layers, mode, seed, output, (embeddings, norms, frozen)
     )
     return _frame(_corr_rows(grads_a, grads_b), mode, seed, rule)
@@ -409,45 +409,33 @@ def statistics_columns(
     embeddings: bool = False,
     norms: bool = False,
     frozen: bool = True,
+    listener: Listener | None = None,
 ) -> dict[str, list[Any]]:
     """:func:`gradient_statistics`' rows as columns (name -> values), for a driver that builds
-    one table per step rather than one per probe (:func:`normprobe.measures.measure_step`)."""
-    grads_a, grads_b, rule, _ = _two_batches(
-        model, loss_fn, batch_a, batch_b, layers, mode, seed, output, (embeddings, norms, frozen)
-    )
-    return _columns(_corr_rows(grads_a, grads_b) + _norm_rows(grads_a), mode, seed, rule)
+    one table per step rather than one per probe (:func:`normprobe.measures.measure_step`).
 
-
-def statistics_alongside(
-    listener: Probe,
-    model: nn.Module,
-    loss_fn: LossFn | None,
-    batch_a: Batch,
-    batch_b: Batch,
-    *,
-    layers: Layers = None,
-    mode: Mode = "train",
-    seed: int = 0,
-    output: OutputPick = None,
-    embeddings: bool = False,
-    norms: bool = False,
-    frozen: bool = True,
-) -> tuple[dict[str, list[Any]], bool]:
-    """:func:`statistics_columns`, with ``listener`` (another active :class:`Probe` of
-    ``model``, entered first) recording ``batch_a``'s forward pass too, and paused for the
-    rest; and whether that pass drew no random numbers.
-
-    When it drew none, the listener holds what a pass of its own on
+    ``listener``: another active :class:`Probe` of ``model`` (entered
+    first) that records ``batch_a``'s forward pass too and is paused for
+    the rest; its ``quiet`` is set to whether that pass drew no random
+    numbers. When it drew none, the listener holds what a pass of its own on
     ``batch_a``'s inputs would have recorded (the forward runs the same
-    operations on the same inputs; only the gradient is extra), and a
-    measurement step need not run that pass (:func:`normprobe.measures.measure_step`).
+    operations on the same inputs; only the gradient is extra), and the
+    measurement step need not run that pass.
     """
-    grads_a, grads_b, rule, quiet = _two_batches(
+    grads_a, grads_b, rule = _two_batches(
         model, loss_fn, batch_a, batch_b, layers, mode, seed, output, (embeddings, norms, frozen),
         listener,
     )  # fmt: skip
-    columns = _columns(_corr_rows(grads_a, grads_b) + _norm_rows(grads_a), mode, seed, rule)
-    return columns, quiet
+    return _columns(_corr_rows(grads_a, grads_b) + _norm_rows(grads_a), mode, seed, rule)
+
+
+@dataclass
+class Listener:
+    """A probe that records another probe's first pass (:func:`statistics_columns`), and
+    whether that pass drew no random numbers (set by the pass)."""
+
+    probe: Probe
+    quiet: bool = False
 
 
 def _two_batches(
@@ -460,13 +448,12 @@ def _two_batches(
     seed: int,
     output: OutputPick,
     roles: tuple[bool, bool, bool],
-    listener: Probe | None = None,
-) -> tuple[list[LayerGradient], list[LayerGradient], str, bool]:
-    """Both batches' layer gradients, the layer rule, and (with a ``listener`` recording
-    batch_a's pass, see :func:`statistics_alongside`) whether that pass drew no random numbers."""
+    listener: Listener | None = None,
+) -> tuple[list[LayerGradient], list[LayerGradient], str]:
+    """Both batches' layer gradients and the layer rule (``listener``: see
+    :func:`statistics_columns`)."""
     probe = _probe(model, layers, mode, seed, *roles)
     was_frozen = frozen_before(probe)
-    quiet = False
     with probe:
         before = None if listener is None else random_state(model)
         grads_a = layer_gradients(probe, model, loss_fn, batch_a, output, was_frozen)
@@ -474,12 +461,12 @@ def _two_batches(
         if listener is None:
             grads_b = layer_gradients(probe, model, loss_fn, batch_b, output, was_frozen)
         else:
-            quiet = same_state(before, random_state(model))
-            with listener.paused():
+            listener.quiet = same_state(before, random_state(model))
+            with listener.probe.paused():
                 grads_b = layer_gradients(probe, model, loss_fn, batch_b, output, was_frozen)
         check_same_layers(calls_a, probe.calls, "batch_a and batch_b")
         rule = _stated_rule(probe)
-    return grads_a, grads_b, rule, quiet
+    return grads_a, grads_b, rule
 
 
 def _corr_rows(

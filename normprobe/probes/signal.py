@@ -213,6 +213,11 @@ def representation_correlation(
     )
 
 
+#: runs one forward pass of the model on the probe's ``x`` while the representation probe
+#: (given, active) records it; returns whether that pass is the one the probe would have run
+SharedPass = Callable[[Probe], bool]
+
+
 def representation_columns(
     model: nn.Module,
     x: Inputs,
@@ -223,34 +228,11 @@ def representation_columns(
     mode: Mode = "train",
     noise_scale: float = 0.3,
     seed: int = 0,
+    shared: SharedPass | None = None,
 ) -> dict[str, list[Any]]:
     """:func:`representation_correlation`'s rows as columns (name -> values), for a driver
     that builds one table per step rather than one per probe
-    (:func:`normprobe.measures.measure_step`)."""
-    return representation_sharing(
-        model, x, None, pairing=pairing, x_other=x_other, layers=layers, mode=mode,
-        noise_scale=noise_scale, seed=seed,
-    )  # fmt: skip
-
-
-#: runs one forward pass of the model on the probe's ``x`` while the representation probe
-#: (given, active) records it; returns whether that pass is the one the probe would have run
-SharedPass = Callable[[Probe], bool]
-
-
-def representation_sharing(
-    model: nn.Module,
-    x: Inputs,
-    shared: SharedPass | None,
-    *,
-    pairing: Pairing = "noise",
-    x_other: Inputs | None = None,
-    layers: Layers = None,
-    mode: Mode = "train",
-    noise_scale: float = 0.3,
-    seed: int = 0,
-) -> dict[str, list[Any]]:
-    """:func:`representation_columns`, whose first pass (on ``x``) may be another probe's.
+    (:func:`normprobe.measures.measure_step`).
 
     ``shared(probe)``, when given, runs the model once on ``x`` (the same
     inputs object, moved to the model as the probes move it) inside this
