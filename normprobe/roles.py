@@ -164,13 +164,29 @@ def weight_layers(
     """The weight layers taken (name -> module) and those left out (name -> reason).
 
     A reason is ``"embedding"``, ``"norm"`` or ``"frozen"``: the option that
-    would take the layer. Names in registration order; a module reachable
-    under two names counts once.
+    would take the layer; or, for a module that owns parameters but no
+    ``weight`` (``nn.MultiheadAttention``'s ``in_proj_weight``, a bare
+    ``nn.Parameter``), their names: no option takes it, and saying so keeps
+    it from dropping out of the tables unsaid. Names in registration order;
+    a module reachable under two names counts once.
+
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 2))
+    >>> chosen, left_out = weight_layers(net)
+    >>> list(chosen), left_out
+    (['0', '1.out_proj'], {'1': 'in_proj_weight, in_proj_bias: not a weight'})
     """
     chosen: dict[str, nn.Module] = {}
     left_out: dict[str, str] = {}
     for name, module in model.named_modules():
-        if not name or not owns_weight(module):
+        if not name:
+            continue
+        if not owns_weight(module):
+            # a parametrization's originals belong to the module it parametrizes (owns_weight)
+            if isinstance(module, parametrize.ParametrizationList):
+                continue
+            own = [n for n, p in module._parameters.items() if p is not None]
+            if own:
+                left_out[name] = ", ".join(own) + ": not a weight"
             continue
         role = _role(module)
         if role == "embedding" and not embeddings:

@@ -193,3 +193,28 @@ def test_gradient_probes_say_which_weight_layers_never_ran_as_modules() -> None:
     assert (
         frame["layer_rule"].iloc[0].endswith("not run as modules (no gradient row): attn.out_proj")
     )
+
+
+def test_a_module_with_parameters_but_no_weight_is_named_in_the_gradient_rule() -> None:
+    """nn.MultiheadAttention keeps its input projection as in_proj_weight (no weight): the
+    gradient probes cannot take it, and their layer rule says so instead of dropping it."""
+    torch.manual_seed(0)
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(x)
+            h, _ = self.attention(h, h, h)
+            return self.head(h.mean(1))
+
+    x, y = torch.randn(6, 5, 4), torch.randint(0, 3, (6,))
+    grads = gradient_norms(Attend(), F.cross_entropy, (x, y))
+    assert grads.query("metric == 'grad_norm'")["layer"].tolist() == ["embed", "head"]
+    rule = grads["layer_rule"].iloc[0]
+    assert "left out: attention (in_proj_weight, in_proj_bias: not a weight)" in rule
+    assert "not run as modules (no gradient row): attention.out_proj" in rule
