@@ -363,8 +363,14 @@ def _train_eval_gap(
 def _signal(
     model: nn.Module, step: int, inputs: MeasureInputs, pc: ProbesConfig, hc: HessianConfig
 ) -> Tables:
-    x, layers = inputs.batch_a[0], pc.signal.layers
-    return {"metrics": [signal_statistics(model, x, layers=layers, seed=inputs.seed)]}
+    x, sc = inputs.batch_a[0], pc.signal
+    return {
+        "metrics": [
+            signal_statistics(
+                model, x, layers=sc.layers, seed=inputs.seed, channel_axis=sc.channel_axis
+            )
+        ]
+    }
 
 
 def has_norm_layers(model: nn.Module) -> bool:

@@ -484,6 +484,13 @@ class StructuralProbe(Strict):
     layers: LayerSpec = None
 
 
+class SignalProbe(StructuralProbe):
+    """Signal-propagation statistics (off by default): the moments of each layer's input per
+    channel; ``channel_axis`` says where the channels are when the input is 3-D."""
+
+    channel_axis: int | None = None
+
+
 #: the probes of ``probes:``, each ``true``/``false`` or its options
 PROBES = (
     "representation",
@@ -509,7 +516,7 @@ class ProbesConfig(Strict):
     batch_mean: BatchMeanProbe = Field(default_factory=BatchMeanProbe)
     batch_dependence: StructuralProbe = Field(default_factory=StructuralProbe)
     train_eval_gap: StructuralProbe = Field(default_factory=StructuralProbe)
-    signal: StructuralProbe = Field(default_factory=StructuralProbe)
+    signal: SignalProbe = Field(default_factory=SignalProbe)
     schedule: Schedule = Field(default_factory=lambda: Schedule(every=50))
 
     _switch = field_validator(*PROBES, mode="before")(_probe_switch)

@@ -20,6 +20,7 @@ from normprobe.measures import (
 from normprobe.models import build_model
 from normprobe.norms import NORMS
 from normprobe.plan import RunSpec, plan_runs, prepare_data
+from normprobe.probes import ProbeError
 from normprobe.run import run_one
 
 TINY = {
@@ -259,3 +260,19 @@ def test_every_normalizer_shares_the_pass_with_the_same_tables(norm: str) -> Non
         pd.concat(alone[0] + alone[1], ignore_index=True),
         check_exact=True,
     )
+
+
+def test_the_signal_measure_takes_its_channel_axis_from_the_config() -> None:
+    """The zoo transformer's activation inputs are (N, T, 4D): refused without an axis, with
+    the config field to set; measured over (N, T) per feature with channel_axis -1."""
+    model = build_model(
+        "transformer", "layer", seed=0, num_classes=16, context=6, depth=1, width=8, heads=2
+    )
+    hessian = HessianConfig(enabled=False)
+    signal = [MEASURES["signal"]]
+    with pytest.raises(ProbeError, match=r"probes\.signal\.channel_axis"):
+        measure_step(model, 0, _token_inputs(), signal, ProbesConfig(signal=True), hessian)
+    probes = ProbesConfig(signal={"enabled": True, "channel_axis": -1})
+    rows = pd.concat(measure_step(model, 0, _token_inputs(), signal, probes, hessian)["metrics"])
+    assert set(rows["metric"]) == {"signal_sq_mean", "signal_var"}
+    assert rows["value"].notna().all()

@@ -137,6 +137,13 @@ DESCRIPTIONS: dict[str, str] = {
     "BatchMeanProbe.mode": "`train` or `eval` normalization for the probe's forward pass.",
     "StructuralProbe.enabled": "Run this probe.",
     "StructuralProbe.layers": "Layers to measure (unset: the default selection).",
+    "SignalProbe.enabled": "Run this probe.",
+    "SignalProbe.layers": "Layers to measure (unset: the default selection).",
+    "SignalProbe.channel_axis": (
+        "The channel axis of the layers' inputs: unset takes axis 1 of a 2-D (N, C) or 4-D "
+        "(N, C, H, W) input and refuses a 3-D one; 1 for a 1-D convolution's (N, C, L), -1 for "
+        "a sequence's (N, T, D)."
+    ),
     "Schedule.steps": "Explicit steps. In YAML a plain list (`schedule: [0, 50, 300]`) is short "
     "for this.",
     "Schedule.every": "Every k steps, and the last step.",
@@ -239,6 +246,9 @@ EXAMPLES: dict[str, str] = {
     "BatchMeanProbe.mode": "probes: {batch_mean: {enabled: true, mode: eval}}",
     "StructuralProbe.enabled": "probes: {train_eval_gap: {enabled: true}}",
     "StructuralProbe.layers": "probes: {signal: {enabled: true, layers: 'blocks\\.\\d+\\.act'}}",
+    "SignalProbe.enabled": "probes: {signal: {enabled: true}}",
+    "SignalProbe.layers": "probes: {signal: {enabled: true, layers: 'blocks\\.\\d+\\.act'}}",
+    "SignalProbe.channel_axis": "probes: {signal: {enabled: true, channel_axis: -1}}",
     "Schedule.steps": "hessian: {schedule: {steps: [0, 50, 300]}}",
     "Schedule.every": "probes: {schedule: {every: 25}}",
     "Schedule.log": "probes: {schedule: {log: 10}}",

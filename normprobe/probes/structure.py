@@ -20,7 +20,10 @@ Rao & Sohl-Dickstein 2020, Table 2).
   summarised as in signal propagation plots (Brock et al. 2021):
   ``signal_sq_mean`` = mean over channels of the squared channel mean and
   ``signal_var`` = mean over channels of the channel variance, both over the
-  batch and spatial axes (channel axis 1, biased moments).
+  batch and spatial axes (biased moments). Channels are axis 1 of a 2-D
+  ``(N, C)`` or 4-D-and-up ``(N, C, H, W)`` input; a 3-D input is ``(N, C, L)``
+  to a 1-D convolution but ``(N, T, D)`` in a transformer, so its channel axis
+  is given (``channel_axis=1`` or ``-1``), never guessed.
 
 All three leave the model exactly as found (:func:`~normprobe.probes.capture.session`)
 and never update running statistics. Sums run in float64.
@@ -208,6 +211,7 @@ def signal_statistics(
     layers: Layers = None,
     mode: Mode = "train",
     seed: int = 0,
+    channel_axis: int | None = None,
 ) -> pd.DataFrame:
     """Signal-propagation statistics of each selected layer's input, by depth.
 
@@ -215,8 +219,28 @@ def signal_statistics(
     pre-activations), else the normalization modules, else Linear/Conv.
     Two rows per layer call: ``signal_sq_mean`` (mean over channels of the
     squared channel mean) and ``signal_var`` (mean over channels of the
-    channel variance); channels are axis 1, moments over every other axis.
+    channel variance); moments over every axis but the channels'.
+
+    ``channel_axis``: the axis of the channels in the layers' inputs. None
+    (the default) takes axis 1 of a 2-D ``(N, C)`` or 4-D-and-up
+    ``(N, C, H, W, ...)`` input and refuses a 3-D one, which is ``(N, C, L)``
+    before a 1-D convolution and ``(N, T, D)`` in a transformer: pass
+    ``channel_axis=1`` for the first, ``-1`` for the second.
+
+    >>> torch.manual_seed(0) and None
+    >>> seq = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    >>> x = torch.randn(8, 5, 4)  # (N, T, D)
+    >>> len(signal_statistics(seq, x, channel_axis=-1))
+    2
+    >>> signal_statistics(seq, x)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    normprobe.probes.capture.ProbeError: layer '1' gets a 3-D input (8, 5, 6), whose channel axis ...
     """
+    if channel_axis is not None and (
+        isinstance(channel_axis, bool) or not isinstance(channel_axis, int)
+    ):
+        raise ProbeError(f"channel_axis must be an axis (an integer) or None, got {channel_axis!r}")
     x = to_model(inputs_of(x, "x"), model)
     selected = select_layers(model, layers)
     records: list[tuple[str, str, torch.Tensor]] = []
@@ -224,7 +248,8 @@ def signal_statistics(
     def hook(name: str):
         def record(module: nn.Module, args: tuple) -> None:
             if args and isinstance(args[0], torch.Tensor):
-                records.append((name, type(module).__name__, _moments(name, args[0])))
+                moments = _moments(name, args[0], channel_axis)
+                records.append((name, type(module).__name__, moments))
 
         return record
 
@@ -259,13 +284,27 @@ def signal_statistics(
     return pd.DataFrame(rows)
 
 
-def _moments(name: str, z: torch.Tensor) -> tuple[float, float]:
+def _moments(name: str, z: torch.Tensor, channel_axis: int | None) -> tuple[float, float]:
     if z.dim() < 2 or z.shape[0] < 1:
         raise ProbeError(
             f"layer {name!r} got an input of shape {tuple(z.shape)}; signal statistics need "
             f"(N, C, ...) with channels on axis 1"
         )
-    z = z.detach().double().transpose(0, 1).reshape(z.shape[1], -1)
+    if channel_axis is None:
+        if z.dim() == 3:
+            raise ProbeError(
+                f"layer {name!r} gets a 3-D input {tuple(z.shape)}, whose channel axis is axis 1 "
+                f"for a 1-D convolution's (N, C, L) but the last for a sequence's (N, T, D); "
+                f"pass channel_axis=1 or channel_axis=-1 (probes.signal.channel_axis in a config)"
+            )
+        channel_axis = 1
+    if not -z.dim() < channel_axis < z.dim() or channel_axis % z.dim() == 0:
+        raise ProbeError(
+            f"channel_axis={channel_axis} is not a channel axis of layer {name!r}'s input "
+            f"{tuple(z.shape)} (axis 0 is the batch); use 1 to {z.dim() - 1}, or -1 for the last"
+        )
+    z = z.detach().double().movedim(channel_axis, 0)
+    z = z.reshape(z.shape[0], -1)
     mean = z.mean(dim=1)
     var = (z - mean[:, None]).square().mean(dim=1)
     return float(mean.square().mean()), float(var.mean())

@@ -172,6 +172,13 @@ def test_every_probe_leaves_a_transformer_as_found(norm: str, placement: str) ->
     probes["grad_corr"] = lambda m: gradient_correlation(m, loss_fn, (x, y), (x_other, y))
     probes["grad_norms"] = lambda m: gradient_norms(m, loss_fn, (x, y))
     probes["grad_norms_eval"] = lambda m: gradient_norms(m, loss_fn, (x, y), mode="eval")
+    probes["signal"] = lambda m: signal_statistics(m, x, channel_axis=-1)  # (N, T, D) inputs
+
+    def signal_refused(m: nn.Module) -> None:  # no axis for (N, T, D): refused mid-pass
+        with pytest.raises(ProbeError, match="channel_axis"):
+            signal_statistics(m, x)
+
+    probes["signal_refused"] = signal_refused
     for name, probe in probes.items():
         probe(model)
         _assert_same(before, _state(model), f"transformer {norm} {placement}, {name}")

@@ -141,6 +141,40 @@ def test_signal_statistics_equal_the_moments_of_each_activation_input() -> None:
     assert frame["value"].tolist() == pytest.approx(expected, rel=1e-10)
 
 
+def test_a_3d_input_has_its_channel_axis_given_never_guessed() -> None:
+    """(N, T, D) in a transformer, (N, C, L) before a 1-D convolution: the same shape, other
+    channels. Without channel_axis the probe refuses; with it, the moments are exact."""
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    x = torch.randn(8, 5, 4) + 0.3
+    with pytest.raises(
+        ProbeError, match=r"3-D input \(8, 5, 6\).*channel_axis=1 or channel_axis=-1"
+    ):
+        signal_statistics(seq, x)
+    with torch.no_grad():
+        z = seq[0](x).double()
+    frame = signal_statistics(seq, x, channel_axis=-1)  # D: moments over N and T
+    mean, var = z.mean(dim=(0, 1)), z.var(dim=(0, 1), unbiased=False)
+    assert frame["value"].tolist() == pytest.approx(
+        [float(mean.square().mean()), float(var.mean())], rel=1e-10
+    )
+    conv = nn.Sequential(nn.Conv1d(3, 2, 3), nn.ReLU())
+    signal = torch.randn(8, 3, 10)
+    with torch.no_grad():
+        z = conv[0](signal).double()
+    frame = signal_statistics(conv, signal, channel_axis=1)  # C: moments over N and L
+    mean, var = z.mean(dim=(0, 2)), z.var(dim=(0, 2), unbiased=False)
+    assert frame["value"].tolist() == pytest.approx(
+        [float(mean.square().mean()), float(var.mean())], rel=1e-10
+    )
+    with pytest.raises(ProbeError, match="axis 0 is the batch"):
+        signal_statistics(seq, x, channel_axis=0)
+    with pytest.raises(ProbeError, match="axis 0 is the batch"):
+        signal_statistics(seq, x, channel_axis=3)
+    with pytest.raises(ProbeError, match="an integer"):
+        signal_statistics(seq, x, channel_axis="last")
+
+
 def test_batchnorm_pre_activations_are_centred_and_unit_scaled() -> None:
     x, _ = _batches(32)
     frame = signal_statistics(_wrn("batch"), x.flatten(1).reshape(32, 1, 8, 8))
