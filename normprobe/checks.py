@@ -20,7 +20,8 @@ from torch import nn
 from normprobe.config import Config, ConfigError
 from normprobe.configtools import format_path
 from normprobe.errors import NormprobeError
-from normprobe.hessian.basis import TopKCostError, check_top_k_fits
+from normprobe.hessian.basis import TopKCostError, check_product_budget, check_top_k_fits
+from normprobe.hessian.lanczos import HessianError
 from normprobe.hessian.spectrum import MAX_MATVECS
 from normprobe.norms import NORMS, build
 from normprobe.plan import ProbeData, build_run_model
@@ -117,17 +118,13 @@ def check_hessian_size(config: Config, model: nn.Module) -> None:
             check_top_k_fits(dim, hc.top_k, max_matvecs=MAX_MATVECS, name="top_k")
         except TopKCostError as err:
             raise ConfigError(f"hessian.{err}") from None
-    if "density" in hc.pieces and min(hc.lanczos_steps, dim) > MAX_MATVECS:
-        raise ConfigError(
-            f"hessian.lanczos_steps: {hc.lanczos_steps} Lanczos steps per start vector are more "
-            f"Hessian-vector products than a run may take ({MAX_MATVECS}); use lanczos_steps <= "
-            f"{MAX_MATVECS} (the reference takes 100)"
-        )
-    if "trace" in hc.pieces and hc.trace_samples > MAX_MATVECS:
-        raise ConfigError(
-            f"hessian.trace_samples: {hc.trace_samples} samples are more Hessian-vector products "
-            f"than a trace estimate may take ({MAX_MATVECS}); use trace_samples <= {MAX_MATVECS}"
-        )
+    try:
+        check_product_budget(
+            hc.pieces, hc.lanczos_steps, hc.trace_samples, dim, MAX_MATVECS,
+            steps_name="lanczos_steps", adjustable=False,
+        )  # fmt: skip
+    except HessianError as err:
+        raise ConfigError(f"hessian.{err}") from None
 
 
 def _try_norm_options(name: str, options: dict[str, Any]) -> None:

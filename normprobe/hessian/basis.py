@@ -21,7 +21,7 @@ memory-mapped file), rather than dying in the allocator halfway or swapping.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,6 +35,7 @@ __all__ = [
     "TopKCostError",
     "available_bytes",
     "check_basis_fits",
+    "check_product_budget",
     "check_top_k_fits",
     "top_k_cost",
     "lanczos_basis",
@@ -255,3 +256,45 @@ def lanczos_basis(
     finally:
         del mapped
         file.unlink(missing_ok=True)
+
+
+def check_product_budget(
+    pieces: Sequence[str],
+    steps: int,
+    trace_samples: int,
+    dim: int,
+    max_matvecs: int,
+    *,
+    steps_name: str = "steps",
+    adjustable: bool = True,
+) -> None:
+    """Refuse a Lanczos run or a trace estimate of more Hessian-vector products than
+    ``max_matvecs``, up front (as an ARPACK run is bounded, :func:`check_top_k_fits`): a
+    mistyped ``steps=10**6`` would otherwise start a run of ``dim`` products, hours long on a
+    large model. ``steps_name`` names the steps in the message (a config calls them
+    ``lanczos_steps``); ``adjustable`` says the caller can raise ``max_matvecs``.
+
+    >>> try:
+    ...     check_product_budget(("density",), 10**6, 64, 27_008, 1000)
+    ... except HessianError as err:
+    ...     print(err)  # doctest: +ELLIPSIS
+    steps: 1000000 Lanczos steps per start vector (27008 after capping at the Hessian's ...
+    """
+    if not isinstance(max_matvecs, int) or max_matvecs < 1:
+        raise HessianError(f"max_matvecs must be a positive integer, got {max_matvecs!r}")
+    bound = (
+        f"max_matvecs={max_matvecs} allows" if adjustable else f"the bound of {max_matvecs} allows"
+    )
+    raise_it = ", or raise max_matvecs" if adjustable else ""
+    taken = min(steps, dim)
+    if "density" in pieces and taken > max_matvecs:
+        raise HessianError(
+            f"{steps_name}: {steps} Lanczos steps per start vector ({taken} after capping at the "
+            f"Hessian's dimension) are more Hessian-vector products than {bound} a run; use "
+            f"{steps_name} <= {max_matvecs} (the reference takes 100){raise_it}"
+        )
+    if "trace" in pieces and trace_samples > max_matvecs:
+        raise HessianError(
+            f"trace_samples: {trace_samples} samples are more Hessian-vector products than "
+            f"{bound} a run; use trace_samples <= {max_matvecs}{raise_it}"
+        )

@@ -30,7 +30,12 @@ from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 
 from normprobe.batch import OutputPick, batch_size, take
-from normprobe.hessian.basis import BasisMemoryError, check_top_k_fits, lanczos_basis
+from normprobe.hessian.basis import (
+    BasisMemoryError,
+    check_product_budget,
+    check_top_k_fits,
+    lanczos_basis,
+)
 from normprobe.hessian.distributed import ShardGroup, shard_group
 from normprobe.hessian.hvp import (
     Data,
@@ -903,37 +908,6 @@ def hessian_spectrum(
     for message in messages:
         warnings.warn(message, HessianConvergenceWarning, stacklevel=2)
     return spectrum
-
-
-def check_product_budget(
-    pieces: Sequence[str], steps: int, trace_samples: int, dim: int, max_matvecs: int
-) -> None:
-    """Refuse a Lanczos run or a trace estimate of more Hessian-vector products than
-    ``max_matvecs``, up front (as an ARPACK run is bounded): a mistyped ``steps=10**6`` would
-    otherwise start a run of ``dim`` products, hours long on a large model.
-
-    >>> try:
-    ...     check_product_budget(("density",), 10**6, 64, 27_008, 1000)
-    ... except HessianError as err:
-    ...     print(err)  # doctest: +ELLIPSIS
-    steps: 1000000 Lanczos steps per start vector (27008 after capping at the Hessian's ...
-    """
-    if not isinstance(max_matvecs, int) or max_matvecs < 1:
-        raise HessianError(f"max_matvecs must be a positive integer, got {max_matvecs!r}")
-    taken = min(steps, dim)
-    if "density" in pieces and taken > max_matvecs:
-        raise HessianError(
-            f"steps: {steps} Lanczos steps per start vector ({taken} after capping at the "
-            f"Hessian's dimension) are more Hessian-vector products than max_matvecs="
-            f"{max_matvecs} allows a run; use steps <= {max_matvecs} (the reference takes 100), "
-            f"or raise max_matvecs"
-        )
-    if "trace" in pieces and trace_samples > max_matvecs:
-        raise HessianError(
-            f"trace_samples: {trace_samples} samples are more Hessian-vector products than "
-            f"max_matvecs={max_matvecs} allows a run; use trace_samples <= {max_matvecs}, or "
-            f"raise max_matvecs"
-        )
 
 
 def _breakdown_messages(taken: list[int], requested: int, residuals: list[float]) -> list[str]:
