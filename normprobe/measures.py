@@ -41,7 +41,7 @@ from normprobe.probes.capture import Probe, is_normalizer
 from normprobe.probes.gradients import Listener, growth_of, statistics_columns
 from normprobe.probes.signal import representation_columns
 from normprobe.probes.structure import batch_dependence, signal_statistics, train_eval_gap
-from normprobe.rows import Columns, Rows, joined
+from normprobe.rows import Columns, Rows, frames_of
 from normprobe.state import held
 from normprobe.training import loss_for, norm_batch_of
 
@@ -184,8 +184,7 @@ def measure_step(
     the rest of its run (:func:`~normprobe.rows.frame_of`): one frame per
     run instead of one per step.
     """
-    out: Tables = {name: [] for name in TABLES}
-    pending: dict[str, list[Rows]] = {name: [] for name in TABLES}
+    items: Tables = {name: [] for name in TABLES}
     measures = list(measures)
     with held(model):  # one snapshot of the model's state for the whole step
         together = _shared_forward(measures, probes)
@@ -198,21 +197,13 @@ def measure_step(
         ]
     for tables in computed:
         for table, frames in tables.items():
-            for frame in frames:
-                if isinstance(frame, Mapping):
-                    if lazy:
-                        out[table].append(Rows(step, frame))
-                    else:
-                        pending[table].append(Rows(step, frame))
-                    continue
-                if pending[table]:
-                    out[table].append(joined(pending[table]))
-                    pending[table] = []
-                out[table].append(_tagged(frame, step))
-    for table, blocks in pending.items():
-        if blocks:
-            out[table].append(joined(blocks))
-    return out
+            items[table].extend(
+                Rows(step, frame) if isinstance(frame, Mapping) else _tagged(frame, step)
+                for frame in frames
+            )
+    if lazy:
+        return items
+    return {table: frames_of(blocks) for table, blocks in items.items()}
 
 
 def _tagged(frame: pd.DataFrame, step: int) -> pd.DataFrame:
@@ -246,15 +237,33 @@ def _shared_forward(measures: list[Measure], pc: ProbesConfig) -> bool:
     gradient probes' batch_a pass: both measured, in one mode, the gradient probes on one
     layer rule (one pass pair), and a pairing that runs that pass."""
     names = {m.name for m in measures}
-    rc, gc, gn = pc.representation, pc.gradient_correlation, pc.gradient_norms
+    rc = pc.representation
     return (
         {"representation", "gradients"} <= names
         and rc.pairing in ("noise", "independent")
-        and gc.enabled
-        and gn.enabled
-        and (gc.layers, gc.mode) == (gn.layers, gn.mode)
-        and rc.mode == gc.mode
+        and _one_pass_pair(pc)
+        and rc.mode == pc.gradient_correlation.mode
     )
+
+
+def _one_pass_pair(pc: ProbesConfig) -> bool:
+    """Whether the gradient correlation and the gradient norms take the same layers in the same
+    mode: one pass pair serves both (:func:`~normprobe.probes.gradients.statistics_columns`)."""
+    gc, gn = pc.gradient_correlation, pc.gradient_norms
+    return gc.enabled and gn.enabled and (gc.layers, gc.mode) == (gn.layers, gn.mode)
+
+
+def _gradient_statistics(
+    model: nn.Module, inputs: MeasureInputs, pc: ProbesConfig, listener: Listener | None = None
+) -> Tables:
+    """Both gradient probes from one pass pair: their rows (grad_corr, then the norms) as
+    columns, and the growth rate read from them."""
+    gc = pc.gradient_correlation
+    both = statistics_columns(
+        model, inputs.loss(model), inputs.batch_a, inputs.batch_b, layers=gc.layers,
+        mode=gc.mode, listener=listener,
+    )  # fmt: skip
+    return {"metrics": [both, _growth_row(_growth_or_nan(both))]}
 
 
 def _representation_and_gradients(
@@ -270,52 +279,34 @@ def _representation_and_gradients(
     what its passes changed), not as its own first pass left it; the two differ only for a
     model whose forward pass changes state that a later pass reads (a call counter, say).
     """
-    gc = pc.gradient_correlation
-    loss_fn = inputs.loss(model)
-    out: dict[str, Any] = {}
+    out: dict[str, Tables] = {}
 
     def gradient_pass(probe: Probe) -> bool:
         listener = Listener(probe)
-        out["columns"] = statistics_columns(
-            model, loss_fn, inputs.batch_a, inputs.batch_b, layers=gc.layers, mode=gc.mode,
-            listener=listener,
-        )  # fmt: skip
+        out["gradients"] = _gradient_statistics(model, inputs, pc, listener)
         return listener.quiet
 
     rep = representation_columns(
         model, inputs.batch_a[0], shared=gradient_pass, **_representation_kwargs(step, inputs, pc)
     )
-    if "columns" not in out:  # the probe ran no first pass to share
-        return {"representation": {"metrics": [rep]}}
-    both = out["columns"]
-    return {
-        "representation": {"metrics": [rep]},
-        "gradients": {"metrics": [both, _growth_row(_growth_or_nan(both))]},
-    }
+    # without a first pass to share, the gradients measure runs on its own
+    return {"representation": {"metrics": [rep]}, **out}
 
 
 def _gradients(
     model: nn.Module, step: int, inputs: MeasureInputs, pc: ProbesConfig, hc: HessianConfig
 ) -> Tables:
+    if _one_pass_pair(pc):  # batch_a's gradients serve both probes: two passes, not three
+        return _gradient_statistics(model, inputs, pc)
     # mean cross-entropy (per example, or per token for a language model) unless a loss is given
     loss_fn = inputs.loss(model)
     a, b = inputs.batch_a, inputs.batch_b
     gc, gn = pc.gradient_correlation, pc.gradient_norms
     frames: list[Any] = []
-    norms: pd.DataFrame | None = None
-    if gc.enabled and gn.enabled and (gc.layers, gc.mode) == (gn.layers, gn.mode):
-        # batch_a's gradients serve both probes: one pass pair instead of three passes; their
-        # rows (grad_corr, then the norms) as columns, and the growth rate read from them
-        both = statistics_columns(model, loss_fn, a, b, layers=gc.layers, mode=gc.mode)
-        return {"metrics": [both, _growth_row(_growth_or_nan(both))]}
-    else:
-        if gc.enabled:
-            frames.append(
-                gradient_correlation(model, loss_fn, a, b, layers=gc.layers, mode=gc.mode)
-            )
-        if gn.enabled:
-            norms = gradient_norms(model, loss_fn, a, layers=gn.layers, mode=gn.mode)
-    if norms is not None:
+    if gc.enabled:
+        frames.append(gradient_correlation(model, loss_fn, a, b, layers=gc.layers, mode=gc.mode))
+    if gn.enabled:
+        norms = gradient_norms(model, loss_fn, a, layers=gn.layers, mode=gn.mode)
         norms = norms.reset_index(drop=True)
         frames.append(norms)
         frames.append(_growth_row(_growth_or_nan(norms)))

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["Columns", "Rows", "frame_of", "joined"]
+__all__ = ["Columns", "Rows", "frame_of", "frames_of", "joined"]
 
 #: column name -> one value per row (every column of a block has the same length)
 Columns = Mapping[str, list[Any]]
@@ -75,6 +75,12 @@ def frame_of(items: Sequence[pd.DataFrame | Rows]) -> pd.DataFrame:
     >>> frame_of([a, pd.DataFrame({"step": [9], "value": [3.0]}), b]).to_dict("list")
     {'step': [0, 9, 5], 'value': [1.0, 3.0, 2.0]}
     """
+    return pd.concat(frames_of(items), ignore_index=True, sort=False)
+
+
+def frames_of(items: Sequence[pd.DataFrame | Rows]) -> list[pd.DataFrame]:
+    """``items`` as frames, in order: each run of consecutive :class:`Rows` one frame
+    (:func:`joined`), each frame as it is."""
     frames: list[pd.DataFrame] = []
     run: list[Rows] = []
     for item in items:
@@ -87,4 +93,4 @@ def frame_of(items: Sequence[pd.DataFrame | Rows]) -> pd.DataFrame:
         frames.append(item)
     if run:
         frames.append(joined(run))
-    return pd.concat(frames, ignore_index=True, sort=False)
+    return frames
