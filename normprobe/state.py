@@ -27,6 +27,7 @@ __all__ = [
     "frozen_statistics",
     "ModelSnapshot",
     "snapshot",
+    "snapshot_since",
     "restore",
 ]
 
@@ -173,20 +174,65 @@ def held(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def held_snapshot(model: nn.Module) -> Iterator[bool]:
-    """Inside :func:`held` (and not inside another block it covers): restore the model from the
-    held snapshot on exit (what moved only) and yield True; otherwise do nothing and yield False
-    (the caller preserves the model itself)."""
+def held_snapshot(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[bool]:
+    """Inside :func:`held`: put the model back on exit as the block found it, from the held
+    snapshot, and yield True; outside, do nothing and yield False (the caller preserves the
+    model itself).
+
+    A block directly inside :func:`held` restores what moved (version counters) from the
+    held snapshot. A block inside another such block (a probe run within another probe's
+    session) may find grads and buffers that the outer block changed: it copies those
+    (:func:`snapshot_since`), reuses the held copies of the rest, restores what moved on
+    exit, and puts back the plain attributes of ``modules`` (default: the model's) as
+    :func:`preserved` and :func:`~normprobe.batch.attributes_kept` would, without copying
+    the whole state again.
+    """
     entry = _HELD.get(id(model))
-    if entry is None or entry[0] is not model or entry[2]:
+    if entry is None or entry[0] is not model:
         yield False
         return
+    nested = entry[2] > 0
+    snap = snapshot_since(entry[1]) if nested else entry[1]
     entry[2] += 1
     try:
-        yield True
+        if nested:
+            with attributes_kept(model if modules is None else modules):
+                yield True
+        else:
+            yield True
     finally:
         entry[2] -= 1
-        restore(entry[1], changed_only=True)
+        restore(snap, changed_only=True)
+
+
+def snapshot_since(earlier: ModelSnapshot) -> ModelSnapshot:
+    """The model's state now, as :func:`snapshot` records it, over the modules, parameters
+    and buffers that ``earlier`` covers: a grad or buffer that is still the tensor
+    ``earlier`` recorded, at the same version, shares its copy; any other is copied now."""
+    grads = []
+    for (p, grad, saved), version in zip(earlier.grads, earlier.grad_versions):
+        now = p.grad
+        if now is not None and not (now is grad and now._version == version):
+            saved = now.detach().clone()
+        grads.append((p, now, None if now is None else saved))
+    buffers = []
+    for (module, name, buf, saved), version in zip(earlier.buffers, earlier.buffer_versions):
+        if name not in module._buffers:  # removed since: snapshot() would not see it
+            continue
+        now = module._buffers[name]
+        if now is not None and not (now is buf and now._version == version):
+            saved = now.detach().clone()
+        buffers.append((module, name, now, None if now is None else saved))
+    params = [p for _, p, _ in earlier.versions]
+    return ModelSnapshot(
+        training=[(m, m.training) for m, _ in earlier.training],
+        requires_grad=[(p, p.requires_grad) for p in params],
+        grads=grads,
+        buffers=buffers,
+        versions=[(name, p, p._version) for name, p, _ in earlier.versions],
+        grad_versions=[None if g is None else g._version for _, g, _ in grads],
+        buffer_versions=[None if b is None else b._version for _, _, b, _ in buffers],
+    )
 
 
 @contextmanager

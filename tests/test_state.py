@@ -106,3 +106,43 @@ def test_held_restores_what_a_covered_block_moved_and_everything_on_exit() -> No
             assert torch.equal(net[1].running_mean, running)
     assert not hasattr(net[0], "extra") and not net.training
     assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), grads))
+
+
+def test_a_block_nested_in_a_covered_block_puts_back_the_outer_blocks_state() -> None:
+    """A probe run inside another probe's session (a shared pass) restores the model as the
+    outer block left it, not as held found it, copying only what the outer block changed."""
+    from normprobe.probes.capture import session
+    from normprobe.state import _HELD, held, snapshot_since
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    net(torch.randn(8, 3)).sum().backward()
+    net[2].bias.grad = None
+    original = _state(net)
+    with held(net):
+        with session(net, "train"):
+            net[1].running_mean.add_(1.0)  # the outer block's changes ...
+            net[0].weight.grad.mul_(2.0)
+            net[2].bias.grad = torch.ones(2)
+            net[0].outer = 1
+            inside_outer = _state(net)
+            # only what the outer block changed is copied; the rest shares held's copies
+            since = snapshot_since(_HELD[id(net)][1])
+            earlier = _HELD[id(net)][1]
+            held_copies = {id(s) for *_, s in earlier.grads + earlier.buffers}
+            fresh = [s for _, _, s in since.grads] + [s for *_, s in since.buffers]
+            assert sum(s is not None and id(s) not in held_copies for s in fresh) == 3
+            with session(net, "train"):  # ... survive a nested block's own changes
+                for p in net.parameters():
+                    p.requires_grad_(False)
+                net[1].running_mean.mul_(5.0)
+                net[1].running_var.add_(3.0)
+                net[0].weight.grad.add_(7.0)
+                net[2].bias.grad.add_(1.0)
+                net[0].bias.grad = None
+                net[0].outer = 2
+                net[0].inner = 3
+            _assert_same(inside_outer, _state(net))
+            assert net[0].outer == 1 and not hasattr(net[0], "inner")
+    _assert_same(original, _state(net))
+    assert not hasattr(net[0], "outer")

@@ -345,7 +345,7 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
     training = mode == "train"
     with ExitStack() as stack:
         # inside normprobe.state.held (a measurement step), the step's snapshot restores the model
-        if not stack.enter_context(held_snapshot(model)):
+        if not stack.enter_context(held_snapshot(model, modules)):
             stack.enter_context(preserved(model))
             stack.enter_context(attributes_kept(modules))
         stack.enter_context(frozen_statistics(model, modules))
