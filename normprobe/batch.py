@@ -53,6 +53,7 @@ import functools
 import inspect
 import itertools
 import math
+import operator
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -643,6 +644,14 @@ def attributes_kept(modules: nn.Module | list[nn.Module]) -> Iterator[None]:
     finally:
         for m, before in saved:
             now = vars(m)
+            # most modules come back untouched: the same keys in the same order, each bound
+            # to the same object (checked in C, without the per-key loop below)
+            if (
+                len(now) == len(before)
+                and all(map(operator.is_, now, before))
+                and all(map(operator.is_, now.values(), before.values()))
+            ):
+                continue
             for key in [k for k in now if k not in before]:
                 del now[key]
             for key, value in before.items():

@@ -109,6 +109,27 @@ def test_attributes_kept_and_dropout_off_put_everything_back() -> None:
     assert not hasattr(m, "cached") and m.drop.p == 0.5 and m.attention_dropout == 0.25
 
 
+def test_attributes_kept_puts_back_rebound_removed_and_reordered_attributes() -> None:
+    """Every way a pass can leave a module's attributes: rebound (same keys), removed, added,
+    two values swapped, and a key removed and added again (other order, equal keys)."""
+    m = nn.Linear(2, 2)
+    a, b, flag = object(), object(), object()
+    m.a, m.b, m.flag = a, b, flag
+    before = dict(vars(m))
+    cases = [
+        lambda: setattr(m, "flag", object()),
+        lambda: delattr(m, "flag"),
+        lambda: setattr(m, "new", 1),
+        lambda: (setattr(m, "a", b), setattr(m, "b", a)),
+        lambda: (delattr(m, "a"), setattr(m, "a", a)),
+    ]
+    for change in cases:
+        with attributes_kept(m):
+            change()
+            assert vars(m) != before or list(vars(m)) != list(before)
+        assert all(vars(m)[k] is v for k, v in before.items()) and vars(m).keys() == before.keys()
+
+
 def test_roles_find_weights_norms_embeddings_and_blocks() -> None:
     class Conv1D(nn.Module):  # Hugging Face's transposed linear layer, by its look
         def __init__(self, nf: int, nx: int) -> None:
