@@ -464,7 +464,9 @@ def train(
 
     ``batches`` yields the index batches to train on (e.g.
     :func:`label_minibatches`); default: :func:`minibatches` of
-    ``batch_size`` seeded with ``seed``.
+    ``batch_size`` seeded with ``seed``. Grads are set to None before the
+    first update and after each one, so ``measure`` sees a model without
+    grads, and the model ends without them.
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
@@ -526,6 +528,10 @@ def train(
         )
 
     model.train()
+    # Grads are dropped right after each update (and once before the first), not just before
+    # the next backward: the same updates, and a measurement between two updates finds no
+    # grads for the probes to copy and put back.
+    optimizer.zero_grad(set_to_none=True)
     for step in range(steps + 1):
         if step in measure_steps:
             try:
@@ -541,9 +547,9 @@ def train(
         losses.append(value)
         if not math.isfinite(value):
             return outcome("diverged", step)
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         if progress is not None:
             progress(step + 1, value)
     return outcome("done", None)

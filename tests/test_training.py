@@ -295,3 +295,41 @@ def test_classifier_tables_get_no_perplexity() -> None:
         measure_steps={0},
     )
     assert set(outcome.frames[0]["metric"]) == {"train_loss", "train_acc", "test_loss", "test_acc"}
+
+
+def test_training_updates_from_fresh_grads_and_measures_a_model_without_grads() -> None:
+    """Grads are dropped after each update: the updates are those of plain SGD from fresh
+    grads (a model that came in with grads included), and every measurement finds none."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    model = build_model("mlp", "none", seed=0, depth=1, width=8, input_shape=4, num_classes=3)
+    reference = build_model("mlp", "none", seed=0, depth=1, width=8, input_shape=4, num_classes=3)
+    model(x).sum().backward()  # stale grads from before training must not leak into step 0
+    seen: list[bool] = []
+
+    def measure(step: int, m: torch.nn.Module) -> list:
+        seen.append(any(p.grad is not None for p in m.parameters()))
+        return []
+
+    train(
+        model,
+        (x, y),
+        (x, y),
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        steps=3,
+        batch_size=4,
+        seed=0,
+        measure_steps={0, 1, 3},
+        measure=measure,
+    )
+    assert seen == [False, False, False]
+    batches = minibatches(16, 4, torch.Generator().manual_seed(0))
+    for _ in range(3):  # the same three updates by hand
+        i = next(batches)
+        reference.zero_grad(set_to_none=True)
+        cross_entropy(reference(x[i]), y[i]).backward()
+        with torch.no_grad():
+            for p in reference.parameters():
+                p.add_(p.grad, alpha=-0.1)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
