@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,6 +67,17 @@ def snapshot(model: nn.Module) -> ModelSnapshot:
         for name, buf in module._buffers.items():
             buffers.append((module, name, buf, None if buf is None else buf.detach().clone()))
     grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone()) for _, p in params]
+    return _assembled(training, params, grads, buffers)
+
+
+def _assembled(
+    training: list[tuple[nn.Module, bool]],
+    params: list[tuple[str, nn.Parameter]],
+    grads: list[tuple[nn.Parameter, torch.Tensor | None, torch.Tensor | None]],
+    buffers: list[tuple[nn.Module, str, torch.Tensor | None, torch.Tensor | None]],
+) -> ModelSnapshot:
+    """A snapshot of these flags, grads and buffers, with the parameters' flags and every
+    version counter read now."""
     return ModelSnapshot(
         training=training,
         requires_grad=[(p, p.requires_grad) for _, p in params],
@@ -209,30 +221,28 @@ def snapshot_since(earlier: ModelSnapshot) -> ModelSnapshot:
     """The model's state now, as :func:`snapshot` records it, over the modules, parameters
     and buffers that ``earlier`` covers: a grad or buffer that is still the tensor
     ``earlier`` recorded, at the same version, shares its copy; any other is copied now."""
-    grads = []
-    for (p, grad, saved), version in zip(earlier.grads, earlier.grad_versions):
-        now = p.grad
-        if now is not None and not (now is grad and now._version == version):
-            saved = now.detach().clone()
-        grads.append((p, now, None if now is None else saved))
-    buffers = []
-    for (module, name, buf, saved), version in zip(earlier.buffers, earlier.buffer_versions):
-        if name not in module._buffers:  # removed since: snapshot() would not see it
-            continue
-        now = module._buffers[name]
-        if now is not None and not (now is buf and now._version == version):
-            saved = now.detach().clone()
-        buffers.append((module, name, now, None if now is None else saved))
-    params = [p for _, p, _ in earlier.versions]
-    return ModelSnapshot(
-        training=[(m, m.training) for m, _ in earlier.training],
-        requires_grad=[(p, p.requires_grad) for p in params],
-        grads=grads,
-        buffers=buffers,
-        versions=[(name, p, p._version) for name, p, _ in earlier.versions],
-        grad_versions=[None if g is None else g._version for _, g, _ in grads],
-        buffer_versions=[None if b is None else b._version for _, _, b, _ in buffers],
-    )
+    grads = [
+        (p, p.grad, _copy_unless_recorded(p.grad, grad, version, saved))
+        for (p, grad, saved), version in zip(earlier.grads, earlier.grad_versions)
+    ]
+    buffers = [
+        (module, name, module._buffers[name],
+         _copy_unless_recorded(module._buffers[name], buf, version, saved))
+        for (module, name, buf, saved), version in zip(earlier.buffers, earlier.buffer_versions)
+        if name in module._buffers  # one removed since is not there for snapshot() to see
+    ]  # fmt: skip
+    training = [(m, m.training) for m, _ in earlier.training]
+    return _assembled(training, [(n, p) for n, p, _ in earlier.versions], grads, buffers)
+
+
+def _copy_unless_recorded(
+    now: torch.Tensor | None, recorded: torch.Tensor | None, version: int | None, saved: Any
+) -> torch.Tensor | None:
+    """A copy of ``now``: ``saved`` where ``now`` is still the ``recorded`` tensor at the
+    recorded ``version``, a fresh one otherwise."""
+    if now is None:
+        return None
+    return saved if now is recorded and now._version == version else now.detach().clone()
 
 
 @contextmanager
