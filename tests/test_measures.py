@@ -276,3 +276,32 @@ def test_the_signal_measure_takes_its_channel_axis_from_the_config() -> None:
     rows = pd.concat(measure_step(model, 0, _token_inputs(), signal, probes, hessian)["metrics"])
     assert set(rows["metric"]) == {"signal_sq_mean", "signal_var"}
     assert rows["value"].notna().all()
+
+
+def test_balanced_norm_on_non_negative_pixels_warns_only_of_the_noise_pass() -> None:
+    """The quickstart's case: balanced normalization on pixels in [0, 1] checks its input sums
+    in a measurement step's noise pass (the gradient probe's session puts its first-call flag
+    back), where the noisy copy has negative pixels; the warning says so."""
+    import warnings
+
+    from normprobe.norms.balanced import BalancedInputWarning
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 12, generator=g), torch.randint(0, 3, (32,), generator=g)
+    x[:, :6] = 0.0  # dark border pixels: their sums are zero, their noisy sums signed
+    inputs = MeasureInputs((x[:16], y[:16]), (x[16:], y[16:]), None, seed=5, num_classes=3)
+    model = build_model("mlp", "balanced", seed=0, depth=2, width=8, input_shape=12, num_classes=3)
+    chosen = [MEASURES["representation"], MEASURES["gradients"]]
+    hessian = HessianConfig(enabled=False)
+    both = {"gradient_correlation": True, "gradient_norms": True}  # one shared pass
+    noise = ProbesConfig(**both)
+    independent = ProbesConfig(representation={"pairing": "independent"}, **both)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        measure_step(model, 0, inputs, chosen, independent, hessian)
+        assert not caught
+        measure_step(model, 0, inputs, chosen, noise, hessian)
+    said = [w for w in caught if w.category is BalancedInputWarning]
+    assert len(said) == 1 and len(caught) == 1
+    assert "blocks.0.norm" in str(said[0].message)
+    assert "representation probe's noise pass" in str(said[0].message)

@@ -27,7 +27,9 @@ integer ones (token ids, masks); inputs with no floating-point tensor need
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import pandas as pd
@@ -304,7 +306,11 @@ def representation_columns(
                 probe.run(x)
             calls, kept = probe.calls, probe.reduced
             probe.reduce = lambda call, h: _correlate(kept.get(call.label), h)
-            probe.run(x_other)
+            if pairing == "noise":
+                with _said_of_the_noise_pass(noise_scale):
+                    probe.run(x_other)
+            else:
+                probe.run(x_other)
             check_same_layers(calls, probe.calls, "the two minibatches")
             correlations = probe.reduced
             values = [
@@ -316,6 +322,39 @@ def representation_columns(
         **_columns(calls, shapes, values, pairing, mode, seed),
         "layer_rule": [probe.rule] * len(shapes),
     }
+
+
+#: what :func:`_said_of_the_noise_pass` has shown (``warnings``' own once-per-message rule)
+_NOISE_PASS_WARNINGS: dict[Any, Any] = {}
+
+
+@contextmanager
+def _said_of_the_noise_pass(noise_scale: float) -> Iterator[None]:
+    """Warnings that layers raise in the noise pairing's second pass, said again with where
+    they come from.
+
+    That pass runs the model on ``X + noise_scale * std(X) * eps``, which can leave the range
+    of the batch (negative values where every input is non-negative): a layer that checks its
+    inputs (balanced normalization's non-negative input sums) warns about the probe's
+    perturbed copy, not about the user's data, and its own advice would mislead. Each warning
+    is shown once per message under the caller's filters (an ``error`` filter raises it here,
+    after the pass: the session has put the model back by then).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        warnings.warn_explicit(
+            f"{w.message} [this warning comes from the representation probe's noise pass, "
+            f"which runs the model on X + {noise_scale} * std(X) * eps: noisy copies of the "
+            f"batch that can leave its range (negative values where the batch has none); the "
+            f"layer's correlation is measured on those inputs, and pairing 'independent' "
+            f"compares two unperturbed batches instead]",
+            w.category,
+            w.filename,
+            w.lineno,
+            registry=_NOISE_PASS_WARNINGS,
+        )
 
 
 def _correlate(first: tuple | None, h: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -277,3 +278,37 @@ def test_a_transformer_with_gelu_modules_defaults_to_the_residual_stream() -> No
         h, h2 = model(x), model(x + 1.0)
     moved = representation_correlation(model, x, x_other=x + 1.0, pairing="independent")
     assert _values(moved)["1"] == pytest.approx(_corr(h, h2), abs=1e-6)
+
+
+class _NonNegativeInputs(nn.Module):
+    """A layer that checks its inputs on every call, as balanced normalization does on its first."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x < 0).any():
+            warnings.warn("_NonNegativeInputs got negative inputs", UserWarning, stacklevel=2)
+        return x
+
+
+def test_a_warning_from_the_noise_pass_says_it_comes_from_the_perturbed_inputs() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(_NonNegativeInputs(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(64, 16)
+    x[:, :4] = 0.0  # never lit: the noisy copy makes some of these negative
+    found = copy.deepcopy(net.state_dict())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        representation_correlation(net, x, pairing="independent", x_other=torch.rand(64, 16))
+        assert not caught  # two unperturbed non-negative batches: nothing to say
+        representation_correlation(net, x, pairing="noise", noise_scale=0.3, seed=1)
+    assert len(caught) == 1 and caught[0].category is UserWarning
+    message = str(caught[0].message)
+    assert message.startswith("_NonNegativeInputs got negative inputs")
+    assert "the representation probe's noise pass" in message and "X + 0.3 * std(X)" in message
+    assert "pairing 'independent'" in message
+    # the caller's filters still apply: "error" raises it after the pass, the model as found
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises(UserWarning, match="noise pass"):
+            representation_correlation(net, x, pairing="noise", noise_scale=0.3, seed=1)
+    assert all(torch.equal(a, found[k]) for k, a in net.state_dict().items())
+    assert net.training and all(p.grad is None for p in net.parameters())
