@@ -299,7 +299,10 @@ def pyhessian_run(
 def lockstep(
     op: HessianOperator, name: str, dim: int, steps: int, hvp_times: Callable[[int], list[float]]
 ) -> None:
-    """SLQ with the start vectors side by side (batched products) against b x m single HVPs."""
+    """SLQ with the start vectors side by side (batched products) against b x m single HVPs;
+    the bases in the products' dtype, as ``hessian_spectrum`` keeps them and as the single
+    vector's line above is timed."""
+    kept = op.dtype
     for b in (2, 4):
         around = hvp_times(10)
         seconds, _ = timed(
@@ -310,6 +313,8 @@ def lockstep(
                 b,
                 generator=torch.Generator().manual_seed(0),
                 matmat=op.matmat,
+                basis_dtype=kept,
+                matvec_eps=torch.finfo(kept).eps,
             )
         )
         around += hvp_times(10)
@@ -318,8 +323,8 @@ def lockstep(
         ratio(f"slq_lockstep{b}_over_m_hvp_{name}", value, "<= 1.05")
         print(
             f"  SLQ m={steps}, {b} start vectors side by side (batched products): "
-            f"SLQ / ({b} x m x HVP) = {value:.3f}   (HVP {hvp * 1e3:.1f} ms; load "
-            f"{os.getloadavg()[0]:.2f})"
+            f"SLQ / ({b} x m x HVP) = {value:.3f}   (HVP {hvp * 1e3:.1f} ms; "
+            f"{str(kept).replace('torch.', '')} bases; load {os.getloadavg()[0]:.2f})"
         )
 
 
