@@ -27,6 +27,7 @@ integer ones (token ids, masks); inputs with no floating-point tensor need
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -324,37 +325,43 @@ def representation_columns(
     }
 
 
-#: what :func:`_said_of_the_noise_pass` has shown (``warnings``' own once-per-message rule)
-_NOISE_PASS_WARNINGS: dict[Any, Any] = {}
-
-
 @contextmanager
 def _said_of_the_noise_pass(noise_scale: float) -> Iterator[None]:
-    """Warnings that layers raise in the noise pairing's second pass, said again with where
-    they come from.
+    """Warnings that layers raise in the noise pairing's second pass, shown with where they
+    come from.
 
     That pass runs the model on ``X + noise_scale * std(X) * eps``, which can leave the range
     of the batch (negative values where every input is non-negative): a layer that checks its
     inputs (balanced normalization's non-negative input sums) warns about the probe's
-    perturbed copy, not about the user's data, and its own advice would mislead. Each warning
-    is shown once per message under the caller's filters (an ``error`` filter raises it here,
-    after the pass: the session has put the model back by then).
+    perturbed copy, not about the user's data, and its own advice would mislead. Only the
+    showing changes: ``warnings.showwarning`` is wrapped for the pass, so the caller's filters
+    decide as before (once per message by default; an ``error`` filter raises the layer's own
+    warning), and a warning another thread shows meanwhile passes through untouched.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    shown, thread = warnings.showwarning, threading.get_ident()
+    note = (
+        f" [this warning comes from the representation probe's noise pass, which runs the model "
+        f"on X + {noise_scale} * std(X) * eps: noisy copies of the batch that can leave its "
+        f"range (negative values where the batch has none); the layer's correlation is "
+        f"measured on those inputs, and pairing 'independent' compares two unperturbed batches "
+        f"instead]"
+    )
+
+    def show(message: Any, category: Any, filename: str, lineno: int, *args: Any) -> None:
+        if threading.get_ident() == thread:
+            text = f"{message}{note}"
+            try:
+                message = category(text)
+            except Exception:  # a warning class that takes other arguments: its text then
+                message = text
+        shown(message, category, filename, lineno, *args)
+
+    warnings.showwarning = show
+    try:
         yield
-    for w in caught:
-        warnings.warn_explicit(
-            f"{w.message} [this warning comes from the representation probe's noise pass, "
-            f"which runs the model on X + {noise_scale} * std(X) * eps: noisy copies of the "
-            f"batch that can leave its range (negative values where the batch has none); the "
-            f"layer's correlation is measured on those inputs, and pairing 'independent' "
-            f"compares two unperturbed batches instead]",
-            w.category,
-            w.filename,
-            w.lineno,
-            registry=_NOISE_PASS_WARNINGS,
-        )
+    finally:
+        if warnings.showwarning is show:
+            warnings.showwarning = shown
 
 
 def _correlate(first: tuple | None, h: torch.Tensor) -> torch.Tensor:

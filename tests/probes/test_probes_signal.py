@@ -305,10 +305,42 @@ def test_a_warning_from_the_noise_pass_says_it_comes_from_the_perturbed_inputs()
     assert message.startswith("_NonNegativeInputs got negative inputs")
     assert "the representation probe's noise pass" in message and "X + 0.3 * std(X)" in message
     assert "pairing 'independent'" in message
-    # the caller's filters still apply: "error" raises it after the pass, the model as found
+    # the caller's filters still decide: once per message by default, and "error" raises the
+    # layer's own warning in the pass, the model put back
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("default")
+        for _ in range(2):
+            representation_correlation(net, x, pairing="noise", noise_scale=0.3, seed=2)
+    assert len(again) == 1 and "noise pass" in str(again[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        with pytest.raises(UserWarning, match="noise pass"):
+        with pytest.raises(UserWarning, match="_NonNegativeInputs got negative inputs"):
             representation_correlation(net, x, pairing="noise", noise_scale=0.3, seed=1)
     assert all(torch.equal(a, found[k]) for k, a in net.state_dict().items())
     assert net.training and all(p.grad is None for p in net.parameters())
+    assert warnings.showwarning is not None and "noise" not in repr(warnings.showwarning)
+
+
+def test_a_warning_shown_by_another_thread_during_the_noise_pass_is_left_alone() -> None:
+    import threading
+
+    said: list[str] = []
+
+    class _Elsewhere(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if (x < 0).any():  # the noise pass: another thread warns meanwhile
+                worker = threading.Thread(
+                    target=lambda: warnings.warn("from another thread", UserWarning, stacklevel=1)
+                )
+                worker.start()
+                worker.join()
+            return x
+
+    net = nn.Sequential(_Elsewhere(), nn.Linear(16, 3), nn.ReLU())
+    x = torch.rand(64, 16)
+    x[:, :4] = 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        representation_correlation(net, x, pairing="noise", noise_scale=0.3, seed=1)
+        said = [str(w.message) for w in caught]
+    assert said == ["from another thread"]
