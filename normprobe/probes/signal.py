@@ -347,8 +347,10 @@ def _said_of_the_noise_pass(noise_scale: float) -> Iterator[None]:
         f"instead]"
     )
 
+    active = True  # False after the pass: a wrapper left in the chain only passes through
+
     def show(message: Any, category: Any, filename: str, lineno: int, *args: Any) -> None:
-        if threading.get_ident() == thread:
+        if active and threading.get_ident() == thread:
             text = f"{message}{note}"
             try:
                 message = category(text)
@@ -360,7 +362,8 @@ def _said_of_the_noise_pass(noise_scale: float) -> Iterator[None]:
     try:
         yield
     finally:
-        if warnings.showwarning is show:
+        active = False
+        if warnings.showwarning is show:  # else another block wrapped it since: left to unwind
             warnings.showwarning = shown
 
 

@@ -344,3 +344,24 @@ def test_a_warning_shown_by_another_thread_during_the_noise_pass_is_left_alone()
         representation_correlation(net, x, pairing="noise", noise_scale=0.3, seed=1)
         said = [str(w.message) for w in caught]
     assert said == ["from another thread"]
+
+
+def test_noise_pass_blocks_left_out_of_order_leave_no_note_behind() -> None:
+    """Two passes whose blocks end out of order (two threads measuring at once): the wrapper
+    the second block puts back only passes warnings through."""
+    from normprobe.probes.signal import _said_of_the_noise_pass
+
+    before, shown = warnings.showwarning, []
+    warnings.showwarning = lambda message, *rest: shown.append(str(message))
+    try:
+        first, second = _said_of_the_noise_pass(0.3), _said_of_the_noise_pass(0.3)
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        second.__exit__(None, None, None)  # puts back the first block's wrapper
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("after both passes", UserWarning, stacklevel=1)
+        assert shown == ["after both passes"]
+    finally:
+        warnings.showwarning = before
