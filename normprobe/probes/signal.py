@@ -30,7 +30,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import pandas as pd
@@ -307,10 +307,7 @@ def representation_columns(
                 probe.run(x)
             calls, kept = probe.calls, probe.reduced
             probe.reduce = lambda call, h: _correlate(kept.get(call.label), h)
-            if pairing == "noise":
-                with _said_of_the_noise_pass(noise_scale):
-                    probe.run(x_other)
-            else:
+            with _said_of_the_noise_pass(noise_scale) if pairing == "noise" else nullcontext():
                 probe.run(x_other)
             check_same_layers(calls, probe.calls, "the two minibatches")
             correlations = probe.reduced
@@ -339,19 +336,17 @@ def _said_of_the_noise_pass(noise_scale: float) -> Iterator[None]:
     warning), and a warning another thread shows meanwhile passes through untouched.
     """
     shown, thread = warnings.showwarning, threading.get_ident()
-    note = (
-        f" [this warning comes from the representation probe's noise pass, which runs the model "
-        f"on X + {noise_scale} * std(X) * eps: noisy copies of the batch that can leave its "
-        f"range (negative values where the batch has none); the layer's correlation is "
-        f"measured on those inputs, and pairing 'independent' compares two unperturbed batches "
-        f"instead]"
-    )
-
     active = True  # False after the pass: a wrapper left in the chain only passes through
 
     def show(message: Any, category: Any, filename: str, lineno: int, *args: Any) -> None:
         if active and threading.get_ident() == thread:
-            text = f"{message}{note}"
+            text = (
+                f"{message} [this warning comes from the representation probe's noise pass, "
+                f"which runs the model on X + {noise_scale} * std(X) * eps: noisy copies of the "
+                f"batch that can leave its range (negative values where the batch has none); "
+                f"the layer's correlation is measured on those inputs, and pairing "
+                f"'independent' compares two unperturbed batches instead]"
+            )
             try:
                 message = category(text)
             except Exception:  # a warning class that takes other arguments: its text then
