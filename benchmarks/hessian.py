@@ -101,7 +101,7 @@ from normprobe.hessian import (
     stochastic_lanczos_quadrature,
     xtrace,
 )
-from normprobe.hessian.basis import TopKCostError, top_k_cost
+from normprobe.hessian.basis import TopKCostError, top_k_cost, vectors_dtype
 from normprobe.hessian.spectrum import BATCHED_MAX_DIM
 from normprobe.state import frozen_statistics, preserved
 
@@ -353,27 +353,59 @@ def batched_cost(op: HessianOperator, name: str, dim: int, repeats: int, b: int 
 def arpack_overhead(
     op: HessianOperator, name: str, dim: int, hvp_times: Callable[[int], list[float]]
 ) -> None:
-    """ARPACK's own time per matvec of a top-10 solve: (total - matvecs x HVP) / matvecs.
+    """ARPACK's own time per matvec of a top-10 solve: (total - matvecs x HVP) / matvecs, with
+    its vectors in float64 and in the products' dtype (``hessian_spectrum``'s default).
 
     The wrapper (numpy <-> torch, dtype casts, LinearOperator) costs next to
     nothing: eigsh on a plain numpy diagonal has the same per-matvec overhead.
     What remains is ARPACK's own work per matvec, its reorthogonalization
-    against the ncv = 21 Lanczos vectors and its implicit restarts.
+    against the ncv = 21 Lanczos vectors and its implicit restarts. The two
+    dtypes run alternately (3 rounds; medians), each beside HVPs timed just
+    before and after it.
     """
-    around = hvp_times(10)
-    seconds, top = timed(
-        lambda: extreme_eigenpairs(
-            op.matvec, dim, 10, tol=1e-4, generator=torch.Generator().manual_seed(1)
+    kept = vectors_dtype(torch.float64, op.dtype)
+    dtypes = dict.fromkeys([torch.float64, kept])
+    per: dict[torch.dtype, list[float]] = {d: [] for d in dtypes}
+    took: dict[torch.dtype, list[float]] = {d: [] for d in dtypes}
+    tops = {}
+    for _ in range(3):
+        for dtype in dtypes:
+            around = hvp_times(5)
+            seconds, top = timed(
+                lambda dtype=dtype: extreme_eigenpairs(
+                    op.matvec,
+                    dim,
+                    10,
+                    tol=1e-4,
+                    dtype=dtype,
+                    generator=torch.Generator().manual_seed(1),
+                )
+            )
+            around += hvp_times(5)
+            hvp = statistics.median(around)
+            per[dtype].append((seconds - top.matvecs * hvp) / top.matvecs / hvp)
+            took[dtype].append(seconds)
+            tops[dtype] = top
+    for dtype in dtypes:
+        label = str(dtype).replace("torch.", "")
+        value = statistics.median(per[dtype])
+        suffix = "" if dtype == kept else "_float64"
+        ratio(f"arpack_overhead_per_matvec_over_hvp_{name}{suffix}", value, "")
+        print(
+            f"  top-10 by ARPACK, {label} vectors{' (the default)' if dtype == kept else ''}: "
+            f"{tops[dtype].matvecs} matvecs, {statistics.median(took[dtype]):.2f} s, overhead "
+            f"per matvec {value:.2f} HVP"
         )
-    )
-    around += hvp_times(10)
-    hvp = statistics.median(around)
-    per = (seconds - top.matvecs * hvp) / top.matvecs
-    ratio(f"arpack_overhead_per_matvec_over_hvp_{name}", per / hvp, "")
-    print(
-        f"  top-10 by ARPACK: {top.matvecs} matvecs, overhead per matvec {per * 1e3:.2f} ms = "
-        f"{per / hvp:.2f} HVP (HVP {hvp * 1e3:.1f} ms)"
-    )
+    if len(dtypes) > 1:
+        a, b = tops[kept].values, tops[torch.float64].values
+        value = statistics.median(took[kept]) / statistics.median(took[torch.float64])
+        ratio(f"arpack_top10_time_{name}_default_over_float64", value, "< 1")
+        print(
+            f"  top-10 time, {str(kept).replace('torch.', '')} vectors / float64: {value:.3f}; "
+            f"eigenvalues within {np.max(np.abs(a - b) / np.abs(b)):.1e} relative of each other "
+            f"(largest residual / |lambda|: {np.max(tops[kept].residuals / np.abs(a)):.1e} and "
+            f"{np.max(tops[torch.float64].residuals / np.abs(b)):.1e})"
+        )
 
 
 def arpack_wrapper(dim: int, repeats: int) -> None:

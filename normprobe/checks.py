@@ -20,7 +20,13 @@ from torch import nn
 from normprobe.config import Config, ConfigError
 from normprobe.configtools import format_path
 from normprobe.errors import NormprobeError
-from normprobe.hessian.basis import TopKCostError, check_product_budget, check_top_k_fits
+from normprobe.hessian.basis import (
+    TopKCostError,
+    check_product_budget,
+    check_top_k_fits,
+    vectors_dtype,
+)
+from normprobe.hessian.hvp import products_dtype
 from normprobe.hessian.lanczos import HessianError
 from normprobe.hessian.spectrum import MAX_MATVECS
 from normprobe.norms import NORMS, build
@@ -114,8 +120,16 @@ def check_hessian_size(config: Config, model: nn.Module) -> None:
             f"(the model's trainable parameters); use top_k <= {dim}"
         )
     if {"top", "smallest"} & set(hc.pieces):
+        first = next(iter(model.parameters()), None)
+        products = products_dtype(first.dtype if first is not None else torch.float32)
         try:
-            check_top_k_fits(dim, hc.top_k, max_matvecs=MAX_MATVECS, name="top_k")
+            check_top_k_fits(
+                dim,
+                hc.top_k,
+                vectors_dtype(getattr(torch, hc.dtype), products),
+                max_matvecs=MAX_MATVECS,
+                name="top_k",
+            )
         except TopKCostError as err:
             raise ConfigError(f"hessian.{err}") from None
     try:

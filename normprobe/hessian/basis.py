@@ -16,6 +16,7 @@ memory-mapped file), rather than dying in the allocator halfway or swapping.
   than it has, with the largest ``k`` that fits.
 - :func:`lanczos_basis`: a context manager yielding the buffer on a device or
   in a memory-mapped file (removed afterwards).
+- :func:`vectors_dtype`: the dtype Lanczos vectors are kept in by default.
 """
 
 from __future__ import annotations
@@ -39,10 +40,26 @@ __all__ = [
     "check_top_k_fits",
     "top_k_cost",
     "lanczos_basis",
+    "vectors_dtype",
 ]
 
 #: fraction of the free memory the basis may take (the products need the rest)
 BASIS_SHARE = 0.8
+
+
+def vectors_dtype(dtype: torch.dtype, product_dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`~normprobe.hessian.spectrum.hessian_spectrum` keeps its Lanczos vectors in
+    by default (SLQ's basis and ARPACK's vectors), from its ``dtype`` and the products' dtype.
+
+    float64 only when both are float64: float32 products carry float32
+    rounding, which float64 vectors do not remove, and float32 vectors take
+    half the memory and half the time of the passes over them.
+
+    >>> vectors_dtype(torch.float64, torch.float32), vectors_dtype(torch.float64, torch.float64)
+    (torch.float32, torch.float64)
+    """
+    both_double = dtype == torch.float64 and product_dtype == torch.float64
+    return torch.float64 if both_double else torch.float32
 
 
 class BasisMemoryError(HessianError, MemoryError):

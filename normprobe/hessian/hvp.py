@@ -118,6 +118,7 @@ __all__ = [
     "split_chunks",
     "excluded_parameters",
     "weight_norms",
+    "products_dtype",
 ]
 
 #: ``loss_fn(prediction, targets)`` returning the mean loss over the batch (a scalar)
@@ -360,7 +361,7 @@ class _PlainWeightNorm(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _compute_dtype(model_dtype: torch.dtype, asked: torch.dtype | None) -> torch.dtype:
+def products_dtype(model_dtype: torch.dtype, asked: torch.dtype | None = None) -> torch.dtype:
     """The dtype of the products: ``asked``, else float32 for a half-precision model, else its own.
 
     float16 and bfloat16 second derivatives overflow or lose every digit (NaN
@@ -553,7 +554,7 @@ class HessianOperator:
         self.device, self.model_dtype = first.device, first.dtype
         if not self.model_dtype.is_floating_point:
             raise HessianError(f"parameters must be floating point, got {self.model_dtype}")
-        self.dtype = _compute_dtype(self.model_dtype, self._compute_dtype)
+        self.dtype = products_dtype(self.model_dtype, self._compute_dtype)
         chunks = split_chunks(data, chunk_size, allow_empty=self.shards is not None)
         self.chunks = [self._to_model(x, y) for x, y in chunks]
         for x, _ in self.chunks[:1]:

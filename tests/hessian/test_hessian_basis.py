@@ -193,18 +193,24 @@ import resource, sys, torch
 torch.set_num_threads(1)
 from normprobe.hessian import extreme_eigenpairs
 from normprobe.hessian.basis import top_k_cost
+dtype = getattr(torch, sys.argv[1])
 dim = 1_000_000
-d = torch.cat([torch.arange(20, 0, -1, dtype=torch.float64), torch.rand(dim - 20, dtype=torch.float64)])
+d = torch.cat([torch.arange(20, 0, -1, dtype=dtype), torch.rand(dim - 20, dtype=dtype)])
+tol = 1e-8 if dtype == torch.float64 else 1e-5
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-top = extreme_eigenpairs(d.mul, dim, 10, generator=torch.Generator().manual_seed(0), tol=1e-8)
+top = extreme_eigenpairs(d.mul, dim, 10, generator=torch.Generator().manual_seed(0), tol=tol, dtype=dtype)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 assert top.converged.all(), top.values
-print(after - before, top_k_cost(dim, 10)[1])
+assert (abs(top.values - torch.arange(20, 10, -1).numpy()) <= 20 * tol).all(), top.values
+print(after - before, top_k_cost(dim, 10, dtype)[1])
 """
 
 
-def test_the_top_k_memory_estimate_covers_what_arpack_takes() -> None:
-    """``top_k_cost`` is what the refusal and the config check go by: it must not fall short.
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_top_k_memory_estimate_covers_what_arpack_takes(dtype) -> None:
+    """``top_k_cost`` is what the refusal and the config check go by: it must not fall short,
+    in float64 and in float32 (a float32 model's default, whose eigenvalues are then refined
+    in float64 from their residuals' products).
 
     ARPACK's Lanczos vectors alone (what it counted before) were 36% of the peak; a 50M-parameter
     top-10 that the estimate let through was killed for memory at 24 GB.
@@ -213,8 +219,48 @@ def test_the_top_k_memory_estimate_covers_what_arpack_takes() -> None:
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-c", _TOP_K_PEAK], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _TOP_K_PEAK, dtype], capture_output=True, text=True, check=True
     ).stdout.split()
     measured, estimated = int(out[0]), int(out[1])
-    assert estimated == (21 + 6 + 20) * 1_000_000 * 8
+    itemsize = 8 if dtype == "float64" else 4
+    assert estimated == (21 + 6 + 20) * 1_000_000 * itemsize
     assert measured <= 1.1 * estimated, (measured, estimated)
+
+
+def test_the_config_check_sizes_arpack_in_the_dtype_it_runs_in(monkeypatch) -> None:
+    """A float32 model's ARPACK keeps float32 vectors (hessian.dtype float64 or not): the check
+    lets through what fits in float32 and refuses a float64 model of the same size."""
+    import normprobe.hessian.basis as basis
+    from normprobe.checks import check_hessian_size
+    from normprobe.config import ConfigError, parse_config
+    from normprobe.hessian.basis import BASIS_SHARE, top_k_cost
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    dim = sum(p.numel() for p in model.parameters())
+    need32 = top_k_cost(dim, 10, torch.float32)[1]
+    assert top_k_cost(dim, 10, torch.float64)[1] == 2 * need32
+    # room for 1.5x the float32 vectors: float32 fits, float64 does not
+    monkeypatch.setattr(
+        basis, "available_bytes", lambda device=None: int(1.5 * need32 / BASIS_SHARE)
+    )
+    config64, config32 = (
+        parse_config(
+            {
+                "model": {"name": "mlp"},
+                "hessian": {
+                    "enabled": True,
+                    "schedule": [0],
+                    "pieces": ["top"],
+                    "top_k": 10,
+                    "dtype": dtype,
+                },
+            }
+        )  # fmt: skip
+        for dtype in ("float64", "float32")
+    )
+    check_hessian_size(config64, model)  # float32 products: float32 vectors
+    check_hessian_size(config32, model)
+    model64 = copy.deepcopy(model).double()
+    check_hessian_size(config32, model64)  # float32 Lanczos: float32 vectors
+    with pytest.raises(ConfigError, match="hessian.top_k: 10 eigenvalues of a Hessian of dim"):
+        check_hessian_size(config64, model64)
