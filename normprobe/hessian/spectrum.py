@@ -176,11 +176,17 @@ class HessianSpectrum:
 
     @property
     def outlier_ratio(self) -> float:
-        """``lambda_1 / lambda_K`` with K = :attr:`num_classes` (Rao & Sohl-Dickstein 2020, sec. 6); NaN if K is unknown."""
+        """``lambda_1 / lambda_K`` with K = :attr:`num_classes` (Rao & Sohl-Dickstein 2020, sec. 6);
+        NaN if K is unknown, or if ``lambda_K`` is not positive (then the Hessian has fewer than
+        K positive eigenvalues and there is no ratio of curvatures to report; a warning said so).
+        """
         top = self._need("top", self.top)
         if self.num_classes is None or self.num_classes > len(top.values):
             return float("nan")
-        return float(top.values[0] / top.values[self.num_classes - 1])
+        lambda_k = float(top.values[self.num_classes - 1])
+        if not lambda_k > 0:
+            return float("nan")
+        return float(top.values[0]) / lambda_k
 
     @property
     def outlier_ratio_converged(self) -> bool:
@@ -855,6 +861,13 @@ def hessian_spectrum(
             results["top"] = dataclasses.replace(top, vectors=None)
             if top.message:
                 messages.append(f"top eigenvalues: {top.message}")
+            lambda_k = float(top.values[K - 1]) if K is not None and K <= len(top.values) else 1.0
+            if not lambda_k > 0 and not math.isnan(lambda_k):
+                messages.append(
+                    f"outlier ratio not defined: lambda_{K} = {lambda_k:.3g} is not positive, so "
+                    f"the Hessian has fewer than K = {K} positive eigenvalues (as for a network "
+                    f"whose output collapsed to a constant); outlier_ratio is NaN"
+                )
         if "smallest" in pieces:
             shift = float(top.values[0]) if top is not None and top.converged[0] else None
             small = timed(

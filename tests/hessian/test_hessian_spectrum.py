@@ -8,6 +8,7 @@ digits samples in 4 chunks of 128, float64; exact Hessian from conftest.py.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import numpy as np
@@ -98,6 +99,35 @@ def test_a_float32_models_arpack_keeps_float32_vectors_at_float64s_accuracy(
         assert spec.top.all_converged and spec.smallest.all_converged
         np.testing.assert_allclose(spec.top_eigenvalues, exact[::-1][:10], rtol=3e-7)
         assert spec.smallest_eigenvalue == pytest.approx(exact[0], abs=1e-7 * exact_case.spread)
+
+
+def test_an_outlier_ratio_over_a_non_positive_lambda_k_is_nan_and_says_why() -> None:
+    """lambda_1 / lambda_K is a ratio of positive curvatures: where lambda_K <= 0 (a Hessian
+    with fewer than K positive eigenvalues, as a collapsed network's) it is NaN with a warning,
+    never a division by zero or a negative "ratio"."""
+    torch.manual_seed(0)
+    net = nn.Linear(20, 4).double()  # 84 parameters: ARPACK, not the dense path
+    data = torch.randn(64, 20, dtype=torch.float64), torch.zeros(64, dtype=torch.long)
+
+    def concave(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # every eigenvalue < 0
+        return -(out**2).mean()
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", RuntimeWarning)  # no numpy division warning
+        spec = hessian_spectrum(net, concave, data, what="top", k=4, num_classes=4)
+    assert spec.top.all_converged and (spec.top_eigenvalues < 0).all()
+    assert np.isnan(spec.outlier_ratio)
+    said = [str(w.message) for w in seen if issubclass(w.category, HessianConvergenceWarning)]
+    assert len(said) == 1 and "outlier ratio not defined: lambda_4 = -" in said[0]
+    row = spec.to_frame().query("metric == 'outlier_ratio'")
+    assert len(row) == 1 and np.isnan(row["value"].iloc[0])
+    # a zero lambda_K (exactly zero products: dead directions) gives NaN too, without a warning
+    # from numpy; a positive one gives the ratio
+    top = dataclasses.replace(spec.top, values=np.array([4.0, 2.0, 1.0, 0.0]))
+    assert np.isnan(dataclasses.replace(spec, top=top).outlier_ratio)
+    top = dataclasses.replace(spec.top, values=np.array([4.0, 2.0, 1.0, 0.5]))
+    assert dataclasses.replace(spec, top=top).outlier_ratio == 8.0
 
 
 def test_smallest_eigenvalue(exact_case, spectrum64) -> None:
