@@ -861,10 +861,9 @@ def hessian_spectrum(
             results["top"] = dataclasses.replace(top, vectors=None)
             if top.message:
                 messages.append(f"top eigenvalues: {top.message}")
-            lambda_k = float(top.values[K - 1]) if K is not None and K <= len(top.values) else 1.0
-            if not lambda_k > 0 and not math.isnan(lambda_k):
+            if K is not None and K <= len(top.values) and top.values[K - 1] <= 0:  # not NaN
                 messages.append(
-                    f"outlier ratio not defined: lambda_{K} = {lambda_k:.3g} is not positive, so "
+                    f"outlier ratio not defined: lambda_{K} = {top.values[K - 1]:.3g} is not positive, so "
                     f"the Hessian has fewer than K = {K} positive eigenvalues (as for a network "
                     f"whose output collapsed to a constant); outlier_ratio is NaN"
                 )
