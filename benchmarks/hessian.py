@@ -315,6 +315,7 @@ def lockstep(
                 matmat=op.matmat,
                 basis_dtype=kept,
                 matvec_eps=torch.finfo(kept).eps,
+                matvec_dtype=op.dtype,
             )
         )
         around += hvp_times(10)
@@ -515,7 +516,8 @@ def bench(
             out.append(time.perf_counter() - start)
         return out
 
-    # as hessian_spectrum runs it by default: the basis in the products' dtype
+    # as hessian_spectrum runs it by default: the basis in the products' dtype, and the
+    # operator handed vectors in its own dtype
     kept, eps = op.dtype, torch.finfo(op.dtype).eps
     around = hvp_times(10)
     slq_time, _ = timed(
@@ -527,6 +529,7 @@ def bench(
             generator=torch.Generator().manual_seed(0),
             basis_dtype=kept,
             matvec_eps=eps,
+            matvec_dtype=op.dtype,
         )
     )
     around += hvp_times(10)
@@ -696,6 +699,7 @@ def slq_options(
                     basis_dtype=basis_dtype,
                     reorthogonalize=mode,
                     matvec_eps=eps32,
+                    matvec_dtype=op.dtype,
                 )  # fmt: skip
             )
             runs[label].append(seconds)

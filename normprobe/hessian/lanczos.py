@@ -299,6 +299,7 @@ def lanczos(
     basis: torch.Tensor | None = None,
     reorthogonalize: Literal["full", "partial"] = "full",
     matvec_eps: float | None = None,
+    matvec_dtype: torch.dtype | None = None,
 ) -> LanczosResult:
     """``steps`` Lanczos steps on ``matvec`` with full (or partial) reorthogonalization.
 
@@ -326,7 +327,14 @@ def lanczos(
     coarser than ``dtype`` (a float32 model's Hessian-vector products in a
     float64 Lanczos: ``finfo(float32).eps``); the estimate starts from it.
 
-    The matvec sees vectors in ``dtype`` on ``device``; the basis and the
+    The matvec sees vectors in ``matvec_dtype`` (default ``dtype``) on
+    ``device``, and its products are taken into the recurrence as ``dtype``.
+    A matvec that computes in a coarser dtype whatever it is given (a float32
+    model's Hessian-vector products, :meth:`HessianOperator.matvec
+    <normprobe.hessian.HessianOperator.matvec>`, which answers in the dtype
+    of its vector) may take its vectors in that dtype: the same products,
+    without converting each vector and product on the way (with a float32
+    basis the values do not change, bit for bit). The basis and the
     orthogonalization use ``basis_dtype`` (default ``dtype``): a float32
     basis halves the memory and about halves the reorthogonalization time,
     and is as accurate as a float32 matvec: its projection coefficients and
@@ -369,6 +377,7 @@ def lanczos(
         basis=basis,
         reorthogonalize=reorthogonalize,
         matvec_eps=matvec_eps,
+        matvec_dtype=matvec_dtype,
     )
     while run.active:
         run.step(matvec(run.vector()))
@@ -387,6 +396,7 @@ def _lanczos_run(
     basis: torch.Tensor | None,
     reorthogonalize: str,
     matvec_eps: float | None,
+    matvec_dtype: torch.dtype | None = None,
 ) -> _LanczosRun:
     """A :class:`_LanczosRun` from :func:`lanczos`'s arguments, checked."""
     start = start.to(dtype=dtype, device=device if device is not None else start.device)
@@ -417,9 +427,12 @@ def _lanczos_run(
     )
     if reorthogonalize not in ("full", "partial"):
         raise HessianError(f"reorthogonalize must be 'full' or 'partial', got {reorthogonalize!r}")
+    if matvec_dtype is not None and not matvec_dtype.is_floating_point:
+        raise HessianError(f"matvec_dtype must be a floating dtype, got {matvec_dtype}")
     run = _LanczosRun(
-        dim, steps, start / norm, dtype, basis_dtype, basis, tol, eps, reorthogonalize, matvec_eps
-    )
+        dim, steps, start / norm, dtype, basis_dtype, basis, tol, eps, reorthogonalize, matvec_eps,
+        dtype if matvec_dtype is None else matvec_dtype,
+    )  # fmt: skip
     return run
 
 
@@ -445,13 +458,17 @@ class _LanczosRun:
         eps: float,
         reorthogonalize: str,
         matvec_eps: float | None,
+        matvec_dtype: torch.dtype,
     ) -> None:
         if basis is None:
             basis = torch.empty(steps, dim, dtype=basis_dtype, device=start.device)
         self.dim, self.steps, self.dtype, self.tol, self.eps = dim, steps, dtype, tol, eps
         self.basis = basis
         self.home = start.device  # where the matvec lives
-        self.same = basis.dtype == dtype and basis.device == self.home
+        self.handed = matvec_dtype  # the dtype of the vectors the matvec is given
+        # a product in the basis dtype goes there directly where the detour through the
+        # recurrence's dtype would widen and narrow it back (float32 through float64): exact
+        self.direct = torch.finfo(dtype).eps <= torch.finfo(basis.dtype).eps
         basis[0] = self._to_basis(start)
         self.work = torch.empty(dim, dtype=basis.dtype, device=basis.device)  # the new direction
         noise = eps if matvec_eps is None else max(float(matvec_eps), eps)
@@ -465,19 +482,20 @@ class _LanczosRun:
         self.active = True
 
     def _to_basis(self, v: torch.Tensor) -> torch.Tensor:
-        return v if self.same else v.to(dtype=self.basis.dtype, device=self.basis.device)
+        return v.to(dtype=self.basis.dtype, device=self.basis.device)  # v itself where it is
 
     def vector(self) -> torch.Tensor:
         """``q_j``, the vector whose product the next :meth:`step` needs (dtype and device of the matvec)."""
-        q = self.basis[self.j]
-        return q if self.same else q.to(dtype=self.dtype, device=self.home)
+        return self.basis[self.j].to(dtype=self.handed, device=self.home)
 
     def step(self, product: torch.Tensor) -> None:
         """Take ``A q_j``: extend the tridiagonal and the basis by one step."""
         j, dim, basis = self.j, self.dim, self.basis
         if product.shape != (dim,):
             raise HessianError(f"matvec must return shape ({dim},), got {tuple(product.shape)}")
-        w = self._to_basis(product.to(self.dtype))
+        if not (self.direct and product.dtype == basis.dtype):
+            product = product.to(self.dtype)
+        w = self._to_basis(product)
         # The three-term recurrence, then reorthogonalization against the whole basis
         # (every step, or where the partial scheme's estimate says so). Written into
         # one scratch vector, out= and in place, each subtraction fused with its product
@@ -556,6 +574,7 @@ def lanczos_lockstep(
     bases: torch.Tensor | None = None,
     reorthogonalize: Literal["full", "partial"] = "full",
     matvec_eps: float | None = None,
+    matvec_dtype: torch.dtype | None = None,
 ) -> list[LanczosResult]:
     """:func:`lanczos` from each row of ``starts`` (``(b, dim)``), the runs side by side.
 
@@ -564,7 +583,8 @@ def lanczos_lockstep(
     leaves the block). Every run does exactly the arithmetic of
     :func:`lanczos` on its own products, so when ``matmat`` gives each row
     the bits ``matvec`` would (as a batched Hessian-vector product does),
-    the results are bit for bit those of one :func:`lanczos` per start.
+    the results are bit for bit those of one :func:`lanczos` per start
+    (``matvec_dtype`` as there: the dtype of the block ``matmat`` is given).
     ``bases``, if given, is a ``(b, steps, dim)`` buffer (one basis per run).
 
     >>> a = torch.diag(torch.arange(1.0, 7.0, dtype=torch.float64))
@@ -594,6 +614,7 @@ def lanczos_lockstep(
                 basis=None if bases is None else bases[i],
                 reorthogonalize=reorthogonalize,
                 matvec_eps=matvec_eps,
+                matvec_dtype=matvec_dtype,
             )
         )
     while True:
@@ -695,6 +716,7 @@ def stochastic_lanczos_quadrature(
     breakdown_tol: float | None = None,
     reorthogonalize: Literal["full", "partial"] = "full",
     matvec_eps: float | None = None,
+    matvec_dtype: torch.dtype | None = None,
     matmat: Matmat | None = None,
     bases: torch.Tensor | None = None,
 ) -> Quadrature:
@@ -704,8 +726,8 @@ def stochastic_lanczos_quadrature(
     :func:`rademacher` from ``generator`` (normalized); their nodes and
     weights estimate the spectral measure ``(1/dim) sum_i delta(lambda_i)``.
     ``basis_dtype``, ``basis`` (one ``(steps, dim)`` buffer, reused by every
-    start vector), ``breakdown_tol``, ``reorthogonalize`` and ``matvec_eps``
-    go to :func:`lanczos`.
+    start vector), ``breakdown_tol``, ``reorthogonalize``, ``matvec_eps`` and
+    ``matvec_dtype`` go to :func:`lanczos`.
 
     With ``matmat`` (``V -> A V`` for a ``(b, dim)`` block) the start
     vectors run side by side (:func:`lanczos_lockstep`: one block product
@@ -734,6 +756,7 @@ def stochastic_lanczos_quadrature(
         "breakdown_tol": breakdown_tol,
         "reorthogonalize": reorthogonalize,
         "matvec_eps": matvec_eps,
+        "matvec_dtype": matvec_dtype,
     }
     if matmat is None:
         runs: Iterator[LanczosResult] = (

@@ -786,6 +786,9 @@ def hessian_spectrum(
                         basis=basis,
                         reorthogonalize=reorthogonalize,
                         matvec_eps=torch.finfo(coarse).eps,
+                        # the operator computes in its own dtype whatever it is given: hand
+                        # it that, and save converting each vector and product
+                        matvec_dtype=op.dtype,
                         matmat=op.matmat if side_by_side else None,
                         bases=bases,
                     ),

@@ -439,6 +439,67 @@ def test_a_basis_buffer_in_host_memory_or_a_file_gives_the_same_bits(tmp_path) -
         lanczos(lambda v: a @ v, 300, 40, start=torch.ones(300), basis=torch.empty(10, 300))
 
 
+@pytest.mark.parametrize("reorthogonalize", ["full", "partial"])
+@pytest.mark.parametrize("basis_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [300, 20_000])
+def test_vectors_handed_in_the_matvecs_own_dtype_give_the_same_bits(
+    reorthogonalize, basis_dtype, dim
+) -> None:
+    # A float32 operator answers in the dtype it is given, as HessianOperator does; handed
+    # float32 vectors (matvec_dtype), the float64 recurrence must give the bits it gives when
+    # every vector and product goes through float64 on the way
+    gen = torch.Generator().manual_seed(4)
+    diag = torch.randn(dim, generator=gen)
+    low = torch.randn(dim, 3, generator=gen) * 2.0
+    seen: list[torch.dtype] = []
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        seen.append(v.dtype)
+        u = v.to(torch.float32)
+        return (diag * u + low @ (low.T @ u)).to(v.dtype)
+
+    def matmat(vs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([matvec(v) for v in vs])
+
+    options = dict(
+        basis_dtype=basis_dtype,
+        reorthogonalize=reorthogonalize,
+        matvec_eps=torch.finfo(torch.float32).eps,
+    )
+    runs = {}
+    for handed in (None, torch.float32):
+        seen.clear()
+        runs[handed] = lanczos(
+            matvec, dim, 30, generator=torch.Generator().manual_seed(6), keep_basis=True,
+            matvec_dtype=handed, **options,
+        )  # fmt: skip
+        assert set(seen) == {torch.float64 if handed is None else torch.float32}
+        runs[handed, "slq"] = [
+            stochastic_lanczos_quadrature(
+                matvec,
+                dim,
+                30,
+                2,
+                generator=torch.Generator().manual_seed(7),
+                matvec_dtype=handed,
+                matmat=block,
+                **options,
+            )
+            for block in (None, matmat)
+        ]
+    before, after = runs[None], runs[torch.float32]
+    assert after.steps == 30 and not after.breakdown
+    assert torch.equal(before.alpha, after.alpha) and torch.equal(before.beta, after.beta)
+    assert torch.equal(before.basis, after.basis) and before.basis.dtype == basis_dtype
+    assert before.reorthogonalizations == after.reorthogonalizations
+    for x, y in zip(runs[None, "slq"], runs[torch.float32, "slq"]):  # one by one; in lockstep
+        for name in ("nodes", "weights", "ritz_residuals"):
+            for a, b in zip(getattr(x, name), getattr(y, name)):
+                np.testing.assert_array_equal(a, b)
+    with pytest.raises(HessianError, match="matvec_dtype must be a floating dtype"):
+        lanczos(matvec, dim, 3, start=torch.ones(dim), matvec_dtype=torch.int64)
+
+
 def test_partial_reorthogonalization_matches_full_to_rounding() -> None:
     eigs = _hessian_like()
     a = _matrix(eigs)

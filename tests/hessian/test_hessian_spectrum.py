@@ -101,6 +101,45 @@ def test_a_float32_models_arpack_keeps_float32_vectors_at_float64s_accuracy(
         assert spec.smallest_eigenvalue == pytest.approx(exact[0], abs=1e-7 * exact_case.spread)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_float32_models_density_hands_the_operator_float32_vectors_same_bits(
+    exact_case, monkeypatch, batched
+) -> None:
+    """SLQ gives the operator its own dtype (no float64 copy of each vector and product on the
+    way): the nodes and weights are the bits of the float64 detour, one by one and in lockstep."""
+    import normprobe.hessian.spectrum as spectrum_module
+
+    model32 = copy.deepcopy(exact_case.model).float()
+    seen: list[torch.dtype] = []
+    for name in ("matvec", "matmat"):
+        real = getattr(HessianOperator, name)
+
+        def wrapped(self, v, real=real):
+            seen.append(v.dtype)
+            return real(self, v)
+
+        monkeypatch.setattr(HessianOperator, name, wrapped)
+    slq = spectrum_module.stochastic_lanczos_quadrature
+
+    def detour(*args, **kwargs):  # every vector through the recurrence's float64, as before
+        return slq(*args, **{**kwargs, "matvec_dtype": None})
+
+    out = {}
+    for how in ("handed", "detour"):
+        if how == "detour":
+            monkeypatch.setattr(spectrum_module, "stochastic_lanczos_quadrature", detour)
+        seen.clear()
+        out[how] = hessian_spectrum(
+            model32, F.cross_entropy, (exact_case.x.float(), exact_case.y), what="density",
+            chunk_size=exact_case.chunk_size, steps=30, num_vectors=3, batched=batched,
+        )  # fmt: skip
+        assert set(seen) == {torch.float32 if how == "handed" else torch.float64}
+        assert batched or not out[how].batched["density"]  # layer norm's falls back to one by one
+    for name in ("nodes", "weights", "ritz_residuals"):
+        for a, b in zip(getattr(out["handed"], name), getattr(out["detour"], name)):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_an_outlier_ratio_over_a_non_positive_lambda_k_is_nan_and_says_why() -> None:
     """lambda_1 / lambda_K is a ratio of positive curvatures: where lambda_K <= 0 (a Hessian
     with fewer than K positive eigenvalues, as a collapsed network's) it is NaN with a warning,
