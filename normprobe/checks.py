@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from normprobe.batch import model_dtype
 from normprobe.config import Config, ConfigError
 from normprobe.configtools import format_path
 from normprobe.errors import NormprobeError
@@ -120,8 +121,7 @@ def check_hessian_size(config: Config, model: nn.Module) -> None:
             f"(the model's trainable parameters); use top_k <= {dim}"
         )
     if {"top", "smallest"} & set(hc.pieces):
-        first = next(iter(model.parameters()), None)
-        products = products_dtype(first.dtype if first is not None else torch.float32)
+        products = products_dtype(model_dtype(model))
         try:
             check_top_k_fits(
                 dim,
