@@ -48,6 +48,7 @@ from torch import nn
 from normprobe.batch import (
     batch_size,
     call_model,
+    input_tensors,
     model_device,
     prediction,
     split_batch,
@@ -337,6 +338,7 @@ class Monitor:
                 "probe_data: the Hessian is on but no Hessian set was given; add "
                 "'hessian': (x, y) to the mapping, or pass hessian=False"
             )
+        self._check_noise_pairing()
         self.eval_data = {
             str(name): split_batch(batch, f"eval_data[{name!r}]", MonitorError)
             for name, batch in (eval_data or {}).items()
@@ -368,6 +370,24 @@ class Monitor:
         if self.directory is not None:
             self._write_manifest()
             start_run(self.directory, self.record())
+
+    def _check_noise_pairing(self) -> None:
+        """Refuse the noise pairing on inputs without a floating-point tensor (token ids) when
+        the monitor is built, not at its first measurement: a loop that first measures at a
+        later step would have trained up to it."""
+        rc = self.probes_config.representation
+        if not (rc.pairing == "noise" and any(m.name == "representation" for m in self._probes)):
+            return
+        tensors = input_tensors(self.inputs.batch_a[0])
+        if any(t.is_floating_point() for _, t in tensors):
+            return
+        kinds = ", ".join(f"{k} ({str(t.dtype).replace('torch.', '')})" for k, t in tensors)
+        raise MonitorError(
+            f"probes.representation.pairing: 'noise' adds Gaussian noise to the floating-point "
+            f"inputs, and the probe batch has none ({kinds}); for token ids pass "
+            f"probes={{'representation': {{'pairing': 'independent'}}}} (the second probe "
+            f"batch as the other minibatch) or 'within'"
+        )
 
     # ------------------------------------------------------------------ the schedule
 

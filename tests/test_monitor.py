@@ -364,6 +364,37 @@ def test_bad_options_get_one_clear_error(kwargs: dict, message: str) -> None:
         Monitor(_net(), None, (x, y), **kwargs)
 
 
+class _TokenNet(nn.Module):
+    """Token ids in, one class score per sequence out (an embedding, a LayerNorm, a head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(self.embed(input_ids))).mean(dim=1))
+
+
+def test_the_noise_pairing_on_token_ids_is_refused_when_the_monitor_is_built() -> None:
+    g = torch.Generator().manual_seed(0)
+    ids, y = torch.randint(0, 20, (16, 5), generator=g), torch.randint(0, 4, (16,), generator=g)
+    model = _TokenNet()
+    with pytest.raises(
+        MonitorError,
+        match=r"probes.representation.pairing: 'noise' .* has none \(input_ids \(int64\)\); "
+        r"for token ids pass probes=\{'representation': \{'pairing': 'independent'\}\}",
+    ):
+        Monitor(model, None, ({"input_ids": ids}, y), hessian=False)
+    # the other pairings, and the noise pairing with the representation probe off, are taken
+    for probes in ({"representation": {"pairing": "independent"}}, ["gradient_norms"]):
+        monitor = Monitor(model, None, ({"input_ids": ids}, y), probes=probes, hessian=False)
+        monitor.step(0)
+        assert len(monitor.results.metrics)
+
+
 def test_bad_probe_data_and_steps_are_named() -> None:
     x, y = _data()
     with pytest.raises(MonitorError, match=r"probe_data must be an \(inputs, targets\) pair"):
