@@ -119,6 +119,7 @@ __all__ = [
     "excluded_parameters",
     "weight_norms",
     "products_dtype",
+    "uncompiled",
 ]
 
 #: ``loss_fn(prediction, targets)`` returning the mean loss over the batch (a scalar)
@@ -389,6 +390,44 @@ def _uses_weight_norm(model: nn.Module) -> bool:
     return False
 
 
+def _is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` is the wrapper ``torch.compile(module)`` returns (``OptimizedModule``)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(
+        getattr(module, "_orig_mod", None), nn.Module
+    )
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped, for a compiled ``model``; ``model`` otherwise.
+
+    A compiled graph has no double backward (torch: "torch.compile with
+    aot_autograd does not currently support double backward"), so the
+    Hessian's products run the original module: the same parameters and
+    buffers and the same function, in eager mode, named as in the model
+    before it was compiled. A model with compiled submodules is refused
+    (:func:`_refuse_compiled_parts`): those cannot be run eagerly without
+    changing the model.
+    """
+    while _is_compiled(model):
+        model = model._orig_mod
+    _refuse_compiled_parts(model)
+    return model
+
+
+def _refuse_compiled_parts(model: nn.Module) -> None:
+    compiled = [name for name, m in model.named_modules() if name and _is_compiled(m)]
+    if compiled:
+        shown = ", ".join(compiled[:5]) + (
+            f", ... ({len(compiled)} in all)" if len(compiled) > 5 else ""
+        )
+        raise HessianError(
+            f"the Hessian's products need double backward, which torch.compile'd modules do not "
+            f"have, and these submodules are compiled: {shown}; pass the model with the "
+            f"original modules (a compiled module's original is its ._orig_mod), or compile "
+            f"the whole model instead (normprobe then runs its original for the Hessian)"
+        )
+
+
 @dataclass
 class _Graph:
     """One chunk's first-order gradient, with its autograd graph kept for reuse."""
@@ -436,7 +475,9 @@ class HessianOperator:
     float32 for a float16/bfloat16 model (whose own precision gives NaN);
     parameters, buffers and floating inputs are cast for the Hessian's
     forward pass only. A non-finite product raises a :class:`HessianError`. Use as a context manager (or call
-    :meth:`release`) to free the cached graphs early.
+    :meth:`release`) to free the cached graphs early. A model wrapped by
+    ``torch.compile`` is taken through its original module (:func:`uncompiled`):
+    compiled graphs have no double backward.
 
     Several processes: when ``torch.distributed`` is initialized and the
     group (``process_group``, default the default group) has more than one
@@ -539,6 +580,7 @@ class HessianOperator:
             )
         if not isinstance(model, nn.Module):
             raise HessianError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = uncompiled(model)  # a compiled graph has no double backward
         self.model = model
         self.loss_fn = loss_fn
         self.norm_mode: NormMode = norm_mode

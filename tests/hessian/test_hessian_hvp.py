@@ -344,6 +344,38 @@ def test_weight_scaled_operator_is_d_h_d(exact_case) -> None:
     torch.testing.assert_close(hess.matvec(v), expected, rtol=1e-10, atol=1e-12)
 
 
+# importing torch.compile warns about torch.jit.script_method
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+def test_a_compiled_model_is_taken_through_its_original_module(exact_hessian_fn) -> None:
+    """torch.compile's graphs have no double backward: the products run the module it wrapped
+    (same parameters, same function), exact against the dense Hessian; compiled submodules
+    are refused with the fix."""
+    model, chunks, x = _zoo_case("batch", "mlp")
+    compiled = torch.compile(model)
+    before = _state(model)
+    with HessianOperator(compiled, F.cross_entropy, chunks) as hess:
+        assert hess.model is model
+        assert hess.names == [n for n, _ in model.named_parameters()]  # no "_orig_mod." prefix
+        v = torch.randn(hess.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        hv = hess.matvec(v)
+    _assert_same_state(before, _state(model))
+    expected = exact_hessian_fn(model, F.cross_entropy, chunks) @ v
+    torch.testing.assert_close(hv, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
+    spectrum = normprobe.hessian_spectrum(
+        compiled, F.cross_entropy, chunks, what="top", k=2, dtype=torch.float64
+    )
+    plain = normprobe.hessian_spectrum(
+        model, F.cross_entropy, chunks, what="top", k=2, dtype=torch.float64
+    )
+    assert np.array_equal(spectrum.top_eigenvalues, plain.top_eigenvalues)
+    inner = next(name for name, m in model.named_children())
+    setattr(model, inner, torch.compile(getattr(model, inner)))
+    with pytest.raises(
+        HessianError, match=rf"need double backward.* compiled: {inner}; pass the model with"
+    ):
+        HessianOperator(model, F.cross_entropy, chunks)
+
+
 def test_float32_model_with_float64_vectors() -> None:
     model, chunks, _ = _zoo_case("layer", "mlp")
     model32 = copy.deepcopy(model).float()
