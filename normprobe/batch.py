@@ -85,6 +85,7 @@ __all__ = [
     "same_layout",
     "call_model",
     "call_args",
+    "differentiated",
     "check_call",
     "prediction",
     "compute_loss",
@@ -462,6 +463,25 @@ def call_model(model: nn.Module, inputs: Inputs, error: ErrorType = BatchError) 
         raise _also(error, err)(
             f"inputs ({layout(inputs)}): the model's forward failed on them: {first}; check "
             "that their shape and dtype are what the model takes"
+        ) from err
+
+
+@contextmanager
+def differentiated(error: ErrorType = BatchError) -> Iterator[None]:
+    """Around a ``torch.autograd.grad`` through the model: torch's refusal of a reentrant
+    ``torch.utils.checkpoint`` (it cannot go through ``autograd.grad``) as one ``error``
+    naming the fix, torch's message attached as the cause."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "use_reentrant=True" not in str(err):
+            raise
+        raise _also(error, err)(
+            "the model runs torch.utils.checkpoint with use_reentrant=True (activation "
+            "checkpointing), which torch.autograd.grad cannot go through; checkpoint with "
+            "use_reentrant=False (Hugging Face: pass {'use_reentrant': False} as the "
+            "checkpointing kwargs of gradient_checkpointing_enable), or turn checkpointing "
+            "off while measuring"
         ) from err
 
 

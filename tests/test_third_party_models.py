@@ -287,6 +287,53 @@ def test_hessian_vector_products_match_the_exact_hessian_of_a_block(case: str) -
     assert spec.top_eigenvalues == pytest.approx(top, rel=1e-7)
 
 
+def _checkpointing(model: nn.Module, reentrant: bool) -> nn.Module:
+    """Activation checkpointing on, by the method this transformers version has."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+def test_activation_checkpointing_gives_the_products_and_probes_without_it() -> None:
+    """Non-reentrant checkpointing recomputes the blocks in the backward passes, outside the
+    forward's dropout-off, train mode and math attention kernel: the products' backward runs
+    them as the forward did, so every value is that of the model without checkpointing."""
+    batch, other = _lm_batches()
+    plain = _gpt2()
+    checkpointed = _checkpointing(_gpt2(), reentrant=False)
+    checkpointed.eval()  # the operator's train mode must hold in the recomputation too
+    before = _state(checkpointed)
+    v = torch.randn(
+        sum(p.numel() for p in plain.parameters()),
+        generator=torch.Generator().manual_seed(0),
+        dtype=torch.float64,
+    )
+    with HessianOperator(plain, _lm_loss, batch) as op:
+        expected = op.matvec(v)
+        assert not op.recomputes
+    with HessianOperator(checkpointed, _lm_loss, batch) as op:
+        hv = op.matvec(v)
+        assert op.recomputes
+        torch.testing.assert_close(op.matvec(v), hv, rtol=0, atol=0)
+    torch.testing.assert_close(hv, expected, rtol=0, atol=1e-13 * float(expected.abs().max()))
+    _assert_same(before, _state(checkpointed))
+    norms = gradient_norms(checkpointed, _lm_loss, batch)["value"]
+    assert norms.tolist() == gradient_norms(plain, _lm_loss, batch)["value"].tolist()
+
+
+def test_reentrant_checkpointing_is_refused_with_the_fix() -> None:
+    model = _checkpointing(_gpt2(), reentrant=True)
+    batch, _ = _lm_batches()
+    fix = r"use_reentrant=True .*; checkpoint with use_reentrant=False"
+    with pytest.raises(ProbeError, match=fix):
+        gradient_norms(model, _lm_loss, batch)
+    with pytest.raises(normprobe.hessian.HessianError, match=fix):
+        normprobe.hessian_spectrum(model, _lm_loss, batch, what="top", k=2, num_classes=V)
+
+
 def test_changing_the_attention_mask_changes_the_probes() -> None:
     model = _bert()
     (inputs, targets), _ = _bert_batches()

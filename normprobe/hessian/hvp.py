@@ -86,6 +86,7 @@ from normprobe.batch import (
     check_call,
     chunk_batch,
     compute_loss,
+    differentiated,
     dropout_off,
     is_batch,
     prediction,
@@ -428,6 +429,66 @@ def _refuse_compiled_parts(model: nn.Module) -> None:
         )
 
 
+#: the code of every function ``torch.autograd.function.once_differentiable`` wraps
+_ONCE_DIFFERENTIABLE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+
+
+def _graph_nodes(roots: Iterable[Any]) -> Iterator[Any]:
+    """Every autograd node reachable from ``roots`` (grad_fns; None is skipped), once each."""
+    stack = [r for r in roots if r is not None]
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(n for n, _ in node.next_functions if n is not None and n not in seen)
+
+
+def _cut_second_derivative(loss: torch.Tensor, grads: Sequence[torch.Tensor]) -> str | None:
+    """Why the gradient's graph cannot be differentiated again, or None when it can.
+
+    A custom ``torch.autograd.Function`` whose backward is marked
+    ``@once_differentiable`` puts an error node in the gradient's graph, fed
+    by a detached copy: ``torch.autograd.grad`` with the parameters as inputs
+    never reaches it, so a Hessian-vector product would silently leave out
+    every term through that function (tested: a ReLU written so gives a
+    product nothing like ``F.relu``'s) instead of raising.
+    """
+    roots = [g.grad_fn for g in grads if isinstance(g, torch.Tensor)]
+    if not any(node.name() == "torch::autograd::Error" for node in _graph_nodes(roots)):
+        return None
+    names = sorted(
+        {
+            cls.__qualname__
+            for node in _graph_nodes([loss.grad_fn])
+            if (cls := getattr(node, "_forward_cls", None)) is not None
+            and getattr(getattr(cls, "backward", None), "__code__", None) is _ONCE_DIFFERENTIABLE
+        }
+    )
+    which = f" ({', '.join(names)})" if names else ""
+    return (
+        f"the model's backward pass runs a custom autograd Function marked "
+        f"@once_differentiable{which}, which torch cannot differentiate a second time; the "
+        f"Hessian-vector products would silently leave out every term through it. Give its "
+        f"backward torch operations that autograd can differentiate (and drop "
+        f"@once_differentiable), or use torch's own op for the Hessian"
+    )
+
+
+@contextmanager
+def _module_calls(calls: list[nn.Module]) -> Iterator[None]:
+    """Every module called inside the block, appended to ``calls`` (a global forward pre-hook)."""
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.append(module)
+    )
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 @dataclass
 class _Graph:
     """One chunk's first-order gradient, with its autograd graph kept for reuse."""
@@ -582,6 +643,11 @@ class HessianOperator:
             raise HessianError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         model = uncompiled(model)  # a compiled graph has no double backward
         self.model = model
+        self._graph_checked = False  # the first graph built is checked for a cut (_build)
+        #: whether the model recomputes parts of its forward in the backward pass (activation
+        #: checkpointing, non-reentrant): known after the first graph is built
+        self.recomputes = False
+        self._values: dict[str, torch.Tensor] = {}
         self.loss_fn = loss_fn
         self.norm_mode: NormMode = norm_mode
         self.named = select_parameters(model, params, **self.roles)
@@ -961,17 +1027,7 @@ class HessianOperator:
         with ExitStack() as stack:
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
-            if self._weight_norm:
-                stack.enter_context(_PlainWeightNorm())
-            if self.lean_batch_norm:
-                # train-mode batch norm with a hand-written second derivative (large inputs):
-                # the same loss and gradient bits, products equal to rounding, a WRN-16-1
-                # product 0.77x the time
-                stack.enter_context(LeanBatchNorm())
-            # attention through F.scaled_dot_product_attention (nn.MultiheadAttention, Hugging
-            # Face's "sdpa") takes the math kernel, whose double backward exists; the fused CPU
-            # and GPU kernels have none
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            stack.enter_context(self._forward_ops())
             args, kwargs = call_args(x)
             out = functional_call(self.model, values, args, kwargs, strict=False)
             loss = compute_loss(self.loss_fn, out, y, self.output, HessianError)
@@ -985,6 +1041,12 @@ class HessianOperator:
                 raise HessianError(
                     "the loss does not depend on the selected parameters; check params=..."
                 )
+            # a module called during the backward pass is a forward recomputed there
+            # (torch.utils.checkpoint): the products' backward passes must then run it as here
+            recomputed: list[nn.Module] = []
+            if not self._graph_checked:
+                stack.enter_context(_module_calls(recomputed))
+            stack.enter_context(differentiated(HessianError))
             grads = torch.autograd.grad(
                 loss.reshape(()) * weight,
                 leaves,
@@ -992,9 +1054,57 @@ class HessianOperator:
                 allow_unused=True,
                 materialize_grads=True,
             )
+        if not self._graph_checked:  # one model, one graph structure: the first chunk says
+            problem = _cut_second_derivative(loss, grads)
+            if problem:
+                raise HessianError(problem)
+            self._graph_checked = True
+            self.recomputes = bool(recomputed)
+        if self.recomputes:
+            self._values = values
         if self.num_outputs is None and self.classes_problem is None:
             self._classes(out)
         return _Graph(grads=grads, loss=float(loss.detach()) * weight, nbytes=sum(seen.values()))
+
+    @contextmanager
+    def _forward_ops(self) -> Iterator[None]:
+        """The ops the Hessian's forward pass runs, also around every backward through its
+        graph: a model under ``torch.utils.checkpoint`` recomputes its forward there, and the
+        recomputation must run the ops the forward ran (else torch refuses it, or rebuilds
+        other saved tensors)."""
+        with ExitStack() as stack:
+            if self._weight_norm:
+                stack.enter_context(_PlainWeightNorm())
+            if self.lean_batch_norm:
+                # train-mode batch norm with a hand-written second derivative (large inputs):
+                # the same loss and gradient bits, products equal to rounding, a WRN-16-1
+                # product 0.77x the time
+                stack.enter_context(LeanBatchNorm())
+            # attention through F.scaled_dot_product_attention (nn.MultiheadAttention, Hugging
+            # Face's "sdpa") takes the math kernel, whose double backward exists; the fused CPU
+            # and GPU kernels have none
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            yield
+
+    @contextmanager
+    def _as_built(self) -> Iterator[None]:
+        """For a model that recomputes parts of its forward pass in the backward pass
+        (``torch.utils.checkpoint``): the model as the graphs were built (mode, dropout off,
+        frozen statistics, the graphs' parameter and buffer values, the same ops), so the
+        recomputation reproduces the forward; torch checks that it saves tensors of the
+        same shapes. Nothing for any other model."""
+        if not self.recomputes:
+            yield
+            return
+        with ExitStack() as stack:
+            stack.enter_context(self._guard())
+            stack.enter_context(self._forward_ops())
+            stack.enter_context(
+                torch.nn.utils.stateless._reparametrize_module(
+                    self.model, self._values, tie_weights=True, strict=False
+                )
+            )
+            yield
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         """A detached copy of a parameter or buffer in the products' dtype (floating ones only)."""
@@ -1055,15 +1165,16 @@ class HessianOperator:
         if not outputs:
             shape = (self.dim,) if batch is None else (batch, self.dim)
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
-        hv = torch.autograd.grad(
-            outputs,
-            self._leaves,
-            grad_outputs,
-            retain_graph=keep,
-            allow_unused=True,
-            materialize_grads=batch is None,
-            is_grads_batched=batch is not None,
-        )
+        with self._as_built():  # a checkpointed model recomputes its forward in here
+            hv = torch.autograd.grad(
+                outputs,
+                self._leaves,
+                grad_outputs,
+                retain_graph=keep,
+                allow_unused=True,
+                materialize_grads=batch is None,
+                is_grads_batched=batch is not None,
+            )
         if batch is None:
             return torch.cat([h.reshape(-1) for h in hv])
         return torch.cat(

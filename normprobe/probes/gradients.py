@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from normprobe.batch import OutputPick, compute_loss, model_device, to_device
+from normprobe.batch import OutputPick, compute_loss, differentiated, model_device, to_device
 from normprobe.probes.capture import (
     Layers,
     Mode,
@@ -188,7 +188,8 @@ def layer_gradients(
                 tensors.append(t)
             if i not in entry[key]:
                 entry[key].append(i)
-    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    with differentiated(ProbeError):
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
 
     result = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -374,6 +375,67 @@ def test_a_compiled_model_is_taken_through_its_original_module(exact_hessian_fn)
         HessianError, match=rf"need double backward.* compiled: {inner}; pass the model with"
     ):
         HessianOperator(model, F.cross_entropy, chunks)
+
+
+class _OnceReLU(torch.autograd.Function):
+    """A ReLU whose backward torch can run only once."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
+class _TwiceReLU(torch.autograd.Function):
+    """The same ReLU with a backward of differentiable torch ops."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
+class _CustomReLUNet(nn.Module):
+    def __init__(self, relu: Any) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.head, self.relu = nn.Linear(6, 8), nn.Linear(8, 3), relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.hidden(x)))
+
+
+def test_a_once_differentiable_function_is_refused_not_left_out_of_the_products(
+    exact_hessian_fn,
+) -> None:
+    """torch.autograd.grad never reaches the error node @once_differentiable leaves in the
+    gradient's graph, so without the check the product silently drops every term through it."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=gen)
+    plain = _CustomReLUNet(F.relu).double()
+    v = torch.randn(83, generator=gen, dtype=torch.float64)
+    expected = exact_hessian_fn(plain, F.cross_entropy, [(x, y)]) @ v
+    twice = _CustomReLUNet(_TwiceReLU.apply).double()
+    hv = HessianOperator(twice, F.cross_entropy, (x, y)).matvec(v)
+    torch.testing.assert_close(hv, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
+    once = _CustomReLUNet(_OnceReLU.apply).double()
+    message = r"custom autograd Function marked @once_differentiable \(_OnceReLU\), which torch"
+    with pytest.raises(HessianError, match=message):
+        HessianOperator(once, F.cross_entropy, (x, y)).matvec(v)
+    with pytest.raises(HessianError, match=message):
+        normprobe.hessian_spectrum(once, F.cross_entropy, (x, y), what="top", k=2)
 
 
 def test_float32_model_with_float64_vectors() -> None:
