@@ -86,6 +86,8 @@ __all__ = [
     "call_model",
     "call_args",
     "differentiated",
+    "full_precision",
+    "autocast_on",
     "check_call",
     "prediction",
     "compute_loss",
@@ -464,6 +466,31 @@ def call_model(model: nn.Module, inputs: Inputs, error: ErrorType = BatchError) 
             f"inputs ({layout(inputs)}): the model's forward failed on them: {first}; check "
             "that their shape and dtype are what the model takes"
         ) from err
+
+
+@contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """An enclosing ``torch.autocast`` on ``device``'s type switched off for the block.
+
+    Measurements take the model in its own dtype: called inside a training
+    loop's autocast region, the passes would otherwise run their matrix
+    products in float16 or bfloat16 (a Hessian's top eigenvalues then miss
+    their residual tolerance, and its density has no such check). Nothing
+    changes where autocast is off.
+    """
+    if not autocast_on(device):
+        yield
+        return
+    with torch.autocast(device.type, enabled=False):
+        yield
+
+
+def autocast_on(device: torch.device) -> bool:
+    """Whether ``torch.autocast`` is on for ``device``'s type here."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return False
 
 
 @contextmanager

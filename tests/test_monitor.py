@@ -364,6 +364,26 @@ def test_bad_options_get_one_clear_error(kwargs: dict, message: str) -> None:
         Monitor(_net(), None, (x, y), **kwargs)
 
 
+def test_a_step_inside_the_loop_s_autocast_region_measures_in_the_model_s_dtype() -> None:
+    """A loop that trains under torch.autocast and calls step() inside it gets the tables of
+    a step outside it, bit for bit: the probes and the Hessian switch autocast off."""
+    x, y = _data()
+    tables = []
+    for autocast in (False, True):
+        model = _net(nn.LayerNorm(16))
+        monitor = Monitor(model, F.cross_entropy, (x, y), schedule=[0], hessian=SMALL_HESSIAN)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert torch.is_autocast_enabled("cpu") is autocast
+            monitor.step(0)
+        tables.append(monitor.results)
+    outside, inside = tables
+    pd.testing.assert_frame_equal(inside.metrics, outside.metrics)
+    pd.testing.assert_frame_equal(inside.hessian_nodes, outside.hessian_nodes)
+    assert {"repr_corr_noise", "grad_norm", "eigenvalue", "slq_node"} <= set(
+        pd.concat([inside.metrics, inside.hessian_nodes])["metric"]
+    )
+
+
 class _TokenNet(nn.Module):
     """Token ids in, one class score per sequence out (an embedding, a LayerNorm, a head)."""
 

@@ -88,6 +88,7 @@ from normprobe.batch import (
     compute_loss,
     differentiated,
     dropout_off,
+    full_precision,
     is_batch,
     prediction,
     split_batch,
@@ -1084,6 +1085,8 @@ class HessianOperator:
             # Face's "sdpa") takes the math kernel, whose double backward exists; the fused CPU
             # and GPU kernels have none
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            # in the model's own dtype (product_dtype), also inside a loop's autocast region
+            stack.enter_context(full_precision(self.device))
             yield
 
     @contextmanager

@@ -29,7 +29,14 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 
-from normprobe.batch import OutputPick, batch_size, take
+from normprobe.batch import (
+    OutputPick,
+    autocast_on,
+    batch_size,
+    full_precision,
+    model_device,
+    take,
+)
 from normprobe.hessian.basis import (
     BasisMemoryError,
     check_product_budget,
@@ -646,6 +653,12 @@ def hessian_spectrum(
             check_threads(threads, "threads"), model if isinstance(model, nn.Module) else 0
         )
         with torch_threads(count):
+            return hessian_spectrum(**arguments)
+    if isinstance(model, nn.Module) and autocast_on(model_device(model)):
+        # inside a loop's autocast region: the whole call (products, Lanczos, ARPACK's
+        # vectors) in the model's own dtype, as outside it
+        arguments = dict(locals())
+        with full_precision(model_device(model)):
             return hessian_spectrum(**arguments)
     pieces = (what,) if isinstance(what, str) else tuple(what)
     unknown = [p for p in pieces if p not in PIECES]

@@ -45,6 +45,7 @@ from normprobe.batch import (
     call_model,
     check_inputs,
     dropout_off,
+    full_precision,
     model_device,
     model_dtype,
     split_batch,
@@ -327,7 +328,8 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
 
     Inside: ``mode`` ("train": batch-statistic normalizers use the batch's
     statistics, as in training; "eval": running statistics), running
-    statistics frozen (never updated), dropout off (:func:`normprobe.batch.dropout_off`,
+    statistics frozen (never updated), an enclosing ``torch.autocast`` off
+    (:func:`normprobe.batch.full_precision`), dropout off (:func:`normprobe.batch.dropout_off`,
     attention dropout included: a probe measures the network, not its dropout noise), and the global random state
     forked and seeded with ``seed`` (any other randomness in the model, e.g.
     attention dropout, is reproducible and the caller's random state is left
@@ -350,6 +352,7 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
             stack.enter_context(attributes_kept(modules))
         stack.enter_context(frozen_statistics(model, modules))
         stack.enter_context(_forked_random_state(model, seed))
+        stack.enter_context(full_precision(model_device(model)))  # a loop's autocast: off
         if any(m.training != training for m in modules):
             model.train(training)
         if training:
