@@ -479,11 +479,18 @@ def _cut_second_derivative(loss: torch.Tensor, grads: Sequence[torch.Tensor]) ->
 
 
 @contextmanager
-def _module_calls(calls: list[nn.Module]) -> Iterator[None]:
-    """Every module called inside the block, appended to ``calls`` (a global forward pre-hook)."""
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda module, args: calls.append(module)
-    )
+def _module_calls(calls: list[Any], *, grad_off: bool = False) -> Iterator[None]:
+    """Every module called inside the block, appended to ``calls`` (a global forward
+    pre-hook); with ``grad_off``, those called with autograd off, as ``(module, ids of the
+    parameters it holds at the call)``."""
+
+    def hook(module: nn.Module, args: Any) -> None:
+        if not grad_off:
+            calls.append(module)
+        elif not torch.is_grad_enabled():
+            calls.append((module, [id(p) for p in module._parameters.values() if p is not None]))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
         yield
     finally:
@@ -1030,7 +1037,11 @@ class HessianOperator:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
             stack.enter_context(self._forward_ops())
             args, kwargs = call_args(x)
-            out = functional_call(self.model, values, args, kwargs, strict=False)
+            without_grad: list[Any] = []  # modules run with autograd off (first build)
+            with ExitStack() as calls:
+                if not self._graph_checked:
+                    calls.enter_context(_module_calls(without_grad, grad_off=True))
+                out = functional_call(self.model, values, args, kwargs, strict=False)
             loss = compute_loss(self.loss_fn, out, y, self.output, HessianError)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)
@@ -1059,6 +1070,8 @@ class HessianOperator:
             problem = _cut_second_derivative(loss, grads)
             if problem:
                 raise HessianError(problem)
+            if without_grad:  # after the gradient: a reentrant checkpoint's own error first
+                self._refuse_no_grad_parameters(without_grad)
             self._graph_checked = True
             self.recomputes = bool(recomputed)
         if self.recomputes:
@@ -1088,6 +1101,28 @@ class HessianOperator:
             # in the model's own dtype (product_dtype), also inside a loop's autocast region
             stack.enter_context(full_precision(self.device))
             yield
+
+    def _refuse_no_grad_parameters(self, calls: list[tuple[nn.Module, list[int]]]) -> None:
+        """Refuse selected parameters of modules the forward ran with autograd off: the loss
+        has no gradient path to them, so the products would take them as constants."""
+        leaves = {id(t) for t in self._leaves}
+        names = {id(m): n for n, m in self.model.named_modules()}
+        off = list(
+            dict.fromkeys(
+                names.get(id(m), type(m).__name__)
+                for m, held in calls
+                if any(i in leaves for i in held)
+            )
+        )
+        if off:
+            shown = ", ".join(off[:6]) + (f", ... ({len(off)} in all)" if len(off) > 6 else "")
+            raise HessianError(
+                f"the model runs {shown} with autograd off (inside torch.no_grad(), or a "
+                f"reentrant torch.utils.checkpoint whose inputs need no gradient), so the loss "
+                f"has no gradient path to their parameters and the Hessian would take them as "
+                f"constants; run them with autograd on (checkpoint with use_reentrant=False), "
+                f"or leave their parameters out with params=..."
+            )
 
     @contextmanager
     def _as_built(self) -> Iterator[None]:

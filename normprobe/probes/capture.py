@@ -474,6 +474,7 @@ class Probe:
         self._records: dict[str, Any] = {}
         self._reduced: dict[str, Any] = {}
         self._counts: dict[str, int] = {}
+        self._no_autograd: set[str] = set()
         self._paused = False
 
     # -- context manager
@@ -532,6 +533,19 @@ class Probe:
         return [name for name in self.selected if name not in self._counts]
 
     @property
+    def without_autograd(self) -> list[str]:
+        """Selected modules that ran with autograd off in the last pass (``capture="weights"``).
+
+        A layer called inside ``torch.no_grad()`` (a frozen feature extractor
+        run that way), or inside a reentrant ``torch.utils.checkpoint`` whose
+        inputs need no gradient, has no gradient path from the loss to its
+        weight: autograd gives it no gradient at all, and a zero would be a
+        wrong value. The gradient probes leave it out and say so in their
+        ``layer_rule``.
+        """
+        return [name for name in self.selected if name in self._no_autograd]
+
+    @property
     def activations(self) -> dict[str, torch.Tensor]:
         """Layer label -> detached copy of its output in the last pass (``capture="outputs"``)."""
         self._expect("outputs", "activations")
@@ -582,12 +596,21 @@ class Probe:
     def _start_pass(self, module: nn.Module, args: Any) -> None:
         if not self._paused:
             self._calls, self._records, self._reduced, self._counts = [], {}, {}, {}
+            self._no_autograd = set()
 
     def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._paused:
             return
         ran = set(self._counts)
         missing = [name for name in self._required if name not in ran]
+        off = [name for name in self._required if name in self._no_autograd]
+        if off:
+            raise ProbeError(
+                f"layer(s) {', '.join(map(repr, off))} ran with autograd off (inside "
+                f"torch.no_grad(), or a reentrant torch.utils.checkpoint whose inputs need no "
+                f"gradient), so the loss has no gradient path to their weights; run them with "
+                f"autograd on (checkpoint with use_reentrant=False), or leave them out of layers"
+            )
         if missing:
             raise ProbeError(
                 f"layer(s) {', '.join(map(repr, missing))} did not run as modules in the forward "
@@ -612,7 +635,11 @@ class Probe:
             LayerCall(label, name, call, len(self._calls) + 1, type(module).__name__)
         )
         if self.capture == "weights":
-            self._records[label] = _applied_weights(name, module)
+            if torch.is_grad_enabled():
+                self._records[label] = _applied_weights(name, module)
+            else:  # no gradient path from the loss to this call's weight
+                self._records[label] = None
+                self._no_autograd.add(name)
         elif self.reduce is not None:
             self._reduced[label] = self.reduce(self._calls[-1], _output(name, output).detach())
         else:

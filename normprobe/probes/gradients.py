@@ -175,7 +175,10 @@ def layer_gradients(
     layers: dict[str, dict[str, list[int]]] = {}
     first = {}
     records = probe.weights
+    off = set(probe.without_autograd)  # stated in the layer rule (_stated_rule)
     for c in probe.calls:
+        if c.name in off:
+            continue
         entry = layers.setdefault(c.name, {"weight": [], "bias": [], "calls": []})
         first.setdefault(c.name, c)
         entry["calls"].append(c.call)
@@ -188,6 +191,12 @@ def layer_gradients(
                 tensors.append(t)
             if i not in entry[key]:
                 entry[key].append(i)
+    if not tensors:
+        raise ProbeError(
+            f"every selected layer ran with autograd off ({', '.join(sorted(off)[:8])}): inside "
+            f"torch.no_grad(), or a reentrant torch.utils.checkpoint whose inputs need no "
+            f"gradient; the loss has no gradient path to their weights"
+        )
     with differentiated(ProbeError):
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
@@ -277,12 +286,17 @@ def gradient_norms(
 
 
 def _stated_rule(probe: Probe) -> str:
-    """The probe's layer rule, plus the selected modules that never ran as modules."""
-    missing = probe.not_run
-    if not missing:
-        return probe.rule
-    shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
-    return f"{probe.rule}; not run as modules (no gradient row): {shown}"
+    """The probe's layer rule, plus the selected modules that never ran as modules and those
+    that ran with autograd off."""
+    rule = probe.rule
+    for names, why in (
+        (probe.not_run, "not run as modules"),
+        (probe.without_autograd, "ran with autograd off (torch.no_grad or a reentrant checkpoint)"),
+    ):
+        if names:
+            more = f", ... ({len(names)} in all)" if len(names) > 8 else ""
+            rule += f"; {why} (no gradient row): {', '.join(names[:8])}{more}"
+    return rule
 
 
 def _probe(

@@ -223,3 +223,46 @@ def test_gradient_statistics_equal_the_two_separate_probes(norm: str) -> None:
     pd.testing.assert_frame_equal(
         both.reset_index(drop=True), pd.concat([corr, norms], ignore_index=True)
     )
+
+
+class _FrozenFeatures(nn.Module):
+    """A feature layer run under torch.no_grad (a frozen extractor), then a trained head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features, self.head = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = torch.relu(self.features(x))
+        return self.head(h)
+
+
+def test_a_layer_run_with_autograd_off_gets_no_zero_gradient_row() -> None:
+    """Autograd gives such a layer no gradient at all: a zero would be a wrong value, so the
+    probes leave it out and say why; named explicitly, it is refused."""
+    model = _FrozenFeatures().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,))
+    other = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,))
+    norms = gradient_norms(model, F.cross_entropy, (x, y))
+    assert norms["layer"].unique().tolist() == ["head"]
+    rule = norms["layer_rule"].iloc[0]
+    assert rule.endswith(
+        "ran with autograd off (torch.no_grad or a reentrant checkpoint) (no gradient row): "
+        "features"
+    )
+    h = torch.relu(model.features(x)).detach()
+    loss = F.cross_entropy(model.head(h), y)
+    expected = torch.autograd.grad(loss, model.head.weight)[0].norm()
+    assert norms.query("metric == 'grad_norm'")["value"].item() == pytest.approx(float(expected))
+    corr = gradient_correlation(model, F.cross_entropy, (x, y), other)
+    assert corr["layer"].tolist() == ["head"]
+    with pytest.raises(ProbeError, match=r"'features'.* ran with autograd off .*leave them out"):
+        gradient_norms(model, F.cross_entropy, (x, y), layers=["features", "head"])
+    hessian = normprobe.hessian
+    with pytest.raises(hessian.HessianError, match=r"runs features with autograd off"):
+        hessian.HessianOperator(model, F.cross_entropy, (x, y)).matvec(torch.ones(26))
+    op = hessian.HessianOperator(model, F.cross_entropy, (x, y), params="head")
+    assert op.dim == 10 and op.matvec(torch.ones(10, dtype=torch.float64)).abs().sum() > 0
