@@ -416,6 +416,22 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return model
 
 
+def _original_names(params: ParamSelection) -> ParamSelection:
+    """``params`` of a compiled model, named as its original module names them: without the
+    ``_orig_mod.`` prefix of ``compiled.named_parameters()`` (a module passes unchanged)."""
+
+    def original(name: str) -> str:
+        while name.startswith("_orig_mod."):
+            name = name[len("_orig_mod.") :]
+        return name
+
+    if isinstance(params, str):
+        return original(params)
+    if isinstance(params, Sequence):
+        return [original(p) if isinstance(p, str) else p for p in params]
+    return params
+
+
 def _refuse_compiled_parts(model: nn.Module) -> None:
     compiled = [name for name, m in model.named_modules() if name and _is_compiled(m)]
     if compiled:
@@ -649,7 +665,9 @@ class HessianOperator:
             )
         if not isinstance(model, nn.Module):
             raise HessianError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        model = uncompiled(model)  # a compiled graph has no double backward
+        if _is_compiled(model):  # a compiled graph has no double backward
+            params = _original_names(params)
+        model = uncompiled(model)  # refuses compiled submodules too
         self.model = model
         self._graph_checked = False  # the first graph built is checked for a cut (_build)
         #: whether the model recomputes parts of its forward in the backward pass (activation

@@ -369,6 +369,13 @@ def test_a_compiled_model_is_taken_through_its_original_module(exact_hessian_fn)
         model, F.cross_entropy, chunks, what="top", k=2, dtype=torch.float64
     )
     assert np.array_equal(spectrum.top_eigenvalues, plain.top_eigenvalues)
+    # a parameter named as the compiled wrapper names it, or as the original does
+    first = next(n for n, _ in compiled.named_parameters())
+    assert first.startswith("_orig_mod.")
+    for params in (first, first.removeprefix("_orig_mod.")):
+        assert HessianOperator(compiled, F.cross_entropy, chunks, params=params).names == [
+            first.removeprefix("_orig_mod.")
+        ]
     inner = next(name for name, m in model.named_children())
     setattr(model, inner, torch.compile(getattr(model, inner)))
     with pytest.raises(
