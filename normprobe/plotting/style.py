@@ -38,26 +38,54 @@ NORM_STYLE: dict[str, tuple[str, str, str]] = {
     "balanced": ("#8c6d31", ">", "BalNorm"),
     "none": ("#555555", "d", "no normalization"),
 }
-_FALLBACK = ("#999999", ".", None)
+#: (color, marker) for names outside the zoo (a user's own models, named by their run or
+#: ``normalizer=``), handed out in order of first appearance, so that those names differ from
+#: each other (the first twelve) and keep their style in every figure of a process
+_EXTRA_STYLES: tuple[tuple[str, str], ...] = (
+    ("#000000", "o"),
+    ("#d62728", "s"),
+    ("#2ca02c", "^"),
+    ("#1f77b4", "D"),
+    ("#ff7f0e", "v"),
+    ("#9467bd", "P"),
+    ("#8c564b", "X"),
+    ("#e377c2", "*"),
+    ("#7f7f7f", "h"),
+    ("#bcbd22", "<"),
+    ("#17becf", ">"),
+    ("#393b79", "p"),
+)
+_EXTRA: dict[str, tuple[str, str]] = {}
+
+
+def _extra(norm: str) -> tuple[str, str]:
+    if norm not in _EXTRA:
+        _EXTRA[norm] = _EXTRA_STYLES[len(_EXTRA) % len(_EXTRA_STYLES)]
+    return _EXTRA[norm]
 
 
 def color(norm: str) -> str:
-    """The normalizer's color, the same in every figure."""
-    return NORM_STYLE.get(norm, _FALLBACK)[0]
+    """The normalizer's color, the same in every figure (a name outside the zoo: one of
+    :data:`_EXTRA_STYLES`, by first appearance)."""
+    return NORM_STYLE[norm][0] if norm in NORM_STYLE else _extra(norm)[0]
 
 
 def marker(norm: str) -> str:
-    return NORM_STYLE.get(norm, _FALLBACK)[1]
+    return NORM_STYLE[norm][1] if norm in NORM_STYLE else _extra(norm)[1]
 
 
 def label(norm: str) -> str:
-    return NORM_STYLE.get(norm, _FALLBACK)[2] or norm
+    return NORM_STYLE[norm][2] if norm in NORM_STYLE else norm
 
 
 def norm_order(names) -> list[str]:
-    """Normalizers in the fixed legend order (unknown names last, alphabetically)."""
+    """Normalizers in the fixed legend order (unknown names last, alphabetically; their styles
+    are handed out in that order)."""
     known = [n for n in NORM_STYLE if n in set(names)]
-    return known + sorted(set(names) - set(NORM_STYLE))
+    unknown = sorted(set(names) - set(NORM_STYLE))
+    for name in unknown:
+        _extra(name)
+    return known + unknown
 
 
 RC = {

@@ -194,6 +194,29 @@ def test_fig4_has_one_log_panel_per_normalizer_with_a_shared_x_axis(tmp_path: Pa
     assert path.stat().st_size > 1000
 
 
+def test_names_outside_the_zoo_get_distinct_styles_that_hold_across_figures() -> None:
+    """A user's own models, named by their runs or normalizer=: one line each, told apart by
+    color and marker (all used to share one grey dot), the same in every figure."""
+    results = _synthetic()
+    names = {"batch": "my-resnet-bn", "layer": "my-resnet-ln", "none": "my-resnet-plain"}
+    for table in (results.metrics, results.runs, results.hessian_nodes):
+        table["normalizer"] = table["normalizer"].map(names)
+    ax = F.fig3c(results)
+    lines = ax.get_lines()
+    styles = {(matplotlib.colors.to_hex(line.get_color()), line.get_marker()) for line in lines}
+    assert len(lines) == 3 and len(styles) == 3
+    for name in names.values():
+        assert name not in style.NORM_STYLE
+        assert (style.color(name), style.marker(name)) in styles
+        assert style.label(name) == name
+    again = F.fig1b(results).get_lines()
+    assert {(matplotlib.colors.to_hex(line.get_color()), line.get_marker()) for line in again} == (
+        styles
+    )
+    zoo = {(style.color(n), style.marker(n)) for n in style.NORM_STYLE}
+    assert styles.isdisjoint(zoo)
+
+
 def test_every_normalizer_has_a_distinct_color_and_marker_pair() -> None:
     from normprobe.norms import normalizers
 
