@@ -305,6 +305,8 @@ def test_activation_checkpointing_gives_the_products_and_probes_without_it() -> 
     plain = _gpt2()
     checkpointed = _checkpointing(_gpt2(), reentrant=False)
     checkpointed.eval()  # the operator's train mode must hold in the recomputation too
+    _lm_loss(checkpointed(batch[0]).logits, batch[1]).backward()  # grads a loop has not used
+    grads = {n: p.grad.clone() for n, p in checkpointed.named_parameters()}
     before = _state(checkpointed)
     v = torch.randn(
         sum(p.numel() for p in plain.parameters()),
@@ -320,6 +322,7 @@ def test_activation_checkpointing_gives_the_products_and_probes_without_it() -> 
         torch.testing.assert_close(op.matvec(v), hv, rtol=0, atol=0)
     torch.testing.assert_close(hv, expected, rtol=0, atol=1e-13 * float(expected.abs().max()))
     _assert_same(before, _state(checkpointed))
+    assert all(torch.equal(p.grad, grads[n]) for n, p in checkpointed.named_parameters())
     norms = gradient_norms(checkpointed, _lm_loss, batch)["value"]
     assert norms.tolist() == gradient_norms(plain, _lm_loss, batch)["value"].tolist()
 

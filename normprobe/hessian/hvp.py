@@ -494,6 +494,12 @@ def _cut_second_derivative(loss: torch.Tensor, grads: Sequence[torch.Tensor]) ->
     )
 
 
+def _put_back_flags(flags: list[tuple[nn.Module, bool]]) -> None:
+    for module, flag in flags:
+        if module.training is not flag:
+            module.training = flag
+
+
 @contextmanager
 def _module_calls(calls: list[Any], *, grad_off: bool = False) -> Iterator[None]:
     """Every module called inside the block, appended to ``calls`` (a global forward
@@ -984,14 +990,19 @@ class HessianOperator:
         with ExitStack() as stack:
             stack.enter_context(preserved(self.model))
             stack.enter_context(attributes_kept(self.model))
-            if self.norm_mode == "train":
-                self.model.train()
-                # a random operator would make Lanczos meaningless; attention dropout included
-                stack.enter_context(dropout_off(self.model))
-                stack.enter_context(frozen_statistics(self.model))
-            else:
-                self.model.eval()
+            self._norm_mode(stack)
             yield
+
+    def _norm_mode(self, stack: ExitStack) -> None:
+        """The model as its passes run: ``norm_mode``'s train/eval flags and, in train mode,
+        dropout off and running statistics frozen (flags are put back by the caller)."""
+        if self.norm_mode == "train":
+            self.model.train()
+            # a random operator would make Lanczos meaningless; attention dropout included
+            stack.enter_context(dropout_off(self.model))
+            stack.enter_context(frozen_statistics(self.model))
+        else:
+            self.model.eval()
 
     def _ensure_graphs(self) -> None:
         if self._graphs is not None and self._versions == self._state_versions():
@@ -1152,8 +1163,14 @@ class HessianOperator:
         if not self.recomputes:
             yield
             return
+        # no snapshot of buffers and grads (a copy of every grad per product): the statistics
+        # are frozen, the buffers the recomputation sees are the graphs' copies, and autograd.grad
+        # leaves .grad alone; the flags and plain attributes are put back
+        flags = [(m, m.training) for m in self.model.modules()]
         with ExitStack() as stack:
-            stack.enter_context(self._guard())
+            stack.callback(_put_back_flags, flags)
+            stack.enter_context(attributes_kept(self.model))
+            self._norm_mode(stack)
             stack.enter_context(self._forward_ops())
             stack.enter_context(
                 torch.nn.utils.stateless._reparametrize_module(
