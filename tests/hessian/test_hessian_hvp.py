@@ -384,33 +384,27 @@ def test_a_compiled_model_is_taken_through_its_original_module(exact_hessian_fn)
         HessianOperator(model, F.cross_entropy, chunks)
 
 
-class _OnceReLU(torch.autograd.Function):
-    """A ReLU whose backward torch can run only once."""
+class _TwiceReLU(torch.autograd.Function):
+    """A ReLU with a backward of differentiable torch ops."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
+class _OnceReLU(_TwiceReLU):
+    """The same ReLU, its backward marked as one torch can run only once."""
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * (x > 0)
-
-
-class _TwiceReLU(torch.autograd.Function):
-    """The same ReLU with a backward of differentiable torch ops."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * (x > 0)
+        return _TwiceReLU.backward(ctx, grad)
 
 
 class _CustomReLUNet(nn.Module):
