@@ -224,9 +224,18 @@ def split_batch(
         got = type(batch).__name__
         if isinstance(batch, (tuple, list)):
             got += f" of length {len(batch)}"
+        hint = ""  # one fixed batch is measured every time, never a fresh draw from a loader
+        if isinstance(batch, torch.utils.data.DataLoader):
+            hint = "; take one batch of it: next(iter(loader))"
+        elif isinstance(batch, torch.utils.data.Dataset):
+            hint = (
+                "; take one batch of it: "
+                "torch.utils.data.default_collate([dataset[i] for i in range(256)])"
+            )
         raise error(
-            f"{what} must be an (inputs, targets) pair, got {got}; {_CONTRACT}. Several inputs go "
-            f"in one tuple or dict: ((ids, mask), targets) or ({{'input_ids': ids, ...}}, targets)"
+            f"{what} must be an (inputs, targets) pair, got {got}{hint}; {_CONTRACT}. Several "
+            f"inputs go in one tuple or dict: ((ids, mask), targets) or "
+            f"({{'input_ids': ids, ...}}, targets)"
         )
     inputs = check_inputs(inputs, f"{what}'s inputs", error, values=values)
     if targets is not None and not isinstance(targets, torch.Tensor):

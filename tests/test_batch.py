@@ -35,6 +35,13 @@ def test_split_batch_takes_tensor_tuple_and_dict_inputs_and_says_what_is_wrong()
         split_batch((x, m, y))
     with pytest.raises(BatchError, match="targets must be a tensor or None, got list"):
         split_batch((x, [0, 1]))
+    dataset = torch.utils.data.TensorDataset(x, y)
+    with pytest.raises(BatchError, match=r"got DataLoader; take one batch of it: next\(iter"):
+        split_batch(torch.utils.data.DataLoader(dataset, batch_size=2))
+    with pytest.raises(BatchError, match=r"got TensorDataset; take one batch of it: torch.utils"):
+        split_batch(dataset)
+    # the fix the message names gives a batch
+    assert split_batch(torch.utils.data.default_collate([dataset[i] for i in range(4)]))
     with pytest.raises(BatchError, match=r"x has 4 samples but y has shape \(3,\)"):
         split_batch((x, y[:3]))
     with pytest.raises(BatchError, match=r"disagree on the number of examples.*inputs\[1\]: 2"):
