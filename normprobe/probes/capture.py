@@ -558,7 +558,8 @@ class Probe:
 
     @property
     def weights(self) -> dict[str, dict[str, torch.Tensor | None]]:
-        """Layer label -> ``{"weight": W, "bias": b}`` applied in the last pass (``capture="weights"``)."""
+        """Layer label -> ``{"weight": W, "bias": b}`` applied in the last pass (``capture="weights"``;
+        none for a call that ran with autograd off: :attr:`without_autograd`)."""
         self._expect("weights", "weights")
         return dict(self._records)
 
@@ -637,8 +638,7 @@ class Probe:
         if self.capture == "weights":
             if torch.is_grad_enabled():
                 self._records[label] = _applied_weights(name, module)
-            else:  # no gradient path from the loss to this call's weight
-                self._records[label] = None
+            else:  # no gradient path from the loss to this call's weight: no record
                 self._no_autograd.add(name)
         elif self.reduce is not None:
             self._reduced[label] = self.reduce(self._calls[-1], _output(name, output).detach())
