@@ -54,6 +54,7 @@ import inspect
 import itertools
 import math
 import operator
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -715,30 +716,67 @@ def attributes_kept(modules: nn.Module | list[nn.Module]) -> Iterator[None]:
                     now[key] = value
 
 
+#: classes of stochastic depth, which drops whole residual branches in training mode: timm's
+#: ``DropPath`` and ``DropBlock2d``, torchvision's ``StochasticDepth``, Hugging Face's
+#: ``ConvNextDropPath``, ``SwinDropPath``, ...; each is the identity in eval mode
+_STOCHASTIC_DEPTH = re.compile(r"DropPath|DropBlock|StochasticDepth")
+#: names of float rates a forward pass reads in training mode to drop units, branches or whole
+#: layers (``attention_dropout``, Hugging Face's ``layerdrop``, ``drop_prob``, ``drop_path``)
+_DROP_RATE = re.compile(r"dropout|layerdrop|drop_prob|drop_path")
+
+
+def _is_config(obj: Any) -> bool:
+    """A Hugging Face model config, whose rates some forwards read at call time."""
+    return type(obj).__name__.endswith("Config") and callable(getattr(obj, "to_dict", None))
+
+
 @contextmanager
 def dropout_off(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
-    """Every dropout of ``model`` switched off, also the rates that attention passes to SDPA.
+    """Every dropout of ``model`` switched off: units, attention, residual branches, layers.
 
-    ``nn.Dropout`` modules go to eval mode with ``p = 0``, and float
-    attributes whose name contains ``dropout`` (``attention_dropout``) are set
-    to 0: Hugging Face attention passes such a rate to
-    ``F.scaled_dot_product_attention`` whenever the attention module is in
-    training mode, whatever its dropout submodule's mode. Everything is put
-    back on exit (flags by the caller's :func:`normprobe.state.preserved`). ``modules``:
-    ``list(model.modules())`` when the caller has it.
+    ``nn.Dropout`` modules go to eval mode with ``p = 0``; stochastic-depth
+    modules (``DropPath``, ``StochasticDepth``, ``DropBlock``) go to eval mode,
+    where they are the identity; float attributes whose name says they are a
+    drop rate (``attention_dropout``, ``layerdrop``, ``drop_prob``) are set to
+    0, on the modules and on a Hugging Face ``config`` they hold: its attention
+    passes such a rate to ``F.scaled_dot_product_attention`` whenever the
+    module is in training mode, and its encoders read ``config.layerdrop`` to
+    skip whole layers. Everything is put back on exit (flags by the caller's
+    :func:`normprobe.state.preserved`). ``modules``: ``list(model.modules())``
+    when the caller has it.
     """
-    saved: list[tuple[nn.Module, str, Any]] = []
+    saved: list[tuple[Any, str, Any]] = []
     try:
+        configs: dict[int, Any] = {}
         for m in model.modules() if modules is None else modules:
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.eval()
                 saved.append((m, "p", m.p))
                 m.p = 0.0
+            elif _STOCHASTIC_DEPTH.search(type(m).__name__):
+                m.eval()
             for key, value in list(vars(m).items()):
-                if "dropout" in key and isinstance(value, float) and not isinstance(value, bool):
+                if _is_rate(key, value):
                     saved.append((m, key, value))
                     setattr(m, key, 0.0)
+            config = vars(m).get("config")
+            if config is not None and _is_config(config):
+                configs.setdefault(id(config), config)
+        for config in configs.values():
+            for key, value in list(vars(config).items()):
+                if _is_rate(key, value):
+                    saved.append((config, key, value))
+                    setattr(config, key, 0.0)
         yield
     finally:
         for m, key, value in reversed(saved):
             setattr(m, key, value)
+
+
+def _is_rate(key: str, value: Any) -> bool:
+    return (
+        isinstance(value, float)
+        and not isinstance(value, bool)
+        and value != 0.0
+        and _DROP_RATE.search(key) is not None
+    )

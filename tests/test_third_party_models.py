@@ -327,6 +327,75 @@ def test_activation_checkpointing_gives_the_products_and_probes_without_it() -> 
     assert norms.tolist() == gradient_norms(plain, _lm_loss, batch)["value"].tolist()
 
 
+def _convnext(drop_path_rate: float) -> nn.Module:
+    config = transformers.ConvNextConfig(
+        num_channels=1, hidden_sizes=[4, 8], depths=[2, 2], num_stages=2, num_labels=3,
+        drop_path_rate=drop_path_rate, layer_scale_init_value=1.0, patch_size=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.ConvNextForImageClassification(config).double()
+
+
+class LayerDropConfig:
+    """A Hugging Face style config, read at call time as Wav2Vec2's encoder reads its own."""
+
+    def __init__(self, layerdrop: float) -> None:
+        self.layerdrop = layerdrop
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(vars(self))
+
+
+class _LayerDropNet(nn.Module):
+    """Skips its middle layer in training mode with probability config.layerdrop."""
+
+    def __init__(self, layerdrop: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = LayerDropConfig(layerdrop)
+        self.layers = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            if i == 1 and self.training and float(torch.rand(())) < self.config.layerdrop:
+                continue
+            x = torch.tanh(layer(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("case", ["drop_path", "layerdrop"])
+def test_stochastic_depth_and_layer_drop_are_off_like_dropout(case: str) -> None:
+    """Drop path (ConvNeXt's) and layer drop skip whole branches or layers in training mode:
+    the probes and the Hessian measure the network without them, as with dropout, and
+    put the rates back."""
+    if case == "drop_path":
+        build, rate = _convnext, 0.9
+        x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    else:
+        build, rate = (lambda r: _LayerDropNet(r).double()), 0.9
+        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(1))
+    plain, dropping = build(0.0), build(rate)
+    dropping.load_state_dict(plain.state_dict())
+    before = _state(dropping)
+
+    def measured(model: nn.Module) -> tuple:
+        norms = gradient_norms(model, F.cross_entropy, (x, y))["value"].tolist()
+        reps = representation_correlation(model, x)["value"].tolist()
+        top = normprobe.hessian_spectrum(
+            model, F.cross_entropy, (x, y), what="top", k=2, dtype=torch.float64
+        ).top_eigenvalues.tolist()
+        return norms, reps, top
+
+    assert measured(dropping) == measured(plain)
+    _assert_same(before, _state(dropping))
+    if case == "layerdrop":
+        assert dropping.config.layerdrop == rate
+    else:
+        assert dropping.config.drop_path_rate == rate
+
+
 def test_reentrant_checkpointing_is_refused_with_the_fix() -> None:
     model = _checkpointing(_gpt2(), reentrant=True)
     batch, _ = _lm_batches()
