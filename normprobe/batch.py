@@ -755,28 +755,25 @@ def dropout_off(model: nn.Module, modules: list[nn.Module] | None = None) -> Ite
                 m.p = 0.0
             elif _STOCHASTIC_DEPTH.search(type(m).__name__):
                 m.eval()
-            for key, value in list(vars(m).items()):
-                if _is_rate(key, value):
-                    saved.append((m, key, value))
-                    setattr(m, key, 0.0)
-            config = vars(m).get("config")
+            attributes = vars(m)
+            for key in _rates(attributes):
+                saved.append((m, key, attributes[key]))
+                setattr(m, key, 0.0)
+            config = attributes.get("config")
             if config is not None and _is_config(config):
                 configs.setdefault(id(config), config)
         for config in configs.values():
-            for key, value in list(vars(config).items()):
-                if _is_rate(key, value):
-                    saved.append((config, key, value))
-                    setattr(config, key, 0.0)
+            attributes = vars(config)
+            for key in _rates(attributes):
+                saved.append((config, key, attributes[key]))
+                setattr(config, key, 0.0)
         yield
     finally:
         for m, key, value in reversed(saved):
             setattr(m, key, value)
 
 
-def _is_rate(key: str, value: Any) -> bool:
-    return (
-        isinstance(value, float)
-        and not isinstance(value, bool)
-        and value != 0.0
-        and _DROP_RATE.search(key) is not None
-    )
+def _rates(attributes: dict[str, Any]) -> list[str]:
+    """The names of the non-zero float drop rates among ``attributes`` (a module's or a
+    config's ``vars``); the type test first, as most attributes are not floats."""
+    return [k for k, v in attributes.items() if isinstance(v, float) and v and _DROP_RATE.search(k)]
