@@ -208,6 +208,23 @@ def _inputs_of(
     )
 
 
+def _folder_safe(name: str) -> str:
+    """``name`` as one folder name: path separators become ``-``, a leading dot ``_``."""
+    name = name.replace("/", "-").replace("\\", "-").replace("\0", "")
+    return "_" + name[1:] if name.startswith(".") else name
+
+
+def _check_run(run: Any) -> str:
+    """``run``, refused unless it can be its folder's name (``out/runs/<run>``): a folder
+    whose name starts with a dot is a staging folder, and results leave it out."""
+    if not isinstance(run, str) or not run or run != _folder_safe(run):
+        raise MonitorError(
+            f"Monitor(run=...): {run!r} names the run's folder (out/runs/<run>); use a name "
+            f"without / or \\ that does not start with a dot, e.g. {_folder_safe(str(run)) or 'mine'!r}"
+        )
+    return run
+
+
 class Monitor:
     """Records the probes and the Hessian on a schedule inside any training loop.
 
@@ -327,8 +344,10 @@ class Monitor:
         self.normalizer = normalizer or getattr(model, "norm_name", None) or run or "model"
         if run is None:
             rate = "" if math.isnan(self.lr) else f"_lr{self.lr:g}"
-            run = f"{self.normalizer}{rate}_seed{self.seed}"
-        self.run = run
+            # the run names its folder: a normalizer such as "resnet/bn" keeps its name in the
+            # tables, and its run is resnet-bn_...
+            run = _folder_safe(f"{self.normalizer}{rate}_seed{self.seed}")
+        self.run = _check_run(run)
         device = model_device(model)
         if self._hessian and num_classes is None and self.hessian_config.outlier_k is None:
             num_classes = self._class_count(probe_data)

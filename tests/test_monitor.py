@@ -384,6 +384,28 @@ def test_a_step_inside_the_loop_s_autocast_region_measures_in_the_model_s_dtype(
     )
 
 
+def test_a_run_name_is_one_folder_name(tmp_path: Path) -> None:
+    """The run names its folder: a derived name that is not one is made one (the normalizer
+    keeps its name), and an explicit one is refused. A folder starting with a dot is a
+    staging folder that results leave out, so such a run used to vanish from them."""
+    x, y = _data()
+    for normalizer, run in (("resnet/bn", "resnet-bn_seed0"), ("..", "_._seed0")):
+        out = tmp_path / run
+        monitor = Monitor(_net(), None, (x, y), out=out, normalizer=normalizer, schedule=[0],
+                          hessian=False)  # fmt: skip
+        monitor.step(0)
+        monitor.close()
+        results = normprobe.load_results(out)
+        assert results.runs["run"].tolist() == [run]
+        assert set(results.metrics["normalizer"]) == {normalizer}
+        assert [p.name for p in (out / "runs").iterdir()] == [run]
+    for bad, fix in (("x/y", "x-y"), (".hidden", "_hidden"), ("", "mine")):
+        with pytest.raises(
+            MonitorError, match=rf"run=...\): {bad!r} names the run's folder.*{fix!r}"
+        ):
+            Monitor(_net(), None, (x, y), run=bad, hessian=False)
+
+
 class _TokenNet(nn.Module):
     """Token ids in, one class score per sequence out (an embedding, a LayerNorm, a head)."""
 
