@@ -501,16 +501,13 @@ def _put_back_flags(flags: list[tuple[nn.Module, bool]]) -> None:
 
 
 @contextmanager
-def _module_calls(calls: list[Any], *, grad_off: bool = False) -> Iterator[None]:
-    """Every module called inside the block, appended to ``calls`` (a global forward
-    pre-hook); with ``grad_off``, those called with autograd off, as ``(module, ids of the
-    parameters it holds at the call)``."""
+def _module_calls(calls: list[tuple[nn.Module, bool, list[int]]]) -> Iterator[None]:
+    """Every module called inside the block, appended to ``calls`` as ``(module, whether
+    autograd was on, ids of the parameters it held at the call)`` (a global forward pre-hook)."""
 
     def hook(module: nn.Module, args: Any) -> None:
-        if not grad_off:
-            calls.append(module)
-        elif not torch.is_grad_enabled():
-            calls.append((module, [id(p) for p in module._parameters.values() if p is not None]))
+        held = [id(p) for p in module._parameters.values() if p is not None]
+        calls.append((module, torch.is_grad_enabled(), held))
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
@@ -1066,10 +1063,10 @@ class HessianOperator:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
             stack.enter_context(self._forward_ops())
             args, kwargs = call_args(x)
-            without_grad: list[Any] = []  # modules run with autograd off (first build)
+            called: list[tuple[nn.Module, bool, list[int]]] = []  # the forward's (first build)
             with ExitStack() as calls:
                 if not self._graph_checked:
-                    calls.enter_context(_module_calls(without_grad, grad_off=True))
+                    calls.enter_context(_module_calls(called))
                 out = functional_call(self.model, values, args, kwargs, strict=False)
             loss = compute_loss(self.loss_fn, out, y, self.output, HessianError)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -1084,7 +1081,7 @@ class HessianOperator:
                 )
             # a module called during the backward pass is a forward recomputed there
             # (torch.utils.checkpoint): the products' backward passes must then run it as here
-            recomputed: list[nn.Module] = []
+            recomputed: list[tuple[nn.Module, bool, list[int]]] = []
             if not self._graph_checked:
                 stack.enter_context(_module_calls(recomputed))
             stack.enter_context(differentiated(HessianError))
@@ -1099,8 +1096,8 @@ class HessianOperator:
             problem = _cut_second_derivative(loss, grads)
             if problem:
                 raise HessianError(problem)
-            if without_grad:  # after the gradient: a reentrant checkpoint's own error first
-                self._refuse_no_grad_parameters(without_grad)
+            # after the gradient: a reentrant checkpoint's own error first
+            self._refuse_no_grad_parameters([(m, held) for m, on, held in called if not on])
             self._graph_checked = True
             self.recomputes = bool(recomputed)
         if self.recomputes:
@@ -1134,6 +1131,8 @@ class HessianOperator:
     def _refuse_no_grad_parameters(self, calls: list[tuple[nn.Module, list[int]]]) -> None:
         """Refuse selected parameters of modules the forward ran with autograd off: the loss
         has no gradient path to them, so the products would take them as constants."""
+        if not calls:
+            return
         leaves = {id(t) for t in self._leaves}
         names = {id(m): n for n, m in self.model.named_modules()}
         off = list(

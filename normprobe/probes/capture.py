@@ -351,8 +351,9 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
             stack.enter_context(preserved(model))
             stack.enter_context(attributes_kept(modules))
         stack.enter_context(frozen_statistics(model, modules))
-        stack.enter_context(_forked_random_state(model, seed))
-        stack.enter_context(full_precision(model_device(model)))  # a loop's autocast: off
+        device = model_device(model)
+        stack.enter_context(_forked_random_state(device, seed))
+        stack.enter_context(full_precision(device))  # a loop's autocast: off
         if any(m.training != training for m in modules):
             model.train(training)
         if training:
@@ -369,8 +370,7 @@ def _check_mode(mode: str) -> None:
 
 
 @contextmanager
-def _forked_random_state(model: nn.Module, seed: int) -> Iterator[None]:
-    device = model_device(model)
+def _forked_random_state(device: torch.device, seed: int) -> Iterator[None]:
     cuda = []
     if device.type == "cuda":
         cuda = [device.index if device.index is not None else torch.cuda.current_device()]
