@@ -58,6 +58,8 @@ from normprobe.batch import (
 from normprobe.config import ConfigError, HessianConfig, ProbesConfig, parse_config
 from normprobe.integrations.tensorboard import ScalarWriter
 from normprobe.measures import MEASURES, TABLES, MeasureInputs, enabled_measures, measure_step
+from normprobe.probes.capture import ProbeError, to_model
+from normprobe.probes.signal import noisy_inputs
 from normprobe.results import (
     Results,
     RunRecord,
@@ -391,14 +393,21 @@ class Monitor:
             start_run(self.directory, self.record())
 
     def _check_noise_pairing(self) -> None:
-        """Refuse the noise pairing on inputs without a floating-point tensor (token ids) when
-        the monitor is built, not at its first measurement: a loop that first measures at a
-        later step would have trained up to it."""
+        """Refuse the noise pairing on inputs without a floating-point tensor (token ids), or
+        whose first noise is the inputs themselves (drawn from the run's seed), when the
+        monitor is built, not at its first measurement: a loop that first measures at a later
+        step would have trained up to it."""
         rc = self.probes_config.representation
         if not (rc.pairing == "noise" and any(m.name == "representation" for m in self._probes)):
             return
         tensors = input_tensors(self.inputs.batch_a[0])
         if any(t.is_floating_point() for _, t in tensors):
+            try:  # the noise of step 0, drawn as the probe draws it
+                noisy_inputs(
+                    to_model(self.inputs.batch_a[0], self.model), rc.noise_scale, self.inputs.seed
+                )
+            except ProbeError as err:
+                raise MonitorError(f"probe_data: {err}") from None
             return
         kinds = ", ".join(f"{k} ({str(t.dtype).replace('torch.', '')})" for k, t in tensors)
         raise MonitorError(

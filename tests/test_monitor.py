@@ -437,6 +437,20 @@ def test_the_noise_pairing_on_token_ids_is_refused_when_the_monitor_is_built() -
         assert len(monitor.results.metrics)
 
 
+def test_probe_data_drawn_from_the_run_s_seed_is_refused_when_the_monitor_is_built() -> None:
+    """The step-0 noise of a run with seed 0 is what torch.manual_seed(0); torch.randn draws."""
+    torch.manual_seed(0)
+    x = torch.randn(128, 6)  # two probe batches of 64 x 6 entries
+    y = torch.randint(0, 4, (128,))
+    with pytest.raises(MonitorError, match=r"probe_data: the noise pairing's noise, drawn from a "
+                       r"torch.Generator seeded with 0, is the input itself"):  # fmt: skip
+        Monitor(_net(), None, (x, y), hessian=False)
+    monitor = Monitor(_net(), None, (x, y), hessian=False, seed=1)
+    monitor.step(0)
+    noise = monitor.results.metrics.query("metric == 'repr_corr_noise'")
+    assert len(noise) and (noise.value < 0.999).all()
+
+
 def test_bad_probe_data_and_steps_are_named() -> None:
     x, y = _data()
     with pytest.raises(MonitorError, match=r"probe_data must be an \(inputs, targets\) pair"):

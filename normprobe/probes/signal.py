@@ -155,7 +155,53 @@ def noisy_copy(x: torch.Tensor, scale: float, generator: torch.Generator) -> tor
             f"{x.dtype}; use pairing='independent' with a second batch (e.g. token ids)"
         )
     eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if scale:
+        _refuse_noise_drawn_as_the_input(x, eps, generator)
     return x + scale * x.std(correction=0) * eps
+
+
+def noisy_inputs(x: Inputs, noise_scale: float, seed: int) -> tuple[Inputs, list[str]]:
+    """The noise pairing's ``X'``: :func:`noisy_copy` of each floating-point input (in order,
+    from one generator seeded with ``seed`` on the inputs' device), and the labels of those
+    perturbed; integer inputs (token ids, masks) pass unchanged."""
+    device = input_tensors(x)[0][1].device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return map_floating(x, lambda t: noisy_copy(t, noise_scale, generator))
+
+
+#: entries of the input and its noise compared by :func:`_refuse_noise_drawn_as_the_input`
+NOISE_CHECK_ENTRIES = 4096
+
+
+def _refuse_noise_drawn_as_the_input(
+    x: torch.Tensor, eps: torch.Tensor, generator: torch.Generator
+) -> None:
+    """Refuse noise that came out as the input itself, up to scale and shift.
+
+    Inputs drawn as ``torch.manual_seed(0); x = torch.randn(...)`` are the
+    very numbers a generator seeded with the probe's seed 0 draws as ``eps``,
+    and ``X' = X + s * std(X) * X`` is a rescaled ``X``, not a noisy
+    neighbour: every layer of a scale-invariant network would read a
+    correlation of 1. Independent noise has a correlation with the input of
+    about ``1 / sqrt(n)`` over ``n`` entries (0.016 over the 4,096 compared
+    here); above 0.9 over at least 256 entries is no chance.
+    """
+    n = min(x.numel(), NOISE_CHECK_ENTRIES)
+    if n < 256:
+        return
+    a = x.reshape(-1)[:n].to(torch.float64)
+    b = eps.reshape(-1)[:n].to(torch.float64)
+    r = float(pearson(a, b))
+    if abs(r) > 0.9:
+        seed = generator.initial_seed()
+        raise ProbeError(
+            f"the noise pairing's noise, drawn from a torch.Generator seeded with {seed}, is the "
+            f"input itself (correlation {r:.4f} over its first {n} entries): the inputs were "
+            f"drawn from the same seed (torch.manual_seed({seed}); torch.randn(...)), so "
+            f"X + s * std(X) * eps would be a rescaled X, not a noisy copy; give the probe "
+            f"another seed (seed= of the probe or of the Monitor, a run's seed in an analysis) "
+            f"or draw the inputs from another seed"
+        )
 
 
 # --------------------------------------------------------------------------- the probe
@@ -282,9 +328,7 @@ def representation_columns(
             raise ProbeError(
                 f"noise_scale must be a finite number >= 0 (docs/definitions.md: 0.3), got {noise_scale!r}"
             )
-        device = input_tensors(x)[0][1].device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        x_other, changed = map_floating(x, lambda t: noisy_copy(t, noise_scale, generator))
+        x_other, changed = noisy_inputs(x, noise_scale, seed)
         if not changed:
             kinds = ", ".join(f"{k} ({t.dtype})" for k, t in input_tensors(x))
             raise ProbeError(

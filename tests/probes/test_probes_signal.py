@@ -79,6 +79,35 @@ def test_noise_scale_and_seed_change_the_second_batch() -> None:
     assert same.value.tolist() == pytest.approx([1.0, 1.0])
 
 
+def test_noise_drawn_as_the_input_itself_is_refused() -> None:
+    """``torch.manual_seed(0); x = torch.randn(...)`` draws the very numbers of the probe's
+    noise at seed 0: X' was 1.3 X and every layer of the BatchNorm net read a correlation of 1."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(
+        ProbeError,
+        match=r"noise, drawn from a torch.Generator seeded with 0, is the input itself "
+        r"\(correlation 1.0000 over its first 512 entries\).*torch.manual_seed\(0\).*give the "
+        r"probe another seed",
+    ):
+        representation_correlation(net, x)
+    # another seed, or the rows in another order: the noisy copy
+    for y, seed in ((x, 1), (3 * x.double() + 1, 1), (x.flip(0), 0)):
+        frame = representation_correlation(net, y, seed=seed)
+        assert frame.value.iloc[0] == pytest.approx(1 / (1 + 0.3**2) ** 0.5, abs=0.03)
+        assert (frame.value < 0.999).all()
+    torch.manual_seed(0)  # float64 noise is another stream: inputs drawn from it, scaled, shifted
+    x64 = 3 * torch.randn(64, 8, dtype=torch.float64) + 1
+    with pytest.raises(ProbeError, match="is the input itself"):
+        representation_correlation(net.double(), x64)
+    # too few entries to tell (fewer than 256) and noise_scale 0 (X' = X by request) pass
+    torch.manual_seed(0)
+    few = torch.randn(16, 8)
+    assert len(representation_correlation(net.float(), few)) == 2
+    assert representation_correlation(net.float(), x, noise_scale=0.0).value.tolist() == pytest.approx([1.0] * 2)
+
+
 def test_independent_and_within_pairings_match_hand_computations() -> None:
     net, w1, b1, *_ = _tiny()
     g = torch.Generator().manual_seed(2)
