@@ -55,12 +55,13 @@ import itertools
 import math
 import operator
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from normprobe.errors import NormprobeError
 
@@ -94,6 +95,7 @@ __all__ = [
     "compute_loss",
     "model_device",
     "model_dtype",
+    "check_measurable",
     "attributes_kept",
     "dropout_off",
 ]
@@ -683,6 +685,63 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 _MISSING = object()
+
+
+def check_measurable(
+    model: nn.Module, modules: Iterable[nn.Module], error: type[Exception]
+) -> None:
+    """Refuse a model that normprobe could not measure without changing it or at all.
+
+    ``modules``: the model's submodules (with or without the model itself).
+    Two kinds are refused, by name:
+
+    - TorchScript (``torch.jit.script``, ``torch.jit.trace``): the probes hook
+      its layers and the Hessian differentiates it twice, and a scripted
+      module takes neither; the eager module computes the same function.
+    - Lazy modules (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) whose
+      parameters the first forward pass has not made yet: a probe's pass
+      would make them, and change the model it must leave as found.
+    """
+    scripted, lazy = [], []
+    for name, m in _named(model, modules):
+        if isinstance(m, torch.jit.ScriptModule):
+            scripted.append(name)
+        elif isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+            lazy.append(name)
+    if scripted:
+        # the outermost scripted modules: the submodules of a scripted module are scripted too
+        outer = [n for n in scripted if not any(n.startswith(f"{o}.") for o in scripted)]
+        what = "the model is" if _WHOLE in scripted else f"module(s) {_listed(outer)} are"
+        raise error(
+            f"{what} TorchScript (torch.jit.script or torch.jit.trace); the probes hook the "
+            f"layers and the Hessian differentiates twice, which a scripted module does not "
+            f"allow: pass the nn.Module it was made from (the same weights: "
+            f"module.load_state_dict(scripted.state_dict()))"
+        )
+    if lazy:
+        raise error(
+            f"lazy module(s) {_listed(lazy)} have no parameters yet: they take their shapes from "
+            f"the first forward pass, which would change the model while normprobe measures "
+            f"it; run one forward pass first (with torch.no_grad(): model(x))"
+        )
+
+
+_WHOLE = "the model"
+
+
+def _named(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+    """``modules`` with their names in ``model`` (looked up only when one is to be named)."""
+    names: dict[int, str] | None = None
+    for m in modules:
+        if isinstance(m, (torch.jit.ScriptModule, LazyModuleMixin)):
+            if names is None:
+                names = {id(sub): name or _WHOLE for name, sub in model.named_modules()}
+            yield names.get(id(m), type(m).__name__), m
+
+
+def _listed(names: list[str]) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more
 
 
 @contextmanager

@@ -269,6 +269,42 @@ def test_probes_leave_the_model_as_found_when_they_refuse() -> None:
     assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
+def _every_measurement(net: nn.Module) -> list:
+    return [
+        lambda: gradient_norms(net, LOSS, (X, Y)),
+        lambda: representation_correlation(net, X, seed=1),
+        lambda: hessian_spectrum(net, LOSS, (X, Y), what="top", k=2),
+    ]
+
+
+def test_torchscript_and_lazy_models_are_refused_and_left_as_found() -> None:
+    """A scripted model used to end in AttributeError ('OrderedDictWrapper' object has no
+    attribute 'get') or torch's "Can't set constant"; a lazy one in torch's errors, and the
+    representation probe made its parameters (LazyLinear became Linear) before it failed."""
+    scripted = torch.jit.script(_net())
+    for call in _every_measurement(scripted):
+        with pytest.raises(NormprobeError, match=r"^the model is TorchScript .* pass the "
+                           r"nn.Module it was made from"):  # fmt: skip
+            call()
+    mixed = _net()
+    mixed[3] = torch.jit.script(mixed[3])
+    with pytest.raises(NormprobeError, match=r"^module\(s\) 3 are TorchScript"):
+        gradient_norms(mixed, LOSS, (X, Y))
+
+    torch.manual_seed(0)
+    lazy = nn.Sequential(nn.LazyLinear(8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    for call in _every_measurement(lazy):
+        with pytest.raises(NormprobeError, match=r"^lazy module\(s\) 0 have no parameters yet.* "
+                           r"run one forward pass first"):  # fmt: skip
+            call()
+        assert type(lazy[0]) is nn.LazyLinear  # not made by a probe's pass
+        assert isinstance(lazy[0].weight, nn.parameter.UninitializedParameter)
+    with torch.no_grad():
+        lazy(X)  # made: now a Linear, measured like any other
+    grads, reps, spectrum = (call() for call in _every_measurement(lazy))
+    assert len(grads) == 4 and len(reps) == 2 and len(spectrum.top_eigenvalues) == 2
+
+
 # ------------------------------------------------------------ generated malformed configs
 
 #: where a mistake can go, and the values tried there (small: a valid pick trains in seconds)

@@ -84,6 +84,7 @@ from normprobe.batch import (
     batch_size,
     call_args,
     check_call,
+    check_measurable,
     chunk_batch,
     compute_loss,
     differentiated,
@@ -671,6 +672,7 @@ class HessianOperator:
         if _is_compiled(model):  # a compiled graph has no double backward
             params = _original_names(params)
         model = uncompiled(model)  # refuses compiled submodules too
+        check_measurable(model, model.modules(), HessianError)
         self.model = model
         self._graph_checked = False  # the first graph built is checked for a cut (_build)
         #: whether the model recomputes parts of its forward in the backward pass (activation

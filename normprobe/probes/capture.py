@@ -44,6 +44,7 @@ from normprobe.batch import (
     attributes_kept,
     call_model,
     check_inputs,
+    check_measurable,
     dropout_off,
     full_precision,
     model_device,
@@ -180,6 +181,7 @@ def resolve_layers(
     'activations: activation modules (no blocks)'
     """
     named = {name: m for name, m in model.named_modules() if name}
+    check_measurable(model, [model, *named.values()], ProbeError)
     if not named:
         raise ProbeError(
             f"{type(model).__name__} has no submodules to probe; probes hook into the layers of a "
