@@ -98,6 +98,8 @@ __all__ = [
     "check_measurable",
     "attributes_kept",
     "dropout_off",
+    "dense_gradients",
+    "sparse_embeddings",
 ]
 
 
@@ -773,6 +775,35 @@ def attributes_kept(modules: nn.Module | list[nn.Module]) -> Iterator[None]:
             for key, value in before.items():
                 if now.get(key, _MISSING) is not value:
                     now[key] = value
+
+
+#: the modules whose ``sparse=True`` makes the gradient of their weight a sparse tensor
+SPARSE_GRADIENT_TYPES = (nn.Embedding, nn.EmbeddingBag)
+
+
+def sparse_embeddings(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """The embeddings among ``modules`` built with ``sparse=True``."""
+    return [m for m in modules if isinstance(m, SPARSE_GRADIENT_TYPES) and m.sparse]
+
+
+@contextmanager
+def dense_gradients(sparse: list[nn.Module]) -> Iterator[None]:
+    """The embeddings ``sparse`` (:func:`sparse_embeddings`) give dense gradients for the duration.
+
+    ``sparse=True`` only changes how the backward pass stores the gradient
+    of the weight (the rows a batch used, as a sparse tensor): the forward
+    pass and the gradient's values are the same. Norms, cosines and second
+    derivatives need the dense tensor, and torch has no double backward for
+    the sparse one, so the probes and the Hessian differentiate the dense
+    form; the flag is put back on exit.
+    """
+    for m in sparse:
+        m.sparse = False
+    try:
+        yield
+    finally:
+        for m in sparse:
+            m.sparse = True
 
 
 #: classes of stochastic depth, which drops whole residual branches in training mode: timm's

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -87,11 +88,13 @@ from normprobe.batch import (
     check_measurable,
     chunk_batch,
     compute_loss,
+    dense_gradients,
     differentiated,
     dropout_off,
     full_precision,
     is_batch,
     prediction,
+    sparse_embeddings,
     split_batch,
     to_device,
 )
@@ -495,6 +498,32 @@ def _cut_second_derivative(loss: torch.Tensor, grads: Sequence[torch.Tensor]) ->
     )
 
 
+@contextmanager
+def _second_derivative() -> Iterator[None]:
+    """Around the products' backward pass: torch's "the derivative for 'op' is not
+    implemented" (an op whose backward has no backward of its own, e.g. ``nn.EmbeddingBag``'s)
+    as one :class:`HessianError` naming the op and the fix, torch's message as its cause."""
+    try:
+        yield
+    except (NotImplementedError, RuntimeError) as err:
+        found = re.search(r"derivative for '?([\w.:]+)'? is not implemented", str(err))
+        if found is None:
+            raise
+        op = found.group(1)
+        hint = (
+            " (nn.EmbeddingBag's: an nn.Embedding followed by .mean(1) or .sum(1) computes the "
+            "same bag and has one)"
+            if "embedding_bag" in op
+            else ""
+        )
+        raise HessianError(
+            f"torch has no second derivative for {op!r}, which the gradient's graph runs{hint}; "
+            f"a Hessian-vector product differentiates the gradient once more. Leave the "
+            f"parameters whose gradient goes through it out with params=..., or write that layer "
+            f"with operations torch can differentiate twice"
+        ) from err
+
+
 def _put_back_flags(flags: list[tuple[nn.Module, bool]]) -> None:
     for module, flag in flags:
         if module.training is not flag:
@@ -674,6 +703,9 @@ class HessianOperator:
         model = uncompiled(model)  # refuses compiled submodules too
         check_measurable(model, model.modules(), HessianError)
         self.model = model
+        #: embeddings built with sparse=True, differentiated in their dense form (no double
+        #: backward exists for the sparse one)
+        self._sparse = sparse_embeddings(model.modules())
         self._graph_checked = False  # the first graph built is checked for a cut (_build)
         #: whether the model recomputes parts of its forward in the backward pass (activation
         #: checkpointing, non-reentrant): known after the first graph is built
@@ -1128,6 +1160,8 @@ class HessianOperator:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             # in the model's own dtype (product_dtype), also inside a loop's autocast region
             stack.enter_context(full_precision(self.device))
+            if self._sparse:
+                stack.enter_context(dense_gradients(self._sparse))
             yield
 
     def _refuse_no_grad_parameters(self, calls: list[tuple[nn.Module, list[int]]]) -> None:
@@ -1239,8 +1273,8 @@ class HessianOperator:
         if not outputs:
             shape = (self.dim,) if batch is None else (batch, self.dim)
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
-        with self._as_built():  # a checkpointed model recomputes its forward in here
-            hv = torch.autograd.grad(
+        with self._as_built(), _second_derivative():  # (_as_built: a checkpointed model
+            hv = torch.autograd.grad(  # recomputes its forward in here)
                 outputs,
                 self._leaves,
                 grad_outputs,

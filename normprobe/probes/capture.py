@@ -45,10 +45,12 @@ from normprobe.batch import (
     call_model,
     check_inputs,
     check_measurable,
+    dense_gradients,
     dropout_off,
     full_precision,
     model_device,
     model_dtype,
+    sparse_embeddings,
     split_batch,
     to_device,
 )
@@ -335,7 +337,9 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
     attention dropout included: a probe measures the network, not its dropout noise), and the global random state
     forked and seeded with ``seed`` (any other randomness in the model, e.g.
     attention dropout, is reproducible and the caller's random state is left
-    alone). On exit, buffers, ``.grad``, ``training`` flags, ``requires_grad``
+    alone), embeddings built with ``sparse=True`` giving dense gradients
+    (:func:`normprobe.batch.dense_gradients`: the same values). On exit, buffers, ``.grad``,
+    ``training`` flags, ``requires_grad``
     and plain attributes such as RegNorm's recorded penalty are put back.
 
     >>> bn = nn.BatchNorm1d(2)
@@ -360,6 +364,7 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
             model.train(training)
         if training:
             stack.enter_context(dropout_off(model, modules))
+        stack.enter_context(dense_gradients(sparse_embeddings(modules)))
         yield model
 
 

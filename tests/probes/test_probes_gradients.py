@@ -266,3 +266,56 @@ def test_a_layer_run_with_autograd_off_gets_no_zero_gradient_row() -> None:
         hessian.HessianOperator(model, F.cross_entropy, (x, y)).matvec(torch.ones(26))
     op = hessian.HessianOperator(model, F.cross_entropy, (x, y), params="head")
     assert op.dim == 10 and op.matvec(torch.ones(10, dtype=torch.float64)).abs().sum() > 0
+
+
+class _Bag(nn.Module):
+    """Token ids -> an embedding (dense or sparse gradients), a bag of them, a Linear head."""
+
+    def __init__(self, sparse: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 8, sparse=sparse)
+        self.bag = nn.EmbeddingBag(20, 8, mode="mean", sparse=sparse)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(ids).mean(1) + self.bag(ids)))
+
+
+def test_embeddings_with_sparse_gradients_measure_as_dense_ones() -> None:
+    """sparse=True used to end in torch's NotImplementedError (no norm of a sparse tensor) and
+    "reshape is not implemented for sparse tensors" (Hessian); it changes how the gradient is
+    stored, not its values, so every measurement equals the dense model's, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    a = (torch.randint(0, 20, (16, 5), generator=g), torch.randint(0, 3, (16,), generator=g))
+    b = (torch.randint(0, 20, (16, 5), generator=g), torch.randint(0, 3, (16,), generator=g))
+    sparse, dense = _Bag(sparse=True), _Bag(sparse=False)
+    for net in (sparse, dense):  # gradients a sparse optimizer (SparseAdam) would take
+        F.cross_entropy(net(a[0]), a[1]).backward()
+    grads_before = sparse.embed.weight.grad.clone()
+    assert grads_before.is_sparse
+
+    def measured(net: nn.Module) -> tuple:
+        stats = gradient_statistics(net, F.cross_entropy, a, b, embeddings=True)
+        # nn.EmbeddingBag has no second derivative (dense or sparse): its weight is left out
+        spectrum = normprobe.hessian_spectrum(
+            net, F.cross_entropy, a, what=("top", "trace"), k=3, trace_samples=4,
+            params=["embed.weight", "head.weight", "head.bias"],
+        )  # fmt: skip
+        return stats, spectrum.top_eigenvalues, spectrum.trace
+
+    (s_stats, s_top, s_trace), (d_stats, d_top, d_trace) = measured(sparse), measured(dense)
+    pd.testing.assert_frame_equal(s_stats, d_stats)
+    assert set(s_stats.layer) == {"embed", "bag", "head"}
+    assert s_top.tolist() == d_top.tolist() and s_trace == d_trace
+    # the flags and the sparse gradients are as they were
+    assert sparse.embed.sparse and sparse.bag.sparse
+    assert torch.equal(sparse.embed.weight.grad.to_dense(), grads_before.to_dense())
+    assert sparse.embed.weight.grad.is_sparse
+    with pytest.raises(
+        normprobe.hessian.HessianError,
+        match=r"^torch has no second derivative for '_embedding_bag_backward', which the "
+        r"gradient's graph runs \(nn.EmbeddingBag's: an nn.Embedding followed by .mean\(1\)",
+    ):
+        normprobe.hessian_spectrum(sparse, F.cross_entropy, a, what="top", k=2)
+    assert sparse.embed.sparse and sparse.bag.sparse
