@@ -125,7 +125,7 @@ __all__ = [
     "excluded_parameters",
     "weight_norms",
     "products_dtype",
-    "uncompiled",
+    "unwrapped",
 ]
 
 #: ``loss_fn(prediction, targets)`` returning the mean loss over the batch (a scalar)
@@ -403,36 +403,59 @@ def _is_compiled(module: nn.Module) -> bool:
     )
 
 
-def uncompiled(model: nn.Module) -> nn.Module:
-    """The module ``torch.compile`` wrapped, for a compiled ``model``; ``model`` otherwise.
+def _wrapped(module: nn.Module) -> tuple[nn.Module, str] | None:
+    """The module a wrapper runs, and the prefix the wrapper's parameter names carry:
+    ``torch.compile``'s ``OptimizedModule`` (``_orig_mod.``) and ``nn.DataParallel``
+    (``module.``); None for any other module."""
+    if _is_compiled(module):
+        return module._orig_mod, "_orig_mod."
+    if isinstance(module, nn.DataParallel):
+        return module.module, "module."
+    return None
+
+
+def unwrapped(model: nn.Module, params: ParamSelection = None) -> tuple[nn.Module, ParamSelection]:
+    """The module that ``model``'s wrappers run, and ``params`` named as that module names them.
 
     A compiled graph has no double backward (torch: "torch.compile with
-    aot_autograd does not currently support double backward"), so the
-    Hessian's products run the original module: the same parameters and
-    buffers and the same function, in eager mode, named as in the model
-    before it was compiled. A model with compiled submodules is refused
-    (:func:`_refuse_compiled_parts`): those cannot be run eagerly without
-    changing the model.
+    aot_autograd does not currently support double backward"), and
+    ``nn.DataParallel`` takes no ``torch.func.functional_call`` (torch: "The
+    stateless API can't be used with nn.DataParallel module"), so the
+    Hessian's products run the module inside: the same parameters and buffers
+    and the same function, in eager mode on its own device, named as in that
+    module. A parameter or module name given with the wrapper's prefix
+    (``_orig_mod.``, ``module.``) is taken without it. A model with compiled
+    submodules is refused (:func:`_refuse_compiled_parts`): those cannot be
+    run eagerly without changing the model.
+
+    >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    >>> inner, names = unwrapped(nn.DataParallel(net), ["module.2", "0.bias"])
+    >>> inner is net, names
+    (True, ['2', '0.bias'])
     """
-    while _is_compiled(model):
-        model = model._orig_mod
+    while (inside := _wrapped(model)) is not None:
+        model, prefix = inside
+        params = _inner_names(model, params, prefix)
     _refuse_compiled_parts(model)
-    return model
+    return model, params
 
 
-def _original_names(params: ParamSelection) -> ParamSelection:
-    """``params`` of a compiled model, named as its original module names them: without the
-    ``_orig_mod.`` prefix of ``compiled.named_parameters()`` (a module passes unchanged)."""
+def _inner_names(inner: nn.Module, params: ParamSelection, prefix: str) -> ParamSelection:
+    """``params`` (names) without ``prefix`` where they carry it and ``inner`` has no such
+    name itself (a module passes unchanged)."""
+    if isinstance(params, nn.Module) or params is None:
+        return params
+    known = {n for n, _ in inner.named_parameters()} | {n for n, _ in inner.named_modules()}
 
-    def original(name: str) -> str:
-        while name.startswith("_orig_mod."):
-            name = name[len("_orig_mod.") :]
+    def original(name: object) -> object:
+        if isinstance(name, str) and name not in known and name.startswith(prefix):
+            return name[len(prefix) :]
         return name
 
     if isinstance(params, str):
         return original(params)
     if isinstance(params, Sequence):
-        return [original(p) if isinstance(p, str) else p for p in params]
+        return [original(p) for p in params]
     return params
 
 
@@ -594,8 +617,9 @@ class HessianOperator:
     parameters, buffers and floating inputs are cast for the Hessian's
     forward pass only. A non-finite product raises a :class:`HessianError`. Use as a context manager (or call
     :meth:`release`) to free the cached graphs early. A model wrapped by
-    ``torch.compile`` is taken through its original module (:func:`uncompiled`):
-    compiled graphs have no double backward.
+    ``torch.compile`` or ``nn.DataParallel`` is taken through the module inside
+    (:func:`unwrapped`): compiled graphs have no double backward, and
+    ``DataParallel`` no ``functional_call``.
 
     Several processes: when ``torch.distributed`` is initialized and the
     group (``process_group``, default the default group) has more than one
@@ -698,9 +722,9 @@ class HessianOperator:
             )
         if not isinstance(model, nn.Module):
             raise HessianError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if _is_compiled(model):  # a compiled graph has no double backward
-            params = _original_names(params)
-        model = uncompiled(model)  # refuses compiled submodules too
+        # the module inside torch.compile (no double backward) or nn.DataParallel (no
+        # functional_call); compiled submodules are refused
+        model, params = unwrapped(model, params)
         check_measurable(model, model.modules(), HessianError)
         self.model = model
         #: embeddings built with sparse=True, differentiated in their dense form (no double

@@ -384,6 +384,38 @@ def test_a_compiled_model_is_taken_through_its_original_module(exact_hessian_fn)
         HessianOperator(model, F.cross_entropy, chunks)
 
 
+def test_a_data_parallel_model_is_taken_through_its_module(exact_hessian_fn) -> None:
+    """nn.DataParallel takes no functional_call (torch: "The stateless API can't be used with
+    nn.DataParallel module"): the products run its module, exact against the dense Hessian, and
+    names with the wrapper's "module." prefix are taken without it."""
+    model, chunks, x = _zoo_case("batch", "mlp")
+    wrapped = torch.compile(nn.DataParallel(model))  # wrappers in a chain are all taken off
+    before = _state(model)
+    with HessianOperator(wrapped, F.cross_entropy, chunks) as hess:
+        assert hess.model is model
+        assert hess.names == [n for n, _ in model.named_parameters()]
+        v = torch.randn(hess.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        hv = hess.matvec(v)
+    _assert_same_state(before, _state(model))
+    expected = exact_hessian_fn(model, F.cross_entropy, chunks) @ v
+    torch.testing.assert_close(hv, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
+    spectrum = normprobe.hessian_spectrum(
+        nn.DataParallel(model), F.cross_entropy, chunks, what="top", k=2, dtype=torch.float64
+    )
+    plain = normprobe.hessian_spectrum(
+        model, F.cross_entropy, chunks, what="top", k=2, dtype=torch.float64
+    )
+    assert np.array_equal(spectrum.top_eigenvalues, plain.top_eigenvalues)
+    first = next(n for n, _ in model.named_parameters())
+    for params in (f"_orig_mod.module.{first}", f"module.{first}", first):
+        assert HessianOperator(wrapped, F.cross_entropy, chunks, params=params).names == [first]
+    # a module of the model that is itself named "module" keeps its name
+    holder = nn.Sequential()
+    holder.add_module("module", model)
+    names = HessianOperator(nn.DataParallel(holder), F.cross_entropy, chunks, params="module").names
+    assert names == [f"module.{n}" for n, _ in model.named_parameters()]
+
+
 class _TwiceReLU(torch.autograd.Function):
     """A ReLU with a backward of differentiable torch ops."""
 
