@@ -406,6 +406,42 @@ def test_reentrant_checkpointing_is_refused_with_the_fix() -> None:
         normprobe.hessian_spectrum(model, _lm_loss, batch, what="top", k=2, num_classes=V)
 
 
+def test_padding_in_the_inputs_is_said_by_the_representation_probe() -> None:
+    """The correlations take every position of a (N, T, D) output, padded ones too: said, with
+    the count, once per call; unpadded inputs and other probes say nothing."""
+    model = _bert()
+    (a, _), (b, _) = _bert_batches()  # 3 of 6 sequences end in 2 padded positions
+    said = r"attention_mask marks {} of {} positions as padding; .* the padded ones too"
+    with pytest.warns(UserWarning, match=said.format(6, 36)):
+        within = representation_correlation(model, a, pairing="within")
+    with pytest.warns(UserWarning, match=said.format(12, 72)):
+        representation_correlation(model, a, pairing="independent", x_other=b)
+    full = {key: dict(x, attention_mask=torch.ones_like(x["attention_mask"])) for key, x in
+            (("a", a), ("b", b))}  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        representation_correlation(model, full["a"], pairing="independent", x_other=full["b"])
+        representation_correlation(model, {"input_ids": a["input_ids"]}, pairing="within")
+    assert len(within) == 4  # the input, the two blocks and the pooler, as without padding
+
+    class Encoder(nn.Module):  # torch's convention: True marks padding
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(V, 8)
+            self.layers = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2
+            )
+
+        def forward(self, ids: torch.Tensor, src_key_padding_mask: torch.Tensor) -> torch.Tensor:
+            return self.layers(self.embed(ids), src_key_padding_mask=src_key_padding_mask)
+
+    pad = a["attention_mask"] == 0
+    with pytest.warns(UserWarning, match="src_key_padding_mask marks 6 of 36 positions"):
+        representation_correlation(
+            Encoder(), {"ids": a["input_ids"], "src_key_padding_mask": pad}, pairing="within"
+        )
+
+
 def test_changing_the_attention_mask_changes_the_probes() -> None:
     model = _bert()
     (inputs, targets), _ = _bert_batches()

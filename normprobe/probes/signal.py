@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
@@ -339,6 +339,7 @@ def representation_columns(
                 f"x_other"
             )
 
+    _warn_of_padding(x, x_other if pairing == "independent" else None)
     # Statistics are computed inside the hooks, while each output is fresh: only the
     # first batch's centred representations are held, the second batch's are not stored.
     with Probe(model, layers, mode=mode, seed=seed) as probe, torch.no_grad():
@@ -366,6 +367,39 @@ def representation_columns(
         **_columns(calls, shapes, values, pairing, mode, seed),
         "layer_rule": [probe.rule] * len(shapes),
     }
+
+
+#: padding masks by their keyword: True where a position is padding (attention_mask: 0)
+_PADDING_MASKS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "attention_mask": lambda m: m == 0,
+    "key_padding_mask": lambda m: m != 0,
+    "src_key_padding_mask": lambda m: m != 0,
+}
+
+
+def _warn_of_padding(*inputs: Inputs | None) -> None:
+    """Say so when keyword inputs mark padded positions (``attention_mask`` 0, or
+    ``key_padding_mask`` / ``src_key_padding_mask`` True, ``(N, T)``): the probe's
+    correlations take every position of each output, the padded ones too."""
+    padded, total, keys = 0, 0, []
+    for x in inputs:
+        if not isinstance(x, Mapping):
+            continue
+        for key, is_pad in _PADDING_MASKS.items():
+            mask = x.get(key)
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                padded += int(is_pad(mask).sum())
+                total += mask.numel()
+                keys.append(key)
+    if padded:
+        warnings.warn(
+            f"the inputs' {', '.join(dict.fromkeys(keys))} marks {padded} of {total} positions as "
+            f"padding; the representation probe takes every position of each layer's output, "
+            f"the padded ones too (the model computes them like any other, and padding at the "
+            f"same positions of both minibatches raises their correlation): for real tokens "
+            f"only, probe with batches of sequences of one length (no padding)",
+            stacklevel=4,
+        )
 
 
 @contextmanager
