@@ -8,12 +8,16 @@ error as one line and exits with status 2; anything else is a bug.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 __all__ = [
     "NormprobeError",
     "UnknownNameError",
     "NormalizerError",
     "ModelError",
     "DatasetError",
+    "user_stacklevel",
 ]
 
 
@@ -38,3 +42,20 @@ class DatasetError(NormprobeError, ValueError):
 
 class ModelError(NormprobeError, ValueError):
     """A model that cannot be built with the given arguments."""
+
+
+#: the package's folder, and the standard library's context managers that run its blocks
+_INSIDE = (str(Path(__file__).resolve().parent), str(Path(sys.modules["contextlib"].__file__)))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised by the caller of this function at the
+    user's line: the first frame outside normprobe (and ``contextlib``, whose context managers
+    run normprobe's blocks), however deep the call was (a probe, a measurement step, a
+    ``Monitor``)."""
+    frame = sys._getframe(1)  # the function that warns: stacklevel 1
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame = frame.f_back
+        level += 1
+    return level

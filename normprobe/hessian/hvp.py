@@ -97,6 +97,7 @@ from normprobe.batch import (
     sparse_embeddings,
     split_batch,
     to_device,
+    warn_of_frozen_statistics,
 )
 from normprobe.hessian.batchnorm import LeanBatchNorm
 from normprobe.hessian.distributed import (
@@ -726,6 +727,8 @@ class HessianOperator:
         # functional_call); compiled submodules are refused
         model, params = unwrapped(model, params)
         check_measurable(model, model.modules(), HessianError)
+        if norm_mode == "train":
+            warn_of_frozen_statistics(model, "norm_mode='train'")
         self.model = model
         #: embeddings built with sparse=True, differentiated in their dense form (no double
         #: backward exists for the sparse one)

@@ -53,6 +53,7 @@ from normprobe.batch import (
     sparse_embeddings,
     split_batch,
     to_device,
+    warn_of_frozen_statistics,
 )
 from normprobe.errors import NormprobeError
 from normprobe.roles import (
@@ -351,6 +352,9 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
     _check_mode(mode)
     modules = list(model.modules())
     training = mode == "train"
+    flip = any(m.training != training for m in modules)
+    if flip and training:  # (before frozen_statistics sets the flag it reads)
+        warn_of_frozen_statistics(model, "mode='train'")
     with ExitStack() as stack:
         # inside normprobe.state.held (a measurement step), the step's snapshot restores the model
         if not stack.enter_context(held_snapshot(model, modules)):
@@ -360,7 +364,7 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
         device = model_device(model)
         stack.enter_context(_forked_random_state(device, seed))
         stack.enter_context(full_precision(device))  # a loop's autocast: off
-        if any(m.training != training for m in modules):
+        if flip:
             model.train(training)
         if training:
             stack.enter_context(dropout_off(model, modules))

@@ -49,6 +49,7 @@ from normprobe.batch import (
 from normprobe.batch import (
     layout as _layout,
 )
+from normprobe.errors import user_stacklevel
 from normprobe.probes.capture import (
     LayerCall,
     Layers,
@@ -398,7 +399,7 @@ def _warn_of_padding(*inputs: Inputs | None) -> None:
             f"the padded ones too (the model computes them like any other, and padding at the "
             f"same positions of both minibatches raises their correlation): for real tokens "
             f"only, probe with batches of sequences of one length (no padding)",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
 

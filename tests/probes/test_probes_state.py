@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -90,6 +91,8 @@ def _probes(x: torch.Tensor, x_other: torch.Tensor, y: torch.Tensor) -> dict[str
 
 
 @pytest.mark.parametrize("norm", normprobe.normalizers())
+# the mixed flags below are a frozen layer, which the probes name (tested further down)
+@pytest.mark.filterwarnings("ignore:mode='train' runs every module:UserWarning")
 def test_every_probe_leaves_the_model_as_found(norm: str) -> None:
     model, shape = _model(norm)
     g = torch.Generator().manual_seed(0)
@@ -183,3 +186,36 @@ def test_every_probe_leaves_a_transformer_as_found(norm: str, placement: str) ->
         probe(model)
         _assert_same(before, _state(model), f"transformer {norm} {placement}, {name}")
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_batch_norm_frozen_in_a_training_model_is_said_not_silently_unfrozen() -> None:
+    """A model trained with its batch norm held in eval mode (frozen for fine-tuning): the probes'
+    and the Hessian's train mode run that layer on the batch's statistics, a network other than
+    the one trained (the first layer's gradient norm 0.21 against the training step's 0.16);
+    they now say so at the caller's line, and mode='eval' measures it as it trains."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        for _ in range(5):
+            net(x + 2)  # running statistics away from the batch's
+    net[1].eval()
+    said = r"mode='train' runs every module in train mode, and the model \(in train mode\) holds 1 "
+    for call in (
+        lambda: gradient_norms(net, F.cross_entropy, (x, y)),
+        lambda: representation_correlation(net, x, seed=1),
+        lambda: normprobe.hessian_spectrum(net, F.cross_entropy, (x, y), what="top", k=1),
+    ):
+        with pytest.warns(UserWarning, match=said) as caught:
+            call()
+        assert {w.filename for w in caught} == {__file__}  # the caller's line, not normprobe's
+    assert net.training and not net[1].training  # put back as found
+    trained = torch.autograd.grad(F.cross_entropy(net(x), y), [net[0].weight, net[3].weight])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eval mode, a model in eval mode, nothing frozen: no word
+        frame = gradient_norms(net, F.cross_entropy, (x, y), mode="eval")
+        gradient_norms(net.eval(), F.cross_entropy, (x, y))
+        gradient_norms(net.train(), F.cross_entropy, (x, y))
+    norms = frame.query("metric == 'grad_norm'").value.tolist()
+    assert norms == pytest.approx([float(t.norm()) for t in trained], rel=1e-6)
