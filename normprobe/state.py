@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from normprobe.batch import attributes_kept
+from normprobe.errors import NormprobeError
 
 __all__ = [
+    "ParametersWrittenError",
     "preserved",
     "held",
     "held_snapshot",
@@ -31,6 +33,11 @@ __all__ = [
     "snapshot_since",
     "restore",
 ]
+
+
+class ParametersWrittenError(NormprobeError, RuntimeError):
+    """The model's parameters changed in place while normprobe held its state: its forward
+    pass writes to them, which normprobe cannot undo (it keeps no copy of the parameters)."""
 
 
 @dataclass
@@ -124,10 +131,14 @@ def restore(snap: ModelSnapshot, *, changed_only: bool = False) -> None:
                 module._buffers[name] = buf
     changed = [name for name, p, version in snap.versions if p._version != version]
     if changed:
-        raise RuntimeError(
+        raise ParametersWrittenError(
             f"parameters {', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''} were "
-            f"modified in place while the model's state was preserved; this is a bug in the code "
-            f"that ran inside normprobe.state.preserved()"
+            f"modified in place during normprobe's passes (their version counters moved): "
+            f"normprobe never writes to parameters, so the model's forward pass does (a weight "
+            f"constraint such as renorm_ or clamp_ under torch.no_grad(), say); that leaves "
+            f"them changed and measures other weights than the model had. Apply such a "
+            f"constraint after the optimizer step rather than in forward, or as a "
+            f"parametrization (torch.nn.utils.parametrize)"
         )
 
 

@@ -66,6 +66,34 @@ def test_in_place_parameter_changes_are_reported_not_hidden() -> None:
                 lin.weight.add_(1.0)
 
 
+class _MaxNorm(torch.nn.Linear):
+    """A max-norm constraint applied in forward, as some papers' code does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.weight.renorm_(2, 0, 0.5)
+        return super().forward(x)
+
+
+def test_a_forward_that_writes_its_parameters_is_named_as_the_writer() -> None:
+    """The message used to call it a bug in normprobe, as a bare RuntimeError."""
+    from normprobe.errors import NormprobeError
+
+    x, y = torch.randn(8, 3), torch.arange(8) % 2
+    for measure in (
+        lambda m: normprobe.gradient_norms(m, torch.nn.functional.cross_entropy, (x, y)),
+        lambda m: normprobe.hessian_spectrum(
+            m, torch.nn.functional.cross_entropy, (x, y), what="top", k=1
+        ),
+    ):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(_MaxNorm(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        with pytest.raises(NormprobeError, match=r"^parameters 0.weight were modified in place "
+                           r"during normprobe's passes .* the model's forward pass does .* after "
+                           r"the optimizer step rather than in forward"):  # fmt: skip
+            measure(model)
+
+
 @pytest.mark.parametrize("norm", [n for n in normprobe.normalizers() if n != "instance"])
 def test_frozen_statistics_use_batch_statistics_and_touch_no_buffer(norm: str) -> None:
     from normprobe.state import frozen_statistics
