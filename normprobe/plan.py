@@ -18,13 +18,16 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
+from normprobe.batch import call_model, check_measurable
 from normprobe.config import Config, ConfigError, import_factory
 from normprobe.data import load_dataset
 from normprobe.errors import NormprobeError
 from normprobe.models import MODELS, build_model, model_options
 from normprobe.models.swap import swap_norms
 from normprobe.results import RunRecord
+from normprobe.training import norm_batch_of
 
 __all__ = ["RunSpec", "plan_runs", "ProbeData", "prepare_data", "build_run_model"]
 
@@ -277,11 +280,39 @@ def build_run_model(config: Config, normalizer: str, seed: int, dataset: Any) ->
             model = factory(norm=normalizer, norm_options=norm_options, **options)
         else:
             model = factory(norm=normalizer, **options)
-    if not isinstance(model, nn.Module):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"model.factory: {mc.factory} returned a {type(model).__name__}, not a "
+                f"torch.nn.Module"
+            )
+        _make_lazy_parameters(model, dataset)  # from the run's seed, as the factory's
+    try:
+        check_measurable(model, model.modules(), ConfigError)
+    except ConfigError as err:
         raise ConfigError(
-            f"model.factory: {mc.factory} returned a {type(model).__name__}, not a torch.nn.Module"
-        )
+            f"model.factory: {mc.factory} returned a model that cannot be measured: {err}"
+        ) from None
     return model
+
+
+def _make_lazy_parameters(model: nn.Module, dataset: Any) -> None:
+    """Make the parameters of the model's lazy modules (``nn.LazyLinear``, ...) by one
+    forward pass on the first training examples, in eval mode and without gradients: they
+    take their shapes from it, and the optimizer, the parameter count and the probes need
+    them made. Nothing else of the model changes (the flags are put back)."""
+    if not any(
+        isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules()
+    ):
+        return
+    flags = [(m, m.training) for m in model.modules()]
+    size = norm_batch_of(model) or 2
+    try:
+        with torch.no_grad():
+            model.eval()
+            call_model(model, dataset.train.x[:size], ConfigError)
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def check_model_fits_data(config: Config, dataset: Any) -> None:

@@ -390,6 +390,53 @@ def test_user_factory_and_norm_swapping(tmp_path: Path, monkeypatch) -> None:
         )
 
 
+def test_a_lazy_factory_is_made_and_a_scripted_one_refused(tmp_path: Path, monkeypatch) -> None:
+    """A factory with nn.LazyLinear failed in the preflight (an uninitialized parameter's numel)
+    and one returning TorchScript trained and then failed every run: the lazy one's parameters
+    are now made from the run's seed by one forward pass on training examples (the same
+    weights, bit for bit, as the eager model that draws them in that order), and the scripted
+    one is refused before any run."""
+    package = tmp_path / "lazypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(
+        textwrap.dedent("""\
+        import torch
+        import torch.nn as nn
+
+        def lazy(norm):
+            first, head = nn.LazyLinear(16), nn.Linear(16, 10)  # first drawn when made
+            return nn.Sequential(nn.Flatten(), first, nn.LayerNorm(16), nn.ReLU(), head)
+
+        def eager(norm):
+            head = nn.Linear(16, 10)
+            first = nn.Linear(64, 16)
+            return nn.Sequential(nn.Flatten(), first, nn.LayerNorm(16), nn.ReLU(), head)
+
+        def scripted(norm):
+            return torch.jit.script(eager(norm))
+        """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base = {**SMALL, "hessian": {"enabled": False}, "normalizers": ["none"]}
+    tables = {
+        name: analyze(
+            {**base, "model": {"factory": f"lazypkg.nets:{name}"}}, out=tmp_path / name, quiet=True
+        )
+        for name in ("lazy", "eager")
+    }
+    assert set(tables["lazy"].runs["status"]) == {"done"}
+    pd.testing.assert_frame_equal(
+        _metrics(tmp_path / "lazy").drop(columns="run", errors="ignore"),
+        _metrics(tmp_path / "eager").drop(columns="run", errors="ignore"),
+        check_exact=True,
+    )
+    with pytest.raises(ConfigError, match=r"^model.factory: lazypkg.nets:scripted returned a "
+                       r"model that cannot be measured: the model is TorchScript"):  # fmt: skip
+        analyze({**base, "model": {"factory": "lazypkg.nets:scripted"}}, out=tmp_path / "s")
+    assert not (tmp_path / "s" / "runs").exists()
+
+
 def test_norm_swap_replaces_torch_layers() -> None:
     from normprobe.models.swap import swap_norms, swappable
 
