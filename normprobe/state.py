@@ -256,6 +256,31 @@ def _copy_unless_recorded(
     return saved if now is recorded and now._version == version else now.detach().clone()
 
 
+def _running_stats_flag(module: nn.Module) -> Any:
+    """``module.track_running_stats``, or None where it has none: read from the instance's
+    attributes, or through ``getattr`` where its class defines the name (a property), without
+    the AttributeError that ``nn.Module.__getattr__`` raises for every other module."""
+    found = vars(module).get("track_running_stats", _NONE)
+    if found is not _NONE:
+        return found
+    if hasattr(type(module), "track_running_stats"):
+        return getattr(module, "track_running_stats", None)
+    return None  # (a parameter, buffer or submodule of that name would not be a bool)
+
+
+_NONE = object()
+
+
+def _set_running_stats_flag(module: nn.Module, flag: bool) -> None:
+    """``module.track_running_stats = flag``; an instance attribute is written in place, as
+    ``nn.Module.__setattr__`` would for a bool, without its checks (a property is set)."""
+    attributes = vars(module)
+    if "track_running_stats" in attributes:
+        attributes["track_running_stats"] = flag
+    else:
+        module.track_running_stats = flag
+
+
 @contextmanager
 def frozen_statistics(
     model: nn.Module, modules: list[nn.Module] | None = None
@@ -277,14 +302,14 @@ def frozen_statistics(
     (0, True)
     """
     flagged = [
-        (m, m.track_running_stats)
+        (m, flag)
         for m in (model.modules() if modules is None else modules)
-        if isinstance(getattr(m, "track_running_stats", None), bool)
+        if isinstance(flag := _running_stats_flag(m), bool)
     ]
     try:
         for m, _ in flagged:
-            m.track_running_stats = False
+            _set_running_stats_flag(m, False)
         yield model
     finally:
         for m, flag in flagged:
-            m.track_running_stats = flag
+            _set_running_stats_flag(m, flag)
