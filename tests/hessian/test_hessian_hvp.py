@@ -347,14 +347,11 @@ def test_weight_scaled_operator_is_d_h_d(exact_case) -> None:
 
 # importing torch.compile warns about torch.jit.script_method
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
-def test_a_compiled_model_is_taken_through_its_original_module(exact_hessian_fn) -> None:
-    """torch.compile's graphs have no double backward: the products run the module it wrapped
-    (same parameters, same function), exact against the dense Hessian; compiled submodules
-    are refused with the fix."""
-    model, chunks, x = _zoo_case("batch", "mlp")
-    compiled = torch.compile(model)
+def _runs_the_model_inside(wrapped: nn.Module, model: nn.Module, chunks, exact_hessian_fn) -> None:
+    """The Hessian of ``wrapped`` runs ``model``: its names (no wrapper's prefix), products
+    exact against the dense Hessian, the model left as found, the plain model's spectrum."""
     before = _state(model)
-    with HessianOperator(compiled, F.cross_entropy, chunks) as hess:
+    with HessianOperator(wrapped, F.cross_entropy, chunks) as hess:
         assert hess.model is model
         assert hess.names == [n for n, _ in model.named_parameters()]  # no "_orig_mod." prefix
         v = torch.randn(hess.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -363,12 +360,21 @@ def test_a_compiled_model_is_taken_through_its_original_module(exact_hessian_fn)
     expected = exact_hessian_fn(model, F.cross_entropy, chunks) @ v
     torch.testing.assert_close(hv, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
     spectrum = normprobe.hessian_spectrum(
-        compiled, F.cross_entropy, chunks, what="top", k=2, dtype=torch.float64
+        wrapped, F.cross_entropy, chunks, what="top", k=2, dtype=torch.float64
     )
     plain = normprobe.hessian_spectrum(
         model, F.cross_entropy, chunks, what="top", k=2, dtype=torch.float64
     )
     assert np.array_equal(spectrum.top_eigenvalues, plain.top_eigenvalues)
+
+
+def test_a_compiled_model_is_taken_through_its_original_module(exact_hessian_fn) -> None:
+    """torch.compile's graphs have no double backward: the products run the module it wrapped
+    (same parameters, same function), exact against the dense Hessian; compiled submodules
+    are refused with the fix."""
+    model, chunks, x = _zoo_case("batch", "mlp")
+    compiled = torch.compile(model)
+    _runs_the_model_inside(compiled, model, chunks, exact_hessian_fn)
     # a parameter named as the compiled wrapper names it, or as the original does
     first = next(n for n, _ in compiled.named_parameters())
     assert first.startswith("_orig_mod.")
@@ -390,22 +396,8 @@ def test_a_data_parallel_model_is_taken_through_its_module(exact_hessian_fn) -> 
     names with the wrapper's "module." prefix are taken without it."""
     model, chunks, x = _zoo_case("batch", "mlp")
     wrapped = torch.compile(nn.DataParallel(model))  # wrappers in a chain are all taken off
-    before = _state(model)
-    with HessianOperator(wrapped, F.cross_entropy, chunks) as hess:
-        assert hess.model is model
-        assert hess.names == [n for n, _ in model.named_parameters()]
-        v = torch.randn(hess.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-        hv = hess.matvec(v)
-    _assert_same_state(before, _state(model))
-    expected = exact_hessian_fn(model, F.cross_entropy, chunks) @ v
-    torch.testing.assert_close(hv, expected, rtol=0, atol=1e-12 * float(expected.abs().max()))
-    spectrum = normprobe.hessian_spectrum(
-        nn.DataParallel(model), F.cross_entropy, chunks, what="top", k=2, dtype=torch.float64
-    )
-    plain = normprobe.hessian_spectrum(
-        model, F.cross_entropy, chunks, what="top", k=2, dtype=torch.float64
-    )
-    assert np.array_equal(spectrum.top_eigenvalues, plain.top_eigenvalues)
+    _runs_the_model_inside(wrapped, model, chunks, exact_hessian_fn)
+    _runs_the_model_inside(nn.DataParallel(model), model, chunks, exact_hessian_fn)
     first = next(n for n, _ in model.named_parameters())
     for params in (f"_orig_mod.module.{first}", f"module.{first}", first):
         assert HessianOperator(wrapped, F.cross_entropy, chunks, params=params).names == [first]
