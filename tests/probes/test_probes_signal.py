@@ -108,7 +108,8 @@ def test_noise_drawn_as_the_input_itself_is_refused() -> None:
     torch.manual_seed(0)
     assert len(representation_correlation(net, torch.randn(3, 8))) == 2
     # noise_scale 0 (X' = X by request) passes
-    assert representation_correlation(net.float(), x, noise_scale=0.0).value.tolist() == pytest.approx([1.0] * 2)
+    unperturbed = representation_correlation(net.float(), x, noise_scale=0.0)
+    assert unperturbed.value.tolist() == pytest.approx([1.0] * 2)
 
 
 def test_independent_and_within_pairings_match_hand_computations() -> None:
