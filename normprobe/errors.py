@@ -8,6 +8,7 @@ error as one line and exits with status 2; anything else is a bug.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -44,8 +45,12 @@ class ModelError(NormprobeError, ValueError):
     """A model that cannot be built with the given arguments."""
 
 
-#: the package's folder, and the standard library's context managers that run its blocks
-_INSIDE = (str(Path(__file__).resolve().parent), str(Path(sys.modules["contextlib"].__file__)))
+#: the package's folder (as imported, and resolved), and the standard library's context
+#: managers that run its blocks
+_INSIDE = (
+    *{str(Path(__file__).parent) + os.sep, str(Path(__file__).resolve().parent) + os.sep},
+    str(Path(sys.modules["contextlib"].__file__)),
+)
 
 
 def user_stacklevel() -> int:
