@@ -192,8 +192,10 @@ def _refuse_noise_drawn_as_the_input(
     n = min(x.numel(), NOISE_CHECK_ENTRIES)
     if n < 32:
         return
-    a = x.reshape(-1)[:n].to(torch.float64)
-    b = eps.reshape(-1)[:n].to(torch.float64)
+    # the first examples only, so a non-contiguous input (channels last) is not copied whole
+    rows = -(-n // max(1, x[0].numel()))
+    a = x[:rows].reshape(-1)[:n].to(torch.float64)
+    b = eps[:rows].reshape(-1)[:n].to(torch.float64)
     r = float(pearson(a, b))
     if abs(r) > 0.9:
         seed = generator.initial_seed()

@@ -101,6 +101,12 @@ def test_noise_drawn_as_the_input_itself_is_refused() -> None:
     x64 = 3 * torch.randn(64, 8, dtype=torch.float64) + 1
     with pytest.raises(ProbeError, match="is the input itself"):
         representation_correlation(net.double(), x64)
+    # images in channels-last memory: compared in the same (logical) order as the noise
+    torch.manual_seed(0)
+    images = torch.randn(16, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(ProbeError, match="over its first 768 entries"):
+        representation_correlation(conv, images)
     # from 32 entries on (the odds of 0.9 by chance: below 1e-11); fewer cannot tell
     torch.manual_seed(0)
     with pytest.raises(ProbeError, match="over its first 32 entries"):
