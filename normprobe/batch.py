@@ -109,8 +109,9 @@ class BatchError(NormprobeError, ValueError):
     """A batch, its inputs or the model's outputs do not follow the batch contract."""
 
 
-#: a tensor, a tuple of tensors (positional) or a mapping (keyword arguments)
-Inputs = torch.Tensor | tuple[torch.Tensor, ...] | Mapping[str, Any]
+#: a tensor, a tuple of tensors (positional; an item may be a mapping of tensors, one
+#: argument) or a mapping (keyword arguments)
+Inputs = torch.Tensor | tuple[torch.Tensor | Mapping[str, Any], ...] | Mapping[str, Any]
 Targets = torch.Tensor | None
 #: which part of the outputs is the prediction: a key/attribute name, a position or a function
 OutputPick = str | int | Callable[[Any], torch.Tensor] | None
@@ -118,7 +119,8 @@ ErrorType = type[Exception]
 
 _CONTRACT = (
     "a batch is (inputs, targets) with inputs a tensor, a tuple of tensors (positional "
-    "arguments) or a dict of tensors (keyword arguments), and targets a tensor or None"
+    "arguments; an item may be a dict of tensors, given as one argument) or a dict of tensors "
+    "(keyword arguments), and targets a tensor or None"
 )
 
 
@@ -136,12 +138,14 @@ def check_inputs(
     if isinstance(inputs, torch.Tensor):
         return check_values(inputs, what, error) if values else inputs
     if isinstance(inputs, (tuple, list)):
-        if inputs and all(isinstance(t, torch.Tensor) for t in inputs):
-            return check_values(tuple(inputs), what, error) if values else tuple(inputs)
+        if inputs and all(_positional(t) for t in inputs):
+            items = tuple(dict(t) if isinstance(t, Mapping) else t for t in inputs)
+            return check_values(items, what, error) if values else items
         kinds = ", ".join(type(t).__name__ for t in inputs) or "nothing"
         raise error(
             f"{what} is a {type(inputs).__name__} of {kinds}; a tuple of inputs must hold tensors "
-            f"only (passed positionally to the model); {_CONTRACT}"
+            f"(or dicts of tensors, for a forward that takes a dict as one argument), passed "
+            f"positionally to the model; {_CONTRACT}"
         )
     if isinstance(inputs, Mapping):
         if not any(isinstance(v, torch.Tensor) for v in inputs.values()):
@@ -153,6 +157,18 @@ def check_inputs(
         return check_values(dict(inputs), what, error) if values else dict(inputs)
     raise error(
         f"{what} must be a tensor, a tuple or a dict of tensors, got {type(inputs).__name__}"
+    )
+
+
+def _positional(item: Any) -> bool:
+    """Whether ``item`` can be one positional input: a tensor, or a dict with string keys
+    holding at least one tensor (a ``forward(self, batch)`` that reads ``batch["x"]``)."""
+    if isinstance(item, torch.Tensor):
+        return True
+    return (
+        isinstance(item, Mapping)
+        and all(isinstance(k, str) for k in item)
+        and any(isinstance(v, torch.Tensor) for v in item.values())
     )
 
 
@@ -256,8 +272,20 @@ def input_tensors(inputs: Inputs) -> list[tuple[str, torch.Tensor]]:
     if isinstance(inputs, torch.Tensor):
         return [("x", inputs)]
     if isinstance(inputs, tuple):
-        return [(f"inputs[{i}]", t) for i, t in enumerate(inputs)]
-    return [(k, v) for k, v in inputs.items() if isinstance(v, torch.Tensor)]
+        return [
+            pair
+            for i, t in enumerate(inputs)
+            for pair in (
+                [(f"inputs[{i}]", t)]
+                if isinstance(t, torch.Tensor)
+                else [(f"inputs[{i}].{k}", v) for k, v in _tensors_of(t)]
+            )
+        ]
+    return _tensors_of(inputs)
+
+
+def _tensors_of(mapping: Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    return [(k, v) for k, v in mapping.items() if isinstance(v, torch.Tensor)]
 
 
 def batch_size(
@@ -299,11 +327,7 @@ def take(inputs: Inputs, index: slice | torch.Tensor) -> Inputs:
     def pick(t: torch.Tensor) -> torch.Tensor:
         return t[index.to(t.device) if isinstance(index, torch.Tensor) else index]
 
-    if isinstance(inputs, torch.Tensor):
-        return pick(inputs)
-    if isinstance(inputs, tuple):
-        return tuple(pick(t) for t in inputs)
-    return {k: pick(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return _map(inputs, pick)
 
 
 def concat(parts: list[Inputs]) -> Inputs:
@@ -312,7 +336,7 @@ def concat(parts: list[Inputs]) -> Inputs:
     if isinstance(first, torch.Tensor):
         return torch.cat(parts)
     if isinstance(first, tuple):
-        return tuple(torch.cat(ts) for ts in zip(*parts))
+        return tuple(concat(list(items)) for items in zip(*parts))
     return {
         k: torch.cat([p[k] for p in parts]) if isinstance(v, torch.Tensor) else v
         for k, v in first.items()
@@ -332,10 +356,12 @@ def chunk_batch(inputs: Inputs, targets: Targets, num: int) -> list[tuple[Inputs
 
 
 def _map(inputs: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
+    """``fn`` applied to every tensor of ``inputs`` (in the dicts of a tuple too); the
+    structure and the plain values kept."""
     if isinstance(inputs, torch.Tensor):
         return fn(inputs)
     if isinstance(inputs, tuple):
-        return tuple(fn(t) for t in inputs)
+        return tuple(_map(t, fn) for t in inputs)
     return {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
@@ -451,14 +477,17 @@ def _check_signature(model: nn.Module, inputs: Inputs, error: ErrorType) -> None
         kind = (
             f"a dict with keys {list(inputs)}"
             if isinstance(inputs, Mapping)
-            else f"a tuple of {len(inputs)} tensors (passed positionally)"
+            else f"a tuple of {len(inputs)} "
+            f"{'tensors' if all(isinstance(t, torch.Tensor) for t in inputs) else 'inputs'} "
+            f"(passed positionally)"
             if isinstance(inputs, tuple)
             else "one tensor"
         )
         raise error(
             f"{type(model).__name__}.forward{signature} cannot take the inputs, {kind}: {err}. "
             f"Pass exactly what forward takes: one tensor, a tuple of its positional inputs, or a "
-            f"dict of keyword inputs; an (inputs, targets) batch given where inputs alone are "
+            f"dict of keyword inputs (a forward that takes a dict as one argument takes a tuple "
+            f"holding it: (batch,)); an (inputs, targets) batch given where inputs alone are "
             f"expected would put the targets into the model"
         ) from None
 

@@ -171,3 +171,71 @@ def test_roles_find_weights_norms_embeddings_and_blocks() -> None:
     assert list(find_blocks(model)) == ["1.0", "1.1"]
     nested = nn.Sequential(nn.Sequential(Block(), Block()), nn.Sequential(Block(), Block()))
     assert list(find_blocks(nested)) == ["0.0", "0.1", "1.0", "1.1"]  # the innermost
+
+
+class _ByKeyword(nn.Module):
+    """forward(x, mask): the inputs as keyword arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU())
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x * mask))
+
+
+class _ByDict(_ByKeyword):
+    """forward(batch): one dict, as research code often takes its batches."""
+
+    def forward(self, batch: dict) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(batch["x"], batch["mask"])
+
+
+def test_a_forward_that_takes_a_dict_as_one_argument_is_measured_as_by_keywords() -> None:
+    """forward(self, batch) reading batch["x"] had no way in: a dict went in as keywords and a
+    tuple could hold tensors only. A tuple holding the dict now passes it as one argument; every
+    measure equals the keyword model's, bit for bit, and the Monitor takes it too."""
+    import torch.nn.functional as F
+
+    import normprobe
+    from normprobe.probes import gradient_statistics
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)
+    mask = (torch.rand(24, 6, generator=g) > 0.2).float()
+    kw = {"x": x, "mask": mask, "note": "kept"}  # a plain value rides along
+    keyword, by_dict = _ByKeyword(), _ByDict()
+    a, b = slice(0, 12), slice(12, 24)
+
+    def measured(model: nn.Module, wrap) -> list:
+        half = lambda s: {k: v[s] if isinstance(v, torch.Tensor) else v for k, v in kw.items()}  # noqa: E731
+        return [
+            gradient_statistics(model, F.cross_entropy, (wrap(half(a)), y[a]),
+                                (wrap(half(b)), y[b])),
+            normprobe.representation_correlation(model, wrap(half(a)), seed=1),
+            normprobe.representation_correlation(
+                model, wrap(half(a)), pairing="independent", x_other=wrap(half(b))
+            ),
+            normprobe.hessian_spectrum(model, F.cross_entropy, (wrap(kw), y), what="top", k=2,
+                                       chunk_size=8).top_eigenvalues,
+        ]  # fmt: skip
+
+    kw.pop("note")  # _ByKeyword takes no such argument
+    plain = measured(keyword, lambda d: d)
+    kw["note"] = "kept"
+    nested = measured(by_dict, lambda d: (d,))
+    for got, want in zip(nested[:3], plain[:3]):
+        assert got.value.tolist() == want.value.tolist()
+        assert got.layer.tolist() == want.layer.tolist()
+    assert nested[3].tolist() == plain[3].tolist()
+    # chunks cut the tensors of the dict alike; the labels name them inside the tuple
+    chunks = chunk_batch(({"x": x, "mask": mask},), y, 3)
+    assert [len(c[0][0]["x"]) for c in chunks] == [8, 8, 8]
+    with pytest.raises(BatchError, match=r"inputs\[0\].mask: 4"):
+        split_batch((({"x": x, "mask": mask[:4]},), y))
+    monitor = normprobe.Monitor(by_dict, F.cross_entropy, (({"x": x, "mask": mask},), y),
+                                hessian=False)  # fmt: skip
+    monitor.step(0)
+    assert {"grad_corr", "repr_corr_noise"} <= set(monitor.results.metrics.metric)

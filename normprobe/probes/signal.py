@@ -385,7 +385,9 @@ def _warn_of_padding(*inputs: Inputs | None) -> None:
     ``key_padding_mask`` / ``src_key_padding_mask`` True, ``(N, T)``): the probe's
     correlations take every position of each output, the padded ones too."""
     padded, total, keys = 0, 0, []
-    for x in inputs:
+    # keyword inputs, or a dict given as one positional input
+    mappings = [m for x in inputs for m in (x if isinstance(x, tuple) else (x,))]
+    for x in mappings:
         if not isinstance(x, Mapping):
             continue
         for key, is_pad in _PADDING_MASKS.items():
