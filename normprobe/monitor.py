@@ -394,20 +394,20 @@ class Monitor:
 
     def _check_noise_pairing(self) -> None:
         """Refuse the noise pairing on inputs without a floating-point tensor (token ids), or
-        whose first noise is the inputs themselves (drawn from the run's seed), when the
-        monitor is built, not at its first measurement: a loop that first measures at a later
-        step would have trained up to it."""
+        whose noise at a scheduled step is the inputs themselves (drawn from the seed of that
+        step's noise), when the monitor is built, not at the measurement: a loop would have
+        trained up to it."""
         rc = self.probes_config.representation
         if not (rc.pairing == "noise" and any(m.name == "representation" for m in self._probes)):
             return
         tensors = input_tensors(self.inputs.batch_a[0])
         if any(t.is_floating_point() for _, t in tensors):
-            try:  # the noise of step 0, drawn as the probe draws it
-                noisy_inputs(
-                    to_model(self.inputs.batch_a[0], self.model), rc.noise_scale, self.inputs.seed
-                )
-            except ProbeError as err:
-                raise MonitorError(f"probe_data: {err}") from None
+            x = to_model(self.inputs.batch_a[0], self.model)
+            for step in self._noise_steps():  # the noise of each, drawn as the probe draws it
+                try:
+                    noisy_inputs(x, rc.noise_scale, self.inputs.seed + step)
+                except ProbeError as err:
+                    raise MonitorError(f"probe_data: at step {step}: {err}") from None
             return
         kinds = ", ".join(f"{k} ({str(t.dtype).replace('torch.', '')})" for k, t in tensors)
         raise MonitorError(
@@ -416,6 +416,20 @@ class Monitor:
             f"probes={{'representation': {{'pairing': 'independent'}}}} (the second probe "
             f"batch as the other minibatch) or 'within'"
         )
+
+    #: the most scheduled steps whose noise :meth:`_check_noise_pairing` draws when built
+    NOISE_STEPS_CHECKED = 64
+
+    def _noise_steps(self) -> list[int]:
+        """The representation probe's steps known before training (their noise seeds are the
+        run's seed plus the step): step 0, the listed steps, or all of them when the run's
+        length is given; at most :attr:`NOISE_STEPS_CHECKED`, the first ones."""
+        schedule = self.probes_config.schedule
+        if self.total_steps is not None:
+            steps = schedule.resolve(self.total_steps)
+        else:
+            steps = sorted({0, *(schedule.steps or [])})
+        return steps[: self.NOISE_STEPS_CHECKED]
 
     # ------------------------------------------------------------------ the schedule
 

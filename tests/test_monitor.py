@@ -442,13 +442,21 @@ def test_probe_data_drawn_from_the_run_s_seed_is_refused_when_the_monitor_is_bui
     torch.manual_seed(0)
     x = torch.randn(128, 6)  # two probe batches of 64 x 6 entries
     y = torch.randint(0, 4, (128,))
-    with pytest.raises(MonitorError, match=r"probe_data: the noise pairing's noise, drawn from a "
-                       r"torch.Generator seeded with 0, is the input itself"):  # fmt: skip
+    with pytest.raises(MonitorError, match=r"probe_data: at step 0: the noise pairing's noise, "
+                       r"drawn from a torch.Generator seeded with 0, is the input itself"):  # fmt: skip
         Monitor(_net(), None, (x, y), hessian=False)
     monitor = Monitor(_net(), None, (x, y), hessian=False, seed=1)
     monitor.step(0)
     noise = monitor.results.metrics.query("metric == 'repr_corr_noise'")
     assert len(noise) and (noise.value < 0.999).all()
+    # a later step's noise seed is seed + step: known before training from a listed schedule
+    # or the run's length, and refused then (every 3 steps of a run with seed 0: step 3's is 3)
+    torch.manual_seed(3)
+    x3 = torch.randn(128, 6)
+    for when in ({"schedule": [0, 3, 6]}, {"schedule": 3, "total_steps": 9}):
+        with pytest.raises(MonitorError, match=r"at step 3: .* seeded with 3, is the input"):
+            Monitor(_net(), None, (x3, y), hessian=False, **when)
+    Monitor(_net(), None, (x3, y), hessian=False, schedule=3)  # unknown length: step 0 only
 
 
 def test_bad_probe_data_and_steps_are_named() -> None:
