@@ -55,7 +55,6 @@ import itertools
 import math
 import operator
 import re
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -64,7 +63,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from normprobe.errors import NormprobeError, user_stacklevel
+from normprobe.errors import NormprobeError
 
 __all__ = [
     "BatchError",
@@ -97,9 +96,9 @@ __all__ = [
     "model_device",
     "model_dtype",
     "check_measurable",
+    "lazy_unmade",
     "attributes_kept",
     "dropout_off",
-    "warn_of_frozen_statistics",
     "dense_gradients",
     "sparse_embeddings",
 ]
@@ -739,7 +738,7 @@ def check_measurable(
     for name, m in _named(model, modules):
         if isinstance(m, torch.jit.ScriptModule):
             scripted.append(name)
-        elif isinstance(m, LazyModuleMixin) and m.has_uninitialized_params():
+        elif lazy_unmade(m):
             lazy.append(name)
     if scripted:
         # the outermost scripted modules: the submodules of a scripted module are scripted too
@@ -760,6 +759,12 @@ def check_measurable(
 
 
 _WHOLE = "the model"
+
+
+def lazy_unmade(module: nn.Module) -> bool:
+    """Whether ``module`` is a lazy module (``nn.LazyLinear``, ...) whose parameters or
+    buffers its first forward pass has not made yet."""
+    return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
 
 
 def _named(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[tuple[str, nn.Module]]:
@@ -806,30 +811,6 @@ def attributes_kept(modules: nn.Module | list[nn.Module]) -> Iterator[None]:
             for key, value in before.items():
                 if now.get(key, _MISSING) is not value:
                     now[key] = value
-
-
-def warn_of_frozen_statistics(model: nn.Module, option: str) -> None:
-    """Warn when ``model`` is in train mode but holds normalization layers with running
-    statistics in eval mode (batch norm frozen for fine-tuning): ``option`` (``mode='train'``,
-    ``norm_mode='train'``) runs every module in train mode, so those layers normalize with
-    the batch's statistics, not the running ones the model trains with."""
-    if not model.training:
-        return
-    held = [
-        name or "the model"
-        for name, m in model.named_modules()
-        if not m.training and vars(m).get("track_running_stats") is True
-    ]
-    if held:
-        more = f", ... ({len(held)} in all)" if len(held) > 5 else ""
-        warnings.warn(
-            f"{option} runs every module in train mode, and the model (in train mode) holds "
-            f"{', '.join(held[:5])}{more} in eval mode (batch norm frozen?): those layers will "
-            f"normalize with the batch's statistics, not the running ones the model trains "
-            f"with; where every such layer is frozen, {option.split('=')[0]}='eval' measures "
-            f"them as they train",
-            stacklevel=user_stacklevel(),
-        )
 
 
 #: the modules whose ``sparse=True`` makes the gradient of their weight a sparse tensor

@@ -18,9 +18,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.lazy import LazyModuleMixin
 
-from normprobe.batch import call_model, check_measurable
+from normprobe.batch import call_model, check_measurable, lazy_unmade
 from normprobe.config import Config, ConfigError, import_factory
 from normprobe.data import load_dataset
 from normprobe.errors import NormprobeError
@@ -300,9 +299,7 @@ def _make_lazy_parameters(model: nn.Module, dataset: Any) -> None:
     forward pass on the first training examples, in eval mode and without gradients: they
     take their shapes from it, and the optimizer, the parameter count and the probes need
     them made. Nothing else of the model changes (the flags are put back)."""
-    if not any(
-        isinstance(m, LazyModuleMixin) and m.has_uninitialized_params() for m in model.modules()
-    ):
+    if not any(lazy_unmade(m) for m in model.modules()):
         return
     flags = [(m, m.training) for m in model.modules()]
     size = norm_batch_of(model) or 2

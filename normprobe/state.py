@@ -11,6 +11,7 @@ in normprobe writes to them, and :func:`preserved` raises if something did
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from normprobe.batch import attributes_kept
-from normprobe.errors import NormprobeError
+from normprobe.errors import NormprobeError, user_stacklevel
 
 __all__ = [
     "ParametersWrittenError",
@@ -28,6 +29,7 @@ __all__ = [
     "held",
     "held_snapshot",
     "frozen_statistics",
+    "warn_of_frozen_statistics",
     "ModelSnapshot",
     "snapshot",
     "snapshot_since",
@@ -279,6 +281,30 @@ def _set_running_stats_flag(module: nn.Module, flag: bool) -> None:
         attributes["track_running_stats"] = flag
     else:
         module.track_running_stats = flag
+
+
+def warn_of_frozen_statistics(model: nn.Module, option: str) -> None:
+    """Warn when ``model`` is in train mode but holds normalization layers with running
+    statistics in eval mode (batch norm frozen for fine-tuning): ``option`` (``mode='train'``,
+    ``norm_mode='train'``) runs every module in train mode, so those layers normalize with
+    the batch's statistics, not the running ones the model trains with."""
+    if not model.training:
+        return
+    held = [
+        name or "the model"
+        for name, m in model.named_modules()
+        if not m.training and _running_stats_flag(m) is True
+    ]
+    if held:
+        more = f", ... ({len(held)} in all)" if len(held) > 5 else ""
+        warnings.warn(
+            f"{option} runs every module in train mode, and the model (in train mode) holds "
+            f"{', '.join(held[:5])}{more} in eval mode (batch norm frozen?): those layers will "
+            f"normalize with the batch's statistics, not the running ones the model trains "
+            f"with; where every such layer is frozen, {option.split('=')[0]}='eval' measures "
+            f"them as they train",
+            stacklevel=user_stacklevel(),
+        )
 
 
 @contextmanager

@@ -97,7 +97,6 @@ from normprobe.batch import (
     sparse_embeddings,
     split_batch,
     to_device,
-    warn_of_frozen_statistics,
 )
 from normprobe.hessian.batchnorm import LeanBatchNorm
 from normprobe.hessian.distributed import (
@@ -110,7 +109,7 @@ from normprobe.hessian.distributed import (
 )
 from normprobe.hessian.lanczos import HessianError
 from normprobe.roles import is_embedding, is_normalizer
-from normprobe.state import frozen_statistics, preserved
+from normprobe.state import frozen_statistics, preserved, warn_of_frozen_statistics
 
 __all__ = [
     "NonFiniteProductError",

@@ -53,7 +53,6 @@ from normprobe.batch import (
     sparse_embeddings,
     split_batch,
     to_device,
-    warn_of_frozen_statistics,
 )
 from normprobe.errors import NormprobeError
 from normprobe.roles import (
@@ -67,7 +66,12 @@ from normprobe.roles import (
     weight_layers,
     weight_rule,
 )
-from normprobe.state import frozen_statistics, held_snapshot, preserved
+from normprobe.state import (
+    frozen_statistics,
+    held_snapshot,
+    preserved,
+    warn_of_frozen_statistics,
+)
 
 __all__ = [
     "ProbeError",
