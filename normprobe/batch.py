@@ -55,6 +55,7 @@ import itertools
 import math
 import operator
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -63,7 +64,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from normprobe.errors import NormprobeError
+from normprobe.errors import NormprobeError, user_stacklevel
 
 __all__ = [
     "BatchError",
@@ -99,6 +100,11 @@ __all__ = [
     "lazy_unmade",
     "attributes_kept",
     "dropout_off",
+    "forked_random_state",
+    "generator_states",
+    "fingerprint",
+    "draws_matter",
+    "warn_of_random_draws",
     "dense_gradients",
     "sparse_embeddings",
 ]
@@ -903,3 +909,85 @@ def _rates(attributes: dict[str, Any]) -> list[str]:
     """The names of the non-zero float drop rates among ``attributes`` (a module's or a
     config's ``vars``); the type test first, as most attributes are not floats."""
     return [k for k, v in attributes.items() if isinstance(v, float) and v and _DROP_RATE.search(k)]
+
+
+def generator_states(device: torch.device) -> list[bytes]:
+    """The states of the global generators a pass on ``device`` may draw from (CPU, and that
+    CUDA device's), as bytes: equal before and after a pass that drew no random numbers."""
+    states = [torch.random.default_generator.get_state().numpy().tobytes()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device).numpy().tobytes())
+    return states
+
+
+@contextmanager
+def forked_random_state(device: torch.device, seed: int) -> Iterator[None]:
+    """The global generators (CPU, and ``device``'s when it is a CUDA device) seeded with
+    ``seed`` for the block, and put back as they were on exit: whatever a pass draws inside
+    is repeatable, and the caller's random stream is left alone."""
+    cuda = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(cuda[0]):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+def fingerprint(output: Any) -> torch.Tensor:
+    """The float64 sum and sum of squares of every floating-point tensor in ``output`` (a
+    tensor, or tuples, lists, dicts and Hugging Face outputs of them), in order: equal for two
+    passes that computed the same numbers, different with near certainty otherwise."""
+    sums: list[torch.Tensor] = []
+
+    def visit(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_complex():
+                obj = torch.view_as_real(obj)
+            if obj.is_floating_point():
+                t = obj.detach().double()
+                sums.append(torch.stack([t.sum(), t.square().sum()]).cpu())
+        elif isinstance(obj, Mapping):
+            for value in obj.values():
+                visit(value)
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                visit(item)
+
+    visit(output)
+    return torch.cat(sums) if sums else torch.empty(0, dtype=torch.float64)
+
+
+def draws_matter(
+    run: Callable[[], Any], seen: torch.Tensor, device: torch.device, seed: int
+) -> bool:
+    """Whether a pass that drew random numbers computed something those numbers decide: ``run``
+    (the same pass again, on the same inputs) is repeated with the generators seeded by
+    ``seed``, without gradients, and its :func:`fingerprint` compared with ``seen``, the first
+    pass's. A draw that decides nothing (Hugging Face's layer drop draws a number in every
+    training-mode pass, and skips no layer at rate 0) does not matter; a pass that fails
+    when repeated is taken to."""
+    try:
+        with forked_random_state(device, seed), torch.no_grad():
+            again = fingerprint(run())
+    except Exception:
+        return True
+    return not (
+        again.shape == seen.shape and torch.allclose(again, seen, rtol=0, atol=0, equal_nan=True)
+    )
+
+
+def warn_of_random_draws(what: str, result: str, remedy: str) -> None:
+    """Say that a forward pass depends on random numbers with every dropout module off
+    (:func:`draws_matter`): something :func:`dropout_off` cannot reach (a functional dropout
+    at a fixed rate, a noise layer, sampling) made ``what`` measure ``result``; ``remedy``
+    says what measures without it."""
+    warnings.warn(
+        f"the model's forward pass depends on random numbers from torch's generator with "
+        f"every dropout module and drop rate off (a functional dropout at a fixed rate such "
+        f"as F.dropout(h, 0.1, self.training), a noise layer, sampling?): {what} {result}; "
+        f"{remedy}",
+        stacklevel=user_stacklevel(),
+    )

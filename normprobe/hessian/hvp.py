@@ -90,13 +90,18 @@ from normprobe.batch import (
     compute_loss,
     dense_gradients,
     differentiated,
+    draws_matter,
     dropout_off,
+    fingerprint,
+    forked_random_state,
     full_precision,
+    generator_states,
     is_batch,
     prediction,
     sparse_embeddings,
     split_batch,
     to_device,
+    warn_of_random_draws,
 )
 from normprobe.hessian.batchnorm import LeanBatchNorm
 from normprobe.hessian.distributed import (
@@ -569,6 +574,11 @@ def _module_calls(calls: list[tuple[nn.Module, bool, list[int]]]) -> Iterator[No
         handle.remove()
 
 
+def _chunk_seed(seed: int, rank: int, index: int) -> int:
+    """The seed of the random numbers chunk ``index`` of ``rank`` draws (:meth:`HessianOperator._build`)."""
+    return (seed * 1_000_003 + rank * 65_537 + index) % 2**63
+
+
 @dataclass
 class _Graph:
     """One chunk's first-order gradient, with its autograd graph kept for reuse."""
@@ -615,7 +625,12 @@ class HessianOperator:
     the model's device in ``product_dtype``: by default the model's dtype,
     float32 for a float16/bfloat16 model (whose own precision gives NaN);
     parameters, buffers and floating inputs are cast for the Hessian's
-    forward pass only. A non-finite product raises a :class:`HessianError`. Use as a context manager (or call
+    forward pass only. A non-finite product raises a :class:`HessianError`.
+    A forward pass that draws random numbers with dropout off (a functional
+    dropout at a fixed rate, a noise layer) draws them from torch's generators
+    seeded by ``seed``, the rank and the chunk, the same numbers for every
+    product (one symmetric matrix, repeatable), and says so in a warning
+    (:attr:`draws`); the caller's random stream is left alone. Use as a context manager (or call
     :meth:`release`) to free the cached graphs early. A model wrapped by
     ``torch.compile`` or ``nn.DataParallel`` is taken through the module inside
     (:func:`unwrapped`): compiled graphs have no double backward, and
@@ -661,9 +676,14 @@ class HessianOperator:
         norms: bool = True,
         frozen: bool = False,
         product_dtype: torch.dtype | None = None,
+        seed: int = 0,
     ) -> None:
         #: the ranks sharing the probe set, or None for one process
         self.shards: ShardGroup | None = shard_group(distributed, process_group)
+        #: seeds the random numbers a forward pass draws (:meth:`_build`)
+        self.seed = int(seed)
+        #: whether the model's forward pass depends on random numbers (said in a warning)
+        self.draws = False
         #: which part of the model's outputs is the prediction (:func:`normprobe.batch.prediction`)
         self.output = output
         #: which parameters the default selection takes (:func:`select_parameters`)
@@ -912,10 +932,12 @@ class HessianOperator:
         total = self._second_backward(
             [g for g in graphs if g is not None], parts, keep=True, batch=b
         )
-        for chunk, weight, graph in zip(self.chunks, self.chunk_weights, graphs):
+        for index, (chunk, weight, graph) in enumerate(
+            zip(self.chunks, self.chunk_weights, graphs)
+        ):
             if graph is None:
                 with self._guard():
-                    graph = self._build(chunk, weight, measure=False)
+                    graph = self._build(index, chunk, weight, measure=False)
                 total += self._second_backward([graph], parts, keep=False, batch=b)
                 del graph
         return total
@@ -986,10 +1008,12 @@ class HessianOperator:
         graphs = self._graphs or []
         # one backward pass through all cached graphs (they share the leaves): sum_c H_c v
         total = self._second_backward([g for g in graphs if g is not None], parts, keep=True)
-        for chunk, weight, graph in zip(self.chunks, self.chunk_weights, graphs):
+        for index, (chunk, weight, graph) in enumerate(
+            zip(self.chunks, self.chunk_weights, graphs)
+        ):
             if graph is None:
                 with self._guard():
-                    graph = self._build(chunk, weight, measure=False)
+                    graph = self._build(index, chunk, weight, measure=False)
                 total += self._second_backward([graph], parts, keep=False)
                 del graph
         return total, checks
@@ -1078,8 +1102,8 @@ class HessianOperator:
         # the leaves of every chunk's graph: detached views of the selected parameters
         self._leaves = [self._cast(p).requires_grad_(True) for _, p in self.named]
         with self._guard():
-            for chunk, weight in zip(self.chunks, self.chunk_weights):
-                graph = self._build(chunk, weight, measure=True)
+            for index, (chunk, weight) in enumerate(zip(self.chunks, self.chunk_weights)):
+                graph = self._build(index, chunk, weight, measure=True)
                 gradient += torch.cat([g.detach().reshape(-1) for g in graph.grads])
                 loss += graph.loss
                 if used + graph.nbytes <= self.graph_memory:
@@ -1091,9 +1115,25 @@ class HessianOperator:
         self._graphs, self._gradient, self._loss = graphs, gradient, loss
         self.graph_bytes = used
         self._versions = self._state_versions()
+        if self.draws:
+            warn_of_random_draws(
+                "the Hessian is that of the network with one draw per chunk",
+                f"(seeded by seed={self.seed} and the chunk: the same numbers for every "
+                f"product, so one symmetric matrix), not of the network without that noise",
+                "to measure the network without it, give the model nn.Dropout modules or a "
+                "rate attribute whose name says dropout (switched off for the products)"
+                + (", or use norm_mode='eval'" if self.norm_mode == "train" else ""),
+            )
 
-    def _build(self, chunk: Batch, weight: float, *, measure: bool) -> _Graph:
-        """Forward and first backward (``create_graph=True``) of one chunk's weighted loss."""
+    def _build(self, index: int, chunk: Batch, weight: float, *, measure: bool) -> _Graph:
+        """Forward and first backward (``create_graph=True``) of chunk ``index``'s weighted loss.
+
+        Whatever random numbers the forward pass draws (dropout modules are off; a
+        functional dropout at a fixed rate is not) come from torch's generators seeded by
+        :attr:`seed`, this rank and ``index``: a graph rebuilt for a later product draws the
+        same numbers, so every product applies one matrix, and the caller's random stream
+        is left alone.
+        """
         x, y = chunk
         selected = set(self.names)
         leaves = self._leaves
@@ -1118,7 +1158,12 @@ class HessianOperator:
                     pass
             return t.detach()  # no reference cycle through the saved tensor (torch docs)
 
+        rank = 0 if self.shards is None else self.shards.rank
         with ExitStack() as stack:
+            stack.enter_context(
+                forked_random_state(self.device, _chunk_seed(self.seed, rank, index))
+            )
+            states = generator_states(self.device)
             stack.enter_context(torch.enable_grad())
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
             stack.enter_context(self._forward_ops())
@@ -1128,6 +1173,14 @@ class HessianOperator:
                 if not self._graph_checked:
                     calls.enter_context(_module_calls(called))
                 out = functional_call(self.model, values, args, kwargs, strict=False)
+            if measure and not self.draws and states != generator_states(self.device):
+                # the forward drew random numbers: said where they decide its output
+                self.draws = draws_matter(
+                    lambda: functional_call(self.model, values, args, kwargs, strict=False),
+                    fingerprint(out),
+                    self.device,
+                    _chunk_seed(self.seed + 1, rank, index),
+                )
             loss = compute_loss(self.loss_fn, out, y, self.output, HessianError)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss)

@@ -614,7 +614,10 @@ def hessian_spectrum(
     estimate (``trace_samples``). Randomness comes from ``seed``:
     SLQ and trace probes from ``Generator(seed)``, ARPACK start vectors from
     ``seed + 1`` (top) and ``seed + 2`` (smallest), the probe subset from
-    ``seed``.
+    ``seed``, and whatever random numbers the model's forward pass draws with
+    dropout off (a functional dropout at a fixed rate: said in a warning)
+    from torch's generators seeded by ``seed`` and the chunk
+    (:class:`~normprobe.hessian.hvp.HessianOperator`'s ``seed``).
 
     Several processes (``torchrun``): when ``torch.distributed`` is
     initialized and the group (``process_group``, default the default group)
@@ -711,6 +714,7 @@ def hessian_spectrum(
         norms=norms,
         frozen=frozen,
         product_dtype=product_dtype,
+        seed=seed,
     )
     if ("top" in pieces or "smallest" in pieces) and k > op.dim:
         raise HessianError(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -46,13 +47,18 @@ from normprobe.batch import (
     check_inputs,
     check_measurable,
     dense_gradients,
+    draws_matter,
     dropout_off,
+    fingerprint,
+    forked_random_state,
     full_precision,
+    generator_states,
     model_device,
     model_dtype,
     sparse_embeddings,
     split_batch,
     to_device,
+    warn_of_random_draws,
 )
 from normprobe.errors import NormprobeError
 from normprobe.roles import (
@@ -366,7 +372,7 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
             stack.enter_context(attributes_kept(modules))
         stack.enter_context(frozen_statistics(model, modules))
         device = model_device(model)
-        stack.enter_context(_forked_random_state(device, seed))
+        stack.enter_context(forked_random_state(device, seed))
         stack.enter_context(full_precision(device))  # a loop's autocast: off
         if flip:
             model.train(training)
@@ -384,32 +390,15 @@ def _check_mode(mode: str) -> None:
         )
 
 
-@contextmanager
-def _forked_random_state(device: torch.device, seed: int) -> Iterator[None]:
-    cuda = []
-    if device.type == "cuda":
-        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=cuda):
-        torch.random.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(cuda[0]):
-                torch.cuda.manual_seed(seed)
-        yield
-
-
-def random_state(model: nn.Module) -> list[torch.Tensor]:
+def random_state(model: nn.Module) -> list[bytes]:
     """The states of the global generators a pass of ``model`` may draw from (CPU, and the
     model's CUDA device): equal before and after a pass when it drew no random numbers."""
-    states = [torch.random.default_generator.get_state()]
-    device = model_device(model)
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
+    return generator_states(model_device(model))
 
 
-def same_state(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+def same_state(a: list[bytes], b: list[bytes]) -> bool:
     """Whether two :func:`random_state` readings are equal."""
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def to_model(x: Inputs, model: nn.Module) -> Inputs:
@@ -419,6 +408,12 @@ def to_model(x: Inputs, model: nn.Module) -> Inputs:
 
 
 # --------------------------------------------------------------------------- capture
+
+#: the probes entered and not yet exited, innermost last
+_ACTIVE: list[Probe] = []
+#: model -> mode -> whether the random numbers its passes draw decide their output
+#: (:meth:`Probe._draws_matter`): one repeated pass per model and mode, not per probe
+_DRAWS_MATTER: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
 
 
 class Probe:
@@ -491,6 +486,12 @@ class Probe:
         self._counts: dict[str, int] = {}
         self._no_autograd: set[str] = set()
         self._paused = False
+        self._device = torch.device("cpu")
+        self._states: list[bytes] = []
+        self._inputs: tuple[Any, dict[str, Any]] = ((), {})
+        #: the first pass of this session that drew random numbers: its inputs and output's
+        #: fingerprint, for :meth:`__exit__` to tell whether the numbers decided anything
+        self._drawing: tuple[tuple[Any, dict[str, Any]], torch.Tensor] | None = None
 
     # -- context manager
 
@@ -500,6 +501,7 @@ class Probe:
         stack = ExitStack()
         try:
             stack.enter_context(session(self.model, self.mode, self.seed))
+            self._device, self._drawing = model_device(self.model), None
             if self.capture == "weights":
                 # one effective weight per parametrized layer per block, the tensor forward uses
                 stack.enter_context(parametrize.cached())
@@ -507,7 +509,7 @@ class Probe:
                     for p in module.parameters():
                         p.requires_grad_(True)
             handles = [
-                self.model.register_forward_pre_hook(self._start_pass),
+                self.model.register_forward_pre_hook(self._start_pass, with_kwargs=True),
                 self.model.register_forward_hook(self._end_pass),
             ]
             for name, module in self.selected.items():
@@ -518,12 +520,49 @@ class Probe:
             stack.close()
             raise
         self._stack = stack
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         stack, self._stack = self._stack, None
         if stack is not None:
-            stack.close()  # hooks first, then the model's state (LIFO)
+            try:
+                matter = exc[0] is None and self._draws_matter()
+            finally:
+                _ACTIVE.remove(self)
+                stack.close()  # hooks first, then the model's state (LIFO)
+            if matter:  # here, not in a hook: pointed at the caller
+                warn_of_random_draws(
+                    "the probe's passes are seeded (repeatable), but each",
+                    "drew its own numbers, so the values include that noise, not the network alone",
+                    "to measure the network without it, give the model nn.Dropout modules or a "
+                    "rate attribute whose name says dropout (the probes switch both off)"
+                    + (", or measure with mode='eval'" if self.mode == "train" else ""),
+                )
+
+    def _draws_matter(self) -> bool:
+        """Whether the random numbers a pass of this session drew decided its output: the
+        pass again, on its inputs, with other numbers (every active probe paused), gives
+        another output (:func:`normprobe.batch.draws_matter`)."""
+        if self._drawing is None:
+            return False
+        (args, kwargs), seen = self._drawing
+        self._drawing = None
+        known = _DRAWS_MATTER.setdefault(self.model, {})
+        if self.mode in known:  # asked once per model and mode: the answer is the model's
+            return known[self.mode]
+        probes = [p for p in _ACTIVE if p.model is self.model]
+        paused = [p._paused for p in probes]
+        for p in probes:
+            p._paused = True
+        try:
+            known[self.mode] = draws_matter(
+                lambda: self.model(*args, **kwargs), seen, self._device, self.seed + 1
+            )
+        finally:
+            for p, was in zip(probes, paused):
+                p._paused = was
+        return known[self.mode]
 
     # -- what the last pass recorded
 
@@ -609,14 +648,19 @@ class Probe:
 
     # -- hooks
 
-    def _start_pass(self, module: nn.Module, args: Any) -> None:
+    def _start_pass(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if not self._paused:
             self._calls, self._records, self._reduced, self._counts = [], {}, {}, {}
             self._no_autograd = set()
+            self._states = generator_states(self._device)
+            self._inputs = (args, kwargs)
 
     def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._paused:
             return
+        if self._drawing is None and self._states != generator_states(self._device):
+            self._drawing = (self._inputs, fingerprint(output))
+        self._inputs = ((), {})
         ran = set(self._counts)
         missing = [name for name in self._required if name not in ran]
         off = [name for name in self._required if name in self._no_autograd]

@@ -486,3 +486,85 @@ def test_user_errors_say_what_and_how() -> None:
         hess.matvec(torch.ones(hess.dim, dtype=torch.float64))
     with pytest.raises(HessianError, match=r"shape \(\d+,\)"):
         hess.matvec(torch.ones(3))
+
+
+class _FunctionalDropout(nn.Module):
+    """Dropout as ``F.dropout`` at a fixed rate: a mask no module flag or rate attribute reaches;
+    ``undecided``: none, but a number drawn in every pass that decides nothing (Hugging Face's
+    layer drop at rate 0)."""
+
+    def __init__(self, undecided: bool = False) -> None:
+        super().__init__()
+        self.undecided = undecided
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.undecided:
+            skip = self.training and float(torch.rand(())) < 0.0
+            return x[:, :3] if skip else self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+        h = F.dropout(torch.tanh(self.fc1(x)), 0.5, self.training)
+        h = F.dropout(torch.tanh(self.fc2(h)), 0.5, self.training)
+        return self.fc3(h)
+
+
+def test_random_draws_of_the_forward_pass_are_seeded_per_chunk_and_said() -> None:
+    """A forward pass that drew a fresh dropout mask at every graph build gave another Hessian
+    per call with the same seed (top eigenvalue 0.694, then 0.771), drew from the caller's
+    random stream, and would have given another matrix per product wherever a chunk's graph
+    is rebuilt. The draws now come from generators seeded by the seed and the chunk: the
+    products are exact against the dense Hessian of the network under those draws, equal bit
+    for bit whether graphs are kept or rebuilt, repeatable, and said in a warning (not where
+    the numbers drawn decide nothing, nor in eval mode, where this dropout is off)."""
+    from normprobe.hessian.hvp import _chunk_seed
+
+    torch.manual_seed(0)
+    net = _FunctionalDropout().double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,), generator=g)
+    chunks = [(x[:16], y[:16]), (x[16:], y[16:])]
+    stream = torch.random.get_rng_state()
+
+    def dense(**kw: Any) -> torch.Tensor:
+        op = HessianOperator(net, F.cross_entropy, (x, y), chunk_size=16, **kw)
+        said = "the Hessian is that of the network with one draw per chunk"
+        # the graphs are built at the first product
+        with pytest.warns(UserWarning, match=said) as caught:
+            rows = [op.matvec(e) for e in torch.eye(op.dim, dtype=torch.float64)]
+        assert {w.filename for w in caught} == {__file__}  # the caller's line
+        return torch.stack(rows)
+
+    kept = dense(seed=7)
+    names = [n for n, _ in net.named_parameters()]
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in net.named_parameters()}
+    exact = torch.zeros_like(kept)
+    for index, (xc, yc) in enumerate(chunks):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_chunk_seed(7, 0, index))
+            out = torch.func.functional_call(net, params, (xc,))
+        loss = F.cross_entropy(out, yc) * (len(xc) / len(x))
+        grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
+        flat = torch.cat([t.reshape(-1) for t in grads])
+        for i in range(flat.numel()):
+            row = torch.autograd.grad(flat[i], [params[n] for n in names], retain_graph=True)
+            exact[i] += torch.cat([t.reshape(-1) for t in row])
+    torch.testing.assert_close(kept, exact, rtol=1e-12, atol=1e-14)
+    assert torch.equal(dense(seed=7, graph_memory=0), kept)  # rebuilt per product: the same draws
+    assert torch.equal(dense(seed=7), kept)
+    assert not torch.allclose(dense(seed=8), kept)  # another seed, other draws
+    assert torch.equal(torch.random.get_rng_state(), stream)  # the caller's stream, untouched
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tops = [
+            normprobe.hessian_spectrum(net, F.cross_entropy, (x, y), what="top", k=2).top.values
+            for _ in range(2)
+        ]
+    assert np.array_equal(*tops)
+    undecided = _FunctionalDropout(undecided=True).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eval mode: F.dropout(..., self.training) is off
+        op = HessianOperator(net, F.cross_entropy, (x, y), chunk_size=16, norm_mode="eval")
+        op.matvec(torch.ones(op.dim, dtype=torch.float64))
+        op = HessianOperator(undecided, F.cross_entropy, (x, y), chunk_size=16)
+        op.matvec(torch.ones(op.dim, dtype=torch.float64))
+        assert not op.draws

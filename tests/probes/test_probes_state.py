@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,3 +220,72 @@ def test_batch_norm_frozen_in_a_training_model_is_said_not_silently_unfrozen() -
         gradient_norms(net.train(), F.cross_entropy, (x, y))
     norms = frame.query("metric == 'grad_norm'").value.tolist()
     assert norms == pytest.approx([float(t.norm()) for t in trained], rel=1e-6)
+
+
+class _Dropped(nn.Module):
+    """An MLP whose dropout is ``how``: "functional" (``F.dropout`` at a fixed rate, which no
+    module flag or rate attribute reaches), "module" (``nn.Dropout``), "undecided" (a number
+    drawn in every pass that decides nothing) or "none"."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+        self.drop = nn.Dropout(0.5) if how == "module" else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "undecided" and self.training and float(torch.rand(())) < 0.0:
+            return x  # Hugging Face's layer drop draws in every pass and, at rate 0, skips nothing
+        h = torch.relu(self.fc1(x))
+        h = F.dropout(h, 0.5, self.training) if self.how == "functional" else self.drop(h)
+        h = torch.relu(self.fc2(h))
+        h = F.dropout(h, 0.5, self.training) if self.how == "functional" else self.drop(h)
+        return self.fc3(h)
+
+
+def _dropped(how: str) -> nn.Module:
+    torch.manual_seed(0)
+    return _Dropped(how)
+
+
+def test_random_draws_the_probes_cannot_switch_off_are_said() -> None:
+    """A functional dropout at a fixed rate drew a fresh mask in each probe pass: the
+    correlations read the masks' noise (a representation correlation of 0.51 and 0.17 at the
+    last two layers against 0.97 without it), silently. The probes now say so at the caller's
+    line, stay repeatable, leave the caller's random stream alone, and say nothing where the
+    dropout is one they switch off, or off in eval mode, or where the numbers drawn decide
+    nothing (Hugging Face's layer drop at rate 0); those equal the network without dropout."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    x2, y2 = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    layers = ["fc1", "fc2", "fc3"]
+    calls = {
+        "representation": lambda net, **kw: representation_correlation(
+            net, x, layers=layers, seed=1, **kw
+        ),
+        "gradients": lambda net, **kw: gradient_correlation(
+            net, F.cross_entropy, (x, y), (x2, y2), **kw
+        ),
+        "norms": lambda net, **kw: gradient_norms(net, F.cross_entropy, (x, y), **kw),
+    }
+    said = r"forward pass depends on random numbers .* each drew its own numbers, so the values"
+    functional = _dropped("functional")
+    stream = torch.random.get_rng_state()
+    for name, call in calls.items():
+        with pytest.warns(UserWarning, match=said) as caught:
+            noisy = call(functional)
+        assert {w.filename for w in caught} == {__file__}, name  # the caller's line
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pd.testing.assert_frame_equal(call(functional), noisy)  # seeded: repeatable
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # switched off, or off in eval mode: no word
+            plain = call(_dropped("none"))
+            pd.testing.assert_frame_equal(call(_dropped("module")), plain)
+            pd.testing.assert_frame_equal(call(_dropped("undecided")), plain)
+            evaluated = call(functional, mode="eval")
+            pd.testing.assert_frame_equal(evaluated, call(_dropped("none"), mode="eval"))
+        assert not noisy["value"].equals(plain["value"]), name
+    assert torch.equal(torch.random.get_rng_state(), stream)  # the caller's stream, untouched
+    rep = calls["representation"](_dropped("none"))
+    assert rep.set_index("layer").loc[["fc2", "fc3"], "value"].min() > 0.9
