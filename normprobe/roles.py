@@ -38,6 +38,7 @@ from collections import Counter
 
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -48,6 +49,7 @@ __all__ = [
     "is_affine",
     "is_embedding",
     "owns_weight",
+    "pruned_original",
     "is_frozen",
     "weight_layers",
     "weight_rule",
@@ -135,11 +137,31 @@ def is_embedding(module: nn.Module) -> bool:
     )
 
 
+def pruned_original(module: nn.Module) -> nn.Parameter | None:
+    """The parameter behind a ``weight`` pruned by ``torch.nn.utils.prune`` (``weight_orig``,
+    which a forward pre-hook multiplies by ``weight_mask`` into the ``weight`` the layer
+    applies), or None for a module whose weight is not pruned.
+
+    >>> import torch.nn.utils.prune as prune
+    >>> layer = prune.random_unstructured(nn.Linear(4, 4), "weight", amount=0.5)
+    >>> pruned_original(layer) is layer.weight_orig, pruned_original(nn.Linear(4, 4))
+    (True, None)
+    """
+    original = module._parameters.get("weight_orig")
+    if original is None:
+        return None
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, BasePruningMethod) and hook._tensor_name == "weight":
+            return original
+    return None
+
+
 def owns_weight(module: nn.Module) -> bool:
-    """Whether ``module`` has its own parameter ``weight`` (or a parametrized ``weight``)."""
+    """Whether ``module`` has its own parameter ``weight`` (or a parametrized ``weight``, or
+    one pruned by ``torch.nn.utils.prune``: :func:`pruned_original`)."""
     if parametrize.is_parametrized(module, "weight"):
         return True
-    return module._parameters.get("weight") is not None
+    return module._parameters.get("weight") is not None or pruned_original(module) is not None
 
 
 def is_frozen(module: nn.Module) -> bool:
@@ -147,7 +169,8 @@ def is_frozen(module: nn.Module) -> bool:
     if parametrize.is_parametrized(module, "weight"):
         originals = module.parametrizations["weight"].parameters()
         return not any(p.requires_grad for p in originals)
-    return not module._parameters["weight"].requires_grad
+    weight = module._parameters.get("weight")
+    return not (pruned_original(module) if weight is None else weight).requires_grad
 
 
 def _role(module: nn.Module) -> str:

@@ -7,7 +7,8 @@ to each layer's parameters, for all layers at once with one
 Which tensors: a layer's *weight* is the weight tensor the layer applies in
 the forward pass, as autograd sees it: the parameter itself for a plain
 Linear/Conv, the effective ``W = g V / ||V||`` for weight-normalized layers
-(``torch.nn.utils.parametrize``), and the balanced ``W''`` for balanced layers
+(``torch.nn.utils.parametrize``), the masked ``weight_orig * weight_mask`` for
+layers pruned by ``torch.nn.utils.prune``, and the balanced ``W''`` for balanced layers
 that call their affine op through ``torch.func.functional_call``. Its gradient
 is ``sum over the batch of dL/dz x^T`` for every normalizer, which makes the
 norms comparable across normalizers. A layer's *parameters* (for gradient

@@ -319,3 +319,46 @@ def test_embeddings_with_sparse_gradients_measure_as_dense_ones() -> None:
     ):
         normprobe.hessian_spectrum(sparse, F.cross_entropy, a, what="top", k=2)
     assert sparse.embed.sparse and sparse.bag.sparse
+
+
+def test_layers_pruned_by_torch_are_measured_at_the_weight_they_apply() -> None:
+    """torch.nn.utils.prune moves a layer's parameter to ``weight_orig`` and applies
+    ``weight_orig * weight_mask`` as ``weight``: such layers dropped out of the gradient
+    probes' rows (listed only in the layer rule as "weight_orig, bias: not a weight"). They
+    are weight layers: measured at the weight they apply, exact against autograd, frozen
+    when ``weight_orig`` is."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Linear(20, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+        nn.Linear(32, 5),
+    )  # fmt: skip
+    prune.l1_unstructured(net[0], "weight", amount=0.5)
+    prune.random_unstructured(net[3], "weight", amount=0.3)
+    prune.l1_unstructured(net[3], "weight", amount=0.3)  # two methods: a PruningContainer
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(64, 20, generator=g), torch.randint(0, 5, (64,), generator=g)
+    x2, y2 = torch.randn(64, 20, generator=g), torch.randint(0, 5, (64,), generator=g)
+    norms = gradient_norms(net, F.cross_entropy, (x, y))
+    rows = norms.query("metric == 'grad_norm'")
+    assert rows["layer"].tolist() == ["0", "3", "5"]
+    assert "not a weight" not in rows["layer_rule"].iloc[0]
+    loss = F.cross_entropy(net(x), y)  # the pass computes the weights the layers apply
+    exact = torch.autograd.grad(loss, [net[0].weight, net[3].weight, net[5].weight])
+    assert rows["value"].tolist() == pytest.approx([float(t.norm()) for t in exact], rel=1e-6)
+    corr = gradient_correlation(net, F.cross_entropy, (x, y), (x2, y2))
+    assert corr["layer"].tolist() == ["0", "3", "5"]
+    net[3].weight_orig.requires_grad_(False)
+    frozen = gradient_norms(net, F.cross_entropy, (x, y), frozen=True).query("metric == 'grad_norm'")
+    assert frozen["frozen"].tolist() == [False, True, False]
+    assert "3 (frozen)" in gradient_norms(net, F.cross_entropy, (x, y), frozen=False)["layer_rule"][0]
+    assert not net[3].weight_orig.requires_grad  # put back as found
+    # the Hessian is over weight_orig: zero at the entries the mask holds out
+    op = normprobe.hessian.HessianOperator(net, F.cross_entropy, (x, y), params="0.weight_orig")
+    held_out = (net[0].weight_mask == 0).reshape(-1).float()
+    assert op.names == ["0.weight_orig"] and float(held_out.sum()) > 0
+    product = op.matvec(torch.randn(op.dim, generator=g) * held_out)
+    assert float(product.abs().max()) == 0.0
+    product = op.matvec(1.0 - held_out).reshape(net[0].weight_mask.shape)
+    assert float(product[net[0].weight_mask == 0].abs().max()) == 0.0
