@@ -56,6 +56,7 @@ import math
 import operator
 import re
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -979,11 +980,21 @@ def draws_matter(
     )
 
 
-def warn_of_random_draws(what: str, result: str, remedy: str) -> None:
-    """Say that a forward pass depends on random numbers with every dropout module off
-    (:func:`draws_matter`): something :func:`dropout_off` cannot reach (a functional dropout
-    at a fixed rate, a noise layer, sampling) made ``what`` measure ``result``; ``remedy``
-    says what measures without it."""
+#: model -> what was said of the random numbers it draws (:func:`warn_of_random_draws`)
+_SAID_OF_DRAWS: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def warn_of_random_draws(model: nn.Module, what: str, result: str, remedy: str) -> None:
+    """Say, once per model and ``what``, that its forward pass depends on random numbers with
+    every dropout module off (:func:`draws_matter`): something :func:`dropout_off` cannot
+    reach (a functional dropout at a fixed rate, a noise layer, sampling) made ``what``
+    measure ``result``; ``remedy`` says what measures without it. Once: a training loop
+    measures the same model at every step, and Python's own once-per-line rule is undone
+    whenever some library changes the warning filters."""
+    said = _SAID_OF_DRAWS.setdefault(model, set())
+    if what in said:
+        return
+    said.add(what)
     warnings.warn(
         f"the model's forward pass depends on random numbers from torch's generator with "
         f"every dropout module and drop rate off (a functional dropout at a fixed rate such "

@@ -45,22 +45,30 @@ class ModelError(NormprobeError, ValueError):
     """A model that cannot be built with the given arguments."""
 
 
-#: the package's folder (as imported, and resolved), and the standard library's context
-#: managers that run its blocks
-_INSIDE = (
-    *{str(Path(__file__).parent) + os.sep, str(Path(__file__).resolve().parent) + os.sep},
-    str(Path(sys.modules["contextlib"].__file__)),
+#: the package's folder (as imported, and resolved)
+_PACKAGE = tuple(
+    {str(Path(__file__).parent) + os.sep, str(Path(__file__).resolve().parent) + os.sep}
 )
+#: the standard library's context managers, which run the package's blocks
+_CONTEXTLIB = str(Path(sys.modules["contextlib"].__file__))
 
 
 def user_stacklevel() -> int:
     """The ``stacklevel`` that points a warning raised by the caller of this function at the
-    user's line: the first frame outside normprobe (and ``contextlib``, whose context managers
-    run normprobe's blocks), however deep the call was (a probe, a measurement step, a
-    ``Monitor``)."""
+    user's line: the frame that called into normprobe, above its outermost frame (and the
+    ``contextlib`` frames that run its blocks), however deep the call was (a probe, a
+    measurement step, a ``Monitor``), and through a library that normprobe called back from
+    (scipy's ARPACK asking the Hessian for a product)."""
     frame = sys._getframe(1)  # the function that warns: stacklevel 1
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+    level, outermost = 1, 1
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_PACKAGE):
+            outermost = level
+        frame = frame.f_back
+        level += 1
+    frame, level = sys._getframe(outermost), outermost + 1
+    frame = frame.f_back
+    while frame is not None and frame.f_code.co_filename == _CONTEXTLIB:
         frame = frame.f_back
         level += 1
     return level

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pandas as pd
 import pytest
 import torch
@@ -222,26 +220,17 @@ def test_the_representation_and_gradient_probes_share_a_pass_with_the_same_table
     probes = ProbesConfig(**options)
     hessian = HessianConfig(enabled=False)
     rep, grads = MEASURES["representation"], MEASURES["gradients"]
-    noisy = case == "random draws in the forward pass"
-
-    def said() -> contextlib.AbstractContextManager:  # draws no flag reaches are said
-        if not noisy:
-            return contextlib.nullcontext()
-        return pytest.warns(UserWarning, match="forward pass depends on random numbers")
-
-    if noisy:  # whether the draws decide the output is asked once per model, by a pass of its own
-        with said():
+    if case == "random draws in the forward pass":
+        # whether the draws decide the output is asked, and said, once per model, by a pass
+        # of its own: before the passes are counted
+        with pytest.warns(UserWarning, match="forward pass depends on random numbers"):
             measure_step(model, 3, inputs, [rep], probes, hessian)
     passes: list[int] = []
     model.register_forward_pre_hook(lambda *_: passes.append(1))
-    with said():
-        alone = [
-            measure_step(model, 3, inputs, [m], probes, hessian)["metrics"] for m in (rep, grads)
-        ]
+    alone = [measure_step(model, 3, inputs, [m], probes, hessian)["metrics"] for m in (rep, grads)]
     alone_passes = len(passes)
     passes.clear()
-    with said():
-        together = measure_step(model, 3, inputs, [rep, grads], probes, hessian)["metrics"]
+    together = measure_step(model, 3, inputs, [rep, grads], probes, hessian)["metrics"]
     assert len(passes) == alone_passes - (1 if shares else 0)
     assert alone_passes == (4 if two_pass else 3)
     pd.testing.assert_frame_equal(

@@ -1117,9 +1117,10 @@ class HessianOperator:
         self._versions = self._state_versions()
         if self.draws:
             warn_of_random_draws(
+                self.model,
                 "the Hessian is that of the network with one draw per chunk",
-                f"(seeded by seed={self.seed} and the chunk: the same numbers for every "
-                f"product, so one symmetric matrix), not of the network without that noise",
+                "(seeded by the seed and the chunk: the same numbers for every product, so "
+                "one symmetric matrix), not of the network without that noise",
                 "to measure the network without it, give the model nn.Dropout modules or a "
                 "rate attribute whose name says dropout (switched off for the products)"
                 + (", or use norm_mode='eval'" if self.norm_mode == "train" else ""),

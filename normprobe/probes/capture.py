@@ -533,6 +533,7 @@ class Probe:
                 stack.close()  # hooks first, then the model's state (LIFO)
             if matter:  # here, not in a hook: pointed at the caller
                 warn_of_random_draws(
+                    self.model,
                     "the probe's passes are seeded (repeatable), but each",
                     "drew its own numbers, so the values include that noise, not the network alone",
                     "to measure the network without it, give the model nn.Dropout modules or a "

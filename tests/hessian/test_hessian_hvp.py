@@ -517,16 +517,19 @@ def test_random_draws_of_the_forward_pass_are_seeded_per_chunk_and_said() -> Non
     the numbers drawn decide nothing, nor in eval mode, where this dropout is off)."""
     from normprobe.hessian.hvp import _chunk_seed
 
-    torch.manual_seed(0)
-    net = _FunctionalDropout().double()
+    def make(**kw: Any) -> nn.Module:
+        torch.manual_seed(0)
+        return _FunctionalDropout(**kw).double()
+
+    net = make()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(32, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (32,), generator=g)
     chunks = [(x[:16], y[:16]), (x[16:], y[16:])]
     stream = torch.random.get_rng_state()
 
-    def dense(**kw: Any) -> torch.Tensor:
-        op = HessianOperator(net, F.cross_entropy, (x, y), chunk_size=16, **kw)
+    def dense(**kw: Any) -> torch.Tensor:  # a model of its own: said once per model
+        op = HessianOperator(make(), F.cross_entropy, (x, y), chunk_size=16, **kw)
         said = "the Hessian is that of the network with one draw per chunk"
         # the graphs are built at the first product
         with pytest.warns(UserWarning, match=said) as caught:
@@ -553,14 +556,15 @@ def test_random_draws_of_the_forward_pass_are_seeded_per_chunk_and_said() -> Non
     assert torch.equal(dense(seed=7), kept)
     assert not torch.allclose(dense(seed=8), kept)  # another seed, other draws
     assert torch.equal(torch.random.get_rng_state(), stream)  # the caller's stream, untouched
+    spectrum = normprobe.hessian_spectrum  # ARPACK asks for the products from scipy
+    with pytest.warns(UserWarning, match="one draw per chunk") as caught:
+        tops = [spectrum(net, F.cross_entropy, (x, y), what="top", k=2).top.values]
+    assert {w.filename for w in caught} == {__file__}  # the caller's line, not scipy's
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tops = [
-            normprobe.hessian_spectrum(net, F.cross_entropy, (x, y), what="top", k=2).top.values
-            for _ in range(2)
-        ]
+        warnings.simplefilter("error")  # said once per model
+        tops.append(spectrum(net, F.cross_entropy, (x, y), what="top", k=2).top.values)
     assert np.array_equal(*tops)
-    undecided = _FunctionalDropout(undecided=True).double()
+    undecided = make(undecided=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # eval mode: F.dropout(..., self.training) is off
         op = HessianOperator(net, F.cross_entropy, (x, y), chunk_size=16, norm_mode="eval")

@@ -269,23 +269,22 @@ def test_random_draws_the_probes_cannot_switch_off_are_said() -> None:
         "norms": lambda net, **kw: gradient_norms(net, F.cross_entropy, (x, y), **kw),
     }
     said = r"forward pass depends on random numbers .* each drew its own numbers, so the values"
-    functional = _dropped("functional")
-    stream = torch.random.get_rng_state()
     for name, call in calls.items():
+        functional = _dropped("functional")
+        stream = torch.random.get_rng_state()
         with pytest.warns(UserWarning, match=said) as caught:
             noisy = call(functional)
         assert {w.filename for w in caught} == {__file__}, name  # the caller's line
+        assert torch.equal(torch.random.get_rng_state(), stream)  # the caller's stream, untouched
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("error")  # said once per model: a loop measures it every step
             pd.testing.assert_frame_equal(call(functional), noisy)  # seeded: repeatable
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # switched off, or off in eval mode: no word
+            # switched off, or off in eval mode: no word
             plain = call(_dropped("none"))
             pd.testing.assert_frame_equal(call(_dropped("module")), plain)
             pd.testing.assert_frame_equal(call(_dropped("undecided")), plain)
             evaluated = call(functional, mode="eval")
             pd.testing.assert_frame_equal(evaluated, call(_dropped("none"), mode="eval"))
         assert not noisy["value"].equals(plain["value"]), name
-    assert torch.equal(torch.random.get_rng_state(), stream)  # the caller's stream, untouched
     rep = calls["representation"](_dropped("none"))
     assert rep.set_index("layer").loc[["fc2", "fc3"], "value"].min() > 0.9
