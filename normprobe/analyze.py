@@ -176,7 +176,9 @@ def analyze(
     created = not directory.exists()
     make_output_folder(directory, what)
     try:
-        with folder_lock(directory, what):
+        # the config's checks build trial layers; each run seeds what it draws itself
+        # (run_one): the caller's random stream is left as it was
+        with folder_lock(directory, what), torch.random.fork_rng(devices=[]):
             return _analyze(
                 config,
                 directory,

@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from normprobe.batch import forked_random_state
 from normprobe.hessian.hvp import NonFiniteProductError
 from normprobe.measures import MeasureInputs, enabled_measures, measure_step
 from normprobe.norms import set_total_steps
@@ -91,70 +92,75 @@ def run_one(
 
     bar = None
     try:
-        inputs = inputs.to(device)
-        model = build_run_model(config, spec.normalizer, spec.seed, data.dataset).to(device)
-        set_total_steps(model, tc.steps)
-        optimizer = make_optimizer(
-            tc.optimizer,
-            model.parameters(),
-            lr=spec.lr,
-            momentum=tc.momentum,
-            weight_decay=tc.weight_decay,
-        )
-        if progress_bar is not None:
-            bar = progress_bar(total=tc.steps, desc=spec.run, leave=False, unit="step")
-
-        def progress(step: int, loss: float) -> None:
-            if bar is not None:
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss:.3f}")
-
-        train_x, train_y = data.train_split()
-        batches = None
-        if tc.sampler.kind == "labels":
-            batches = label_minibatches(
-                train_y,
-                tc.sampler.labels_per_batch,
-                tc.sampler.per_label,
-                torch.Generator().manual_seed(spec.seed),
+        # what a run draws from torch's global generators (a factory model's dropout, a noise
+        # layer) comes from the run's seed: the same numbers in a rerun, whatever the executor,
+        # the order of the runs or what ran before in the process (torch seeds the global
+        # generator at random when a process starts)
+        with forked_random_state(device, spec.seed):
+            inputs = inputs.to(device)
+            model = build_run_model(config, spec.normalizer, spec.seed, data.dataset).to(device)
+            set_total_steps(model, tc.steps)
+            optimizer = make_optimizer(
+                tc.optimizer,
+                model.parameters(),
+                lr=spec.lr,
+                momentum=tc.momentum,
+                weight_decay=tc.weight_decay,
             )
-        bs_eval = tc.eval_batch_stats
-        grouped = None
-        if bs_eval.enabled and bs_eval.batches == "sampler":
-            # fixed by data.seed, so every run is evaluated on the same batches
-            grouped = tuple(
-                label_grouped_batches(
-                    y,
+            if progress_bar is not None:
+                bar = progress_bar(total=tc.steps, desc=spec.run, leave=False, unit="step")
+
+            def progress(step: int, loss: float) -> None:
+                if bar is not None:
+                    bar.update(1)
+                    if step % 10 == 0:
+                        bar.set_postfix(loss=f"{loss:.3f}")
+
+            train_x, train_y = data.train_split()
+            batches = None
+            if tc.sampler.kind == "labels":
+                batches = label_minibatches(
+                    train_y,
                     tc.sampler.labels_per_batch,
                     tc.sampler.per_label,
-                    torch.Generator().manual_seed(config.data.seed),
+                    torch.Generator().manual_seed(spec.seed),
                 )
-                for y in (train_y[: tc.eval_train_samples], data.dataset.test.y)
+            bs_eval = tc.eval_batch_stats
+            grouped = None
+            if bs_eval.enabled and bs_eval.batches == "sampler":
+                # fixed by data.seed, so every run is evaluated on the same batches
+                grouped = tuple(
+                    label_grouped_batches(
+                        y,
+                        tc.sampler.labels_per_batch,
+                        tc.sampler.per_label,
+                        torch.Generator().manual_seed(config.data.seed),
+                    )
+                    for y in (train_y[: tc.eval_train_samples], data.dataset.test.y)
+                )
+            outcome = train(
+                model,
+                (train_x, train_y),
+                (data.dataset.test.x, data.dataset.test.y),
+                val_split=data.val_split(),
+                optimizer=optimizer,
+                steps=tc.steps,
+                batch_size=tc.batch_size,
+                seed=spec.seed,
+                measure_steps=set(spec.measure_steps),
+                measure=measure,
+                regnorm_lambda=tc.regnorm_lambda if norm_spec(spec.normalizer).regularized else 0.0,
+                eval_batch_size=tc.eval_batch_size,
+                eval_train_samples=tc.eval_train_samples,
+                batch_stats_size=(
+                    (bs_eval.batch_size or tc.batch_size)
+                    if bs_eval.enabled and grouped is None
+                    else None
+                ),
+                batch_stats_batches=grouped,
+                batches=batches,
+                progress=progress,
             )
-        outcome = train(
-            model,
-            (train_x, train_y),
-            (data.dataset.test.x, data.dataset.test.y),
-            val_split=data.val_split(),
-            optimizer=optimizer,
-            steps=tc.steps,
-            batch_size=tc.batch_size,
-            seed=spec.seed,
-            measure_steps=set(spec.measure_steps),
-            measure=measure,
-            regnorm_lambda=tc.regnorm_lambda if norm_spec(spec.normalizer).regularized else 0.0,
-            eval_batch_size=tc.eval_batch_size,
-            eval_train_samples=tc.eval_train_samples,
-            batch_stats_size=(
-                (bs_eval.batch_size or tc.batch_size)
-                if bs_eval.enabled and grouped is None
-                else None
-            ),
-            batch_stats_batches=grouped,
-            batches=batches,
-            progress=progress,
-        )
     except KeyboardInterrupt:
         raise
     except Exception as err:
