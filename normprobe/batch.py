@@ -854,8 +854,9 @@ def dense_gradients(sparse: list[nn.Module]) -> Iterator[None]:
 #: ``ConvNextDropPath``, ``SwinDropPath``, ...; each is the identity in eval mode
 _STOCHASTIC_DEPTH = re.compile(r"DropPath|DropBlock|StochasticDepth")
 #: names of float rates a forward pass reads in training mode to drop units, branches or whole
-#: layers (``attention_dropout``, Hugging Face's ``layerdrop``, ``drop_prob``, ``drop_path``)
-_DROP_RATE = re.compile(r"dropout|layerdrop|drop_prob|drop_path")
+#: layers (``attention_dropout``, Hugging Face's ``layerdrop``, ``drop_prob``, ``drop_path``,
+#: timm's ``drop_rate``, GPT's ``resid_pdrop``)
+_DROP_RATE = re.compile(r"dropout|layerdrop|drop_prob|drop_path|drop_rate|pdrop")
 
 
 def _is_config(obj: Any) -> bool:

@@ -224,14 +224,16 @@ def test_batch_norm_frozen_in_a_training_model_is_said_not_silently_unfrozen() -
 
 class _Dropped(nn.Module):
     """An MLP whose dropout is ``how``: "functional" (``F.dropout`` at a fixed rate, which no
-    module flag or rate attribute reaches), "module" (``nn.Dropout``), "undecided" (a number
-    drawn in every pass that decides nothing) or "none"."""
+    module flag or rate attribute reaches), "module" (``nn.Dropout``), "rate" (``F.dropout``
+    at the rate ``drop_rate``, as timm's heads), "undecided" (a number drawn in every pass
+    that decides nothing) or "none"."""
 
     def __init__(self, how: str) -> None:
         super().__init__()
         self.how = how
         self.fc1, self.fc2, self.fc3 = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 3)
         self.drop = nn.Dropout(0.5) if how == "module" else nn.Identity()
+        self.drop_rate = 0.5  # timm's name for the rate its heads pass to F.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.how == "undecided" and self.training and float(torch.rand(())) < 0.0:
@@ -239,6 +241,8 @@ class _Dropped(nn.Module):
         h = torch.relu(self.fc1(x))
         h = F.dropout(h, 0.5, self.training) if self.how == "functional" else self.drop(h)
         h = torch.relu(self.fc2(h))
+        if self.how == "rate":
+            return self.fc3(F.dropout(h, self.drop_rate, self.training))
         h = F.dropout(h, 0.5, self.training) if self.how == "functional" else self.drop(h)
         return self.fc3(h)
 
@@ -283,6 +287,9 @@ def test_random_draws_the_probes_cannot_switch_off_are_said() -> None:
             plain = call(_dropped("none"))
             pd.testing.assert_frame_equal(call(_dropped("module")), plain)
             pd.testing.assert_frame_equal(call(_dropped("undecided")), plain)
+            rate = _dropped("rate")
+            pd.testing.assert_frame_equal(call(rate), plain)  # its rate is 0 while measuring
+            assert rate.drop_rate == 0.5  # and put back
             evaluated = call(functional, mode="eval")
             pd.testing.assert_frame_equal(evaluated, call(_dropped("none"), mode="eval"))
         assert not noisy["value"].equals(plain["value"]), name
