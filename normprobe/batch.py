@@ -870,7 +870,8 @@ def dropout_off(model: nn.Module, modules: list[nn.Module] | None = None) -> Ite
 
     ``nn.Dropout`` modules go to eval mode with ``p = 0``; stochastic-depth
     modules (``DropPath``, ``StochasticDepth``, ``DropBlock``) go to eval mode,
-    where they are the identity; float attributes whose name says they are a
+    where they are the identity, and so does ``nn.RReLU``, whose negative slope is
+    then the mean of its range instead of a random draw per unit; float attributes whose name says they are a
     drop rate (``attention_dropout``, ``layerdrop``, ``drop_prob``) are set to
     0, on the modules and on a Hugging Face ``config`` they hold: its attention
     passes such a rate to ``F.scaled_dot_product_attention`` whenever the
@@ -887,8 +888,8 @@ def dropout_off(model: nn.Module, modules: list[nn.Module] | None = None) -> Ite
                 m.eval()
                 saved.append((m, "p", m.p))
                 m.p = 0.0
-            elif _STOCHASTIC_DEPTH.search(type(m).__name__):
-                m.eval()
+            elif isinstance(m, nn.RReLU) or _STOCHASTIC_DEPTH.search(type(m).__name__):
+                m.eval()  # the identity, or RReLU's mean slope instead of a random one
             attributes = vars(m)
             for key in _rates(attributes):
                 saved.append((m, key, attributes[key]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 
 import pandas as pd
@@ -295,3 +296,15 @@ def test_random_draws_the_probes_cannot_switch_off_are_said() -> None:
         assert not noisy["value"].equals(plain["value"]), name
     rep = calls["representation"](_dropped("none"))
     assert rep.set_index("layer").loc[["fc2", "fc3"], "value"].min() > 0.9
+    # RReLU draws a slope per unit in training mode: measured at its mean slope, as in eval mode
+    torch.manual_seed(0)
+    rrelu = nn.Sequential(
+        OrderedDict(fc1=nn.Linear(8, 16), act=nn.RReLU(), fc2=nn.Linear(16, 16), fc3=nn.Linear(16, 3))
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for call in calls.values():
+            pd.testing.assert_frame_equal(
+                call(rrelu).drop(columns="mode"), call(rrelu, mode="eval").drop(columns="mode")
+            )
+    assert rrelu.act.training
