@@ -37,6 +37,16 @@ def _metrics(directory: Path) -> pd.DataFrame:
     return pd.read_parquet(directory / "results.parquet")
 
 
+def _user_package(tmp_path: Path, monkeypatch, name: str, nets: str) -> None:
+    """A package ``name`` on the path whose module ``nets`` holds ``nets`` (dedented source),
+    as a user's own factories would be."""
+    package = tmp_path / name
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "nets.py").write_text(textwrap.dedent(nets))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
 def test_results_tables_have_the_promised_columns(tmp_path: Path) -> None:
     results = analyze(SMALL, out=tmp_path, quiet=True)
     for column in ("run", "normalizer", "lr", "seed", "step", "layer", "depth", "metric", "value"):
@@ -344,11 +354,11 @@ def test_cli_analyze_prints_a_summary_and_writes_results(tmp_path: Path) -> None
 
 
 def test_user_factory_and_norm_swapping(tmp_path: Path, monkeypatch) -> None:
-    package = tmp_path / "userpkg"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "nets.py").write_text(
-        textwrap.dedent("""\
+    _user_package(
+        tmp_path,
+        monkeypatch,
+        "userpkg",
+        """\
         import torch.nn as nn
         import normprobe
 
@@ -362,9 +372,8 @@ def test_user_factory_and_norm_swapping(tmp_path: Path, monkeypatch) -> None:
         def torch_bn(width=16):
             return nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.BatchNorm1d(width),
                                  nn.ReLU(), nn.Linear(width, 10))
-        """)
+        """,
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     base = {**SMALL, "hessian": {"enabled": False}, "normalizers": ["prelayer", "layer"]}
     results = analyze(
         {**base, "model": {"factory": "userpkg.nets:with_norm", "options": {"width": 8}}},
@@ -395,11 +404,11 @@ def test_a_factory_model_s_dropout_draws_from_the_run_s_seed(tmp_path: Path, mon
     random in every process: the same analysis gave other numbers each time (test accuracy
     0.958, then 0.964). Each run now draws from its own seed, whatever ran before it, and
     leaves the caller's random stream alone."""
-    package = tmp_path / "droppkg"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "nets.py").write_text(
-        textwrap.dedent("""\
+    _user_package(
+        tmp_path,
+        monkeypatch,
+        "droppkg",
+        """\
         import torch.nn as nn
 
         def net(norm):
@@ -407,9 +416,8 @@ def test_a_factory_model_s_dropout_draws_from_the_run_s_seed(tmp_path: Path, mon
                 nn.Flatten(), nn.Linear(64, 32), nn.LayerNorm(32), nn.ReLU(), nn.Dropout(0.3),
                 nn.Linear(32, 10),
             )
-        """)
+        """,
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     config = {**SMALL, "hessian": {"enabled": False}, "normalizers": ["none"]}
     config["model"] = {"factory": "droppkg.nets:net"}
     config["train"] = {**SMALL["train"], "seeds": [0, 1]}
@@ -431,11 +439,11 @@ def test_a_lazy_factory_is_made_and_a_scripted_one_refused(tmp_path: Path, monke
     are now made from the run's seed by one forward pass on training examples (the same
     weights, bit for bit, as the eager model that draws them in that order), and the scripted
     one is refused before any run."""
-    package = tmp_path / "lazypkg"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "nets.py").write_text(
-        textwrap.dedent("""\
+    _user_package(
+        tmp_path,
+        monkeypatch,
+        "lazypkg",
+        """\
         import torch
         import torch.nn as nn
 
@@ -450,9 +458,8 @@ def test_a_lazy_factory_is_made_and_a_scripted_one_refused(tmp_path: Path, monke
 
         def scripted(norm):
             return torch.jit.script(eager(norm))
-        """)
+        """,
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     base = {**SMALL, "hessian": {"enabled": False}, "normalizers": ["none"]}
     tables = {
         name: analyze(
