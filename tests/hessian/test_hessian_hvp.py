@@ -493,16 +493,22 @@ class _FunctionalDropout(nn.Module):
     ``undecided``: none, but a number drawn in every pass that decides nothing (Hugging Face's
     layer drop at rate 0)."""
 
-    def __init__(self, undecided: bool = False) -> None:
+    def __init__(self, undecided: bool = False, counter: bool = False) -> None:
         super().__init__()
         self.undecided = undecided
         self.fc1, self.fc2, self.fc3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.counter = counter  # a buffer the forward writes to in place, then uses
+        self.register_buffer("calls", torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.undecided:
             skip = self.training and float(torch.rand(())) < 0.0
             return x[:, :3] if skip else self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
-        h = F.dropout(torch.tanh(self.fc1(x)), 0.5, self.training)
+        h = torch.tanh(self.fc1(x))
+        if self.counter:
+            self.calls.add_(1.0)
+            h = h * self.calls  # saved for the backward pass
+        h = F.dropout(h, 0.5, self.training)
         h = F.dropout(torch.tanh(self.fc2(h)), 0.5, self.training)
         return self.fc3(h)
 
@@ -572,3 +578,14 @@ def test_random_draws_of_the_forward_pass_are_seeded_per_chunk_and_said() -> Non
         op = HessianOperator(undecided, F.cross_entropy, (x, y), chunk_size=16)
         op.matvec(torch.ones(op.dim, dtype=torch.float64))
         assert not op.draws
+    # the repeated pass runs on copies of the buffers: a forward that writes to one in place
+    # and then uses it leaves the kept graphs as a rebuilt one is
+    counting, v = make(counter=True), torch.randn(kept.shape[0], generator=g, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        products = [
+            HessianOperator(counting, F.cross_entropy, (x, y), chunk_size=16, **kw).matvec(v)
+            for kw in ({}, {"graph_memory": 0})
+        ]
+    assert torch.equal(*products)
+    assert float(counting.calls) == 1.0  # put back as found
