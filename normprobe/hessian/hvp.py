@@ -1175,9 +1175,9 @@ class HessianOperator:
                     calls.enter_context(_module_calls(called))
                 out = functional_call(self.model, values, args, kwargs, strict=False)
             if measure and not self.draws and states != generator_states(self.device):
-                # the forward drew random numbers: said where they decide its output
-                # on copies of the buffers: a forward that writes to them in place must not
-                # change what this graph saved
+                # the forward drew random numbers: said where they decide its output, asked
+                # on copies of the buffers (a forward that writes to one in place must not
+                # change what this graph saved)
                 again = {**values, **{n: values[n].clone() for n, _ in self.model.named_buffers()}}
                 self.draws = draws_matter(
                     lambda: functional_call(self.model, again, args, kwargs, strict=False),

@@ -390,17 +390,6 @@ def _check_mode(mode: str) -> None:
         )
 
 
-def random_state(model: nn.Module) -> list[bytes]:
-    """The states of the global generators a pass of ``model`` may draw from (CPU, and the
-    model's CUDA device): equal before and after a pass when it drew no random numbers."""
-    return generator_states(model_device(model))
-
-
-def same_state(a: list[bytes], b: list[bytes]) -> bool:
-    """Whether two :func:`random_state` readings are equal."""
-    return a == b
-
-
 def to_model(x: Inputs, model: nn.Module) -> Inputs:
     """Inputs on the model's device; floating-point tensors in the model's dtype (batch contract)."""
     inputs = check_inputs(x, "inputs", ProbeError)
@@ -489,6 +478,8 @@ class Probe:
         self._device = torch.device("cpu")
         self._states: list[bytes] = []
         self._inputs: tuple[Any, dict[str, Any]] = ((), {})
+        #: whether the last pass drew random numbers from torch's global generators
+        self.last_pass_drew = False
         #: the first pass of this session that drew random numbers: its inputs and output's
         #: fingerprint, for :meth:`__exit__` to tell whether the numbers decided anything
         self._drawing: tuple[tuple[Any, dict[str, Any]], torch.Tensor] | None = None
@@ -552,17 +543,13 @@ class Probe:
         known = _DRAWS_MATTER.setdefault(self.model, {})
         if self.mode in known:  # asked once per model and mode: the answer is the model's
             return known[self.mode]
-        probes = [p for p in _ACTIVE if p.model is self.model]
-        paused = [p._paused for p in probes]
-        for p in probes:
-            p._paused = True
-        try:
+        with ExitStack() as stack:
+            for p in _ACTIVE:
+                if p.model is self.model:
+                    stack.enter_context(p.paused())
             known[self.mode] = draws_matter(
                 lambda: self.model(*args, **kwargs), seen, self._device, self.seed + 1
             )
-        finally:
-            for p, was in zip(probes, paused):
-                p._paused = was
         return known[self.mode]
 
     # -- what the last pass recorded
@@ -659,7 +646,8 @@ class Probe:
     def _end_pass(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._paused:
             return
-        if self._drawing is None and self._states != generator_states(self._device):
+        self.last_pass_drew = self._states != generator_states(self._device)
+        if self.last_pass_drew and self._drawing is None:
             self._drawing = (self._inputs, fingerprint(output))
         self._inputs = ((), {})
         ran = set(self._counts)

@@ -54,8 +54,6 @@ from normprobe.probes.capture import (
     Probe,
     ProbeError,
     check_same_layers,
-    random_state,
-    same_state,
     to_model,
     unpack_batch,
 )
@@ -471,13 +469,12 @@ def _two_batches(
     probe = _probe(model, layers, mode, seed, *roles)
     was_frozen = frozen_before(probe)
     with probe:
-        before = None if listener is None else random_state(model)
         grads_a = layer_gradients(probe, model, loss_fn, batch_a, output, was_frozen)
         calls_a = probe.calls
         if listener is None:
             grads_b = layer_gradients(probe, model, loss_fn, batch_b, output, was_frozen)
         else:
-            listener.quiet = same_state(before, random_state(model))
+            listener.quiet = not probe.last_pass_drew
             with listener.probe.paused():
                 grads_b = layer_gradients(probe, model, loss_fn, batch_b, output, was_frozen)
         check_same_layers(calls_a, probe.calls, "batch_a and batch_b")
