@@ -47,7 +47,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from normprobe.batch import OutputPick, compute_loss, differentiated, model_device, to_device
+from normprobe.batch import (
+    OutputPick,
+    all_finite,
+    compute_loss,
+    differentiated,
+    model_device,
+    to_device,
+)
+from normprobe.probes import overflow
 from normprobe.probes.capture import (
     Layers,
     Mode,
@@ -57,6 +65,7 @@ from normprobe.probes.capture import (
     to_model,
     unpack_batch,
 )
+from normprobe.probes.overflow import all_finite_values
 from normprobe.roles import is_embedding, is_frozen, is_normalizer, owns_weight
 
 __all__ = [
@@ -80,12 +89,21 @@ Batch = Sequence[Any]
 # --------------------------------------------------------------------------- pure math
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def cosine(a: torch.Tensor, b: torch.Tensor, *, safe: bool = False) -> torch.Tensor:
     """Cosine similarity of ``a`` and ``b`` flattened (0-dim tensor; NaN if either is zero).
+
+    ``safe``: in float64 on each vector scaled to a largest magnitude of 1, which no finite
+    entries can overflow (:mod:`normprobe.probes.overflow`).
 
     >>> round(cosine(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])).item(), 6)
     0.707107
+    >>> cosine(torch.full((4096,), 1e37), torch.full((4096,), 1e37)).item()  # float32 overflows
+    nan
+    >>> cosine(torch.full((4096,), 1e37), torch.full((4096,), 1e37), safe=True).item()
+    1.0
     """
+    if safe:
+        a, b = overflow.direction(a), overflow.direction(b)
     a, b = a.reshape(-1), b.reshape(-1)
     return torch.dot(a, b) / (torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b))
 
@@ -323,11 +341,28 @@ def _norm_rows(grads: list[LayerGradient]) -> list[tuple[LayerGradient, str, flo
     norms = torch.stack([torch.linalg.vector_norm(g.weight) for g in grads])
     ratios = norms / norms[-1]
     values = torch.stack([norms, ratios], dim=1).double().cpu().tolist()  # one device sync
+    if not all_finite_values(v for pair in values for v in pair):
+        values = _norm_values_again(grads, values)
     return [
         (g, metric, v)
         for g, pair in zip(grads, values)
         for metric, v in zip(("grad_norm", "grad_norm_ratio"), pair)
     ]
+
+
+def _norm_values_again(grads: list[LayerGradient], values: list[list[float]]) -> list[list[float]]:
+    """``values`` with each non-finite norm or ratio computed again free of overflow
+    (:mod:`normprobe.probes.overflow`); the layers whose gradient itself is not finite are said."""
+    exact = [overflow.norm(g.weight) for g in grads]
+    again = [[n, n / exact[-1] if exact[-1] else math.inf * n] for n in exact]
+    values = [
+        [v if math.isfinite(v) else w for v, w in zip(pair, pair_again)]
+        for pair, pair_again in zip(values, again)
+    ]
+    overflow.warn_of_non_finite(
+        "gradient", [g.name for g, n in zip(grads, exact) if not math.isfinite(n)]
+    )
+    return values
 
 
 def gradient_correlation(
@@ -486,7 +521,21 @@ def _corr_rows(
     grads_a: list[LayerGradient], grads_b: list[LayerGradient]
 ) -> list[tuple[LayerGradient, str, float]]:
     values = torch.stack([cosine(a.params(), b.params()) for a, b in zip(grads_a, grads_b)])
-    return [(g, "grad_corr", v) for g, v in zip(grads_a, values.double().cpu().tolist())]
+    floats = values.double().cpu().tolist()  # one device sync
+    if not all_finite_values(floats):
+        floats = [
+            v if math.isfinite(v) else float(cosine(a.params(), b.params(), safe=True))
+            for v, a, b in zip(floats, grads_a, grads_b)
+        ]
+        overflow.warn_of_non_finite(
+            "gradient",
+            [
+                a.name
+                for a, b in zip(grads_a, grads_b)
+                if not (all_finite(a.params()) and all_finite(b.params()))
+            ],
+        )
+    return [(g, "grad_corr", v) for g, v in zip(grads_a, floats)]
 
 
 def _frame(

@@ -40,6 +40,7 @@ from torch import nn
 
 from normprobe.batch import (
     Inputs,
+    all_finite,
     batch_size,
     flat_inputs,
     input_tensors,
@@ -51,6 +52,7 @@ from normprobe.batch import (
     layout as _layout,
 )
 from normprobe.errors import user_stacklevel
+from normprobe.probes import overflow
 from normprobe.probes.capture import (
     LayerCall,
     Layers,
@@ -61,6 +63,7 @@ from normprobe.probes.capture import (
     inputs_of,
     to_model,
 )
+from normprobe.probes.overflow import all_finite_values
 
 __all__ = [
     "Pairing",
@@ -92,41 +95,56 @@ def _float(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def centred(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``a`` flattened minus its mean, and the norm of that vector (the two halves of a Pearson r)."""
-    v = _float(a).reshape(-1)
+def centred(a: torch.Tensor, *, safe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` flattened minus its mean, and the norm of that vector (the two halves of a Pearson r).
+
+    ``safe``: in float64, ``a`` first scaled to a largest magnitude of 1, which leaves the
+    correlation as it is and lets no finite entries overflow (:mod:`normprobe.probes.overflow`).
+    """
+    v = overflow.direction(a) if safe else _float(a).reshape(-1)
     v = v - v.mean()
     return v, torch.linalg.vector_norm(v)
 
 
-def pearson_centred(a_centred: torch.Tensor, a_norm: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """:func:`pearson` of ``a`` and ``b`` given ``centred(a)``, so ``b`` need not be stored."""
+def pearson_centred(
+    a_centred: torch.Tensor, a_norm: torch.Tensor, b: torch.Tensor, *, safe: bool = False
+) -> torch.Tensor:
+    """:func:`pearson` of ``a`` and ``b`` given ``centred(a, safe=safe)``, so ``b`` need not be
+    stored."""
     if a_centred.numel() != b.numel():
         raise ProbeError(
             f"pearson needs two tensors with as many entries, got {a_centred.numel()} and "
             f"{b.numel()}"
         )
-    v, v_norm = centred(b)
+    v, v_norm = centred(b, safe=safe)
     return torch.dot(a_centred, v) / (a_norm * v_norm)
 
 
-def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def pearson(a: torch.Tensor, b: torch.Tensor, *, safe: bool = False) -> torch.Tensor:
     """Pearson correlation of ``a`` and ``b`` flattened (0-dim tensor; NaN if one is constant).
+
+    ``safe``: free of overflow (:func:`centred`); float32's sums overflow at entries near 1e19.
 
     >>> round(pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 7.0])).item(), 6)
     0.993399
+    >>> a, b = torch.tensor([1.0, 2.0, 3.0]) * 1e37, torch.tensor([2.0, 4.0, 7.0]) * 1e37
+    >>> pearson(a, b).item(), round(pearson(a, b, safe=True).item(), 6)
+    (nan, 0.993399)
     """
-    return pearson_centred(*centred(a), b)
+    return pearson_centred(*centred(a, safe=safe), b, safe=safe)
 
 
-def mean_offdiagonal_cosine(h: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+def mean_offdiagonal_cosine(
+    h: torch.Tensor, eps: float = 1e-8, *, safe: bool = False
+) -> torch.Tensor:
     """Mean cosine similarity over all pairs ``i != j`` of the rows of ``h`` (N, ...) flattened.
 
     Uses ``sum_{i != j} u_i . u_j = |sum_i u_i|^2 - sum_i |u_i|^2`` for the unit
     rows ``u_i``, so no N x N matrix is formed and the rows are read twice
     (their norms, then one matrix-vector product). A zero row has cosine 0
     with everything, as in ``torch.nn.functional.cosine_similarity`` (norms
-    clamped to ``eps``).
+    clamped to ``eps``). ``safe``: in float64, each row first scaled to a largest magnitude
+    of 1, which no finite entries can overflow (:mod:`normprobe.probes.overflow`).
 
     >>> round(mean_offdiagonal_cosine(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])).item(), 6)
     0.333333
@@ -138,6 +156,10 @@ def mean_offdiagonal_cosine(h: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
             f"use a larger batch"
         )
     rows = _float(h).reshape(n, -1)
+    if safe:
+        rows = rows.detach().double()
+        largest = rows.abs().amax(dim=1, keepdim=True)
+        rows = rows / torch.where(largest > 0, largest, 1.0)
     norms = torch.linalg.vector_norm(rows, dim=1)
     inverse = 1.0 / norms.clamp_min(eps)
     total = inverse @ rows  # sum_i u_i
@@ -346,33 +368,84 @@ def representation_columns(
             )
 
     _warn_of_padding(x, x_other if pairing == "independent" else None)
+    calls, shapes, values, rule, _ = _measured(
+        model, x, x_other, n, pairing, layers, mode, seed, noise_scale, shared
+    )
+    floats = torch.stack(values).double().cpu().tolist()  # one device sync
+    if not all_finite_values(floats):
+        again = _measured(model, x, x_other, n, pairing, layers, mode, seed, noise_scale, safe=True)
+        check_same_layers(calls, again[0], "the pass repeated free of overflow")
+        exact = torch.stack(again[2]).double().cpu().tolist()
+        floats = [v if math.isfinite(v) else w for v, w in zip(floats, exact)]
+        overflow.warn_of_non_finite("representation", again[4])
+    return {
+        **_columns(calls, shapes, floats, pairing, mode, seed),
+        "layer_rule": [rule] * len(shapes),
+    }
+
+
+def _measured(
+    model: nn.Module,
+    x: Inputs,
+    x_other: Inputs | None,
+    n: int,
+    pairing: str,
+    layers: Layers,
+    mode: Mode,
+    seed: int,
+    noise_scale: float,
+    shared: SharedPass | None = None,
+    safe: bool = False,
+) -> tuple[list[LayerCall], list[str], list[torch.Tensor], str, list[str]]:
+    """The probe's passes: the layer calls, the shapes and values of the rows (the input's
+    first), the layer rule, and (``safe``: the values computed free of overflow) the labels of
+    the layers whose representation held NaN or infinite values."""
+    non_finite: list[str] = []
+
+    def note(call: LayerCall, h: torch.Tensor) -> None:
+        if safe and not all_finite(h) and call.label not in non_finite:
+            non_finite.append(call.label)
+
+    def within(call: LayerCall, h: torch.Tensor) -> tuple[torch.Tensor, str]:
+        note(call, h)
+        return _within(h, call, n, safe), _shape(h)
+
+    def first(call: LayerCall, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+        note(call, h)
+        return (*centred(h, safe=safe), _shape(h))
+
     # Statistics are computed inside the hooks, while each output is fresh: only the
     # first batch's centred representations are held, the second batch's are not stored.
     with Probe(model, layers, mode=mode, seed=seed) as probe, torch.no_grad():
         if pairing == "within":
-            probe.reduce = lambda call, h: (_within(h, call, n), _shape(h))
+            probe.reduce = within
             probe.run(x)
             calls, kept = probe.calls, probe.reduced
-            values = [mean_offdiagonal_cosine(flat_inputs(x)), *(kept[c.label][0] for c in calls)]
+            values = [
+                mean_offdiagonal_cosine(flat_inputs(x), safe=safe),
+                *(kept[c.label][0] for c in calls),
+            ]
         else:
-            probe.reduce = lambda call, h: (*centred(h), _shape(h))
+            probe.reduce = first
             if shared is None or not shared(probe):
                 probe.run(x)
             calls, kept = probe.calls, probe.reduced
-            probe.reduce = lambda call, h: _correlate(kept.get(call.label), h)
+
+            def second(call: LayerCall, h: torch.Tensor) -> torch.Tensor:
+                note(call, h)
+                return _correlate(kept.get(call.label), h, safe)
+
+            probe.reduce = second
             with _said_of_the_noise_pass(noise_scale) if pairing == "noise" else nullcontext():
                 probe.run(x_other)
             check_same_layers(calls, probe.calls, "the two minibatches")
             correlations = probe.reduced
             values = [
-                pearson(flat_inputs(x), flat_inputs(x_other)),
+                pearson(flat_inputs(x), flat_inputs(x_other), safe=safe),
                 *(correlations[c.label] for c in calls),
             ]
         shapes = [_input_shape(x), *(kept[c.label][-1] for c in calls)]
-    return {
-        **_columns(calls, shapes, values, pairing, mode, seed),
-        "layer_rule": [probe.rule] * len(shapes),
-    }
+    return calls, shapes, values, probe.rule, non_finite
 
 
 #: padding masks by their keyword: True where a position is padding (attention_mask: 0)
@@ -450,21 +523,21 @@ def _said_of_the_noise_pass(noise_scale: float) -> Iterator[None]:
             warnings.showwarning = shown
 
 
-def _correlate(first: tuple | None, h: torch.Tensor) -> torch.Tensor:
+def _correlate(first: tuple | None, h: torch.Tensor, safe: bool = False) -> torch.Tensor:
     if first is None:  # a layer the first pass did not run; check_same_layers reports it
         return torch.full((), float("nan"), device=h.device)
     a_centred, a_norm, _ = first
-    return pearson_centred(a_centred, a_norm, h)
+    return pearson_centred(a_centred, a_norm, h, safe=safe)
 
 
-def _within(h: torch.Tensor, call: LayerCall, n: int) -> torch.Tensor:
+def _within(h: torch.Tensor, call: LayerCall, n: int, safe: bool = False) -> torch.Tensor:
     if h.dim() == 0 or h.shape[0] != n:
         raise ProbeError(
             f"layer {call.label!r} returned shape {tuple(h.shape)}, whose first axis is not the "
             f"batch of {n}; pairing='within' compares examples along the first axis (use "
             f"batch_first=True for transformers)"
         )
-    return mean_offdiagonal_cosine(h)
+    return mean_offdiagonal_cosine(h, safe=safe)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -479,7 +552,7 @@ def _input_shape(x: Inputs) -> str:
 def _columns(
     calls: list[LayerCall],
     shapes: list[str],
-    values: list[torch.Tensor],
+    values: list[float],
     pairing: str,
     mode: str,
     seed: int,
@@ -489,7 +562,7 @@ def _columns(
         "layer": ["input", *(c.label for c in calls)],
         "depth": [0, *(c.depth for c in calls)],
         "metric": [METRICS[pairing]] * n,
-        "value": torch.stack(values).double().cpu().tolist(),  # one device sync
+        "value": values,
         "pairing": [pairing] * n,
         "module": ["input", *(c.name for c in calls)],
         "call": [1, *(c.call for c in calls)],
