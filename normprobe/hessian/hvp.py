@@ -82,6 +82,7 @@ from normprobe.batch import (
     Targets,
     all_finite,
     attributes_kept,
+    autocast_on,
     batch_size,
     call_args,
     check_call,
@@ -103,6 +104,7 @@ from normprobe.batch import (
     to_device,
     warn_of_random_draws,
 )
+from normprobe.errors import user_stacklevel
 from normprobe.hessian.batchnorm import LeanBatchNorm
 from normprobe.hessian.distributed import (
     ShardGroup,
@@ -558,14 +560,20 @@ def _put_back_flags(flags: list[tuple[nn.Module, bool]]) -> None:
             module.training = flag
 
 
+#: a module call seen by :func:`_module_calls`: the module, whether autograd was on, the ids
+#: of the parameters it held, and the dtype ``torch.autocast`` ran it in (None: autocast off)
+ModuleCall = tuple[nn.Module, bool, list[int], "torch.dtype | None"]
+
+
 @contextmanager
-def _module_calls(calls: list[tuple[nn.Module, bool, list[int]]]) -> Iterator[None]:
-    """Every module called inside the block, appended to ``calls`` as ``(module, whether
-    autograd was on, ids of the parameters it held at the call)`` (a global forward pre-hook)."""
+def _module_calls(calls: list[ModuleCall], device: torch.device) -> Iterator[None]:
+    """Every module called inside the block, appended to ``calls`` (a global forward pre-hook;
+    autocast as on ``device``'s type)."""
 
     def hook(module: nn.Module, args: Any) -> None:
         held = [id(p) for p in module._parameters.values() if p is not None]
-        calls.append((module, torch.is_grad_enabled(), held))
+        cast = torch.get_autocast_dtype(device.type) if autocast_on(device) else None
+        calls.append((module, torch.is_grad_enabled(), held, cast))
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
@@ -1169,10 +1177,10 @@ class HessianOperator:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
             stack.enter_context(self._forward_ops())
             args, kwargs = call_args(x)
-            called: list[tuple[nn.Module, bool, list[int]]] = []  # the forward's (first build)
+            called: list[ModuleCall] = []  # the forward's (first build)
             with ExitStack() as calls:
                 if not self._graph_checked:
-                    calls.enter_context(_module_calls(called))
+                    calls.enter_context(_module_calls(called, self.device))
                 out = functional_call(self.model, values, args, kwargs, strict=False)
             if measure and not self.draws and states != generator_states(self.device):
                 # the forward drew random numbers: said where they decide its output, asked
@@ -1198,9 +1206,9 @@ class HessianOperator:
                 )
             # a module called during the backward pass is a forward recomputed there
             # (torch.utils.checkpoint): the products' backward passes must then run it as here
-            recomputed: list[tuple[nn.Module, bool, list[int]]] = []
+            recomputed: list[ModuleCall] = []
             if not self._graph_checked:
-                stack.enter_context(_module_calls(recomputed))
+                stack.enter_context(_module_calls(recomputed, self.device))
             stack.enter_context(differentiated(HessianError))
             grads = torch.autograd.grad(
                 loss.reshape(()) * weight,
@@ -1214,7 +1222,8 @@ class HessianOperator:
             if problem:
                 raise HessianError(problem)
             # after the gradient: a reentrant checkpoint's own error first
-            self._refuse_no_grad_parameters([(m, held) for m, on, held in called if not on])
+            self._refuse_no_grad_parameters([(m, held) for m, on, held, _ in called if not on])
+            self._warn_of_autocast(called)
             self._graph_checked = True
             self.recomputes = bool(recomputed)
         if self.recomputes:
@@ -1246,6 +1255,31 @@ class HessianOperator:
             if self._sparse:
                 stack.enter_context(dense_gradients(self._sparse))
             yield
+
+    def _warn_of_autocast(self, calls: list[ModuleCall]) -> None:
+        """Say so where the model's forward turns ``torch.autocast`` on itself: the products
+        are then computed in the lower precision inside it (the enclosing region, a
+        training loop's, is switched off for the products, but not one the forward enters)."""
+        cast = [(m, dtype) for m, _, _, dtype in calls if dtype is not None]
+        if not cast:
+            return
+        names = {id(m): n for n, m in self.model.named_modules()}
+        shown = list(
+            dict.fromkeys(names.get(id(m), type(m).__name__) or "the model" for m, _ in cast)
+        )
+        dtype = str(cast[0][1]).removeprefix("torch.")
+        more = f", ... ({len(shown)} in all)" if len(shown) > 4 else ""
+        eps = torch.finfo(cast[0][1]).eps
+        warnings.warn(
+            f"the model's forward pass turns torch.autocast on itself ({dtype}, running "
+            f"{', '.join(shown[:4])}{more}), so the Hessian-vector products are computed in "
+            f"{dtype} there and carry its rounding (about {eps:.1g} relative): eigenvalues and "
+            f"the density are only that accurate, and the top eigenvalues may miss their "
+            f"residual tolerance. For products in the model's own dtype ({self.model_dtype}), "
+            f"let the forward skip autocast while the Hessian is measured (a flag of the model)",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _refuse_no_grad_parameters(self, calls: list[tuple[nn.Module, list[int]]]) -> None:
         """Refuse selected parameters of modules the forward ran with autograd off: the loss
@@ -1356,8 +1390,11 @@ class HessianOperator:
         if not outputs:
             shape = (self.dim,) if batch is None else (batch, self.dim)
             return torch.zeros(shape, dtype=self.dtype, device=self.device)
-        with self._as_built(), _second_derivative():  # (_as_built: a checkpointed model
-            hv = torch.autograd.grad(  # recomputes its forward in here)
+        # (_as_built: a checkpointed model recomputes its forward in here; full_precision: the
+        # backward runs under the caller's autocast state, a loop's region included, and
+        # would cast the products' matrix multiplications)
+        with self._as_built(), _second_derivative(), full_precision(self.device):
+            hv = torch.autograd.grad(
                 outputs,
                 self._leaves,
                 grad_outputs,

@@ -589,3 +589,56 @@ def test_random_draws_of_the_forward_pass_are_seeded_per_chunk_and_said() -> Non
         ]
     assert torch.equal(*products)
     assert float(counting.calls) == 1.0  # put back as found
+
+
+class _Autocast(nn.Module):
+    """A forward that enters ``torch.autocast`` itself (``cast``), or switches it off for a part
+    that must stay in float32 (``cast=None``, as Hugging Face's rotary embeddings do)."""
+
+    def __init__(self, cast: bool | None) -> None:
+        super().__init__()
+        self.cast = cast
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(self.cast)):
+            return self.fc2(torch.tanh(self.fc1(x))).float()
+
+
+def _autocast_products(cast: bool | None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    torch.manual_seed(0)
+    op = HessianOperator(_Autocast(cast), F.cross_entropy, (x, y), chunk_size=64)
+    return torch.stack([op.matvec(e) for e in torch.eye(op.dim)[:20]])
+
+
+def test_autocast_the_forward_turns_on_itself_is_said() -> None:
+    """An autocast region that the model's forward enters itself cannot be switched off from
+    outside: its products carry bfloat16's rounding, and the only sign was the top eigenvalues
+    missing their tolerance with a hint about float32. A warning now names it, at the
+    caller's line; a forward that switches autocast off, or never turns it on, says nothing."""
+    with pytest.warns(
+        UserWarning, match=r"turns torch.autocast on itself \(bfloat16, running fc1, fc2\)"
+    ) as caught:
+        cast = _autocast_products(True)
+    assert {w.filename for w in caught} == {__file__}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain, off = _autocast_products(False), _autocast_products(None)
+    assert torch.equal(plain, off)
+    # the warning's reason: bfloat16's rounding, far above float32's
+    assert float((cast - plain).norm() / plain.norm()) > 1e-3
+
+
+def test_products_inside_a_loop_s_autocast_region_are_those_outside_it() -> None:
+    """The operator used directly inside a training loop's autocast region: the graphs were
+    built in full precision, but the products' backward pass ran under the caller's autocast
+    state and cast its matrix multiplications to bfloat16 (3e-3 relative here). The products
+    now equal those outside the region, bit for bit, and nothing is said."""
+    plain = _autocast_products(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outer = _autocast_products(False)
+    assert torch.equal(plain, outer)
