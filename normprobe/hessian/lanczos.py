@@ -150,6 +150,10 @@ class LanczosResult:
 BLOCK = 16384
 
 
+#: the byte alignment of a fresh CPU tensor (torch's allocator)
+_ALIGNMENT = 64
+
+
 def _coefficients(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``q @ w``; for a float32 basis, summed in float64 over blocks of :data:`BLOCK` columns.
 
@@ -496,6 +500,11 @@ class _LanczosRun:
         if not (self.direct and product.dtype == basis.dtype):
             product = product.to(self.dtype)
         w = self._to_basis(product)
+        if w.data_ptr() % _ALIGNMENT:
+            # a row of lockstep's block of products: BLAS rounds a reduction over a vector
+            # that starts off its alignment otherwise than over a fresh one on some CPUs
+            # (AVX2), and a row must give the bits of the same product from matvec
+            w = self.work.copy_(w)
         # The three-term recurrence, then reorthogonalization against the whole basis
         # (every step, or where the partial scheme's estimate says so). Written into
         # one scratch vector, out= and in place, each subtraction fused with its product
