@@ -105,6 +105,7 @@ __all__ = [
     "generator_states",
     "fingerprint",
     "draws_matter",
+    "first_said",
     "warn_of_random_draws",
     "dense_gradients",
     "sparse_embeddings",
@@ -982,21 +983,28 @@ def draws_matter(
     )
 
 
-#: model -> what was said of the random numbers it draws (:func:`warn_of_random_draws`)
-_SAID_OF_DRAWS: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+#: model -> the warnings said of it once (:func:`first_said`)
+_SAID: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def first_said(model: nn.Module, key: str) -> bool:
+    """True the first time it is asked of ``model`` and ``key``, False after: for a warning
+    said once per model. A training loop measures the same model at every step, and Python's
+    own once-per-line rule is undone whenever some library changes the warning filters."""
+    said = _SAID.setdefault(model, set())
+    if key in said:
+        return False
+    said.add(key)
+    return True
 
 
 def warn_of_random_draws(model: nn.Module, what: str, result: str, remedy: str) -> None:
     """Say, once per model and ``what``, that its forward pass depends on random numbers with
     every dropout module off (:func:`draws_matter`): something :func:`dropout_off` cannot
     reach (a functional dropout at a fixed rate, a noise layer, sampling) made ``what``
-    measure ``result``; ``remedy`` says what measures without it. Once: a training loop
-    measures the same model at every step, and Python's own once-per-line rule is undone
-    whenever some library changes the warning filters."""
-    said = _SAID_OF_DRAWS.setdefault(model, set())
-    if what in said:
+    measure ``result``; ``remedy`` says what measures without it (once: :func:`first_said`)."""
+    if not first_said(model, f"random draws: {what}"):
         return
-    said.add(what)
     warnings.warn(
         f"the model's forward pass depends on random numbers from torch's generator with "
         f"every dropout module and drop rate off (a functional dropout at a fixed rate such "

@@ -94,6 +94,7 @@ from normprobe.batch import (
     draws_matter,
     dropout_off,
     fingerprint,
+    first_said,
     forked_random_state,
     full_precision,
     generator_states,
@@ -1261,7 +1262,7 @@ class HessianOperator:
         are then computed in the lower precision inside it (the enclosing region, a
         training loop's, is switched off for the products, but not one the forward enters)."""
         cast = [(m, dtype) for m, _, _, dtype in calls if dtype is not None]
-        if not cast:
+        if not cast or not first_said(self.model, "autocast"):  # once per model
             return
         names = {id(m): n for n, m in self.model.named_modules()}
         shown = list(

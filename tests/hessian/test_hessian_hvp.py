@@ -605,11 +605,12 @@ class _Autocast(nn.Module):
             return self.fc2(torch.tanh(self.fc1(x))).float()
 
 
-def _autocast_products(cast: bool | None) -> torch.Tensor:
+def _autocast_products(cast: bool | None | nn.Module) -> torch.Tensor:
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
     torch.manual_seed(0)
-    op = HessianOperator(_Autocast(cast), F.cross_entropy, (x, y), chunk_size=64)
+    model = cast if isinstance(cast, nn.Module) else _Autocast(cast)
+    op = HessianOperator(model, F.cross_entropy, (x, y), chunk_size=64)
     return torch.stack([op.matvec(e) for e in torch.eye(op.dim)[:20]])
 
 
@@ -623,8 +624,13 @@ def test_autocast_the_forward_turns_on_itself_is_said() -> None:
     ) as caught:
         cast = _autocast_products(True)
     assert {w.filename for w in caught} == {__file__}
+    torch.manual_seed(0)
+    model = _Autocast(True)
+    with pytest.warns(UserWarning, match="turns torch.autocast on itself"):
+        _autocast_products(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        _autocast_products(model)  # once per model: a training loop measures it at every step
         plain, off = _autocast_products(False), _autocast_products(None)
     assert torch.equal(plain, off)
     # the warning's reason: bfloat16's rounding, far above float32's
