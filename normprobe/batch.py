@@ -65,7 +65,7 @@ import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from normprobe.errors import NormprobeError, user_stacklevel
+from normprobe.errors import NormprobeError, listed, user_stacklevel
 
 __all__ = [
     "BatchError",
@@ -751,7 +751,7 @@ def check_measurable(
     if scripted:
         # the outermost scripted modules: the submodules of a scripted module are scripted too
         outer = [n for n in scripted if not any(n.startswith(f"{o}.") for o in scripted)]
-        what = "the model is" if _WHOLE in scripted else f"module(s) {_listed(outer)} are"
+        what = "the model is" if _WHOLE in scripted else f"module(s) {listed(outer, 5)} are"
         raise error(
             f"{what} TorchScript (torch.jit.script or torch.jit.trace); the probes hook the "
             f"layers and the Hessian differentiates twice, which a scripted module does not "
@@ -760,7 +760,7 @@ def check_measurable(
         )
     if lazy:
         raise error(
-            f"lazy module(s) {_listed(lazy)} have no parameters yet: they take their shapes from "
+            f"lazy module(s) {listed(lazy, 5)} have no parameters yet: they take their shapes from "
             f"the first forward pass, which would change the model while normprobe measures "
             f"it; run one forward pass first (with torch.no_grad(): model(x))"
         )
@@ -783,11 +783,6 @@ def _named(model: nn.Module, modules: Iterable[nn.Module]) -> Iterator[tuple[str
             if names is None:
                 names = {id(sub): name or _WHOLE for name, sub in model.named_modules()}
             yield names.get(id(m), type(m).__name__), m
-
-
-def _listed(names: list[str]) -> str:
-    more = f", ... ({len(names)} in all)" if len(names) > 5 else ""
-    return ", ".join(names[:5]) + more
 
 
 @contextmanager

@@ -19,6 +19,7 @@ __all__ = [
     "ModelError",
     "DatasetError",
     "user_stacklevel",
+    "listed",
 ]
 
 
@@ -72,3 +73,13 @@ def user_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def listed(names: list[str], limit: int) -> str:
+    """The first ``limit`` names, comma-separated, and how many there are in all beyond that.
+
+    >>> listed(["a", "b", "c"], 2)
+    'a, b, ... (3 in all)'
+    """
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

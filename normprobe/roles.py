@@ -40,6 +40,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 
+from normprobe.errors import listed
+
 __all__ = [
     "ACTIVATION_TYPES",
     "NORMALIZER_TYPES",
@@ -235,9 +237,7 @@ def weight_rule(embeddings: bool, norms: bool, frozen: bool, left_out: dict[str,
         f"frozen {yes[frozen]}"
     )
     if left_out:
-        listed = ", ".join(f"{n} ({r})" for n, r in list(left_out.items())[:8])
-        more = f", ... ({len(left_out)} in all)" if len(left_out) > 8 else ""
-        rule += f"; left out: {listed}{more}"
+        rule += f"; left out: {listed([f'{n} ({r})' for n, r in left_out.items()], 8)}"
     return rule
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from normprobe.batch import attributes_kept
-from normprobe.errors import NormprobeError, user_stacklevel
+from normprobe.errors import NormprobeError, listed, user_stacklevel
 
 __all__ = [
     "ParametersWrittenError",
@@ -296,10 +296,9 @@ def warn_of_frozen_statistics(model: nn.Module, option: str) -> None:
         if not m.training and _running_stats_flag(m) is True
     ]
     if held:
-        more = f", ... ({len(held)} in all)" if len(held) > 5 else ""
         warnings.warn(
             f"{option} runs every module in train mode, and the model (in train mode) holds "
-            f"{', '.join(held[:5])}{more} in eval mode (batch norm frozen?): those layers will "
+            f"{listed(held, 5)} in eval mode (batch norm frozen?): those layers will "
             f"normalize with the batch's statistics, not the running ones the model trains "
             f"with; where every such layer is frozen, {option.split('=')[0]}='eval' measures "
             f"them as they train",

@@ -105,7 +105,7 @@ from normprobe.batch import (
     to_device,
     warn_of_random_draws,
 )
-from normprobe.errors import user_stacklevel
+from normprobe.errors import listed, user_stacklevel
 from normprobe.hessian.batchnorm import LeanBatchNorm
 from normprobe.hessian.distributed import (
     ShardGroup,
@@ -470,9 +470,7 @@ def _inner_names(inner: nn.Module, params: ParamSelection, prefix: str) -> Param
 def _refuse_compiled_parts(model: nn.Module) -> None:
     compiled = [name for name, m in model.named_modules() if name and _is_compiled(m)]
     if compiled:
-        shown = ", ".join(compiled[:5]) + (
-            f", ... ({len(compiled)} in all)" if len(compiled) > 5 else ""
-        )
+        shown = listed(compiled, 5)
         raise HessianError(
             f"the Hessian's products need double backward, which torch.compile'd modules do not "
             f"have, and these submodules are compiled: {shown}; pass the model with the "
@@ -1269,11 +1267,10 @@ class HessianOperator:
             dict.fromkeys(names.get(id(m), type(m).__name__) or "the model" for m, _ in cast)
         )
         dtype = str(cast[0][1]).removeprefix("torch.")
-        more = f", ... ({len(shown)} in all)" if len(shown) > 4 else ""
         eps = torch.finfo(cast[0][1]).eps
         warnings.warn(
             f"the model's forward pass turns torch.autocast on itself ({dtype}, running "
-            f"{', '.join(shown[:4])}{more}), so the Hessian-vector products are computed in "
+            f"{listed(shown, 4)}), so the Hessian-vector products are computed in "
             f"{dtype} there and carry its rounding (about {eps:.1g} relative): eigenvalues and "
             f"the density are only that accurate, and the top eigenvalues may miss their "
             f"residual tolerance. For products in the model's own dtype ({self.model_dtype}), "
@@ -1297,7 +1294,7 @@ class HessianOperator:
             )
         )
         if off:
-            shown = ", ".join(off[:6]) + (f", ... ({len(off)} in all)" if len(off) > 6 else "")
+            shown = listed(off, 6)
             raise HessianError(
                 f"the model runs {shown} with autograd off (inside torch.no_grad(), or a "
                 f"reentrant torch.utils.checkpoint whose inputs need no gradient), so the loss "

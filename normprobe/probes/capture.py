@@ -60,7 +60,7 @@ from normprobe.batch import (
     to_device,
     warn_of_random_draws,
 )
-from normprobe.errors import NormprobeError
+from normprobe.errors import NormprobeError, listed
 from normprobe.roles import (
     ACTIVATION_TYPES,
     AFFINE_TYPES,
@@ -279,7 +279,7 @@ def _default_layers(
     raise ProbeError(
         f"the model has no activation or normalization or Linear/Conv modules (and no blocks) "
         f"for the default layer rule; name the layers to probe with layers=[...] (module names), a module "
-        f"type, or a regex; modules: {_preview(list(named))}"
+        f"type, or a regex; modules: {listed(list(named), 12)}"
     )
 
 
@@ -293,7 +293,7 @@ def _by_regex(named: dict[str, nn.Module], pattern: str) -> dict[str, nn.Module]
         literal = pattern.replace("\\", "")
         raise ProbeError(
             f"the regex layers={pattern!r} matches no module name (it must match a whole name)"
-            f"{_did_you_mean(literal, list(named))}; module names: {_preview(list(named))}"
+            f"{_did_you_mean(literal, list(named))}; module names: {listed(list(named), 12)}"
         )
     return chosen
 
@@ -319,7 +319,7 @@ def _by_names(named: dict[str, nn.Module], names: list[str]) -> dict[str, nn.Mod
     if unknown:
         hints = "; ".join(f"{n!r}{_did_you_mean(n, list(named))}" for n in unknown[:3])
         raise ProbeError(
-            f"unknown module name(s) in layers: {hints}; module names: {_preview(list(named))}"
+            f"unknown module name(s) in layers: {hints}; module names: {listed(list(named), 12)}"
         )
     return {name: named[name] for name in named if name in set(names)}
 
@@ -327,11 +327,6 @@ def _by_names(named: dict[str, nn.Module], names: list[str]) -> dict[str, nn.Mod
 def _did_you_mean(name: str, names: list[str]) -> str:
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-
-
-def _preview(names: list[str], limit: int = 12) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 # --------------------------------------------------------------------------- state
@@ -669,7 +664,7 @@ class Probe:
             )
         if not ran:
             raise ProbeError(
-                f"none of the selected layers ({_preview(list(self.selected))}) ran as a module "
+                f"none of the selected layers ({listed(list(self.selected), 12)}) ran as a module "
                 f"in the forward pass; the model may call them functionally (e.g. F.relu): name "
                 f"the layers to probe with layers=..."
             )
@@ -751,7 +746,7 @@ def check_same_layers(first: Sequence[LayerCall], second: Sequence[LayerCall], w
     a, b = [c.label for c in first], [c.label for c in second]
     if a != b:
         raise ProbeError(
-            f"the model ran different layers for {what}: {_preview(a, 6)} against "
-            f"{_preview(b, 6)}; probes compare the same layers across passes, so the selected "
+            f"the model ran different layers for {what}: {listed(a, 6)} against "
+            f"{listed(b, 6)}; probes compare the same layers across passes, so the selected "
             f"layers must run in the same order every time"
         )

@@ -55,6 +55,7 @@ from normprobe.batch import (
     model_device,
     to_device,
 )
+from normprobe.errors import listed
 from normprobe.probes import overflow
 from normprobe.probes.capture import (
     Layers,
@@ -311,8 +312,7 @@ def _stated_rule(probe: Probe) -> str:
         (probe.without_autograd, "ran with autograd off (torch.no_grad or a reentrant checkpoint)"),
     ):
         if names:
-            more = f", ... ({len(names)} in all)" if len(names) > 8 else ""
-            rule += f"; {why} (no gradient row): {', '.join(names[:8])}{more}"
+            rule += f"; {why} (no gradient row): {listed(names, 8)}"
     return rule
 
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from normprobe.errors import user_stacklevel
+from normprobe.errors import listed, user_stacklevel
 
 __all__ = ["direction", "norm", "all_finite_values", "warn_of_non_finite"]
 
@@ -66,12 +66,11 @@ def warn_of_non_finite(what: str, layers: Sequence[str]) -> None:
     """One warning naming the layers whose ``what`` holds NaN or infinite values."""
     if not layers:
         return
-    more = f", ... ({len(layers)} in all)" if len(layers) > 8 else ""
     warnings.warn(
-        f"the {what} of layer{'s' if len(layers) > 1 else ''} {', '.join(layers[:8])}{more} "
+        f"the {what} of layer{'s' if len(layers) > 1 else ''} {listed(list(layers), 8)} "
         f"holds NaN or infinite values, so their rows are NaN or infinite: the model's own "
         f"numbers overflowed (a diverging or badly scaled network, or a learning rate too "
-        f"high). check the model at this step; the other layers' rows are unaffected",
+        f"high); check the model at this step: the other layers' rows are unaffected",
         UserWarning,
         stacklevel=user_stacklevel(),
     )

@@ -373,11 +373,13 @@ def representation_columns(
     )
     floats = torch.stack(values).double().cpu().tolist()  # one device sync
     if not all_finite_values(floats):
-        again = _measured(model, x, x_other, n, pairing, layers, mode, seed, noise_scale, safe=True)
-        check_same_layers(calls, again[0], "the pass repeated free of overflow")
-        exact = torch.stack(again[2]).double().cpu().tolist()
+        calls_again, _, values_again, _, non_finite = _measured(
+            model, x, x_other, n, pairing, layers, mode, seed, noise_scale, safe=True
+        )
+        check_same_layers(calls, calls_again, "the pass repeated free of overflow")
+        exact = torch.stack(values_again).double().cpu().tolist()
         floats = [v if math.isfinite(v) else w for v, w in zip(floats, exact)]
-        overflow.warn_of_non_finite("representation", again[4])
+        overflow.warn_of_non_finite("representation", non_finite)
     return {
         **_columns(calls, shapes, floats, pairing, mode, seed),
         "layer_rule": [rule] * len(shapes),
