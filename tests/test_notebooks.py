@@ -6,6 +6,7 @@ temporary folder, so what it writes stays out of the repository.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -41,21 +42,52 @@ def test_committed_with_outputs_and_figures(path: Path) -> None:
     assert "/tmp/" not in text and str(Path.home()) + "/" not in text  # no machine's paths
 
 
+@pytest.fixture(scope="module")
+def executed(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[nbformat.NotebookNode | BaseException, Path]]:
+    """Every notebook executed as committed, each in its own fresh kernel and folder, all
+    three at once: one torch thread per kernel, so on two cores they take about as long as
+    the longest of them rather than their sum. Per notebook: the executed notebook (or what
+    its execution raised) and the folder it ran in."""
+    folders = {path.stem: tmp_path_factory.mktemp(path.stem) for path in NOTEBOOKS}
+    clients = {
+        path.stem: NotebookClient(
+            nbformat.read(path, as_version=4),
+            timeout=300,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(folders[path.stem])}},
+        )
+        for path in NOTEBOOKS
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.setenv("MKL_NUM_THREADS", "1")
+        # the kernel imports this checkout's normprobe, installed or not
+        root = str(EXAMPLES.parent)
+        patch.setenv(
+            "PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        )
+
+        async def run_all() -> list[object]:
+            runs = (client.async_execute() for client in clients.values())
+            return await asyncio.gather(*runs, return_exceptions=True)
+
+        outcomes = asyncio.run(run_all())
+    return {
+        stem: (outcome if isinstance(outcome, BaseException) else clients[stem].nb, folders[stem])
+        for stem, outcome in zip(clients, outcomes)
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    nb = nbformat.read(path, as_version=4)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MKL_NUM_THREADS", "1")
-    # the kernel imports this checkout's normprobe, installed or not
-    root = str(EXAMPLES.parent)
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-    )
-    client = NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute()  # raises CellExecutionError naming the cell that failed
+def test_notebook_executes(
+    path: Path, executed: dict[str, tuple[nbformat.NotebookNode | BaseException, Path]]
+) -> None:
+    nb, folder = executed[path.stem]
+    if isinstance(nb, BaseException):  # CellExecutionError names the cell that failed
+        raise nb
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert any("image/png" in o.get("data", {}) for o in outputs)
-    assert (tmp_path / "runs").is_dir() or path.stem.startswith("01")
+    assert (folder / "runs").is_dir() or path.stem.startswith("01")
