@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -336,19 +337,16 @@ def _kill_and_resume(command: list[str], out: Path) -> None:
     assert not [p for p in runs.iterdir() if p.name.startswith(".")]  # temporaries cleaned
 
 
-def test_cli_analyze_prints_a_summary_and_writes_results(tmp_path: Path) -> None:
+def test_cli_analyze_prints_a_summary_and_writes_results(
+    tmp_path: Path, cli_here: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
     cfg = tmp_path / "small.yaml"
     cfg.write_text(
         "model: {name: mlp, options: {depth: 2, width: 16}}\nnormalizers: [layer]\n"
         "train: {steps: 3, batch_size: 16}\nhessian: {enabled: false}\n"
         "probes: {schedule: [0, 3]}\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "normprobe", "analyze", str(cfg), "--out", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = cli_here("analyze", str(cfg), "--out", str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr
     header, row, selected_by, single, last = result.stdout.strip().splitlines()
     assert selected_by == "learning rates selected on test_acc (final value, mean over seeds)"

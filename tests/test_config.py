@@ -7,12 +7,11 @@ import json
 import subprocess
 import sys
 import textwrap
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from normprobe.cli import main
 from normprobe.config import (
     ConfigError,
     apply_overrides,
@@ -28,6 +27,9 @@ normalizers: [batch, layer]
 train: {steps: 4, batch_size: 16}
 hessian: {enabled: false}
 """
+#: the cli_here fixture (tests/conftest.py): the CLI in this process
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
 #: BASE without its train section, for cases that give their own (a key twice is an error)
 NO_TRAIN = BASE.replace("train: {steps: 4, batch_size: 16}\n", "")
 
@@ -40,24 +42,6 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str
         timeout=300,
         cwd=cwd,
     )
-
-
-def _cli_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI as its entry point runs it (``main(argv)``, exit code from its return value or
-    argparse's ``SystemExit``), in this process: a process start imports torch and the rest
-    again, seconds per call. Warnings go to stderr as a process would print them, so "one
-    line" still counts them."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            code = main(list(args))
-        except SystemExit as exit:
-            code = exit.code
-    out = capsys.readouterr()
-    said = "".join(
-        warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught
-    )
-    return subprocess.CompletedProcess(list(args), code, out.out, out.err + said)
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -206,12 +190,12 @@ CLI_CASES = {
 
 @pytest.mark.parametrize("case", list(CLI_CASES))
 def test_cli_config_errors_are_one_line_with_field_and_fix(
-    tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, case: str, cli_here: Cli
 ) -> None:
     text, field, fix = CLI_CASES[case]
     args = ("analyze", str(_write(tmp_path, text)), "--out", str(tmp_path / "out"), "--quiet")
     # one case through a process of its own, as a user runs it; the others in this process
-    result = _cli(*args) if case == "malformed yaml" else _cli_here(capsys, *args)
+    result = _cli(*args) if case == "malformed yaml" else cli_here(*args)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -220,19 +204,17 @@ def test_cli_config_errors_are_one_line_with_field_and_fix(
     assert not (tmp_path / "out" / "runs").exists()  # nothing ran
 
 
-def test_cli_set_overrides_are_validated_like_the_file(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_set_overrides_are_validated_like_the_file(tmp_path: Path, cli_here: Cli) -> None:
     cfg = _write(tmp_path, BASE)
-    result = _cli_here(capsys, "analyze", str(cfg), "--set", "train.lr=[0.1,oops]", "--quiet")
+    result = cli_here("analyze", str(cfg), "--set", "train.lr=[0.1,oops]", "--quiet")
     assert result.returncode == 2
     assert "train.lr[1]" in result.stderr
-    result = _cli_here(capsys, "analyze", str(cfg), "--set", "train.steps", "--quiet")
+    result = cli_here("analyze", str(cfg), "--set", "train.steps", "--quiet")
     assert result.returncode == 2 and "expected key=value" in result.stderr
 
 
-def test_cli_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    result = _cli_here(capsys, "analyze", str(tmp_path / "nope.yaml"))
+def test_cli_missing_config_file(tmp_path: Path, cli_here: Cli) -> None:
+    result = cli_here("analyze", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 

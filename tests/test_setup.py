@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import normprobe
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the cli_here fixture (tests/conftest.py): the CLI in this process
+Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def _readme_commands() -> list[str]:
@@ -43,8 +46,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_cli_list_prints_every_registered_name_grouped() -> None:
-    result = _cli("list")
+def test_cli_list_prints_every_registered_name_grouped(cli_here: Cli) -> None:
+    result = cli_here("list")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     groups = [line for line in out.splitlines() if line and not line.startswith(" ")]
@@ -54,22 +57,23 @@ def test_cli_list_prints_every_registered_name_grouped() -> None:
     assert listed == expected
 
 
-def test_cli_list_one_group() -> None:
-    result = _cli("list", "models")
+def test_cli_list_one_group(cli_here: Cli) -> None:
+    result = cli_here("list", "models")
     assert result.returncode == 0
     assert result.stdout.splitlines()[0] == "models:"
     assert "normalizers:" not in result.stdout
 
 
-def test_cli_help_and_version() -> None:
-    result = _cli("--help")
+def test_cli_help_and_version(cli_here: Cli) -> None:
+    result = cli_here("--help")
     assert result.returncode == 0 and "normprobe list" in result.stdout
+    # the entry point as a user starts it, in a process of its own
     result = _cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"normprobe {normprobe.__version__}"
 
 
-def test_cli_bad_usage_exits_non_zero_with_one_message() -> None:
-    result = _cli("list", "normalisers")
+def test_cli_bad_usage_exits_non_zero_with_one_message(cli_here: Cli) -> None:
+    result = cli_here("list", "normalisers")
     assert result.returncode == 2
     assert "invalid choice: 'normalisers'" in result.stderr
     assert "Traceback" not in result.stderr
