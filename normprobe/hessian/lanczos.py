@@ -37,6 +37,7 @@ memory-mapped file (:mod:`normprobe.hessian.basis`).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -1006,8 +1007,9 @@ def extreme_eigenpairs(
         try:
             with blas_threads(1):
                 mu, vecs = scipy.sparse.linalg.eigsh(
-                    linop, k=k, which="LA", tol=tol, maxiter=maxiter, ncv=ncv, v0=v0
-                )
+                    linop, k=k, which="LA", tol=tol, maxiter=maxiter, ncv=ncv, v0=v0,
+                    **_arpack_restarts(generator),
+                )  # fmt: skip
         except scipy.sparse.linalg.ArpackNoConvergence as err:
             mu, vecs = err.eigenvalues, err.eigenvectors
             message = (
@@ -1075,6 +1077,26 @@ def extreme_eigenpairs(
         method=method,
         message=message,
     )
+
+
+#: whether ``eigsh`` takes ``rng`` (scipy >= 1.15, whose ARPACK draws its restart vectors there)
+_EIGSH_TAKES_RNG = "rng" in inspect.signature(scipy.sparse.linalg.eigsh).parameters
+
+
+def _arpack_restarts(generator: torch.Generator) -> dict[str, np.random.Generator]:
+    """``eigsh``'s ``rng``, seeded from ``generator``'s seed (its state is left alone).
+
+    ARPACK draws a fresh random vector whenever its Krylov space becomes
+    invariant: a Hessian of low rank (a network whose output collapsed to a
+    constant) does that within a few products. scipy >= 1.15 draws it from
+    ``rng``, seeded from the operating system's entropy when none is given, so
+    two calls on the same operator and generator returned different values
+    there; with this they return the same bits. Older scipy's ARPACK draws
+    from a fixed internal seed and takes no ``rng``.
+    """
+    if not _EIGSH_TAKES_RNG:
+        return {}
+    return {"rng": np.random.default_rng(generator.initial_seed())}
 
 
 def gaussian_density(
