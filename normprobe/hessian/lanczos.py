@@ -930,7 +930,9 @@ def extreme_eigenpairs(
     missing values are NaN, never a half-converged guess. Every returned
     pair is then checked with an explicit residual; ``converged`` is False
     where it misses the tolerance. Operators of dimension <= 64 are
-    diagonalized densely (``dim`` matvecs) instead.
+    diagonalized densely (``dim`` matvecs) instead. ARPACK's start vector and
+    the random vectors it draws when its Krylov space turns invariant come from
+    ``generator`` (its seed, for the latter), so a call repeats bit for bit.
 
     Cost beside the products: ARPACK's own work per matvec (reorthogonalizing
     against its ``ncv`` Lanczos vectors, implicit restarts), memory bound: at
