@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +20,6 @@ import pytest
 import yaml
 
 from normprobe.analyze import analyze
-from normprobe.cli import main
 from normprobe.config import ConfigError
 from normprobe.lock import FolderLockedError, folder_lock
 from normprobe.results import Results, ResultsError, json_safe, load_results
@@ -32,11 +33,13 @@ TINY = {
     "hessian": {"enabled": False},
 }
 
+#: the cli_here fixture (tests/conftest.py): the CLI in this process
+Cli = Callable[..., subprocess.CompletedProcess[str]]
 
-def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    code = main(args)
-    err = capsys.readouterr().err
-    return code, err
+
+def _cli(cli_here: Cli, args: list[str]) -> tuple[int, str]:
+    result = cli_here(*args)
+    return result.returncode, result.stderr
 
 
 def _config_file(tmp_path: Path) -> Path:
@@ -46,13 +49,13 @@ def _config_file(tmp_path: Path) -> Path:
 
 
 def test_an_empty_output_is_refused_and_nothing_is_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli_here: Cli
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results.csv").write_text("someone else's table\n")
     with pytest.raises(ConfigError, match="^output: empty"):
         analyze({**TINY, "output": ""}, quiet=True)
-    code, err = _cli(["analyze", str(_config_file(tmp_path)), "--out", "", "--quiet"], capsys)
+    code, err = _cli(cli_here, ["analyze", str(_config_file(tmp_path)), "--out", "", "--quiet"])
     assert code == 2 and err.startswith("normprobe: error: --out: empty")
     assert err.count("\n") == 1
     assert (tmp_path / "results.csv").read_text() == "someone else's table\n"
@@ -70,25 +73,26 @@ def test_a_folder_with_other_files_is_not_written_to(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["analyze", "plot", "properties"])
 def test_an_out_that_is_a_file_or_under_one_is_one_line(
-    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    command: str, tmp_path: Path, cli_here: Cli
 ) -> None:
     config = _config_file(tmp_path)
     first = ["analyze", str(config), "--quiet"] if command == "analyze" else [command, str(tmp_path)]
     for out, expected in ((config, "is a file"), (config / "x", "lies under")):
-        code, err = _cli([*first, "--out", str(out)], capsys)
+        code, err = _cli(cli_here, [*first, "--out", str(out)])
         assert code == 2, err
         assert err.startswith("normprobe: error: --out: ") and expected in err, err
         assert err.count("\n") == 1 and "Traceback" not in err
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes anywhere")
-def test_an_unwritable_out_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unwritable_out_is_one_line(tmp_path: Path, cli_here: Cli) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
         code, err = _cli(
-            ["analyze", str(_config_file(tmp_path)), "--out", str(locked / "r"), "--quiet"], capsys
+            cli_here,
+            ["analyze", str(_config_file(tmp_path)), "--out", str(locked / "r"), "--quiet"],
         )
     finally:
         locked.chmod(0o700)
@@ -96,14 +100,14 @@ def test_an_unwritable_out_is_one_line(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_a_second_writer_is_told_who_holds_the_folder(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, cli_here: Cli
 ) -> None:
     out = tmp_path / "r"
     out.mkdir()
     with folder_lock(out):
         with pytest.raises(FolderLockedError, match=rf"in use by process {os.getpid()} on "):
             analyze(TINY, out=out, quiet=True)
-        code, err = _cli(["analyze", str(_config_file(tmp_path)), "--out", str(out)], capsys)
+        code, err = _cli(cli_here, ["analyze", str(_config_file(tmp_path)), "--out", str(out)])
         assert code == 2 and "is in use by process" in err and err.count("\n") == 1
         assert not (out / "runs").exists()
     results = analyze(TINY, out=out, quiet=True)  # released: the folder is usable again
