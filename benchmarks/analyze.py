@@ -10,8 +10,14 @@
    wall time of each and the overhead ``probes / no probes - 1`` (target
    <= 10%), the median of each round's ratio (its two runs adjacent in
    time, so the machine's drift cancels), with the rounds' spread.
+   Then a probe step against the passes it cannot do without (one forward
+   of the noisy batch, a forward and backward of each probe batch), each
+   timed after 50 training steps on a copy, side by side: the probe calls'
+   share divided by that ratio is what the passes alone would add to the
+   runs, the floor of the overhead; the rest is the probes' own statistics,
+   hooks and bookkeeping.
 2. Quickstart: the whole ``analyses/quickstart.yaml`` (every normalizer,
-   probes every 50 steps, the Hessian at three steps), timed once, with the
+   probes every 50 steps, the Hessian at steps 0 and 300), timed once, with the
    time of each run (target: <= 5 minutes on a 2-core machine).
 
 Other processes on the machine slow torch's OpenMP threads badly; the load
@@ -21,14 +27,17 @@ average is printed with the results, so compare numbers from quiet runs.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import normprobe.run as run_module
 from normprobe import analyze
@@ -134,6 +143,90 @@ def probe_overhead(norms: list[str], repeats: int) -> tuple[float, float, float]
     return ratio, in_cpu, 1 + inside
 
 
+def passes_alone(norms: list[str], rounds: int = 15, between: int = 50) -> float:
+    """A probe step against the passes it cannot do without, side by side.
+
+    For each of ``norms``, the quickstart's model and probe batches as its
+    run has them at step 50 (captured from an analysis of 60 steps); then,
+    ``rounds`` times, ``between`` training steps on a copy (so that each
+    measurement starts as a probe step in a run does, after training), then
+    the measurement step, then again ``between`` steps and the bare passes
+    on another copy: one forward without autograd of the noisy batch, and a
+    forward and backward (``torch.autograd.grad`` of the weights) of each of
+    the two probe batches. Returns the median over the normalizers of the
+    ratio of their medians; printed per normalizer.
+    """
+    captured: dict[str, tuple] = {}
+    real = run_module.measure_step
+    current = [""]
+
+    def grab(model, step, inputs, measures, *args, **kwargs):
+        measures = list(measures)
+        if measures and step == 50:
+            captured[current[0]] = (copy.deepcopy(model), step, inputs, measures, args, kwargs)
+        return real(model, step, inputs, measures, *args, **kwargs)
+
+    run_module.measure_step = grab
+    try:
+        for norm in norms:
+            current[0] = norm
+            timed_analyze([f"normalizers=[{norm}]", "hessian.enabled=false", "train.steps=60",
+                           "train.lr=[0.05]", "train.lr_extend=0"])  # fmt: skip
+    finally:
+        run_module.measure_step = real
+    print(
+        f"\n   a probe step against its bare passes ({rounds} rounds, {between} training steps "
+        f"before each):"
+    )
+    ratios = []
+    for norm, step_args in captured.items():
+        p, b = _step_and_passes(real, step_args, rounds, between)
+        ratios.append(p / b)
+        print(
+            f"  {norm:<8} probe step {p * 1e3:6.2f} ms, its bare passes {b * 1e3:6.2f} ms: "
+            f"{p / b:.2f}x"
+        )
+    return statistics.median(ratios)
+
+
+def _step_and_passes(
+    measure_step: Callable[..., object], step_args: tuple, rounds: int, between: int
+) -> tuple[float, float]:
+    """Median seconds of the measurement step ``step_args`` and of its bare passes
+    (:func:`passes_alone`), each after ``between`` training steps on a copy of the model."""
+    model, step, inputs, measures, args, kwargs = step_args
+    (xa, ya), (xb, yb) = inputs.batch_a, inputs.batch_b
+    trainee, bare = copy.deepcopy(model), copy.deepcopy(model)
+    opt = torch.optim.SGD(trainee.parameters(), lr=1e-3, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    params = list(bare.parameters())
+
+    def train() -> None:
+        for _ in range(between):
+            i = torch.randint(0, len(xa), (64,), generator=gen)
+            F.cross_entropy(trainee(xa[i]), ya[i]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def passes() -> None:
+        with torch.no_grad():
+            bare(xa + 0.1)
+        for x, y in ((xa, ya), (xb, yb)):
+            torch.autograd.grad(F.cross_entropy(bare(x), y), params)
+
+    def probe() -> None:
+        measure_step(model, step, inputs, measures, *args, **kwargs)
+
+    times: dict[str, list[float]] = {"probe": [], "passes": []}
+    for _ in range(rounds):
+        for name, fn in (("probe", probe), ("passes", passes)):
+            train()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return statistics.median(times["probe"]), statistics.median(times["passes"])
+
+
 def _pair_ratios(samples: dict[str, list[float]]) -> list[float]:
     return [a / b for a, b in zip(samples["probes every 50 steps"], samples["no probes"])]
 
@@ -178,12 +271,21 @@ def main() -> None:
         f"threads, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start"
     )
     ratio, in_cpu, inside = probe_overhead(args.norms, args.repeats)
+    alone = passes_alone(args.norms)
+    floor = 1 + (inside - 1) / alone
+    print(
+        f"  the passes alone would take {floor - 1:+.1%} of the rest of the runs (the probe calls' "
+        f"share {inside - 1:+.1%} divided by {alone:.2f}); the rest is the probes' statistics, "
+        f"hooks and bookkeeping"
+    )
     if not args.no_quickstart:
         quickstart()
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
     print(f"RATIO probe_overhead_quickstart {ratio:.3f}")
     print(f"RATIO probe_overhead_quickstart_cpu {in_cpu:.3f}")
     print(f"RATIO probe_overhead_quickstart_inside {inside:.3f}")
+    print(f"RATIO probe_step_over_bare_passes {alone:.3f}")
+    print(f"RATIO probe_passes_floor_quickstart {floor:.3f}")
     print("LOAD " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
 
 

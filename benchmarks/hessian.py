@@ -541,6 +541,14 @@ def bench(
         f"10 before and 10 after; basis {basis_bytes(steps, dim, kept) / 2**20:.1f} MiB; full "
         f"reorthogonalization, {str(kept).replace('torch.', '')} basis as hessian_spectrum's default)"
     )
+    arithmetic = lanczos_arithmetic(dim, steps, kept)
+    ratio(f"lanczos_floor_over_m_hvp_{model_name}", 1 + arithmetic / hvp_now)
+    print(
+        f"  Lanczos arithmetic alone, the same run on a diagonal operator of {dim:,} entries: "
+        f"{arithmetic * 1e3:.2f} ms a step = {arithmetic / hvp_now:.3f} of this HVP, so SLQ / "
+        f"(m x HVP) cannot go below {1 + arithmetic / hvp_now:.3f} here with full "
+        f"reorthogonalization"
+    )
     if fully_connected(model):  # start vectors side by side: batched=True, or "auto" when small
         lockstep(op, model_name, dim, steps, hvp_times)
     batched_cost(op, model_name, dim, repeats)
@@ -723,6 +731,26 @@ def slq_options(
         )
         if truth is not None:
             print(f"    {'':30s} vs the float64 model: {_accuracy(truth, out, scale)}")
+
+
+def lanczos_arithmetic(dim: int, steps: int, dtype: torch.dtype, repeats: int = 3) -> float:
+    """Seconds a step of :func:`bench`'s SLQ spends outside its products: the same call
+    (one start vector, full reorthogonalization, a ``dtype`` basis) on a diagonal operator of
+    ``dim`` entries, whose product is one multiplication, less that multiplication's time."""
+    d = _diagonal_operator(dim).to(dtype)
+    eps = torch.finfo(dtype).eps
+
+    def run() -> object:
+        return stochastic_lanczos_quadrature(
+            d.mul, dim, steps, 1, generator=torch.Generator().manual_seed(0), basis_dtype=dtype,
+            matvec_eps=eps, matvec_dtype=dtype,
+        )  # fmt: skip
+
+    run()
+    seconds = statistics.median(timed(run)[0] for _ in range(repeats))
+    v = torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    product = statistics.median(timed(lambda: d.mul(v))[0] for _ in range(20))
+    return max(seconds / steps - product, 0.0)
 
 
 def trained(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 100) -> nn.Module:
