@@ -105,7 +105,12 @@ def restore(snap: ModelSnapshot, *, changed_only: bool = False) -> None:
     modified in place since the snapshot (their version counters moved); the
     others still hold the recorded values. (A write through ``.data`` escapes
     version counters: :func:`held` uses this between the blocks it covers, and
-    copies everything back when it ends.)
+    checks everything when it ends.)
+
+    A grad or buffer that holds its recorded values is not written to, so its
+    version counter does not move: a graph the caller built before the
+    snapshot (a loss whose ``backward`` has not run yet, which saved a buffer
+    it multiplied by) can still be differentiated afterwards.
     """
     for module, flag in snap.training:
         if module.training is not flag:
@@ -114,23 +119,41 @@ def restore(snap: ModelSnapshot, *, changed_only: bool = False) -> None:
         if p.requires_grad is not flag:
             p.requires_grad_(flag)
     with torch.no_grad():
-        for i, (p, grad, saved) in enumerate(snap.grads):
-            if grad is None:
-                if p.grad is not None:
-                    p.grad = None
-            elif not (changed_only and p.grad is grad and grad._version == snap.grad_versions[i]):
-                grad.copy_(saved)
-                p.grad = grad
-        for i, (module, name, buf, saved) in enumerate(snap.buffers):
-            if buf is None:
-                module._buffers[name] = None
-            elif not (
+        grads = [
+            (i, p, grad, saved)
+            for i, (p, grad, saved) in enumerate(snap.grads)
+            if grad is not None
+            and not (changed_only and p.grad is grad and grad._version == snap.grad_versions[i])
+        ]
+        buffers = [
+            (i, module, name, buf, saved)
+            for i, (module, name, buf, saved) in enumerate(snap.buffers)
+            if buf is not None
+            and not (
                 changed_only
                 and module._buffers.get(name) is buf
                 and buf._version == snap.buffer_versions[i]
-            ):
+            )
+        ]
+        kept = _holding(
+            [(grad, saved) for _, _, grad, saved in grads]
+            + [(buf, saved) for _, _, _, buf, saved in buffers]
+        )
+        for (_, p, grad, saved), same in zip(grads, kept):
+            if not same:
+                grad.copy_(saved)
+            if p.grad is not grad:
+                p.grad = grad
+        for (_, module, name, buf, saved), same in zip(buffers, kept[len(grads) :]):
+            if not same:
                 buf.copy_(saved)
-                module._buffers[name] = buf
+            module._buffers[name] = buf
+        for p, grad, _ in snap.grads:
+            if grad is None and p.grad is not None:
+                p.grad = None
+        for module, name, buf, _ in snap.buffers:
+            if buf is None:
+                module._buffers[name] = None
     changed = [name for name, p, version in snap.versions if p._version != version]
     if changed:
         raise ParametersWrittenError(
@@ -142,6 +165,34 @@ def restore(snap: ModelSnapshot, *, changed_only: bool = False) -> None:
             f"constraint after the optimizer step rather than in forward, or as a "
             f"parametrization (torch.nn.utils.parametrize)"
         )
+
+
+def _holding(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
+    """Whether each ``(tensor, recorded copy)`` pair holds the same values (same shape and
+    dtype, every entry equal; a NaN never equals, so such a tensor is written back).
+
+    CPU tensors are compared one by one (``torch.equal``, no temporaries); those on another
+    device together, with one synchronization per device rather than one per tensor.
+    """
+    same = [False] * len(pairs)
+    elsewhere: dict[torch.device, list[int]] = {}
+    for i, (now, saved) in enumerate(pairs):
+        if (
+            now.shape != saved.shape
+            or now.dtype != saved.dtype
+            or now.is_sparse
+            or now.device.type == "meta"
+        ):
+            continue
+        if now.device.type == "cpu":
+            same[i] = torch.equal(now, saved)
+        else:
+            elsewhere.setdefault(now.device, []).append(i)
+    for indices in elsewhere.values():
+        differ = torch.stack([(pairs[i][0] != pairs[i][1]).any() for i in indices]).tolist()
+        for i, d in zip(indices, differ):
+            same[i] = not d
+    return same
 
 
 @contextmanager

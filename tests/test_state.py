@@ -174,3 +174,58 @@ def test_a_block_nested_in_a_covered_block_puts_back_the_outer_blocks_state() ->
             assert net[0].outer == 1 and not hasattr(net[0], "inner")
     _assert_same(original, _state(net))
     assert not hasattr(net[0], "outer")
+
+
+class _Scaled(torch.nn.Module):
+    """A layer whose output is multiplied by a buffer: autograd saves the buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+        self.register_buffer("scale", torch.full((3,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) * self.scale
+
+
+@pytest.mark.parametrize("between", ["held", "preserved", "representation", "gradients"])
+def test_a_graph_built_before_a_probe_still_differentiates(between: str) -> None:
+    """A loop that measures between its forward pass and ``loss.backward()`` (``monitor.step(
+    step, batch_loss=loss.item())`` right after the loss): buffers the probe left at their
+    values are not written back, so the graph's saved tensors keep their versions."""
+    from normprobe.state import frozen_statistics, held
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), _Scaled()
+    )
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    reference = torch.nn.functional.cross_entropy(net(x), y)
+    expected = torch.autograd.grad(reference, list(net.parameters()))
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    before = _state(net)
+    if between in ("held", "preserved"):
+        with (held if between == "held" else preserved)(net), frozen_statistics(net):
+            net(x)  # a pass that leaves every buffer's values as they were
+    elif between == "representation":
+        normprobe.representation_correlation(net, x)
+    else:
+        normprobe.gradient_norms(net, torch.nn.functional.cross_entropy, (x, y))
+    _assert_same(before, _state(net))
+    loss.backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(net.parameters(), expected))
+
+
+def test_values_written_through_data_are_still_put_back() -> None:
+    """A write through ``.data`` moves no version counter: the values are compared."""
+    from normprobe.state import held
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    net(torch.randn(8, 3)).sum().backward()
+    original = _state(net)
+    for block in (held, preserved):
+        with block(net):
+            net[1].running_mean.data.add_(1.0)
+            net[0].weight.grad.data.mul_(3.0)
+        _assert_same(original, _state(net))
