@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normprobe.batch import prediction
+from normprobe.batch import forked_random_state, full_precision, model_device, prediction
 from normprobe.norms import regularization
 from normprobe.rows import Rows, frame_of, joined
 from normprobe.state import frozen_statistics, preserved
@@ -276,7 +276,7 @@ def _scored(out: torch.Tensor, y: torch.Tensor, last: bool = False) -> tuple[flo
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512, seed: int = 0
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy in eval mode, in batches; the model is left as found.
 
@@ -284,8 +284,16 @@ def evaluate(
     next-token targets (:func:`cross_entropy`). With microbatch normalizers (``norm_batch``, see :func:`norm_batch_of`;
     eval mode uses them in ``batch-train``) every batch is a multiple of
     ``norm_batch``: see :func:`_split` for the last batch.
+
+    The passes draw from the global generators seeded with ``seed`` and put
+    back as found (a model whose eval-mode forward draws random numbers,
+    ``F.dropout(h, training=True)`` say, neither moves the caller's random
+    stream, which would change its training, nor gives other values from call
+    to call), and run in the model's own dtype inside a loop's
+    ``torch.autocast`` region (:func:`normprobe.batch.full_precision`).
     """
-    with preserved(model):
+    device = model_device(model)
+    with preserved(model), forked_random_state(device, seed), full_precision(device):
         model.eval()
         total_loss, correct = _evaluated(model, x, y, batch_size, norm_batch_of(model))
     return total_loss / y.numel(), correct / y.numel()
@@ -334,6 +342,7 @@ def evaluate_batch_stats(
     *,
     batch_size: int | None = None,
     batches: Sequence[torch.Tensor] | None = None,
+    seed: int = 0,
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy without aggregated statistics (each batch's own).
 
@@ -349,10 +358,18 @@ def evaluate_batch_stats(
     of microbatches: a last batch that is not is widened backwards over the
     batch before it and only its new examples are counted (:func:`_split`).
     Running statistics, counters, flags, gradients and the global random
-    state are left as found. For normalizers without batch statistics this
-    equals :func:`evaluate` up to floating-point rounding.
+    state are left as found (the passes draw from generators seeded with
+    ``seed``, in the model's own dtype, as :func:`evaluate`'s). For normalizers
+    without batch statistics this equals :func:`evaluate` up to floating-point
+    rounding.
     """
-    with preserved(model), frozen_statistics(model), torch.random.fork_rng(devices=[]):
+    device = model_device(model)
+    with (
+        preserved(model),
+        frozen_statistics(model),
+        forked_random_state(device, seed),
+        full_precision(device),
+    ):
         model.train()
         for module in model.modules():
             if isinstance(module, nn.modules.dropout._DropoutNd):

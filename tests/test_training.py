@@ -333,3 +333,42 @@ def test_training_updates_from_fresh_grads_and_measures_a_model_without_grads() 
                 p.add_(p.grad, alpha=-0.1)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+class _DropoutAlways(torch.nn.Module):
+    """Monte Carlo dropout: a functional dropout that draws in eval mode too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(6, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.dropout(torch.relu(self.fc1(x)), 0.3, training=True))
+
+
+@pytest.mark.parametrize("which", ["evaluate", "evaluate_batch_stats"])
+def test_evaluation_draws_from_its_own_seeded_stream(which: str) -> None:
+    """A model that draws random numbers in eval mode neither moves the caller's random stream
+    (which would change the training that follows) nor gives other values from call to call."""
+    torch.manual_seed(0)
+    model = _DropoutAlways()
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    run = evaluate if which == "evaluate" else lambda *a: evaluate_batch_stats(*a, batch_size=20)
+    state = torch.get_rng_state()
+    first = run(model, x, y)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(5)  # the caller's stream moves on; the evaluation's does not
+    assert run(model, x, y) == first
+    assert run(model, x, y) != evaluate(model, x, y, seed=1)  # the draws decide the value
+
+
+@pytest.mark.parametrize("which", ["evaluate", "evaluate_batch_stats"])
+def test_evaluation_inside_autocast_runs_in_the_models_dtype(which: str) -> None:
+    torch.manual_seed(0)
+    model = build_model("mlp", "batch", depth=3, width=32, input_shape=64, seed=0)
+    x, y = torch.randn(300, 64), torch.randint(0, 10, (300,))
+    run = evaluate if which == "evaluate" else lambda *a: evaluate_batch_stats(*a, batch_size=50)
+    outside = run(model, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = run(model, x, y)
+    assert inside == outside
