@@ -498,11 +498,22 @@ class Monitor:
     __call__ = step
 
     def log(self, step: int, **values: float) -> None:
-        """Record training metrics (``batch_loss=``, ``test_acc=``, ...) at ``step``.
+        """Record training metrics (``batch_loss=``, ``test_acc=``, ...) at ``step`` (the
+        number of updates so far, an int >= 0).
 
         Logged values are kept in memory and written with the next
         measurement's part file (or by :meth:`close`).
         """
+        given = step
+        try:
+            step = -1 if isinstance(step, bool) else operator.index(step)  # numpy, torch ints too
+        except TypeError:
+            step = -1
+        if step < 0:
+            raise MonitorError(
+                f"Monitor.log: step must be the number of updates so far (an int >= 0), "
+                f"got {given!r}"
+            )
         taken = sorted(set(values) & measured_names())
         if taken:
             raise MonitorError(
@@ -512,7 +523,7 @@ class Monitor:
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
                 value = value.item()
-            row = {"step": int(step), "metric": name, "value": float(value)}
+            row = {"step": step, "metric": name, "value": float(value)}
             self._logged.append(row)
             if self.directory is not None:
                 self._unwritten.append(row)

@@ -49,11 +49,25 @@ class TinyModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
-def _fit(callbacks: list[pl.Callback]) -> TinyModule:
-    module = TinyModule()
+class LossesModule(TinyModule):
+    """Keeps the loss of each batch its training step sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.losses: list[float] = []
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        loss = super().training_step(batch, batch_idx)
+        self.losses.append(loss.item())
+        return loss
+
+
+def _fit(callbacks: list[pl.Callback], module: TinyModule | None = None, **options) -> TinyModule:
+    module = module or TinyModule()
     x, y = _data()
+    options.setdefault("max_steps", 6)
     trainer = pl.Trainer(
-        max_steps=6,
+        **options,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -85,6 +99,33 @@ def test_lightning_callback_records_a_run_and_leaves_training_unchanged(tmp_path
     assert callback.results is not None and len(callback.results.metrics) == len(results.metrics)
 
 
+def test_lightning_batch_loss_is_the_loss_of_each_update(tmp_path: Path) -> None:
+    """Without accumulation, the training step's loss at the step its update starts from."""
+    x, y = _data()
+    callback = LightningCallback((x[:32], y[:32]), schedule=3, hessian=False, out=tmp_path)
+    module = _fit([callback], LossesModule())
+    recorded = load_results(tmp_path).rows("batch_loss").sort_values("step")
+    assert recorded["step"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert recorded["value"].tolist() == module.losses  # bit for bit
+
+
+def test_lightning_batch_loss_with_accumulated_batches(tmp_path: Path) -> None:
+    """One batch_loss per update, at the step it starts from: the mean of its batches' losses.
+    Six batches an epoch in groups of four: the epoch's last update takes the last two."""
+    x, y = _data()
+    callback = LightningCallback((x[:32], y[:32]), schedule=2, hessian=False, out=tmp_path)
+    module = _fit([callback], LossesModule(), max_steps=4, accumulate_grad_batches=4)
+    results = load_results(tmp_path)
+    recorded = results.rows("batch_loss").sort_values("step")
+    assert recorded["step"].tolist() == [0, 1, 2, 3]
+    losses = module.losses
+    groups = [losses[0:4], losses[4:6], losses[6:10], losses[10:12]]
+    assert len(losses) == 12
+    assert recorded["value"].tolist() == pytest.approx([sum(g) / len(g) for g in groups])
+    assert sorted(results.rows("grad_corr")["step"].unique()) == [0, 2, 4]
+    assert sorted(results.rows("train_acc")["step"].unique()) == [2, 4]
+
+
 class TinyHF(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -110,14 +151,28 @@ class Rows(Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
-def _hf_train(tmp_path: Path, callbacks: list) -> TinyHF:
-    model = TinyHF()
+class LossesHF(TinyHF):
+    """Keeps the loss of each batch the Trainer trains on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.losses: list[float] = []
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        out = super().forward(x, labels)
+        if labels is not None:
+            self.losses.append(out["loss"].item())
+        return out
+
+
+def _hf_train(tmp_path: Path, callbacks: list, model: TinyHF | None = None, **options) -> TinyHF:
+    model = model or TinyHF()
+    options = {"max_steps": 6, "logging_steps": 2, **options}
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "trainer"),
-        max_steps=6,
         per_device_train_batch_size=16,
         learning_rate=0.05,
-        logging_steps=2,
+        **options,
         report_to=[],
         save_strategy="no",
         use_cpu=True,
@@ -189,3 +244,27 @@ def test_the_lightning_callback_prefers_lightning_pytorch_and_falls_back(monkeyp
         importlib.reload(integration)
     assert integration.LIGHTNING == "pytorch_lightning"
     assert issubclass(integration.NormprobeCallback, pl.Callback)
+
+
+def test_huggingface_callback_with_accumulated_batches(tmp_path: Path) -> None:
+    """With gradient accumulation, the steps are still the updates: each measured once, and the
+    Trainer's loss (the mean of the update's batches' losses) at the step it is logged."""
+    x, y = _data()
+    out = tmp_path / "results"
+    callback = HFCallback(({"x": x[:32]}, y[:32]), schedule=1, hessian=False, out=out)
+    model = _hf_train(
+        tmp_path,
+        [callback],
+        LossesHF(),
+        max_steps=3,
+        logging_steps=1,
+        gradient_accumulation_steps=2,
+    )
+    results = load_results(out)
+    assert sorted(results.rows("grad_norm")["step"].unique()) == [0, 1, 2, 3]
+    assert results.rows("grad_norm").groupby("step").size().nunique() == 1  # measured once each
+    logged = results.rows("loss").sort_values("step")
+    assert logged["step"].tolist() == [1, 2, 3]
+    pairs = zip(model.losses[0::2], model.losses[1::2])
+    assert len(model.losses) == 6
+    assert logged["value"].tolist() == pytest.approx([(a + b) / 2 for a, b in pairs])

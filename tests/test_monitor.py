@@ -514,6 +514,18 @@ def test_a_logged_value_cannot_take_a_measured_metric_s_name() -> None:
         monitor.log(3, grad_norm=1.0)
 
 
+def test_a_value_is_logged_at_a_number_of_updates() -> None:
+    x, y = _data()
+    monitor = Monitor(_net(), None, (x, y), hessian=False, schedule=[0])
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(MonitorError, match=rf"Monitor.log: .* \(an int >= 0\), got {bad!r}"):
+            monitor.log(bad, batch_loss=1.0)
+    monitor.log(torch.tensor(2), batch_loss=0.5)  # an integer tensor, as some trainers count steps
+    monitor.log(0, batch_loss=0.25)
+    logged = monitor.results.rows("batch_loss")
+    assert sorted(zip(logged["step"], logged["value"])) == [(0, 0.25), (2, 0.5)]
+
+
 class _Scalars:
     """A stand-in for a SummaryWriter: records add_scalar calls."""
 

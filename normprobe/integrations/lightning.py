@@ -3,7 +3,9 @@
 The trainer's ``global_step`` (optimizer updates so far) is the monitor's
 step: the model is measured at step 0 when training starts and after each
 update the schedule names; the training loss the ``training_step`` returns
-is logged as ``batch_loss``, and the values Lightning logs (``self.log``:
+is logged as ``batch_loss``, once per update, at the step the update starts
+from (with ``accumulate_grad_batches``: the mean of the losses of the batches
+the update accumulates), and the values Lightning logs (``self.log``:
 e.g. ``val_acc``) are recorded at each measured step. Needs
 ``pip install "normprobe[lightning]"`` (``pytorch-lightning``); with the
 ``lightning`` distribution installed, the callback subclasses
@@ -100,6 +102,8 @@ class NormprobeCallback(pl.Callback):
         self.monitor: Monitor | None = None
         self.results: Results | None = None
         self._stepped: int | None = None
+        self._losses: list[float] = []  # the losses of the batches of the coming update
+        self._update_from = 0  # the step the coming update starts from
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         options = dict(self.options)
@@ -108,6 +112,7 @@ class NormprobeCallback(pl.Callback):
         if "total_steps" not in options and math.isfinite(trainer.estimated_stepping_batches):
             options["total_steps"] = int(trainer.estimated_stepping_batches)
         self.monitor = Monitor(pl_module, self.loss_fn, self.probe_data, **options)
+        self._losses, self._update_from = [], trainer.global_step
         self._measure(trainer)
 
     def on_train_batch_end(
@@ -121,8 +126,18 @@ class NormprobeCallback(pl.Callback):
         assert self.monitor is not None
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
-            # the loss of the batch the update at step global_step - 1 was computed on
-            self.monitor.log(trainer.global_step - 1, batch_loss=loss.detach().item())
+            value = loss.detach().item()
+            if pl_module.automatic_optimization:
+                # Lightning divides the loss it passes on by accumulate_grad_batches
+                value *= trainer.accumulate_grad_batches
+            self._losses.append(value)
+        if trainer.global_step != self._update_from:  # this batch ended an update
+            if self._losses:
+                # the mean loss of the batches the update was computed on (accumulated batches
+                # share one update), at the step it started from
+                mean = sum(self._losses) / len(self._losses)
+                self.monitor.log(self._update_from, batch_loss=mean)
+            self._losses, self._update_from = [], trainer.global_step
         self._measure(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
