@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -166,8 +166,24 @@ def layer_gradients(
     ``probe`` must be an active ``Probe(model, ..., capture="weights")``;
     ``frozen`` maps module names to whether their weight was frozen before
     the probe made it differentiable (:func:`frozen_before`). Layers are
-    returned in order of their first call.
+    returned in order of their first call. A layer the loss has no gradient
+    path to (autograd gives none of the tensors it applies a gradient: it
+    feeds only outputs the loss does not use) is left out, as one run with
+    autograd off is; the probes name it in their ``layer_rule``.
     """
+    return _gradients(probe, model, loss_fn, batch, output, frozen)[0]
+
+
+def _gradients(
+    probe: Probe,
+    model: nn.Module,
+    loss_fn: LossFn | None,
+    batch: Batch,
+    output: OutputPick,
+    frozen: dict[str, bool] | None,
+) -> tuple[list[LayerGradient], list[str]]:
+    """:func:`layer_gradients`, and the selected layers the loss has no gradient path to
+    (in the order of selection)."""
     if probe.capture != "weights" or probe.model is not model:
         raise ProbeError("layer_gradients needs an active Probe(model, capture='weights')")
     x, y = unpack_batch(batch)
@@ -217,10 +233,20 @@ def layer_gradients(
         )
     with differentiated(ProbeError):
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+    # none of a layer's tensors in the loss's graph (autograd: None, not a zero tensor, which a
+    # dead layer gets): no gradient path from the loss, so no row rather than a wrong zero
+    unreached = {
+        name
+        for name, entry in layers.items()
+        if all(grads[i] is None for i in entry["weight"] + entry["bias"])
+    }
+    if unreached:
+        _check_reached(probe, unreached, len(layers))
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
 
     result = []
-    for depth, (name, entry) in enumerate(layers.items(), start=1):
+    reached = [(name, entry) for name, entry in layers.items() if name not in unreached]
+    for depth, (name, entry) in enumerate(reached, start=1):
         weight = _summed([grads[i] for i in entry["weight"]])
         bias = _summed([grads[i] for i in entry["bias"]]) if entry["bias"] else None
         result.append(
@@ -236,7 +262,30 @@ def layer_gradients(
                 frozen=bool((frozen or {}).get(name, False)),
             )
         )
-    return result
+    return result, [name for name in probe.selected if name in unreached]
+
+
+def _check_reached(probe: Probe, unreached: set[str], ran: int) -> None:
+    """Refuse layers named in ``layers=`` that the loss has no gradient path to, and a pass
+    whose loss reaches none of the ``ran`` layers that ran with autograd on."""
+    named = [name for name in probe._required if name in unreached]
+    if named:
+        raise ProbeError(
+            f"layer(s) {', '.join(map(repr, named))} get no gradient: there is no gradient "
+            f"path from the loss to their weights (they feed only outputs the loss does not "
+            f"use, e.g. an auxiliary head when output= picks the logits); leave them out of "
+            f"layers"
+        )
+    if len(unreached) == ran:
+        raise ProbeError(_none_reached([name for name in probe.selected if name in unreached]))
+
+
+def _none_reached(names: list[str]) -> str:
+    return (
+        f"there is no gradient path from the loss to any selected layer ({listed(names, 8)}): "
+        f"they feed only outputs the loss does not use; check output= (which output is the "
+        f"prediction) or choose layers the loss depends on"
+    )
 
 
 def _role(module: nn.Module) -> str:
@@ -298,21 +347,25 @@ def gradient_norms(
     probe = _probe(model, layers, mode, seed, embeddings, norms, frozen)
     was_frozen = frozen_before(probe)
     with probe:
-        grads = layer_gradients(probe, model, loss_fn, batch, output, was_frozen)
-        rule = _stated_rule(probe)
+        grads, unreached = _gradients(probe, model, loss_fn, batch, output, was_frozen)
+        rule = _stated_rule(probe, unreached)
     return _frame(_norm_rows(grads), mode, seed, rule)
 
 
-def _stated_rule(probe: Probe) -> str:
-    """The probe's layer rule, plus the selected modules that never ran as modules and those
-    that ran with autograd off."""
+def _stated_rule(probe: Probe, unreached: Sequence[str] = ()) -> str:
+    """The probe's layer rule, plus the selected modules that never ran as modules, those
+    that ran with autograd off and those the loss has no gradient path to (``unreached``)."""
     rule = probe.rule
     for names, why in (
-        (probe.not_run, "not run as modules"),
-        (probe.without_autograd, "ran with autograd off (torch.no_grad or a reentrant checkpoint)"),
+        (probe.not_run, "not run as modules (no gradient row)"),
+        (
+            probe.without_autograd,
+            "ran with autograd off (torch.no_grad or a reentrant checkpoint) (no gradient row)",
+        ),
+        (unreached, "no gradient path from the loss (no row)"),
     ):
         if names:
-            rule += f"; {why} (no gradient row): {listed(names, 8)}"
+            rule += f"; {why}: {listed(names, 8)}"
     return rule
 
 
@@ -500,21 +553,35 @@ def _two_batches(
     listener: Listener | None = None,
 ) -> tuple[list[LayerGradient], list[LayerGradient], str]:
     """Both batches' layer gradients and the layer rule (``listener``: see
-    :func:`statistics_columns`)."""
+    :func:`statistics_columns`). A layer the loss has no gradient path to in either batch is
+    left out of both, so that the two lists pair the same layers."""
     probe = _probe(model, layers, mode, seed, *roles)
     was_frozen = frozen_before(probe)
     with probe:
-        grads_a = layer_gradients(probe, model, loss_fn, batch_a, output, was_frozen)
+        grads_a, unreached_a = _gradients(probe, model, loss_fn, batch_a, output, was_frozen)
         calls_a = probe.calls
         if listener is None:
-            grads_b = layer_gradients(probe, model, loss_fn, batch_b, output, was_frozen)
+            grads_b, unreached_b = _gradients(probe, model, loss_fn, batch_b, output, was_frozen)
         else:
             listener.quiet = not probe.last_pass_drew
             with listener.probe.paused():
-                grads_b = layer_gradients(probe, model, loss_fn, batch_b, output, was_frozen)
+                grads_b, unreached_b = _gradients(
+                    probe, model, loss_fn, batch_b, output, was_frozen
+                )
         check_same_layers(calls_a, probe.calls, "batch_a and batch_b")
-        rule = _stated_rule(probe)
+        unreached = [n for n in probe.selected if n in unreached_a or n in unreached_b]
+        if unreached_a != unreached_b:
+            grads_a, grads_b = _without(grads_a, unreached), _without(grads_b, unreached)
+            if not grads_a:
+                raise ProbeError(_none_reached(unreached))
+        rule = _stated_rule(probe, unreached)
     return grads_a, grads_b, rule
+
+
+def _without(grads: list[LayerGradient], names: list[str]) -> list[LayerGradient]:
+    """``grads`` less the layers ``names``, depths counted again without them."""
+    kept = [g for g in grads if g.name not in names]
+    return [replace(g, depth=depth) for depth, g in enumerate(kept, start=1)]
 
 
 def _corr_rows(

@@ -268,6 +268,156 @@ def test_a_layer_run_with_autograd_off_gets_no_zero_gradient_row() -> None:
     assert op.dim == 10 and op.matvec(torch.ones(10, dtype=torch.float64)).abs().sum() > 0
 
 
+class _AuxHead(nn.Module):
+    """A body, the head the loss uses and an auxiliary head it never uses (returned second, run
+    last). ``joined``: the aux head's output is added to the logits when the batch's first input
+    is positive, so the loss reaches it on some batches only."""
+
+    def __init__(self, joined: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head, self.aux = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 5)
+        self.joined = joined
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        logits, aux = self.head(h), self.aux(h)
+        if self.joined and x[0, 0] > 0:
+            logits = logits + aux[:, :2]
+        return logits, aux
+
+
+def _aux_batches() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Two batches, the first with a positive first input, the second with a negative one."""
+    a, b = _batch(1), _batch(2)
+    a[0][0, 0], b[0][0, 0] = 1.0, -1.0
+    return a, b
+
+
+def _param_grads(
+    model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], names: list[str]
+) -> list[torch.Tensor]:
+    """Plain torch: each named layer's gradient of the loss on ``model(x)[0]``, weight then bias."""
+    loss = F.cross_entropy(model(batch[0])[0], batch[1])
+    modules = [model.get_submodule(n) for n in names]
+    grads = torch.autograd.grad(loss, [p for m in modules for p in (m.weight, m.bias)])
+    return [torch.cat([w.reshape(-1), b]) for w, b in zip(grads[::2], grads[1::2])]
+
+
+def test_a_layer_the_loss_has_no_gradient_path_to_gets_no_zero_row() -> None:
+    """An aux head the loss never uses (output=0) used to get grad_norm 0.0 and, run last, be
+    the layer every grad_norm_ratio divides by (all inf, its own NaN, its grad_corr NaN); autograd
+    gives it no gradient at all, so it gets no row, as a layer run with autograd off, and the
+    layer rule says why."""
+    model = _AuxHead().double()
+    a, b = _aux_batches()
+    norms = gradient_norms(model, F.cross_entropy, a, output=0)
+    assert norms["layer"].unique().tolist() == ["body", "head"]
+    assert norms["depth"].unique().tolist() == [1, 2]
+    rule = norms["layer_rule"].iloc[0]
+    assert rule.endswith("; no gradient path from the loss (no row): aux")
+    loss = F.cross_entropy(model(a[0])[0], a[1])
+    grads = torch.autograd.grad(loss, [model.body.weight, model.head.weight])
+    expected = torch.stack([g.norm() for g in grads])
+    ratios = norms.query("metric == 'grad_norm_ratio'")["value"].tolist()
+    assert all(math.isfinite(r) for r in ratios)
+    assert ratios == pytest.approx((expected / expected[-1]).tolist(), rel=1e-12)
+    values = norms.query("metric == 'grad_norm'")["value"].tolist()
+    assert values == pytest.approx(expected.tolist(), rel=1e-12)
+
+    corr = gradient_correlation(model, F.cross_entropy, a, b, output=0)
+    assert corr["layer"].tolist() == ["body", "head"] and corr["depth"].tolist() == [1, 2]
+    assert (corr["layer_rule"] == rule).all()
+    pairs = zip(_param_grads(model, a, ["body", "head"]), _param_grads(model, b, ["body", "head"]))
+    assert corr["value"].tolist() == pytest.approx([_cos(p, q) for p, q in pairs], rel=1e-12)
+    both = gradient_statistics(model, F.cross_entropy, a, b, output=0)
+    pd.testing.assert_frame_equal(
+        both.reset_index(drop=True), pd.concat([corr, norms], ignore_index=True)
+    )
+
+    # the aux head as the prediction: the loss reaches it and not the head; depths skip the head
+    aux = gradient_norms(model, F.cross_entropy, (a[0], a[1] + 2), output=1)
+    assert aux["layer"].unique().tolist() == ["body", "aux"]
+    assert aux["depth"].unique().tolist() == [1, 2]
+    assert aux["layer_rule"].iloc[0].endswith("; no gradient path from the loss (no row): head")
+
+
+def test_a_named_layer_the_loss_has_no_gradient_path_to_is_refused() -> None:
+    model = _AuxHead().double()
+    a, b = _aux_batches()
+    refused = r"'aux'.* no gradient path from the loss.*leave (it|them) out of layers"
+    with pytest.raises(ProbeError, match=refused):
+        gradient_norms(model, F.cross_entropy, a, layers=["body", "aux"], output=0)
+    with pytest.raises(ProbeError, match=refused):
+        gradient_correlation(model, F.cross_entropy, a, b, layers=["aux", "head"], output=0)
+    nothing = r"no gradient path from the loss to any selected layer \(aux\)"
+    with pytest.raises(ProbeError, match=nothing):
+        gradient_norms(model, F.cross_entropy, a, layers=r"aux", output=0)
+    with pytest.raises(ProbeError, match=nothing):
+        gradient_statistics(model, F.cross_entropy, a, b, layers=r"a.x", output=0)
+
+
+class _DeadBranch(nn.Module):
+    """A layer whose ReLU is dead (bias -100) on a branch beside the body's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.dead, self.head = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.dead.bias.fill_(-100.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.body(x))
+        return self.head(h + torch.relu(self.dead(h)))
+
+
+def test_a_dead_relu_layer_keeps_its_zero_gradient_row() -> None:
+    """A dead layer is in the loss's graph (autograd gives it a zero gradient, not none): its
+    zero is a true value and stays."""
+    model = _DeadBranch().double()
+    a, b = _aux_batches()
+    norms = gradient_norms(model, F.cross_entropy, a)
+    assert norms["layer"].unique().tolist() == ["body", "dead", "head"]
+    assert norms["depth"].unique().tolist() == [1, 2, 3]
+    assert "no gradient path" not in norms["layer_rule"].iloc[0]
+    values = norms.query("metric == 'grad_norm'")["value"].tolist()
+    ratios = norms.query("metric == 'grad_norm_ratio'")["value"].tolist()
+    assert values[1] == 0.0 and values[0] > 0 and values[2] > 0
+    assert ratios[1] == 0.0 and ratios[2] == 1.0
+    corr = gradient_correlation(model, F.cross_entropy, a, b)
+    assert corr["layer"].tolist() == ["body", "dead", "head"]
+
+
+def test_the_two_batch_probes_leave_out_a_layer_either_batch_does_not_reach() -> None:
+    """grad_corr pairs the two batches' layers: a layer the loss reaches on one batch only is
+    left out of both (and stated once), with depths counted without it."""
+    model = _AuxHead(joined=True).double()
+    a, b = _aux_batches()  # the loss reaches the aux head on a, not on b
+    assert gradient_norms(model, F.cross_entropy, a, output=0)["layer"].unique().tolist() == [
+        "body",
+        "head",
+        "aux",
+    ]
+    named = gradient_correlation(model, F.cross_entropy, a, b, layers=["body", "head"], output=0)
+    for first, second in [(a, b), (b, a)]:
+        corr = gradient_correlation(model, F.cross_entropy, first, second, output=0)
+        assert corr["layer"].tolist() == ["body", "head"] and corr["depth"].tolist() == [1, 2]
+        rule = corr["layer_rule"].iloc[0]
+        assert rule.endswith("; no gradient path from the loss (no row): aux")
+        assert rule.count("aux") == 1
+        if first is a:
+            pd.testing.assert_frame_equal(
+                corr.drop(columns="layer_rule"), named.drop(columns="layer_rule")
+            )
+        both = gradient_statistics(model, F.cross_entropy, first, second, output=0)
+        assert both["layer"].unique().tolist() == ["body", "head"]
+        assert both["value"].map(math.isfinite).all()
+        assert (both["layer_rule"] == rule).all()
+    with pytest.raises(ProbeError, match=r"no gradient path from the loss to any selected layer"):
+        gradient_correlation(model, F.cross_entropy, a, b, layers=r"aux", output=0)
+
+
 class _Bag(nn.Module):
     """Token ids -> an embedding (dense or sparse gradients), a bag of them, a Linear head."""
 
