@@ -28,6 +28,7 @@ __all__ = [
     "preserved",
     "held",
     "held_snapshot",
+    "restore_moved_buffers",
     "frozen_statistics",
     "warn_of_frozen_statistics",
     "ModelSnapshot",
@@ -250,10 +251,12 @@ def held(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def held_snapshot(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[bool]:
+def held_snapshot(
+    model: nn.Module, modules: list[nn.Module] | None = None
+) -> Iterator[ModelSnapshot | None]:
     """Inside :func:`held`: put the model back on exit as the block found it, from the held
-    snapshot, and yield True; outside, do nothing and yield False (the caller preserves the
-    model itself).
+    snapshot, and yield the snapshot it puts back; outside, do nothing and yield None (the
+    caller preserves the model itself).
 
     A block directly inside :func:`held` restores what moved (version counters) from the
     held snapshot. A block inside another such block (a probe run within another probe's
@@ -265,7 +268,7 @@ def held_snapshot(model: nn.Module, modules: list[nn.Module] | None = None) -> I
     """
     entry = _HELD.get(id(model))
     if entry is None or entry[0] is not model:
-        yield False
+        yield None
         return
     nested = entry[2] > 0
     snap = snapshot_since(entry[1]) if nested else entry[1]
@@ -273,12 +276,32 @@ def held_snapshot(model: nn.Module, modules: list[nn.Module] | None = None) -> I
     try:
         if nested:
             with attributes_kept(model if modules is None else modules):
-                yield True
+                yield snap
         else:
-            yield True
+            yield snap
     finally:
         entry[2] -= 1
         restore(snap, changed_only=True)
+
+
+def restore_moved_buffers(snap: ModelSnapshot) -> None:
+    """Put back the buffers that a pass moved (rebound, or their version counter moved) since
+    ``snap``: before each pass of a probe, so that every pass sees the buffers the probe found.
+
+    A forward pass that updates a buffer in train mode although the probe froze the running
+    statistics (spectral norm's power iteration on ``weight_u``, an EMA codebook, a call
+    counter) would otherwise give a probe's second pass another network than its first.
+    """
+    with torch.no_grad():
+        for i, (module, name, buf, saved) in enumerate(snap.buffers):
+            if buf is None or (
+                module._buffers.get(name) is buf and buf._version == snap.buffer_versions[i]
+            ):
+                continue
+            if buf.device.type != "cpu" or not torch.equal(buf, saved):
+                buf.copy_(saved)
+            module._buffers[name] = buf
+            snap.buffer_versions[i] = buf._version  # holds the recorded values again
 
 
 def snapshot_since(earlier: ModelSnapshot) -> ModelSnapshot:

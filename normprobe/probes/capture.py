@@ -73,9 +73,12 @@ from normprobe.roles import (
     weight_rule,
 )
 from normprobe.state import (
+    ModelSnapshot,
     frozen_statistics,
     held_snapshot,
-    preserved,
+    restore,
+    restore_moved_buffers,
+    snapshot,
     warn_of_frozen_statistics,
 )
 
@@ -362,9 +365,15 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
         warn_of_frozen_statistics(model, "mode='train'")
     with ExitStack() as stack:
         # inside normprobe.state.held (a measurement step), the step's snapshot restores the model
-        if not stack.enter_context(held_snapshot(model, modules)):
-            stack.enter_context(preserved(model))
+        snap = stack.enter_context(held_snapshot(model, modules))
+        if snap is None:
+            snap = snapshot(model)
+            stack.callback(restore, snap)
             stack.enter_context(attributes_kept(modules))
+        # each probe pass starts from the buffers as this session found them
+        starts = _STARTS.setdefault(id(model), [])
+        starts.append((model, snap))
+        stack.callback(_ended, model, starts)
         stack.enter_context(frozen_statistics(model, modules))
         device = model_device(model)
         stack.enter_context(forked_random_state(device, seed))
@@ -375,6 +384,17 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
             stack.enter_context(dropout_off(model, modules))
         stack.enter_context(dense_gradients(sparse_embeddings(modules)))
         yield model
+
+
+#: id(model) -> [(model, the snapshot its innermost session puts back)]: what each probe pass
+#: starts from (:meth:`Probe._start_pass`)
+_STARTS: dict[int, list[tuple[nn.Module, ModelSnapshot]]] = {}
+
+
+def _ended(model: nn.Module, starts: list[tuple[nn.Module, ModelSnapshot]]) -> None:
+    starts.pop()
+    if not starts and _STARTS.get(id(model)) is starts:
+        del _STARTS[id(model)]
 
 
 def _check_mode(mode: str) -> None:
@@ -633,6 +653,9 @@ class Probe:
 
     def _start_pass(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         if not self._paused:
+            starts = _STARTS.get(id(self.model))
+            if starts and starts[-1][0] is self.model:
+                restore_moved_buffers(starts[-1][1])
             self._calls, self._records, self._reduced, self._counts = [], {}, {}, {}
             self._no_autograd = set()
             self._states = generator_states(self._device)

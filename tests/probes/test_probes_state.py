@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -308,3 +309,98 @@ def test_random_draws_the_probes_cannot_switch_off_are_said() -> None:
                 call(rrelu).drop(columns="mode"), call(rrelu, mode="eval").drop(columns="mode")
             )
     assert rrelu.act.training
+
+
+class _Centring(nn.Module):
+    """Subtracts a running mean it updates in every train-mode forward (an EMA codebook's or a
+    call counter's kind of state): a pass changes the network the next pass runs."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("centre", torch.zeros(width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.centre.mul_(0.5).add_(x.mean(dim=0), alpha=0.5)
+        return x - self.centre
+
+
+def _state_updating_nets() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    centring = nn.Sequential(
+        nn.Linear(5, 8), _Centring(8), nn.ReLU(), nn.Linear(8, 8), _Centring(8), nn.ReLU(),
+        nn.Linear(8, 3),
+    )  # fmt: skip
+    spectral = nn.Sequential(
+        nn.utils.spectral_norm(nn.Linear(5, 8)), nn.ReLU(),
+        nn.utils.spectral_norm(nn.Linear(8, 8)), nn.ReLU(), nn.Linear(8, 3),
+    )  # fmt: skip
+    return {"centring": centring, "spectral_norm (hooks)": spectral}
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, names: list[str]) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        m.register_forward_hook(lambda _m, _i, out, n=n: seen.__setitem__(n, out.detach()))
+        for n, m in model.named_modules()
+        if n in names
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def _r(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("kind", ["centring", "spectral_norm (hooks)"])
+def test_every_pass_of_a_probe_sees_the_buffers_the_probe_found(kind: str) -> None:
+    """Both passes of a probe run the same network: a forward that updates a buffer although
+    the running statistics are frozen (spectral norm's power iteration, a running centre) has
+    it put back before the next pass, and the model is left as found."""
+    model = _state_updating_nets()[kind]
+    model.train()
+    x, x_other = torch.randn(32, 5), torch.randn(32, 5)
+    before = _state(model)
+    frame = representation_correlation(model, x, pairing="independent", x_other=x_other)
+    _assert_same(before, _state(model), "representation")
+    layers = [n for n in frame.layer if n != "input"]
+    # reference: each batch through its own copy of the model as found
+    first = _outputs(copy.deepcopy(model), x, layers)
+    second = _outputs(copy.deepcopy(model), x_other, layers)
+    one_after_the_other = copy.deepcopy(model)
+    chained = _outputs(one_after_the_other, x, layers)
+    chained_second = _outputs(one_after_the_other, x_other, layers)
+    for name, value in zip(frame.layer[1:], frame.value[1:]):
+        assert value == pytest.approx(_r(first[name], second[name]), abs=1e-6), name
+    # the reference a pass-to-pass update would give differs: the test tells them apart
+    assert any(
+        abs(_r(chained[n], chained_second[n]) - _r(first[n], second[n])) > 1e-4 for n in layers
+    )
+    batch_a, batch_b = (x, torch.randint(0, 3, (32,))), (x_other, torch.randint(0, 3, (32,)))
+    named = ["0", "2", "4"] if kind.startswith("spectral") else None
+    grads = gradient_correlation(model, F.cross_entropy, batch_a, batch_b, layers=named)
+    _assert_same(before, _state(model), "gradients")
+    expected = []
+    for xb, yb in (batch_a, batch_b):
+        net = copy.deepcopy(model)
+        applied: list[torch.Tensor] = []
+        handles = [
+            m.register_forward_hook(lambda m, _i, _o, a=applied: a.extend([m.weight, m.bias]))
+            for n, m in net.named_modules()
+            if n in list(grads.layer)
+        ]
+        loss = F.cross_entropy(net(xb), yb)
+        for h in handles:
+            h.remove()
+        expected.append(torch.autograd.grad(loss, applied))
+    for i, value in enumerate(grads.value):
+        ga = torch.cat([g.flatten() for g in expected[0][2 * i : 2 * i + 2]]).double()
+        gb = torch.cat([g.flatten() for g in expected[1][2 * i : 2 * i + 2]]).double()
+        assert value == pytest.approx(float(ga @ gb / (ga.norm() * gb.norm())), abs=1e-6)
