@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -382,6 +383,55 @@ def test_a_step_inside_the_loop_s_autocast_region_measures_in_the_model_s_dtype(
     assert {"repr_corr_noise", "grad_norm", "eigenvalue", "slq_node"} <= set(
         pd.concat([inside.metrics, inside.hessian_nodes])["metric"]
     )
+
+
+class _MonteCarloDropout(nn.Module):
+    """A functional dropout that draws in eval mode too (Monte Carlo dropout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net(nn.LayerNorm(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[5](F.dropout(self.net[:5](x), 0.2, training=True))
+
+
+def test_evaluating_eval_data_changes_neither_the_training_nor_follows_autocast() -> None:
+    """eval_data is scored on its own seeded random stream, in the model's dtype: a model that
+    draws in eval mode trains to the same parameters with the evaluation as without it, and a
+    step inside the loop's autocast region records the losses of a step outside it."""
+    x, y = _data()
+    held_out = _data(48)
+
+    def trained(eval_data: dict | None, autocast: bool) -> tuple[list[torch.Tensor], Monitor]:
+        torch.manual_seed(0)
+        model = _MonteCarloDropout()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        monitor = Monitor(
+            model, F.cross_entropy, (x, y), schedule={"every": 2}, hessian=False,
+            probes=["gradient_norms"], eval_data=eval_data,
+        )  # fmt: skip
+        for step in range(6):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                monitor.step(step)
+            i = torch.randint(0, len(x), (16,))
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[i]), y[i]).backward()
+            optimizer.step()
+        return [p.detach().clone() for p in model.parameters()], monitor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the probes say the model draws; said elsewhere
+        plain, _ = trained(None, False)
+        evaluated, outside = trained({"test": held_out}, False)
+        _, inside = trained({"test": held_out}, True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, evaluated))
+    scores = outside.results.metrics.query("metric in ['test_loss', 'test_acc']")
+    assert len(scores) == 6
+    pd.testing.assert_frame_equal(
+        inside.results.metrics.query("metric in ['test_loss', 'test_acc']"), scores,
+        check_exact=True,
+    )  # fmt: skip
 
 
 def test_a_run_name_is_one_folder_name(tmp_path: Path) -> None:
