@@ -373,9 +373,16 @@ def _map(inputs: Inputs, fn: Callable[[torch.Tensor], torch.Tensor]) -> Inputs:
 
 
 def to_device(inputs: Inputs, device: torch.device, dtype: torch.dtype | None = None) -> Inputs:
-    """Every input tensor on ``device``; floating-point ones in ``dtype`` (integers keep theirs)."""
+    """Every input tensor on ``device``; floating-point ones in ``dtype`` (integers keep theirs).
+
+    A tensor made inside ``torch.inference_mode()`` is copied to a normal one, which
+    autograd may save for the backward pass (:func:`autograd_available`).
+    """
 
     def move(t: torch.Tensor) -> torch.Tensor:
+        if t.is_inference():
+            with torch.inference_mode(False):
+                t = t.clone()
         if dtype is not None and t.is_floating_point() and t.dtype != dtype:
             return t.to(device=device, dtype=dtype)
         return t.to(device)
@@ -534,6 +541,19 @@ def full_precision(device: torch.device) -> Iterator[None]:
         yield
         return
     with torch.autocast(device.type, enabled=False):
+        yield
+
+
+@contextmanager
+def autograd_available() -> Iterator[None]:
+    """Autograd on for the block also when it is called inside ``torch.inference_mode()`` (a
+    loop's evaluation block), where ``torch.enable_grad()`` records nothing: the gradient
+    probes and the Hessian differentiate, and the representation probes share their passes.
+    Nothing changes outside inference mode."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    with torch.inference_mode(False):
         yield
 
 

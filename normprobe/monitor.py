@@ -180,7 +180,7 @@ def _inputs_of(
         inputs, targets = split_batch(batch, what, MonitorError)
         if targets is None:
             raise MonitorError(f"{what}: the probes and the Hessian need targets, got None")
-        return to_device(inputs, device), targets.to(device)
+        return to_device(inputs, device), to_device(targets, device)
 
     if isinstance(probe_data, MeasureInputs):
         a, b, h = probe_data.batch_a, probe_data.batch_b, probe_data.hessian_set

@@ -385,6 +385,33 @@ def test_a_step_inside_the_loop_s_autocast_region_measures_in_the_model_s_dtype(
     )
 
 
+def test_a_step_inside_inference_mode_measures_as_outside_it() -> None:
+    """Inside a loop's torch.inference_mode() block (where enable_grad records nothing) a
+    step records the tables of a step outside it, bit for bit; inputs made in that mode are
+    measured as well."""
+    x, y = _data()
+    tables = []
+    for inference in (False, True):
+        model = _net(nn.LayerNorm(16))
+        monitor = Monitor(model, F.cross_entropy, (x, y), schedule=[0], hessian=SMALL_HESSIAN)
+        with torch.inference_mode(inference):
+            monitor.step(0)
+        tables.append(monitor.results)
+    outside, inside = tables
+    pd.testing.assert_frame_equal(inside.metrics, outside.metrics, check_exact=True)
+    pd.testing.assert_frame_equal(inside.hessian_nodes, outside.hessian_nodes, check_exact=True)
+    model = _net()
+    with torch.inference_mode():
+        made_inside = x.clone(), y.clone()
+        norms = normprobe.gradient_norms(model, F.cross_entropy, made_inside)
+        top = normprobe.hessian_spectrum(model, F.cross_entropy, made_inside, what="top", k=2)
+    pd.testing.assert_frame_equal(
+        norms, normprobe.gradient_norms(model, F.cross_entropy, (x, y)), check_exact=True
+    )
+    again = normprobe.hessian_spectrum(model, F.cross_entropy, (x, y), what="top", k=2)
+    assert top.top_eigenvalues.tolist() == again.top_eigenvalues.tolist()
+
+
 class _MonteCarloDropout(nn.Module):
     """A functional dropout that draws in eval mode too (Monte Carlo dropout)."""
 

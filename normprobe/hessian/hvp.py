@@ -83,6 +83,7 @@ from normprobe.batch import (
     all_finite,
     attributes_kept,
     autocast_on,
+    autograd_available,
     batch_size,
     call_args,
     check_call,
@@ -1055,7 +1056,8 @@ class HessianOperator:
         return packed[:-1].to(self.dtype), float(packed[-1])
 
     def _to_model(self, x: Inputs, y: Targets) -> Batch:
-        return to_device(x, self.device, self.dtype), None if y is None else y.to(self.device)
+        targets = None if y is None else to_device(y, self.device)
+        return to_device(x, self.device, self.dtype), targets
 
     def _weight_scales(self) -> torch.Tensor:
         scales = []
@@ -1251,6 +1253,7 @@ class HessianOperator:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
             # in the model's own dtype (product_dtype), also inside a loop's autocast region
             stack.enter_context(full_precision(self.device))
+            stack.enter_context(autograd_available())  # also inside torch.inference_mode()
             if self._sparse:
                 stack.enter_context(dense_gradients(self._sparse))
             yield

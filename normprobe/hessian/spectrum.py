@@ -32,6 +32,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 from normprobe.batch import (
     OutputPick,
     autocast_on,
+    autograd_available,
     batch_size,
     full_precision,
     model_device,
@@ -656,6 +657,11 @@ def hessian_spectrum(
             check_threads(threads, "threads"), model if isinstance(model, nn.Module) else 0
         )
         with torch_threads(count):
+            return hessian_spectrum(**arguments)
+    if torch.is_inference_mode_enabled():
+        # inside a loop's torch.inference_mode() block: autograd back on for the whole call
+        arguments = dict(locals())
+        with autograd_available():
             return hessian_spectrum(**arguments)
     if isinstance(model, nn.Module) and autocast_on(model_device(model)):
         # inside a loop's autocast region: the whole call (products, Lanczos, ARPACK's

@@ -43,6 +43,7 @@ from torch.nn.utils import parametrize
 from normprobe.batch import (
     Inputs,
     attributes_kept,
+    autograd_available,
     call_model,
     check_inputs,
     check_measurable,
@@ -378,6 +379,7 @@ def session(model: nn.Module, mode: Mode = "train", seed: int = 0) -> Iterator[n
         device = model_device(model)
         stack.enter_context(forked_random_state(device, seed))
         stack.enter_context(full_precision(device))  # a loop's autocast: off
+        stack.enter_context(autograd_available())  # a loop's inference_mode: off
         if flip:
             model.train(training)
         if training:
