@@ -704,9 +704,11 @@ def compute_loss(
     except (RuntimeError, ValueError, IndexError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         shape = None if targets is None else tuple(targets.shape)
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
         raise _also(error, err)(
-            f"targets (shape {shape}): the loss failed on them: {first}; check that they fit "
-            f"the prediction (shape {tuple(predicted.shape)}) and the loss function"
+            f"loss_fn ({name}) raised {type(err).__name__} on the prediction (shape "
+            f"{tuple(predicted.shape)}) and the targets (shape {shape}): {first}; check that "
+            f"the targets fit the prediction and that the loss function runs on them"
         ) from err
 
 

@@ -84,6 +84,17 @@ def test_the_prediction_rule_and_output_picks() -> None:
         compute_loss(None, logits, None)
 
 
+def test_a_loss_function_that_raises_is_named_not_the_targets() -> None:
+    def smoothed(prediction: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    message = r"loss_fn \(smoothed\) raised RuntimeError on the prediction \(shape \(2, 3\)\) and "
+    with pytest.raises(BatchError, match=message + r"the targets \(shape \(2,\)\): boom"):
+        compute_loss(smoothed, torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(BatchError, match=r"loss_fn \(MSELoss\) raised"):
+        compute_loss(nn.MSELoss(), torch.zeros(2, 3), torch.zeros(5))
+
+
 def test_call_model_passes_every_input_and_refuses_what_forward_cannot_take() -> None:
     class Two(nn.Module):
         def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
