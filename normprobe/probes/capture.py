@@ -220,16 +220,41 @@ def resolve_layers(
             raise ProbeError(f"default must be 'representations' or 'gradients', got {default!r}")
         return _default_layers(model, named)
     if isinstance(layers, str):
-        return _by_regex(named, layers), f"regex: {layers}"
+        return _weighted(_by_regex(named, layers), f"regex: {layers}", default)
     if isinstance(layers, type) or _all_types(layers):
         types = [layers] if isinstance(layers, type) else list(layers)
-        return _by_type(named, layers), "type: " + ", ".join(t.__name__ for t in types)
+        rule = "type: " + ", ".join(t.__name__ for t in types)
+        return _weighted(_by_type(named, layers), rule, default)
     if isinstance(layers, Sequence) and all(isinstance(n, str) for n in layers):
         return _by_names(named, list(layers)), "named"
     raise ProbeError(
         f"layers must be None (the default rule), a list of module names, a module type or tuple "
         f"of types, or a regex string; got {type(layers).__name__} {layers!r}"
     )
+
+
+def _weighted(
+    chosen: dict[str, nn.Module], rule: str, default: str
+) -> tuple[dict[str, nn.Module], str]:
+    """For the gradient probes (``default="gradients"``), a type or regex selection without
+    the modules that apply no weight tensor (a ``LayerNorm(elementwise_affine=False)`` among
+    the model's LayerNorms): left out and named in the rule, as the default rule does; a
+    module named in ``layers=[...]`` is refused instead, when its pass runs."""
+    if default != "gradients":
+        return chosen, rule
+    weightless = [
+        n for n, m in chosen.items() if not isinstance(getattr(m, "weight", None), torch.Tensor)
+    ]
+    if not weightless:
+        return chosen, rule
+    kept = {n: m for n, m in chosen.items() if n not in weightless}
+    if not kept:
+        raise ProbeError(
+            f"layers selects only modules without a weight tensor ({listed(weightless, 8)}); "
+            f"gradient probes need layers with a weight (Linear, Conv, normalizers with an "
+            f"affine scale)"
+        )
+    return kept, f"{rule}; left out: {listed(weightless, 8)} (no weight)"
 
 
 def _all_types(layers: object) -> bool:

@@ -512,3 +512,25 @@ def test_layers_pruned_by_torch_are_measured_at_the_weight_they_apply() -> None:
     assert float(product.abs().max()) == 0.0
     product = op.matvec(1.0 - held_out).reshape(net[0].weight_mask.shape)
     assert float(product[net[0].weight_mask == 0].abs().max()) == 0.0
+
+
+def test_a_type_or_regex_selection_leaves_out_the_modules_without_a_weight_and_says_so() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(6, 12), nn.LayerNorm(12, elementwise_affine=False), nn.ReLU(),
+        nn.Linear(12, 12), nn.LayerNorm(12), nn.ReLU(), nn.Linear(12, 3),
+    )  # fmt: skip
+    batch = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    loss = nn.functional.cross_entropy
+    for layers, rule in ((nn.LayerNorm, "type: LayerNorm"), (r"[14]", "regex: [14]")):
+        frame = gradient_norms(net, loss, batch, layers=layers)
+        assert set(frame.layer) == {"4"}
+        assert frame.layer_rule.iloc[0] == f"{rule}; left out: 1 (no weight)"
+        out = net[:4](batch[0])
+        weight = net[4].weight
+        expected = torch.autograd.grad(loss(net[4:](out), batch[1]), weight)[0].norm()
+        assert frame.value.iloc[0] == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ProbeError, match=r"layer '1' \(LayerNorm\) has no weight tensor"):
+        gradient_norms(net, loss, batch, layers=["1", "4"])
+    with pytest.raises(ProbeError, match=r"only modules without a weight tensor \(1\)"):
+        gradient_norms(net, loss, batch, layers=r"1")
