@@ -192,7 +192,10 @@ def select_parameters(
     what was left out and why. A string or a list of
     strings: each is an exact parameter name or a module name whose
     parameters are all taken (``"blocks.0"``, ``"head"``). A module: its
-    parameters (it must belong to ``model``).
+    parameters (it must belong to ``model``). A weight shared by two modules
+    (an output layer tied to the embedding) is one parameter, taken with
+    either module and listed once, under the name ``model.named_parameters()``
+    gives it (the first module's).
 
     >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
     >>> [n for n, _ in select_parameters(net, "2")]
@@ -228,19 +231,27 @@ def select_parameters(
         raise HessianError(
             f"params must be None, a module, or parameter/module names as strings, got {params!r}"
         )
-    keep: set[str] = set()
+    # every name a parameter has: a weight shared by two modules (an output layer tied to the
+    # embedding) is listed once by named_parameters(), under the first module's name
+    aliases = list(model.named_parameters(remove_duplicate=False))
+    keep: set[int] = set()
     modules = [n for n, _ in model.named_modules() if n]
     for w in wanted:
-        hits = {n for n, _ in named if n == w or n.startswith(w + ".")}
+        hits = {id(p) for n, p in aliases if n == w or n.startswith(w + ".")}
         if not hits:
-            close = difflib.get_close_matches(w, [n for n, _ in named] + modules, n=3)
+            if w in modules:
+                raise HessianError(
+                    f"params: module {w!r} has no parameters of its own to take a Hessian over; "
+                    f"pass a module or parameter names from model.named_parameters()"
+                )
+            close = difflib.get_close_matches(w, [n for n, _ in aliases] + modules, n=3)
             hint = f"did you mean {', '.join(map(repr, close))}? " if close else ""
             raise HessianError(
                 f"params: {w!r} is neither a parameter nor a module of the model; {hint}"
                 f"pass names from model.named_parameters() or model.named_modules()"
             )
         keep |= hits
-    return [(n, p) for n, p in named if n in keep]
+    return [(n, p) for n, p in named if id(p) in keep]
 
 
 def excluded_parameters(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -274,6 +275,50 @@ def test_select_parameters_names_prefixes_modules_and_errors() -> None:
     with pytest.raises(HessianError, match="requires grad"):
         select_parameters(model)
     assert len(select_parameters(model, "head")) == 2  # frozen but named: included
+
+
+class _Tied(nn.Module):
+    """A token model whose output layer applies the embedding's weight (GPT-2's lm_head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mix = nn.Embedding(7, 4), nn.Linear(4, 4)
+        self.out = nn.Linear(4, 7)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.mix(self.emb(ids))))
+
+
+def test_a_tied_weight_is_taken_with_either_module_that_applies_it(exact_hessian_fn) -> None:
+    """params="out" takes the weight out shares with emb (named emb.weight, once), as
+    params=model.out does: the block of the exact Hessian over both of out's parameters."""
+    torch.manual_seed(0)
+    model = _Tied().double()
+    ids, y = torch.randint(0, 7, (24,)), torch.randint(0, 7, (24,))
+    chunks = [(ids, y)]
+    full = exact_hessian_fn(model, F.cross_entropy, chunks)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    offsets = dict(zip(sizes, np.cumsum([0, *list(sizes.values())[:-1]])))
+    v = torch.randn(sum(sizes.values()), generator=torch.Generator().manual_seed(1)).double()
+    for selection, names in (
+        ("out", ["emb.weight", "out.bias"]),
+        (model.out, ["emb.weight", "out.bias"]),
+        ("out.weight", ["emb.weight"]),
+        (["emb", "out"], ["emb.weight", "out.bias"]),
+    ):
+        hess = HessianOperator(model, F.cross_entropy, chunks, params=selection)
+        assert [n for n, _ in hess.named] == names
+        index = torch.cat([torch.arange(offsets[n], offsets[n] + sizes[n]) for n in names])
+        torch.testing.assert_close(
+            hess.matvec(v[: hess.dim]),
+            full[index][:, index] @ v[: hess.dim],
+            rtol=1e-10,
+            atol=1e-12,
+        )
+    relu_first = nn.Sequential(OrderedDict(act=nn.ReLU(), lin=nn.Linear(2, 2)))
+    with pytest.raises(HessianError, match="module 'act' has no parameters of its own"):
+        select_parameters(relu_first, "act")
 
 
 def test_linear_operator_view_and_eigsh(exact_case) -> None:
