@@ -1368,6 +1368,12 @@ class HessianOperator:
                 f"{None if pred is None else tuple(pred.shape)}); pass num_classes= for the "
                 f"outlier ratio"
             )
+        elif pred.dim() == 2 and pred.shape[1] == 1:
+            self.classes_problem = (
+                f"the model's prediction has one output per example (shape {tuple(pred.shape)}): "
+                f"a regression or a single logit, whose lambda_1 / lambda_1 would say nothing; "
+                f"pass num_classes= for the outlier ratio (2 for a binary classifier)"
+            )
         elif pred.dim() == 2:
             self.num_outputs = int(pred.shape[1])
         elif getattr(self.model, "classes_last", False) is True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -121,6 +122,22 @@ def test_k_comes_from_an_explicit_classes_axis_never_the_sequence_axis() -> None
     net = nn.Sequential(nn.Linear(4, 5)).double()
     two = hessian_spectrum(net, F.cross_entropy, (x[:, 0], y[:, 0]), what="top", k=2)
     assert two.num_classes == 5
+
+
+def test_one_output_per_example_has_no_k_and_says_so() -> None:
+    """A regression's (N, 1) output is not a classes axis of one class: lambda_1 / lambda_1 = 1
+    would say nothing, so the outlier ratio is left out with a warning, as for (N,)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x, target = torch.randn(32, 4).double(), torch.randn(32, 1).double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = hessian_spectrum(net, F.mse_loss, (x, target), what="top", k=2)
+    assert spec.num_classes is None and math.isnan(spec.outlier_ratio)
+    assert "outlier_ratio" not in set(spec.to_frame()["metric"])
+    assert any("one output per example (shape (32, 1))" in str(w.message) for w in caught)
+    given = hessian_spectrum(net, F.mse_loss, (x, target), what="top", k=2, num_classes=2)
+    assert given.outlier_ratio == given.top.values[0] / given.top.values[1]
 
 
 def test_gradient_probes_and_the_hessian_share_and_report_the_layer_options() -> None:
