@@ -513,8 +513,11 @@ def hessian_spectrum(
     (:mod:`normprobe.batch`: inputs a tensor, a tuple or a dict such as
     ``{"input_ids": ..., "attention_mask": ...}``, targets a tensor or None),
     of which a seeded random subset of ``n_samples`` rows is used (all rows
-    if fewer or ``None``) and cut into chunks of at most ``chunk_size``; or
-    an iterable of such chunks used as given. The loss is
+    if fewer or ``None``) and cut into ``ceil(n / chunk_size)`` chunks of
+    nearly equal size, at most ``chunk_size`` (64 rows at 24: 22, 21 and 21;
+    :func:`~normprobe.hessian.hvp.split_chunks`); or an iterable of such
+    chunks used as given (``chunk_size`` is then not used; the spectrum's
+    ``num_chunks`` and ``num_samples`` say what was). The loss is
     ``loss_fn(prediction, targets)`` (``output=`` picks the prediction;
     ``loss_fn=None`` takes the model's own ``outputs.loss``). ``H = sum_c (n_c / n) H_c``; ``norm_mode`` picks batch
     statistics per chunk (``train``, running statistics untouched) or the
