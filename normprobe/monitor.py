@@ -388,6 +388,7 @@ class Monitor:
         self.measure_seconds = 0.0
         self._started = time.perf_counter()
         self._last_step: int | None = None
+        self._measured: set[int] = set()  # the steps measured so far
         if self.directory is not None:
             self._write_manifest()
             start_run(self.directory, self.record())
@@ -467,8 +468,6 @@ class Monitor:
                 f"Monitor.step: step must be the number of updates so far (an int >= 0), "
                 f"got {given!r}"
             )
-        if values:
-            self.log(step, **values)
         names = set(self.due(step))
         chosen = [m for m in self._probes + self._hessian if m.name in names]
         # evaluated at the steps an analysis evaluates: the probe schedule's, the Hessian's
@@ -478,6 +477,14 @@ class Monitor:
             or (self.hessian_config.enabled and self._due(self.hessian_config.schedule, step))
             or step == self.total_steps
         )
+        if (chosen or evaluate_now) and step in self._measured:
+            raise MonitorError(
+                f"Monitor.step: step {step} was measured already; its rows would be in the "
+                f"tables twice. Pass the number of updates so far, which grows from call to "
+                f"call (a second training run gets a Monitor of its own, with run=...)"
+            )
+        if values:
+            self.log(step, **values)
         if not chosen and not evaluate_now:
             return
         t0 = time.perf_counter()
@@ -494,6 +501,7 @@ class Monitor:
             self._scalars.write(measured["metrics"])
         self.measure_seconds += time.perf_counter() - t0
         self._last_step = step
+        self._measured.add(step)
 
     __call__ = step
 

@@ -550,6 +550,11 @@ def test_bad_probe_data_and_steps_are_named() -> None:
             monitor.step(bad)
     monitor.step(torch.tensor(2))  # an integer tensor, as some trainers count steps
     assert sorted(monitor.results.metrics["step"].unique()) == [2]
+    rows = len(monitor.results.metrics)
+    with pytest.raises(MonitorError, match=r"step 2 was measured already"):
+        monitor.step(2, batch_loss=0.5)
+    assert len(monitor.results.metrics) == rows  # nothing recorded twice, nothing logged
+    monitor.step(1, batch_loss=0.5)  # a step that measures nothing may be logged at any time
 
 
 def test_eval_data_is_recorded_at_the_last_step_as_an_analysis_does() -> None:
