@@ -210,10 +210,22 @@ def resolve_layers(
                 model, embeddings=embeddings, norms=norms, frozen=frozen
             )
             if not chosen:
+                options = [
+                    option
+                    for option, reason, on in (
+                        ("embeddings=True", "embedding", embeddings),
+                        ("norms=True", "norm", norms),
+                        ("frozen=True", "frozen", frozen),
+                    )
+                    if not on and reason in left_out.values()
+                ]
+                fix = f"pass {' or '.join(options)}, or " if options else ""
                 raise ProbeError(
                     f"no module of the model owns a weight that the rule takes "
-                    f"({weight_rule(embeddings, norms, frozen, left_out)}); pass embeddings=True, "
-                    f"norms=True or frozen=True, or name the layers with layers=[...]"
+                    f"({weight_rule(embeddings, norms, frozen, left_out)}); {fix}name the layers "
+                    f"with layers=[...] (a layer whose weight a hook computes from other "
+                    f"parameters, as torch.nn.utils.spectral_norm's, is measured at the weight it "
+                    f"applies when named)"
                 )
             return chosen, "weights: " + weight_rule(embeddings, norms, frozen, left_out)
         if default != "representations":

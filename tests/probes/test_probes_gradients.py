@@ -534,3 +534,20 @@ def test_a_type_or_regex_selection_leaves_out_the_modules_without_a_weight_and_s
         gradient_norms(net, loss, batch, layers=["1", "4"])
     with pytest.raises(ProbeError, match=r"only modules without a weight tensor \(1\)"):
         gradient_norms(net, loss, batch, layers=r"1")
+
+
+def test_when_the_rule_takes_no_layer_the_message_offers_only_the_options_that_help() -> None:
+    torch.manual_seed(0)
+    batch = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    hooked = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 3)))
+    with pytest.raises(ProbeError) as caught:
+        gradient_norms(hooked, nn.functional.cross_entropy, batch)
+    assert "0 (bias, weight_orig: not a weight)" in str(caught.value)
+    assert "pass " not in str(caught.value) and "name the layers with layers=[...]" in str(
+        caught.value
+    )
+    named = gradient_norms(hooked, nn.functional.cross_entropy, batch, layers=["0"])
+    assert named.layer.tolist() == ["0", "0"]
+    frozen = nn.Sequential(nn.Linear(4, 3)).requires_grad_(False)
+    with pytest.raises(ProbeError, match=r"; pass frozen=True, or name the layers"):
+        gradient_norms(frozen, nn.functional.cross_entropy, batch, frozen=False)
