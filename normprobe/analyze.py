@@ -40,7 +40,7 @@ from tqdm import TqdmExperimentalWarning, TqdmWarning
 from normprobe import executors
 from normprobe.checks import check_norm_options, preflight
 from normprobe.config import Config, ConfigError, config_hash, load_config
-from normprobe.errors import NormprobeError
+from normprobe.errors import NormprobeError, listed
 from normprobe.lock import LOCK_NAME, OWNER_NAME, folder_lock
 from normprobe.plan import ProbeData, RunSpec, build_run_model, plan_runs, prepare_data
 from normprobe.results import (
@@ -157,10 +157,15 @@ def analyze(
     if not force:
         other = manifest_matches(directory, chash) if directory.exists() else None
         if other is not None:
+            changed = config_changes(other.get("config"), config.to_dict())
+            runs = directory / "runs"
+            count = sum(1 for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else 0
             raise ConfigError(
                 f"output: {str(directory)!r} holds results of a different config (hash "
-                f"{other.get('config_hash')}, this one {chash}); pass --force to replace them, "
-                f"or --out to write somewhere else"
+                f"{other.get('config_hash')}, this one {chash}"
+                f"{'; changed: ' + listed(changed, 6) if changed else ''}); pass --out to write "
+                f"somewhere else, or --force to replace them (it deletes the {count} run "
+                f"folder{'' if count == 1 else 's'} there before the first new run starts)"
             )
     device = torch.device(config.train.device)
     check_device = device
@@ -205,6 +210,30 @@ def analyze(
 
 #: What an otherwise empty folder may hold: the lock of an analysis refused before it wrote.
 _OURS = {LOCK_NAME, OWNER_NAME}
+
+
+def config_changes(before: Any, after: Mapping[str, Any]) -> list[str]:
+    """The fields in which two resolved configs (``Config.to_dict()``) differ, as
+    ``train.lr_extend 2 -> 3``, in order; ``output`` is left out (where results go).
+
+    >>> config_changes({"train": {"lr": [0.1], "steps": 5}}, {"train": {"lr": [0.1], "steps": 9}})
+    ['train.steps 5 -> 9']
+    """
+    if not isinstance(before, Mapping):
+        return []
+    changes: list[str] = []
+
+    def walk(old: Any, new: Any, path: str) -> None:
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            for key in list(dict.fromkeys([*old, *new])):
+                if not path and key == "output":
+                    continue
+                walk(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        elif old != new:
+            changes.append(f"{path} {old!r} -> {new!r}".replace("'", ""))
+
+    walk(before, after, "")
+    return changes
 
 
 def _check_ours(directory: Path, what: str) -> None:

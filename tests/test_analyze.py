@@ -260,8 +260,12 @@ def test_a_different_config_in_the_same_folder_is_refused(tmp_path: Path) -> Non
     config = {**SMALL, "hessian": {"enabled": False}, "normalizers": ["batch"]}
     analyze(config, out=tmp_path, quiet=True)
     changed = {**config, "train": {**SMALL["train"], "steps": 5}, "probes": {"schedule": [0, 5]}}
-    with pytest.raises(ConfigError, match="holds results of a different config.*--force"):
+    with pytest.raises(ConfigError, match="holds results of a different config.*--force") as err:
         analyze(changed, out=tmp_path, quiet=True)
+    # which fields differ, and what --force would delete
+    assert "changed: train.steps 12 -> 5, probes.schedule" in str(err.value)
+    runs = len(list((tmp_path / "runs").iterdir()))
+    assert f"deletes the {runs} run folder{'' if runs == 1 else 's'} there" in str(err.value)
 
 
 KILL_CONFIG = """\
