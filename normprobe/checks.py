@@ -12,15 +12,16 @@ explicitly).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from normprobe.batch import model_dtype
+from normprobe.batch import model_dtype, prediction
 from normprobe.config import Config, ConfigError
 from normprobe.configtools import format_path
-from normprobe.errors import NormprobeError
+from normprobe.errors import NormprobeError, user_stacklevel
 from normprobe.hessian.basis import (
     TopKCostError,
     check_product_budget,
@@ -186,6 +187,7 @@ def preflight(
     :class:`~normprobe.config.ConfigError`.
     """
     usable, skipped = [], {}
+    built: list[tuple[str, tuple[Any, ...]]] = []  # a factory's models, to compare
     explicit = config.normalizers != "all"
     for i, norm in enumerate(config.normalizer_names()):
         try:
@@ -197,7 +199,8 @@ def preflight(
             x = data.batch_a[0] if len(data.batch_a[0]) >= size else data.dataset.train.x
             with preserved(model), torch.no_grad():
                 model.train()
-                model(x[:size].to(device))
+                out = model(x[:size].to(device))
+            _check_classes(out, data.dataset, norm, config)
         except ConfigError:
             raise
         except NormprobeError as err:
@@ -216,4 +219,75 @@ def preflight(
         if sizes is not None:
             count = sum(p.numel() for p in model.parameters())
             sizes[norm] = max(sizes.get(norm, 0), count)
+        if config.model.factory is not None and not config.model.swap_norms:
+            built.append((norm, _fingerprint(model)))
+    _warn_of_one_model(built)
     return usable, skipped
+
+
+def _check_classes(out: Any, dataset: Any, norm: str, config: Config) -> None:
+    """A classifier's prediction has one score per class of the dataset: (N, K).
+
+    A factory's model with more outputs trains without an error and is scored over classes
+    the data never has; with fewer, every run fails at its first loss. Both are said here,
+    before any run, naming the numbers.
+    """
+    y = dataset.train.y
+    classes = getattr(dataset, "num_classes", None)
+    if y.dim() != 1 or y.is_floating_point() or not isinstance(classes, int):
+        return  # next-token targets, regression: no classes axis to check
+    try:
+        pred = prediction(out, None, ConfigError)
+    except ConfigError:
+        return  # the probes and the loss say what they cannot read, with the output's shape
+    if pred.dim() == 2 and pred.shape[1] == classes:
+        return
+    shape = tuple(pred.shape)
+    what = f"{shape[1]} scores per example" if pred.dim() == 2 else f"shape {shape}"
+    raise ConfigError(
+        f"model: the model built with normalizer {norm!r} outputs {what}, but dataset "
+        f"{config.data.name!r} has {classes} classes: a classifier's prediction is "
+        f"(examples, {classes}); build its last layer with num_classes outputs (a factory that "
+        f"takes a num_classes argument is given it)"
+    )
+
+
+def _fingerprint(model: nn.Module) -> tuple[Any, ...]:
+    """What decides a model's computation that a factory sets: its modules (type and
+    options, as printed) and its parameters' and buffers' values."""
+    modules = tuple(
+        (name, type(m).__qualname__, m.extra_repr()) for name, m in model.named_modules()
+    )
+    tensors = tuple(
+        (name, tuple(t.shape), str(t.dtype), *_sums(t.detach()))
+        for name, t in model.state_dict().items()
+    )
+    return modules, tensors
+
+
+def _sums(t: torch.Tensor) -> tuple[float, ...]:
+    """Two float64 sums of a tensor's entries (values and, for floats, the norm): equal for
+    equal tensors, without copying a large one."""
+    if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
+        return ()
+    total = float(t.sum(dtype=torch.float64))
+    if not t.is_floating_point():
+        return (total,)
+    return total, float(torch.linalg.vector_norm(t, dtype=torch.float64))
+
+
+def _warn_of_one_model(built: list[tuple[str, tuple[Any, ...]]]) -> None:
+    """Warn when a factory built the same model for two normalizers: its runs would be labelled
+    as different normalizers and hold the same numbers."""
+    seen: dict[tuple[Any, ...], str] = {}
+    for norm, fingerprint in built:
+        first = seen.setdefault(fingerprint, norm)
+        if first != norm:
+            warnings.warn(
+                f"model.factory built the same model for normalizers {first!r} and {norm!r} (the "
+                f"same modules and parameters): their runs will hold the same numbers under two "
+                f"names. Does the factory use its norm argument? (set model.swap_norms: true to "
+                f"have normprobe replace a model's torch norm layers by each normalizer)",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )

@@ -420,6 +420,39 @@ def test_user_factory_and_norm_swapping(tmp_path: Path, monkeypatch) -> None:
         )
 
 
+def test_a_factory_s_output_width_and_its_use_of_norm_are_checked_before_any_run(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """More scores than the data has classes trained without an error (scored over classes
+    that never occur), fewer failed every run at its first loss; a factory that ignores its
+    norm argument gave runs labelled as two normalizers with the same numbers."""
+    _user_package(
+        tmp_path,
+        monkeypatch,
+        "widepkg",
+        """\
+        import torch.nn as nn
+
+        def scores(norm, k=10):
+            return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, k))
+        """,
+    )
+    base = {**SMALL, "hessian": {"enabled": False}, "normalizers": ["batch", "layer"]}
+    for k in (12, 7):
+        model = {"factory": "widepkg.nets:scores", "options": {"k": k}}
+        with pytest.raises(ConfigError, match=rf"outputs {k} scores per example, but dataset "
+                           r"'digits' has 10 classes"):  # fmt: skip
+            analyze({**base, "model": model}, out=tmp_path / f"k{k}", quiet=True)
+        assert not (tmp_path / f"k{k}" / "runs").exists()
+    with pytest.warns(UserWarning, match=r"built the same model for normalizers 'batch' and "
+                      r"'layer'.*Does the factory use its norm argument"):  # fmt: skip
+        results = analyze(
+            {**base, "model": {"factory": "widepkg.nets:scores"}}, out=tmp_path / "same",
+            quiet=True,
+        )  # fmt: skip
+    assert set(results.runs["status"]) == {"done"}
+
+
 def test_a_factory_model_s_dropout_draws_from_the_run_s_seed(tmp_path: Path, monkeypatch) -> None:
     """A factory model with dropout trained on torch's global generator, which torch seeds at
     random in every process: the same analysis gave other numbers each time (test accuracy
