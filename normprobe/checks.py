@@ -211,9 +211,15 @@ def preflight(
             skipped[norm] = str(err)
             continue
         except Exception as err:  # a user factory that breaks is the user's to fix
+            called = (
+                "; a factory is called as factory(norm=<normalizer>, **options), or with "
+                "model.swap_norms: true as factory(**options)"
+                if isinstance(err, TypeError) and config.model.factory is not None
+                else ""
+            )
             raise ConfigError(
                 f"model: building or running the model with normalizer {norm!r} failed: "
-                f"{type(err).__name__}: {err}"
+                f"{type(err).__name__}: {err}{called}"
             ) from None
         usable.append(norm)
         if sizes is not None:

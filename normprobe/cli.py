@@ -370,7 +370,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+        hint = (
+            f"; config overrides go after --set: --set {' '.join(overrides)}" if overrides else ""
+        )
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if args.command is None:
         parser.print_help()
         return 0
@@ -382,7 +388,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"normprobe: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("normprobe: interrupted", file=sys.stderr)
+        resumes = (
+            "; finished runs are kept, and the same command resumes from them"
+            if args.command == "analyze"
+            else ""
+        )
+        print(f"normprobe: interrupted{resumes}", file=sys.stderr)
         return 130
 
 

@@ -85,14 +85,15 @@ def import_factory(path: str) -> Callable[..., Any]:
     except ImportError as err:
         raise ValueError(
             f"cannot import module {module_name!r} ({err}); make sure it is installed or on "
-            "PYTHONPATH (run normprobe from the folder that contains it)"
+            "PYTHONPATH (for a module in the current folder: PYTHONPATH=. normprobe analyze ...)"
         ) from None
     try:
         factory = getattr(module, attr)
     except AttributeError:
         names = [n for n in dir(module) if not n.startswith("_")]
         raise ValueError(
-            f"module {module_name!r} has no attribute {attr!r}; {suggest(attr, names)}"
+            f"module {module_name!r} has no attribute {attr!r}; {suggest(attr, names)}its "
+            f"functions: {', '.join(n for n in names if callable(getattr(module, n)))[:200]}"
         ) from None
     if not callable(factory):
         raise ValueError(

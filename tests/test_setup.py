@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 import normprobe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,3 +79,24 @@ def test_cli_bad_usage_exits_non_zero_with_one_message(cli_here: Cli) -> None:
     assert result.returncode == 2
     assert "invalid choice: 'normalisers'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_config_override_without_set_is_pointed_to_set(cli_here: Cli) -> None:
+    result = cli_here("analyze", "analyses/quickstart.yaml", "train.steps=20")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unrecognized arguments: train.steps=20" in result.stderr
+    assert "config overrides go after --set: --set train.steps=20" in result.stderr
+
+
+def test_an_interrupted_analysis_says_that_rerunning_resumes(
+    cli_here: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import normprobe.cli
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(normprobe.cli, "analyze", interrupted)
+    result = cli_here("analyze", "analyses/quickstart.yaml")
+    assert result.returncode == 130
+    assert "interrupted; finished runs are kept, and the same command resumes" in result.stderr

@@ -533,7 +533,9 @@ def hessian_density_panels(
     """
     nodes = data.hessian_nodes if isinstance(data, Results) else data
     if nodes is None or nodes.empty:
-        raise FigureSkipped("no Hessian nodes in the results (hessian disabled?)")
+        raise FigureSkipped(
+            "no Hessian nodes in the results (the Hessian is off, or its pieces leave out density)"
+        )
     require_columns(nodes, ("normalizer", "seed", "step", "value", "weight"), "the Hessian density")
     if isinstance(data, Results) and len(data.runs) and "selected" in data.runs:
         chosen = data.runs[data.runs["selected"].fillna(False).astype(bool)]["run"]

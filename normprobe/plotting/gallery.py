@@ -13,7 +13,7 @@ tables cannot support is skipped with its reason, never an error.
 >>> empty = Results(Path("."), pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {})
 >>> report = plot_results(empty, tempfile.mkdtemp())
 >>> report.written, report.skipped["fig4_custom"]
-({}, 'no Hessian nodes in the results (hessian disabled?)')
+({}, 'no Hessian nodes in the results (the Hessian is off, or its pieces leave out density)')
 """
 
 from __future__ import annotations
