@@ -395,11 +395,40 @@ def map_floating(
 ) -> tuple[Inputs, list[str]]:
     """``fn`` applied to the floating-point input tensors only, and the labels of those it changed.
 
-    Integer inputs (token ids, attention masks as integers) pass unchanged:
-    the noise pairing perturbs features, never ids or masks.
+    Integer inputs (token ids, attention masks as integers) pass unchanged,
+    and so does a floating-point mask (a keyword input whose name says mask:
+    ``attention_mask``, ``head_mask``): the noise pairing perturbs features,
+    never ids or masks.
+
+    >>> x = {"inputs_embeds": torch.zeros(2, 3), "attention_mask": torch.ones(2, 3)}
+    >>> out, changed = map_floating(x, lambda t: t + 1)
+    >>> changed, float(out["inputs_embeds"][0, 0]), float(out["attention_mask"][0, 0])
+    (['inputs_embeds'], 1.0, 1.0)
     """
-    changed = [label for label, t in input_tensors(inputs) if t.is_floating_point()]
-    return _map(inputs, lambda t: fn(t) if t.is_floating_point() else t), changed
+    changed = [
+        label
+        for label, t in input_tensors(inputs)
+        if t.is_floating_point() and not _is_mask(label.rpartition(".")[2])
+    ]
+
+    def apply(key: str | None, t: torch.Tensor) -> torch.Tensor:
+        return fn(t) if t.is_floating_point() and not _is_mask(key) else t
+
+    return _map_keyed(inputs, apply), changed
+
+
+def _is_mask(key: str | None) -> bool:
+    """Whether a keyword input's name says it is a mask (``attention_mask``, ``head_mask``)."""
+    return key is not None and "mask" in key.lower()
+
+
+def _map_keyed(inputs: Inputs, fn: Callable[[str | None, torch.Tensor], torch.Tensor]) -> Inputs:
+    """:func:`_map` with each tensor's keyword (None for a positional one) given to ``fn``."""
+    if isinstance(inputs, torch.Tensor):
+        return fn(None, inputs)
+    if isinstance(inputs, tuple):
+        return tuple(_map_keyed(t, fn) for t in inputs)
+    return {k: fn(k, v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def flat_inputs(inputs: Inputs) -> torch.Tensor:

@@ -404,3 +404,34 @@ def test_noise_pass_blocks_left_out_of_order_leave_no_note_behind() -> None:
         assert shown == ["after both passes"]
     finally:
         warnings.showwarning = before
+
+
+def test_the_noise_pairing_leaves_a_floating_point_mask_as_it_is() -> None:
+    """A float attention_mask beside float inputs_embeds is not a feature: the noisy pass
+    gets the same mask, and only inputs_embeds is perturbed."""
+
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.act = nn.Linear(4, 4), nn.ReLU()
+
+        def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
+            return self.act(self.lin(inputs_embeds) * attention_mask[..., None])
+
+    torch.manual_seed(0)
+    model = Masked()
+    mask = torch.ones(3, 5)
+    mask[0, 3:] = 0.0
+    x = {"inputs_embeds": torch.randn(3, 5, 4), "attention_mask": mask}
+    seen: list[dict[str, torch.Tensor]] = []
+    model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append({k: v.clone() for k, v in kwargs.items()}),
+        with_kwargs=True,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the padding is said; not what this test checks
+        representation_correlation(model, x)
+    assert len(seen) == 2
+    assert torch.equal(seen[0]["attention_mask"], mask)
+    assert torch.equal(seen[1]["attention_mask"], mask)
+    assert not torch.equal(seen[1]["inputs_embeds"], x["inputs_embeds"])
