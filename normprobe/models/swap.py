@@ -37,6 +37,7 @@ from normprobe import norms
 from normprobe.errors import NormalizerError
 from normprobe.models.transformer import sequence_problem
 from normprobe.roles import is_normalizer
+from normprobe.state import preserved
 
 __all__ = ["swap_norms", "swappable", "norm_kind", "SWAPPABLE_TYPES", "PerToken"]
 
@@ -141,6 +142,45 @@ def _channels(module: nn.Module, name: str) -> int:
     return int(shape[0])
 
 
+def _refuse_other_axes(module: nn.Module, name: str, features: int) -> None:
+    """Refuse a last-axis-looking layer whose forward normalizes another axis.
+
+    A subclass of ``nn.LayerNorm`` may permute its input (ConvNeXt's
+    ``data_format="channels_first"``, timm's ``LayerNorm2d``): applied per
+    token, the swapped normalizer would normalize another axis than the layer
+    did. A layer over the last axis gives each token's features an output that
+    does not change when one token's features are scaled (the statistics are
+    that token's own); the layer is run on a ``(2, D, 3, D)`` input (then
+    ``(2, 3, D)``) with one token scaled, and refused when other outputs move.
+    """
+    ref = next(module.parameters(), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    device = ref.device if ref is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    tol = max(1e-3, 16 * torch.finfo(dtype).eps)
+    for shape in ((2, features, 3, features), (2, 3, features)):
+        x = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+        scaled = x.clone()
+        token = (slice(None), 1, 2) if len(shape) == 4 else (slice(None), 1)
+        scaled[token] *= 7.0  # one token's features (the last axis), in each example
+        try:
+            with torch.no_grad(), preserved(module):
+                out, again = module(x), module(scaled)
+        except Exception:  # noqa: BLE001 - a layer that cannot take this shape: the next one
+            continue
+        if isinstance(out, torch.Tensor) and torch.allclose(out, again, rtol=tol, atol=tol):
+            return
+        layout = getattr(module, "data_format", None)
+        raise NormalizerError(
+            f"layer {name!r} ({type(module).__name__}"
+            f"{f', data_format={layout!r}' if layout is not None else ''}) does not normalize "
+            f"the last axis of its input (scaling one token's features changed the outputs at "
+            f"other positions), so a normalizer applied per token would normalize another axis "
+            f"than it does; swap_norms cannot replace it: build the model with the normalizer "
+            f"in its place"
+        )
+
+
 def _has_attention(model: nn.Module) -> bool:
     return any(
         isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__
@@ -212,6 +252,9 @@ def swap_norms(model: nn.Module, norm: str, **options: Any) -> list[str]:
             f"normalizers that work per token: "
             f"{', '.join(n for n in swappable() if sequence_problem(n, 'post') is None)}"
         )
+    for name, module, kind in targets:
+        if kind == "last" and type(module) not in (nn.LayerNorm, nn.RMSNorm):
+            _refuse_other_axes(module, name, _channels(module, name))
     swapped = []
     for name, module, kind in targets:
         channels = _channels(module, name)

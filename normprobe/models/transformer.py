@@ -68,15 +68,15 @@ def sequence_problem(norm: str, placement: str = "pre") -> str | None:
         )
         return (
             f"it {what}; over a batch of sequences (N, T, D) that means over the batch "
-            f"and time axes, so an earlier position's output would depend on later tokens and "
-            f"the causal mask would no longer hold (and a padded time axis would need masked "
-            f"statistics)"
+            f"and time axes, so each position's output would depend on the batch's other "
+            f"sequences and on later tokens (in a causal model the causal mask would no longer "
+            f"hold; a padded time axis would need masked statistics)"
         )
     if not s.dense:
         return (
             "it normalizes each channel over the spatial axes, here the time axis, so "
-            "an earlier position's output would depend on later tokens and the causal mask "
-            "would no longer hold"
+            "each position's output would depend on later tokens (in a causal model the causal "
+            "mask would no longer hold)"
         )
     if placement == "post" and s.name != "none" and s.standalone is None:
         return (

@@ -9,7 +9,7 @@ from torch import nn
 
 import normprobe
 from normprobe.errors import NormalizerError
-from normprobe.models.swap import PerToken, norm_kind
+from normprobe.models.swap import PerToken, norm_kind, swap_norms
 
 
 class LlamaRMSNorm(nn.Module):
@@ -117,3 +117,52 @@ def test_swapping_a_model_without_normalization_layers_is_an_error() -> None:
     # a second swap finds only the swapped layer: said, not silently nothing
     with pytest.raises(NormalizerError, match="were swapped already"):
         normprobe.swap_norms(lm, "layer")
+
+
+class _ChannelsFirst(nn.LayerNorm):
+    """ConvNeXt's LayerNorm with data_format="channels_first": over axis 1 of (N, C, H, W)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.data_format = "channels_first"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class _Permuted(nn.LayerNorm):
+    """timm's LayerNorm2d: the channels moved last, normalized, moved back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _InFloat32(nn.LayerNorm):
+    """A LayerNorm that computes in float32 (CLIP's): the last axis, as torch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+@pytest.mark.parametrize("layer", [_ChannelsFirst, _Permuted])
+def test_a_layernorm_subclass_over_another_axis_is_refused_not_swapped(layer) -> None:
+    """Applied per token, the new normalizer would normalize the last axis (W of an image)
+    where the layer normalized the channels: refused before anything is replaced."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), layer(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+    before = [type(m) for m in net]
+    with pytest.raises(NormalizerError, match=r"layer '1' \(_\w+.*\) does not normalize the "
+                       r"last axis of its input"):  # fmt: skip
+        swap_norms(net, "rms")
+    assert [type(m) for m in net] == before  # nothing replaced
+
+
+def test_a_layernorm_subclass_over_the_last_axis_is_swapped() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), _InFloat32(8), nn.Linear(8, 3))
+    assert swap_norms(net, "layer") == ["1"]
+    reference = nn.Sequential(net[0], nn.LayerNorm(8), net[2])
+    x = torch.randn(5, 7, 4)
+    torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-6)
