@@ -90,6 +90,20 @@ def measured_names() -> set[str]:
     return {name for m in MEASURES.values() for name in m.writes}
 
 
+def _updates(step: Any, what: str) -> int:
+    """``step`` as the number of updates so far (an int >= 0; numpy and torch integers too),
+    or a :class:`MonitorError` naming ``what`` was given it."""
+    try:
+        count = -1 if isinstance(step, bool) else operator.index(step)
+    except TypeError:
+        count = -1
+    if count < 0:
+        raise MonitorError(
+            f"{what}: step must be the number of updates so far (an int >= 0), got {step!r}"
+        )
+    return count
+
+
 def logged_name(name: str, prefix: str = "trainer_") -> str:
     """``name``, or ``prefix + name`` where a measure writes ``name`` (a trainer's own
     ``grad_norm``, a total, is not the gradient-norm probe's per-layer ``grad_norm``).
@@ -458,16 +472,7 @@ class Monitor:
         The model, its gradients, the optimizer and the global random state
         are left as found; :meth:`due` says what a step will measure.
         """
-        given = step
-        try:
-            step = -1 if isinstance(step, bool) else operator.index(step)  # numpy, torch ints too
-        except TypeError:
-            step = -1
-        if step < 0:
-            raise MonitorError(
-                f"Monitor.step: step must be the number of updates so far (an int >= 0), "
-                f"got {given!r}"
-            )
+        step = _updates(step, "Monitor.step")
         names = set(self.due(step))
         chosen = [m for m in self._probes + self._hessian if m.name in names]
         # evaluated at the steps an analysis evaluates: the probe schedule's, the Hessian's
@@ -512,16 +517,7 @@ class Monitor:
         Logged values are kept in memory and written with the next
         measurement's part file (or by :meth:`close`).
         """
-        given = step
-        try:
-            step = -1 if isinstance(step, bool) else operator.index(step)  # numpy, torch ints too
-        except TypeError:
-            step = -1
-        if step < 0:
-            raise MonitorError(
-                f"Monitor.log: step must be the number of updates so far (an int >= 0), "
-                f"got {given!r}"
-            )
+        step = _updates(step, "Monitor.log")
         taken = sorted(set(values) & measured_names())
         if taken:
             raise MonitorError(
