@@ -129,12 +129,7 @@ def restore(snap: ModelSnapshot, *, changed_only: bool = False) -> None:
         buffers = [
             (i, module, name, buf, saved)
             for i, (module, name, buf, saved) in enumerate(snap.buffers)
-            if buf is not None
-            and not (
-                changed_only
-                and module._buffers.get(name) is buf
-                and buf._version == snap.buffer_versions[i]
-            )
+            if buf is not None and (not changed_only or _moved(snap, i))
         ]
         kept = _holding(
             [(grad, saved) for _, _, grad, saved in grads]
@@ -292,16 +287,23 @@ def restore_moved_buffers(snap: ModelSnapshot) -> None:
     statistics (spectral norm's power iteration on ``weight_u``, an EMA codebook, a call
     counter) would otherwise give a probe's second pass another network than its first.
     """
+    moved = [i for i, entry in enumerate(snap.buffers) if entry[2] is not None and _moved(snap, i)]
+    if not moved:
+        return
     with torch.no_grad():
-        for i, (module, name, buf, saved) in enumerate(snap.buffers):
-            if buf is None or (
-                module._buffers.get(name) is buf and buf._version == snap.buffer_versions[i]
-            ):
-                continue
-            if buf.device.type != "cpu" or not torch.equal(buf, saved):
+        kept = _holding([(snap.buffers[i][2], snap.buffers[i][3]) for i in moved])
+        for i, same in zip(moved, kept):
+            module, name, buf, saved = snap.buffers[i]
+            if not same:
                 buf.copy_(saved)
             module._buffers[name] = buf
             snap.buffer_versions[i] = buf._version  # holds the recorded values again
+
+
+def _moved(snap: ModelSnapshot, i: int) -> bool:
+    """Whether buffer ``i`` of ``snap`` was rebound or written in place since (its version)."""
+    module, name, buf, _ = snap.buffers[i]
+    return module._buffers.get(name) is not buf or buf._version != snap.buffer_versions[i]
 
 
 def snapshot_since(earlier: ModelSnapshot) -> ModelSnapshot:
