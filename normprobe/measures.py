@@ -69,8 +69,9 @@ class MeasureInputs:
 
     ``batch_a``/``batch_b``: two disjoint probe batches (inputs, targets);
     ``hessian_set``: the Hessian's probe set (None when no Hessian is
-    measured); ``seed``: the run's seed (a probe at step ``t`` draws with
-    ``seed + t`` or ``seed``, so measuring never touches the global RNG);
+    measured); ``seed``: the run's seed (the representation probe's noise and
+    the Hessian at step ``t`` draw with ``seed + t``, every other probe with
+    ``seed``, so measuring never touches the global RNG);
     ``num_classes``: K of the outlier ratio ``lambda_1 / lambda_K``;
     ``loss_fn``: ``loss_fn(output, target)`` of the gradient probes and the
     Hessian (None: the mean cross-entropy of :func:`normprobe.training.loss_for`,
@@ -261,7 +262,7 @@ def _gradient_statistics(
     gc = pc.gradient_correlation
     both = statistics_columns(
         model, inputs.loss(model), inputs.batch_a, inputs.batch_b, layers=gc.layers,
-        mode=gc.mode, listener=listener,
+        mode=gc.mode, seed=inputs.seed, listener=listener,
     )  # fmt: skip
     return {"metrics": [both, _growth_row(_growth_or_nan(both))]}
 
@@ -304,9 +305,13 @@ def _gradients(
     gc, gn = pc.gradient_correlation, pc.gradient_norms
     frames: list[Any] = []
     if gc.enabled:
-        frames.append(gradient_correlation(model, loss_fn, a, b, layers=gc.layers, mode=gc.mode))
+        frames.append(
+            gradient_correlation(
+                model, loss_fn, a, b, layers=gc.layers, mode=gc.mode, seed=inputs.seed
+            )
+        )
     if gn.enabled:
-        norms = gradient_norms(model, loss_fn, a, layers=gn.layers, mode=gn.mode)
+        norms = gradient_norms(model, loss_fn, a, layers=gn.layers, mode=gn.mode, seed=inputs.seed)
         norms = norms.reset_index(drop=True)
         frames.append(norms)
         frames.append(_growth_row(_growth_or_nan(norms)))

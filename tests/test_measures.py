@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -21,6 +22,7 @@ from normprobe.models import build_model
 from normprobe.norms import NORMS
 from normprobe.plan import RunSpec, plan_runs, prepare_data
 from normprobe.probes import ProbeError
+from normprobe.probes.gradients import gradient_correlation, gradient_norms, gradient_statistics
 from normprobe.run import run_one
 
 TINY = {
@@ -310,3 +312,37 @@ def test_balanced_norm_on_non_negative_pixels_warns_only_of_the_noise_pass() -> 
     assert len(said) == 1 and len(caught) == 1
     assert "blocks.0.norm" in str(said[0].message)
     assert "representation probe's noise pass" in str(said[0].message)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one pass pair", "separate probes"])
+def test_the_gradient_probes_draw_with_the_run_s_seed(shared: bool) -> None:
+    """Randomness that nothing switches off is drawn from the run's seed, as in the other
+    probes, and the rows say which seed: the same tables as the probe functions called with
+    that seed, and not those of seed 0 (what every run drew before, whatever its seed)."""
+    model, inputs = torch.manual_seed(0) and _Noisy(), _wide_inputs()
+    options = {} if shared else {"gradient_norms": {"mode": "eval"}}
+    probes, hessian = ProbesConfig(**options), HessianConfig(enabled=False)
+    loss = nn.functional.cross_entropy
+
+    def direct(seed: int) -> pd.DataFrame:
+        if shared:
+            return gradient_statistics(model, loss, inputs.batch_a, inputs.batch_b, seed=seed)
+        corr = gradient_correlation(model, loss, inputs.batch_a, inputs.batch_b, seed=seed)
+        norms = gradient_norms(model, loss, inputs.batch_a, mode="eval", seed=seed)
+        return pd.concat([corr, norms], ignore_index=True)
+
+    with pytest.warns(UserWarning, match="forward pass depends on random numbers"):
+        direct(0)
+    metrics = pd.concat(
+        measure_step(model, 3, inputs, [MEASURES["gradients"]], probes, hessian)["metrics"],
+        ignore_index=True,
+    )
+    rows = metrics[metrics["metric"] != "grad_growth_rate"].drop(columns="step")
+    assert set(rows["probe_seed"]) == {inputs.seed} and inputs.seed != 0
+    pd.testing.assert_frame_equal(
+        rows.reset_index(drop=True),
+        direct(inputs.seed)[rows.columns],
+        check_exact=True,
+        check_dtype=False,  # the growth row (layer None) leaves the step's layer column object
+    )
+    assert not np.allclose(rows["value"], direct(0)["value"])
