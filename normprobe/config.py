@@ -214,8 +214,19 @@ class Config(Strict):
                 names.append(NORMS.canonical(name))
             except UnknownNameError as err:
                 raise PathError((i,), str(err)) from None
-        if len(set(names)) != len(names):
-            raise ValueError(f"normalizers repeat: {value}")
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                first = names.index(name)
+                what = (
+                    f"{value[i]!r} is given twice (normalizers[{first}] is {value[first]!r} too)"
+                    if value[i] == value[first]
+                    else f"{value[i]!r} is {name} again (normalizers[{first}] is {value[first]!r})"
+                )
+                raise PathError(
+                    (i,),
+                    f"{what}; a normalizer is one set of runs, so list each normalizer once: "
+                    f"[{', '.join(dict.fromkeys(names))}]",
+                )
         return names
 
     def normalizer_names(self) -> list[str]:

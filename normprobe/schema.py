@@ -14,7 +14,15 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from normprobe.configtools import ConfigError, PathError, Strict, canonical, import_factory, suggest
+from normprobe.configtools import (
+    ConfigError,
+    PathError,
+    Strict,
+    canonical,
+    format_path,
+    import_factory,
+    suggest,
+)
 from normprobe.data import DATASETS, dataset_options
 from normprobe.models import MODELS, model_options
 from normprobe.norms import NORMS
@@ -384,8 +392,15 @@ class TrainConfig(Strict):
         for i, s in enumerate(seeds):
             if s < 0:
                 raise PathError((i,), f"seed {s} is negative; seeds are integers >= 0")
-        if len(set(seeds)) != len(seeds):
-            raise ValueError(f"seeds repeat: {seeds}; each seed names one run")
+        for i, s in enumerate(seeds):
+            if s in seeds[:i]:
+                first = seeds.index(s)
+                raise PathError(
+                    (i,),
+                    f"seed {s} is given twice (train.seeds[{first}] is {s} too); a seed is "
+                    f"one run per rate and normalizer, so list each seed once: "
+                    f"{list(dict.fromkeys(seeds))}",
+                )
         return seeds
 
     @field_validator("lr")
@@ -399,8 +414,10 @@ class TrainConfig(Strict):
                 here = (*path, i) if isinstance(values, list) else path
                 if not (math.isfinite(v) and v > 0):
                     raise PathError(here, f"learning rate must be a positive number, got {v!r}")
+            _rates_distinct(items, path)
 
         if isinstance(lr, dict):
+            named: dict[str, str] = {}
             for key, values in lr.items():
                 if key != "default" and key not in NORMS:
                     raise PathError(
@@ -408,6 +425,15 @@ class TrainConfig(Strict):
                         f"{key!r} is not a normalizer; {suggest(key, [*NORMS, 'default'])}"
                         "keys are normalizer names or 'default'",
                     )
+                name = key if key == "default" else NORMS.canonical(key)
+                if name in named:
+                    # the last key would win without a word, the other grid never run
+                    raise PathError(
+                        (key,),
+                        f"{key!r} and {named[name]!r} name the same normalizer ({name}); give "
+                        "its rates under one key",
+                    )
+                named[name] = key
                 check(values, (key,))
         else:
             check(lr, ())
@@ -446,6 +472,38 @@ class TrainConfig(Strict):
                     f"'{normalizer}: ...' or 'default: ...' under train.lr"
                 )
         return [float(v) for v in (lr if isinstance(lr, list) else [lr])]
+
+
+def _rates_distinct(rates: list[float], path: tuple[Any, ...]) -> None:
+    """Refuse a learning-rate grid that names a rate twice.
+
+    Each rate is one set of runs, named ``<normalizer>_lr<rate:g>_seed<seed>``,
+    so a repeated rate (``[0.05, 0.05]``, also ``[0.05, 5e-2]``: the same
+    float) would run once and leave the grid one rate short without a word;
+    two rates equal to six significant digits (``0.05`` and ``0.0500000001``)
+    would write the same run folder.
+    """
+    for i, rate in enumerate(rates):
+        for j in range(i):
+            other = format_path(("train", "lr", *path, j))
+            if rate == rates[j]:
+                raise PathError(
+                    (*path, i),
+                    f"learning rate {rate!r} is given twice ({other} is {rates[j]!r} too); "
+                    "a rate is one set of runs, so list each rate once: "
+                    f"{_shown(list(dict.fromkeys(rates)))}",
+                )
+            if f"{rate:g}" == f"{rates[j]:g}":
+                raise PathError(
+                    (*path, i),
+                    f"learning rate {rate!r} and {other} ({rates[j]!r}) both name runs "
+                    f"lr{rate:g} (runs are named by the rate to 6 significant digits); give "
+                    "rates that differ within 6 digits, or keep one of them",
+                )
+
+
+def _shown(rates: list[float]) -> str:
+    return "[" + ", ".join(f"{r!r}" for r in rates) + "]"
 
 
 LayerSpec = str | list[str] | None

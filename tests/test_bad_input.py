@@ -112,6 +112,14 @@ CASES: dict[str, tuple[str | list[str], list[str]]] = {
         ["model.options.depth", "take hours", "train.max_parameters"],
     ),
     "a --set value is named as such": (["--set", "train.lr=abc"], ["--set train.lr=abc: train.lr"]),
+    "a learning rate twice": (
+        ["--set", "train.lr=[0.05,0.05]"],
+        ["train.lr[1]: learning rate 0.05 is given twice", "list each rate once: [0.05]"],
+    ),
+    "a learning rate twice in the file, written two ways": (
+        BASE.replace("steps: 2", "steps: 2\n  lr: [0.1, 0.05, 5.0e-2]"),
+        ["train.lr[2]: learning rate 0.05 is given twice", "[0.1, 0.05]"],
+    ),
     "a YAML error inside --set": (["--set", "train.lr=[0.1,"], ["--set", "not valid YAML"]),
 }
 

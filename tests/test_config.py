@@ -241,6 +241,53 @@ def test_learning_rate_grids_per_normalizer() -> None:
 
 
 @pytest.mark.parametrize(
+    "train,field,words",
+    [
+        # the same rate twice ran once: a grid one rate short, without a word
+        ({"lr": [0.05, 0.05]}, "train.lr[1]", ["0.05 is given twice", "train.lr[0]", "[0.05]"]),
+        ({"lr": [0.01, 0.05, 5e-2]}, "train.lr[2]", ["0.05 is given twice", "[0.01, 0.05]"]),
+        ({"lr": [0.05, "5e-2"]}, "train.lr[1]", ["0.05 is given twice"]),  # YAML reads 5e-2 as text
+        # two rates that differ past the sixth digit wrote one run folder
+        ({"lr": [0.05, 0.0500000001]}, "train.lr[1]", ["both name runs lr0.05"]),
+        (
+            {"lr": {"batch": [0.1, 0.1], "default": 0.05}},
+            "train.lr.batch[1]",
+            ["0.1 is given twice"],
+        ),
+        # two keys of one normalizer: the last won, the other grid was never run
+        (
+            {"lr": {"batch": 0.1, "batchnorm": 0.2}},
+            "train.lr.batchnorm",
+            ["name the same normalizer"],
+        ),
+        ({"seeds": [0, 1, 0]}, "train.seeds[2]", ["seed 0 is given twice", "[0, 1]"]),
+    ],
+)
+def test_a_rate_or_seed_given_twice_is_refused(train: dict, field: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"normalizers": ["batch"], "train": train})
+    message = str(err.value)
+    assert f"{field}: " in message and "\n" not in message, message
+    for word in words:
+        assert word in message, message
+
+
+def test_a_normalizer_given_twice_is_refused_by_any_of_its_names() -> None:
+    with pytest.raises(
+        ConfigError, match=r"normalizers\[2\]: 'batch' is given twice.*\[batch, layer\]"
+    ):
+        parse_config({"normalizers": ["batch", "layer", "batch"]})
+    with pytest.raises(ConfigError, match=r"normalizers\[1\]: 'batchnorm' is batch again"):
+        parse_config({"normalizers": ["batch", "batchnorm"]})
+
+
+def test_distinct_rates_and_seeds_are_kept_in_order() -> None:
+    cfg = parse_config({"train": {"lr": [0.1, 0.01, 0.0501, 0.05], "seeds": [3, 1]}})
+    assert cfg.train.rates_for("batch") == [0.1, 0.01, 0.0501, 0.05]
+    assert cfg.train.seeds == [3, 1]
+
+
+@pytest.mark.parametrize(
     "schedule,steps,expected",
     [
         ([10, 50, 5000], 100, [0, 10, 50]),
