@@ -24,6 +24,7 @@ __all__ = [
     "check_fraction",
     "check_float",
     "check_root",
+    "set_option",
     "seeded_generator",
     "random_subset",
     "normalize_splits",
@@ -36,6 +37,24 @@ __all__ = [
 #: ``unit``: pixel values in [0, 1], not centred (non-negative inputs, as
 #: balanced normalization assumes, Defazio & Bottou 2018, sec. 5.1).
 NORMALIZE_CHOICES = ("standard", "unit")
+
+
+def set_option(option: str, value: object = None, python: str | None = None) -> str:
+    """How to set dataset option ``option``, for both readers of a message: the config field
+    (a YAML user) and the loader keyword (a Python user), in one phrase.
+
+    ``value``, when given, is the example value as YAML writes it; ``python``
+    the same value as Python writes it (default: ``value``).
+
+    >>> set_option("root")
+    'set data.options.root in the config (root=... in Python)'
+    >>> set_option("flatten", "false", "False")
+    'set data.options.flatten: false in the config (flatten=False in Python)'
+    """
+    if value is None:
+        return f"set data.options.{option} in the config ({option}=... in Python)"
+    python = str(value) if python is None else python
+    return f"set data.options.{option}: {value} in the config ({option}={python} in Python)"
 
 
 def _describe(value: object) -> str:
@@ -56,7 +75,8 @@ def check_bool(dataset: str, option: str, value: object) -> bool:
         return bool(value)
     raise DatasetError(
         f"{dataset} option {option} must be True or False, got {_describe(value)}; "
-        f"pass {option}=True or {option}=False"
+        f"set data.options.{option} to true or false in the config "
+        f"({option}=True or {option}=False in Python)"
     )
 
 
@@ -69,7 +89,7 @@ def check_int(dataset: str, option: str, value: object, *, minimum: int) -> int:
     if not _is_int(value) or int(value) < minimum:  # type: ignore[call-overload]
         raise DatasetError(
             f"{dataset} option {option} must be an integer >= {minimum}, got {_describe(value)}; "
-            f"pass e.g. {option}={max(minimum, 1)}"
+            f"e.g. {set_option(option, max(minimum, 1))}"
         )
     return int(value)  # type: ignore[call-overload]
 
@@ -85,7 +105,7 @@ def check_optional_int(dataset: str, option: str, value: object, *, minimum: int
     if not _is_int(value) or int(value) < minimum:  # type: ignore[call-overload]
         raise DatasetError(
             f"{dataset} option {option} must be None or an integer >= {minimum}, "
-            f"got {_describe(value)}; pass e.g. {option}={max(minimum, 1)} or leave it out"
+            f"got {_describe(value)}; e.g. {set_option(option, max(minimum, 1))}, or leave it out"
         )
     return int(value)  # type: ignore[call-overload]
 
@@ -111,7 +131,7 @@ def check_float(dataset: str, option: str, value: object, *, minimum: float) -> 
     if not ok or not np.isfinite(float(value)) or float(value) < minimum:  # type: ignore[arg-type]
         raise DatasetError(
             f"{dataset} option {option} must be a finite number >= {minimum}, "
-            f"got {_describe(value)}; pass e.g. {option}={max(minimum, 1.0)}"
+            f"got {_describe(value)}; e.g. {set_option(option, max(minimum, 1.0))}"
         )
     return float(value)  # type: ignore[arg-type]
 
@@ -128,7 +148,7 @@ def check_fraction(dataset: str, option: str, value: object) -> float:
     if not ok or not 0.0 < float(value) < 1.0:  # type: ignore[arg-type]
         raise DatasetError(
             f"{dataset} option {option} must be a number strictly between 0 and 1, "
-            f"got {_describe(value)}; pass e.g. {option}=0.2"
+            f"got {_describe(value)}; e.g. {set_option(option, 0.2)}"
         )
     return float(value)  # type: ignore[arg-type]
 
@@ -136,30 +156,28 @@ def check_fraction(dataset: str, option: str, value: object) -> float:
 def check_root(dataset: str, root: object, *, expected: str, example: str) -> Path:
     """The user's ``root`` folder as an existing directory, else a DatasetError.
 
-    ``expected`` says what the folder should hold and ``example`` is a call
-    that would work; both go into the message when ``root`` is missing or wrong.
+    ``expected`` says what the folder should hold and ``example`` is a folder
+    that would do (``~/data/mnist``); both go into the message when ``root``
+    is missing or wrong, which names the config field and the keyword.
+
+    >>> check_root("mnist", "/no/such/folder", expected="the IDX files", example="~/data/mnist")
+    Traceback (most recent call last):
+    ...
+    normprobe.errors.DatasetError: mnist root '/no/such/folder' does not exist; set data.options.root in the config (root=... in Python) to the folder holding the IDX files, e.g. root: ~/data/mnist
     """
+    fix = f"{set_option('root')} to the folder holding {expected}, e.g. root: {example}"
     if root is None:
-        raise DatasetError(
-            f"{dataset} needs root=...: the folder holding {expected}; "
-            f"nothing is downloaded, e.g. {example}"
-        )
+        raise DatasetError(f"{dataset} needs a root folder and downloads nothing; {fix}")
     if not isinstance(root, (str, Path)):
         raise DatasetError(
-            f"{dataset} option root must be a path (str or pathlib.Path) to the folder holding "
-            f"{expected}, got {_describe(root)}; e.g. {example}"
+            f"{dataset} option root must be a path (str or pathlib.Path), "
+            f"got {_describe(root)}; {fix}"
         )
     path = Path(root).expanduser()
     if not path.exists():
-        raise DatasetError(
-            f"{dataset} root {str(path)!r} does not exist; pass root=... pointing at the folder "
-            f"holding {expected}, e.g. {example}"
-        )
+        raise DatasetError(f"{dataset} root {str(path)!r} does not exist; {fix}")
     if not path.is_dir():
-        raise DatasetError(
-            f"{dataset} root {str(path)!r} is a file, not a folder; pass root=... pointing at "
-            f"the folder holding {expected}, e.g. {example}"
-        )
+        raise DatasetError(f"{dataset} root {str(path)!r} is a file, not a folder; {fix}")
     return path
 
 
@@ -201,7 +219,7 @@ def random_subset(
     if n > total:
         raise DatasetError(
             f"{dataset} option {option}={n} asks for more examples than the split has ({total}); "
-            f"pass {option} <= {total} or leave it out to use all of them"
+            f"{set_option(option)} to at most {total}, or leave it out to use all of them"
         )
     index = torch.randperm(total, generator=generator)[:n].sort().values
     return x[index], y[index]

@@ -19,6 +19,7 @@ from normprobe.data._common import (
     normalize_splits,
     random_subset,
     seeded_generator,
+    set_option,
 )
 from normprobe.data.base import Dataset, Split
 from normprobe.errors import DatasetError
@@ -43,7 +44,7 @@ _FORMAT = (
     f"a uint8 array of shape (N, {_ROW}) holding 3x32x32 images in row-major CHW order, "
     "and b'labels', N integers 0..9"
 )
-_EXAMPLE = "load_dataset('cifar10', root='~/data/cifar-10-batches-py')"
+_EXAMPLE = "~/data/cifar-10-batches-py"
 
 
 def find_batches_dir(root: Path) -> Path:
@@ -62,7 +63,7 @@ def find_batches_dir(root: Path) -> Path:
     else:
         raise DatasetError(
             f"cifar10: neither {str(root)!r} nor {str(child)!r} holds the CIFAR-10 batches "
-            f"({', '.join(_ALL_FILES)}); expected {_FORMAT}. Pass root=... pointing at the "
+            f"({', '.join(_ALL_FILES)}); expected {_FORMAT}; {set_option('root')} to the "
             f"{_DIRNAME} folder or its parent"
         )
     missing = [f for f in _ALL_FILES if not (folder / f).is_file()]
@@ -146,7 +147,7 @@ def load_cifar10(
     normalize: str = "standard",
     seed: int = 0,
 ) -> Dataset:
-    """CIFAR-10 32x32 colour images (10 classes) from the python-pickle batches in a folder you name (root=...).
+    """CIFAR-10 32x32 colour images (10 classes) from the python-pickle batches in a folder you name (option root).
 
     ``root`` (required) is the extracted ``cifar-10-batches-py`` folder or its
     parent; it must hold ``data_batch_1`` .. ``data_batch_5`` (train) and

@@ -21,6 +21,7 @@ from normprobe.data._common import (
     normalize_splits,
     random_subset,
     seeded_generator,
+    set_option,
 )
 from normprobe.data.base import Dataset, Split
 from normprobe.errors import DatasetError
@@ -39,7 +40,7 @@ _FORMAT = (
     "http://yann.lecun.com/exdb/mnist/"
 )
 _ALL_FILES = ", ".join(f for pair in MNIST_FILES.values() for f in pair)
-_EXAMPLE = "load_dataset('mnist', root='~/data/mnist')"
+_EXAMPLE = "~/data/mnist"
 _UBYTE = 0x08
 
 
@@ -131,7 +132,7 @@ def _locate_files(root: Path) -> dict[str, Path]:
         searched = ", ".join(repr(str(d)) for d in search_dirs(root))
         raise DatasetError(
             f"mnist: file(s) {', '.join(missing)} (plain or .gz) not found; searched {searched}. "
-            f"Expected {_FORMAT}: {_ALL_FILES}. Pass root=... pointing at the folder that holds them"
+            f"Expected {_FORMAT}: {_ALL_FILES}; {set_option('root')} to the folder that holds them"
         )
     return {name: path for name, path in found.items() if path is not None}
 
@@ -164,7 +165,7 @@ def load_mnist(
     normalize: str = "standard",
     seed: int = 0,
 ) -> Dataset:
-    """MNIST 28x28 handwritten digits (10 classes) from the standard IDX files in a folder you name (root=...).
+    """MNIST 28x28 handwritten digits (10 classes) from the standard IDX files in a folder you name (option root).
 
     ``root`` (required) is the folder with ``train-images-idx3-ubyte``,
     ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and

@@ -14,6 +14,7 @@ from normprobe.data._common import (
     jsonable,
     normalize_splits,
     seeded_generator,
+    set_option,
 )
 from normprobe.data.base import Dataset, Split
 from normprobe.errors import DatasetError
@@ -44,7 +45,7 @@ def parse_shape(shape: object) -> tuple[int, ...]:
         raise DatasetError(
             f"{_NAME} option shape must be a positive int or a non-empty tuple/list of positive "
             f"ints (the shape of one example), got {shape!r} ({type(shape).__name__}); "
-            f"pass e.g. shape=64 or shape=(3, 32, 32)"
+            f"e.g. {set_option('shape', '64 or [3, 32, 32]', '64 or shape=(3, 32, 32)')}"
         )
     return tuple(int(d) for d in dims)
 

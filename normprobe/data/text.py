@@ -33,7 +33,13 @@ from pathlib import Path
 
 import torch
 
-from normprobe.data._common import check_fraction, check_int, check_optional_int, jsonable
+from normprobe.data._common import (
+    check_fraction,
+    check_int,
+    check_optional_int,
+    jsonable,
+    set_option,
+)
 from normprobe.data.base import Dataset, Split
 from normprobe.errors import DatasetError
 
@@ -83,15 +89,15 @@ def _check_path(path: object) -> Path:
         raise DatasetError(
             f"text option path must be a path (str or pathlib.Path) to a text file or a folder "
             f"of them, got {path!r} ({type(path).__name__}); e.g. "
-            f"load_dataset('text', path='~/data/corpus.txt'), or leave it out for Python's "
-            f"standard library sources"
+            f"{set_option('path', '~/data/corpus.txt', repr('~/data/corpus.txt'))}, or leave it "
+            f"out for Python's standard library sources"
         )
     resolved = Path(path).expanduser()
     if not resolved.exists():
         raise DatasetError(
-            f"text file {str(resolved)!r} does not exist; pass path=... naming a text file "
-            f"(or a folder of them), e.g. load_dataset('text', path='~/data/corpus.txt'), or "
-            f"leave path out for Python's standard library sources"
+            f"text file {str(resolved)!r} does not exist; {set_option('path')} to a text file "
+            f"(or a folder of them), e.g. path: ~/data/corpus.txt, or leave path out for "
+            f"Python's standard library sources"
         )
     return resolved
 
@@ -104,8 +110,9 @@ def _folder_files(
     if not files:
         raise DatasetError(
             f"text folder {str(folder)!r} has no files matching {pattern!r} (searched only the "
-            f"folder itself, not subfolders); pass pattern=... (e.g. pattern='*.txt') or "
-            f"path=... naming a folder that holds such files, or a single file"
+            f"folder itself, not subfolders); e.g. "
+            f"{set_option('pattern', repr('*.txt'), repr('*.txt'))}, or set data.options.path "
+            f"(path=...) to a folder that holds such files, or to a single file"
         )
     if max_bytes is None:
         return files, []
@@ -215,8 +222,8 @@ def load_text(
         if len(files) < 2:
             raise DatasetError(
                 f"text folder {str(folder)!r} gives a single file matching {pattern!r} "
-                f"({files[0].name}), but a folder is split by file; pass path=... naming that "
-                f"file to split it by position, or add files"
+                f"({files[0].name}), but a folder is split by file; {set_option('path')} to "
+                f"that file to split it by position, or add files"
             )
         test_idx = [i for i in range(len(files)) if i % test_every == test_every - 1]
         if not test_idx:

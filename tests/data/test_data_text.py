@@ -87,7 +87,10 @@ def test_max_bytes_reads_whole_files_in_sorted_order(tmp_path: Path) -> None:
 
 
 def test_missing_short_and_empty_sources_are_explained(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match=r"text file '.*nope\.txt' does not exist; pass path="):
+    with pytest.raises(
+        DatasetError,
+        match=r"text file '.*nope\.txt' does not exist; set data.options.path in the config \(path=\.\.\. in Python\)",
+    ):
         load_dataset("text", path=tmp_path / "nope.txt")
     short = tmp_path / "short.txt"
     short.write_bytes(b"tiny text, not enough for a window")
