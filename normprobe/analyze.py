@@ -6,9 +6,10 @@ data (:mod:`normprobe.checks`), and each run goes to
 :func:`normprobe.run.run_one`, here or on an executor
 (:mod:`normprobe.executors`). Each finished run is written to its own folder
 atomically (see :mod:`normprobe.results`), so an interrupted analysis
-resumes where it stopped; ``force=True`` redoes all. The result tables are
-assembled from the run folders once, at the end of the grid (or when it is
-interrupted), not after every run.
+resumes where it stopped; ``force=True`` redoes all, and keeps the results it
+replaces in the folder's ``.replaced/`` until it has finished (see
+:func:`analyze`). The result tables are assembled from the run folders once,
+at the end of the grid (or when it is interrupted), not after every run.
 
 >>> import tempfile
 >>> cfg = {"model": {"name": "mlp", "options": {"depth": 2, "width": 16}},
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import pickle
 import platform
 import shutil
@@ -112,6 +114,20 @@ def analyze(
     ``force``. ``log`` receives one line per finished run (default: stderr,
     unless ``quiet``).
 
+    A folder that holds the results of another config is refused unless
+    ``force``. ``force`` redoes every run without losing the results it
+    replaces before there are new ones: once the config's checks have
+    passed, the folder's ``runs/``, tables and manifest move into its hidden
+    folder ``.replaced/`` (a results folder of its own, which
+    :func:`~normprobe.results.load_results` reads), deleted only when the new
+    analysis has finished. An interrupted analysis (Ctrl-C, a crash) leaves
+    them there, beside the new runs finished so far, which the folder's
+    tables and manifest describe (the old runs are never in them). Run it
+    again without ``force`` to resume it (``.replaced/`` is deleted when it
+    has finished), or with ``force`` to start it again: its unfinished
+    analysis is deleted, and ``.replaced/``, the oldest complete results,
+    kept until the new one has finished.
+
     ``executor``: ``"local"`` runs the runs one after another in this
     process, or, with ``jobs=N`` (N > 1), ``N`` at a time in worker
     processes; ``"ray"`` makes each run a Ray task, on the cluster at
@@ -154,19 +170,6 @@ def analyze(
             else (lambda line: print(line, file=sys.stderr, flush=True))
         )
 
-    if not force:
-        other = manifest_matches(directory, chash) if directory.exists() else None
-        if other is not None:
-            changed = config_changes(other.get("config"), config.to_dict())
-            runs = directory / "runs"
-            count = sum(1 for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else 0
-            raise ConfigError(
-                f"output: {str(directory)!r} holds results of a different config (hash "
-                f"{other.get('config_hash')}, this one {chash}"
-                f"{'; changed: ' + listed(changed, 6) if changed else ''}); pass --out to write "
-                f"somewhere else, or --force to replace them (it deletes the {count} run "
-                f"folder{'' if count == 1 else 's'} there before the first new run starts)"
-            )
     device = torch.device(config.train.device)
     check_device = device
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -184,6 +187,9 @@ def analyze(
         # the config's checks build trial layers; each run seeds what it draws itself
         # (run_one): the caller's random stream is left as it was
         with folder_lock(directory, what), torch.random.fork_rng(devices=[]):
+            _settle_replacement(directory)
+            if not force:
+                _refuse_other_config(directory, config, chash)
             return _analyze(
                 config,
                 directory,
@@ -210,6 +216,178 @@ def analyze(
 
 #: What an otherwise empty folder may hold: the lock of an analysis refused before it wrote.
 _OURS = {LOCK_NAME, OWNER_NAME}
+
+#: The hidden folder that holds the results ``force`` replaces until the new analysis has
+#: finished: a results folder of its own (runs/, tables, manifest), which ``finished_runs``,
+#: ``assemble`` and ``load_results`` of the output folder do not read (they read runs/ and the
+#: tables), ``clean_partial`` does not remove (not a ``.*.tmp`` name), and beside the lock.
+REPLACED = ".replaced"
+#: ``REPLACED`` while the results are being moved into it (renamed once all are in).
+_REPLACING = ".replacing"
+#: In ``REPLACED``: the hash and config of the analysis that replaces them.
+_NOTE = "replaced_by.json"
+#: What an analysis writes in its output folder, in the order it is removed (the manifest last:
+#: a folder whose removal was cut short still says which config its runs were).
+_RESULT_FILES = (
+    "runs",
+    "results.parquet",
+    "results.csv",
+    "hessian_nodes.parquet",
+    "hessian_density.parquet",
+    "runs.jsonl",
+    "manifest.json",
+)
+
+
+def _run_count(directory: Path) -> int:
+    runs = directory / "runs"
+    if not runs.is_dir():
+        return 0
+    return sum(1 for p in runs.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _folders(count: int) -> str:
+    return f"{count} run folder{'' if count == 1 else 's'}"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _replaced(directory: Path) -> Path | None:
+    """The folder of the results a ``force`` analysis is replacing, if one was interrupted."""
+    replaced = directory / REPLACED
+    return replaced if (replaced / _NOTE).is_file() else None
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _drop_replaced(directory: Path) -> None:
+    """Delete ``REPLACED``: renamed first to a ``.*.tmp`` name, which the next analysis's
+    ``clean_partial`` removes if the deletion is cut short."""
+    gone = directory / f"{REPLACED}.tmp"
+    if gone.exists():
+        _remove(gone)
+    os.replace(directory / REPLACED, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _settle_replacement(directory: Path) -> None:
+    """Finish what an interrupted ``force`` analysis left half done, under the folder's lock.
+
+    Results caught half way into ``.replacing/`` go back where they were (no
+    new run had started: the analysis that moved them starts again, or the
+    folder is resumed as it was). ``.replaced/`` beside a finished analysis
+    of the config that replaced it is deleted (only its deletion was cut
+    short).
+    """
+    replacing = directory / _REPLACING
+    if replacing.is_dir():
+        for name in _RESULT_FILES:
+            if (replacing / name).exists() and not (directory / name).exists():
+                os.replace(replacing / name, directory / name)
+        (replacing / _NOTE).unlink(missing_ok=True)
+        try:
+            replacing.rmdir()
+        except OSError:
+            left = ", ".join(sorted(p.name for p in replacing.iterdir()))
+            raise ResultsError(
+                f"output: {str(replacing)!r} holds {left}, results that an interrupted --force "
+                "was setting aside but the folder has again; keep one copy and remove the other"
+            ) from None
+    replaced = _replaced(directory)
+    if replaced is not None:
+        manifest = _read_json(directory / "manifest.json")
+        note = _read_json(replaced / _NOTE)
+        if manifest.get("finished") and manifest.get("config_hash") == note.get("config_hash"):
+            _drop_replaced(directory)
+
+
+def _refuse_other_config(directory: Path, config: Config, chash: str) -> None:
+    """Refuse (without ``force``) a folder that holds another config's results, or that an
+    interrupted ``force`` analysis of another config was filling."""
+    replaced = _replaced(directory)
+    other = manifest_matches(directory, chash)
+    if other is None and replaced is not None and not (directory / "manifest.json").exists():
+        note = _read_json(replaced / _NOTE)
+        other = note if note.get("config_hash") not in (None, chash) else None
+    if other is None:
+        return
+    changed = config_changes(other.get("config"), config.to_dict())
+    differs = (
+        f"(hash {other.get('config_hash')}, this one {chash}"
+        f"{'; changed: ' + listed(changed, 6) if changed else ''})"
+    )
+    count = _run_count(directory)
+    if replaced is None:
+        raise ConfigError(
+            f"output: {str(directory)!r} holds results of a different config {differs}; pass "
+            f"--out to write somewhere else, or --force to replace them (the {_folders(count)} "
+            f"there move to {str(directory / REPLACED)!r} and stay there until the new "
+            "analysis has finished)"
+        )
+    raise ConfigError(
+        f"output: {str(directory)!r} holds the unfinished results of an interrupted --force "
+        f"analysis of a different config {differs}, which was replacing the "
+        f"{_folders(_run_count(replaced))} in {str(replaced)!r}; pass --out to write somewhere "
+        f"else, or --force to replace them with this config's results (the "
+        f"{_folders(count)} of the interrupted analysis are deleted, those in "
+        f"{str(replaced)!r} stay until the new analysis has finished)"
+    )
+
+
+def _set_aside(directory: Path, config: Config, chash: str, log: Callable[[str], None]) -> None:
+    """Make room for a ``force`` analysis without losing the results it replaces.
+
+    The folder's results move into ``.replaced/`` (through ``.replacing/``,
+    renamed once everything is in), with a note of the config that replaces
+    them. If ``.replaced/`` is there already, an earlier ``force`` analysis
+    was interrupted: the results it set aside are the oldest complete ones
+    and stay; its own unfinished runs beside them are deleted (``force``
+    redoes every run).
+    """
+    note = {
+        "config_hash": chash,
+        "config": config.to_dict(),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    present = [name for name in _RESULT_FILES if (directory / name).exists()]
+    replaced = _replaced(directory)
+    if replaced is not None:
+        count = _run_count(directory)
+        for name in present:
+            _remove(directory / name)
+        write_json_atomic(replaced / _NOTE, note)
+        log(
+            f"an earlier --force was interrupted: deleting the {_folders(count)} it wrote "
+            f"(--force redoes every run); the {_folders(_run_count(replaced))} it was replacing "
+            f"stay in {replaced} until this analysis has finished"
+        )
+        return
+    if not present:
+        return
+    if (directory / REPLACED).exists():
+        raise ResultsError(
+            f"output: {str(directory / REPLACED)!r} is in the way: normprobe keeps the results "
+            "that --force replaces there, and this one holds no note of it; move it elsewhere"
+        )
+    count = _run_count(directory)
+    replacing = directory / _REPLACING
+    replacing.mkdir()
+    for name in present:
+        os.replace(directory / name, replacing / name)
+    write_json_atomic(replacing / _NOTE, note)
+    os.replace(replacing, directory / REPLACED)
+    log(
+        f"--force: the earlier results ({_folders(count)}) are moved to "
+        f"{directory / REPLACED} and deleted once this analysis has finished"
+    )
 
 
 def config_changes(before: Any, after: Mapping[str, Any]) -> list[str]:
@@ -243,6 +421,8 @@ def _check_ours(directory: Path, what: str) -> None:
         return
     if (directory / "manifest.json").is_file() or (directory / "runs").is_dir():
         return
+    if (directory / REPLACED).is_dir() or (directory / _REPLACING).is_dir():
+        return  # results a --force analysis set aside, and nothing new yet
     foreign = sorted(p.name for p in directory.iterdir() if p.name not in _OURS)
     foreign = [n for n in foreign if not (n.startswith(".") and n.endswith(".tmp"))]
     if foreign:
@@ -358,19 +538,15 @@ def _analyze(
     if executors.in_process(executor, jobs):
         torch.set_num_threads(threads)  # analyze() restores the caller's count
 
-    if force and directory.exists():
-        for name in (
-            "runs",
-            "results.parquet",
-            "results.csv",
-            "hessian_nodes.parquet",
-            "hessian_density.parquet",
-            "runs.jsonl",
-            "manifest.json",
-        ):
-            path = directory / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
+    if force:
+        # the checks have passed: set the old results aside, to be deleted once this has finished
+        _set_aside(directory, config, chash, log)
+    elif _replaced(directory) is not None:
+        log(
+            f"resuming the analysis of an interrupted --force: the results it replaces stay in "
+            f"{_replaced(directory)} until it has finished"
+        )
     clean_partial(directory)
     broken: dict[str, str] = {}
     # rates added past a grid edge by an earlier run of this analysis (train.lr_extend)
@@ -451,10 +627,20 @@ def _analyze(
         # the tables are written once, at the end of the grid, and on interruption: the runs
         # finished so far are in them (and in their folders, which a rerun resumes from)
         assemble(directory, cache=read)
+        replaced = _replaced(directory)
+        if replaced is not None:
+            log(
+                f"interrupted: the results this analysis replaces stay in {replaced}; run it "
+                "again without --force to resume it from its finished runs (the replaced "
+                "results are deleted once it has finished), or with --force to start it again"
+            )
         raise
     results = assemble(directory, cache=read)
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(directory / "manifest.json", manifest)
+    if _replaced(directory) is not None:
+        # the new results are complete: the ones they replace can go
+        _drop_replaced(directory)
     results.manifest = manifest
     return results
 

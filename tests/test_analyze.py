@@ -265,7 +265,125 @@ def test_a_different_config_in_the_same_folder_is_refused(tmp_path: Path) -> Non
     # which fields differ, and what --force would delete
     assert "changed: train.steps 12 -> 5, probes.schedule" in str(err.value)
     runs = len(list((tmp_path / "runs").iterdir()))
-    assert f"deletes the {runs} run folder{'' if runs == 1 else 's'} there" in str(err.value)
+    assert f"(the {runs} run folder{'' if runs == 1 else 's'} there move to" in str(err.value)
+    assert "/.replaced' and stay there until the new analysis has finished)" in str(err.value)
+
+
+#: A two-run analysis of a few steps, for the tests of --force
+QUICK = {
+    **SMALL,
+    "normalizers": ["layer", "batch"],
+    "train": {**SMALL["train"], "steps": 2},
+    "probes": {"schedule": [0, 2]},
+    "hessian": {"enabled": False},
+}
+
+
+def _stop_at_run(monkeypatch, number: int, error: BaseException) -> None:
+    """Make the analysis stop with ``error`` when its run number ``number`` (from 1) starts."""
+    analyze_module = sys.modules["normprobe.analyze"]  # the package's `analyze` is the function
+    real = analyze_module.run_one
+    started = []
+
+    def stopping(spec, data, **kwargs):
+        started.append(spec.run)
+        if len(started) == number:
+            raise error
+        return real(spec, data, **kwargs)
+
+    monkeypatch.setattr(analyze_module, "run_one", stopping)
+
+
+def test_an_interrupted_force_keeps_the_results_it_replaces(tmp_path: Path, monkeypatch) -> None:
+    old = analyze(QUICK, out=tmp_path, quiet=True)
+    new = {**QUICK, "train": {**QUICK["train"], "lr": 0.1}}  # runs named ..._lr0.1_...
+    # Ctrl-C in the second run of the new analysis
+    _stop_at_run(monkeypatch, 2, KeyboardInterrupt())
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        analyze(new, out=tmp_path, force=True, log=lines.append)
+    # the old results are whole, and readable as a results folder of their own
+    kept = load_results(tmp_path / ".replaced")
+    pd.testing.assert_frame_equal(kept.metrics, old.metrics, check_exact=True)
+    assert kept.manifest["config_hash"] == old.manifest["config_hash"]
+    # the folder itself holds the new analysis so far, and none of the old runs
+    partial = load_results(tmp_path)
+    assert partial.manifest["config"]["train"]["lr"] == 0.1
+    assert list(partial.runs["run"]) == ["layer_lr0.1_seed0"]
+    assert set(_metrics(tmp_path)["run"]) == {"layer_lr0.1_seed0"}
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["layer_lr0.1_seed0"]
+    assert any(
+        line.startswith("--force: the earlier results (2 run folders) are moved to")
+        and line.endswith(".replaced and deleted once this analysis has finished")
+        for line in lines
+    )
+    assert any(
+        line.startswith("interrupted: the results this analysis replaces stay in") for line in lines
+    )
+    # another config without --force is refused, and told where the old results are
+    other = {**QUICK, "train": {**QUICK["train"], "lr": 0.2}}
+    with pytest.raises(ConfigError, match=r"unfinished results of an interrupted --force") as err:
+        analyze(other, out=tmp_path, quiet=True)
+    assert "replacing the 2 run folders in" in str(err.value) and ".replaced'" in str(err.value)
+    # a second --force, stopped by an error in its first run: the oldest complete results stay,
+    # the unfinished runs of the first --force are gone
+    _stop_at_run(monkeypatch, 1, RuntimeError("disk full"))
+    lines.clear()
+    with pytest.raises(RuntimeError, match="disk full"):
+        analyze(other, out=tmp_path, force=True, log=lines.append)
+    assert lines[0].startswith("an earlier --force was interrupted: deleting the 1 run folder")
+    assert "the 2 run folders it was replacing stay in" in lines[0]
+    pd.testing.assert_frame_equal(
+        load_results(tmp_path / ".replaced").metrics, old.metrics, check_exact=True
+    )
+    assert load_results(tmp_path).runs.empty and not (tmp_path / "runs").exists()
+    # resumed without --force, the new analysis finishes, and only then the old results go
+    monkeypatch.undo()
+    lines.clear()
+    done = analyze(other, out=tmp_path, log=lines.append)
+    assert lines[0].startswith("resuming the analysis of an interrupted --force")
+    assert not (tmp_path / ".replaced").exists() and not (tmp_path / ".replaced.tmp").exists()
+    assert sorted(done.runs["run"]) == ["batch_lr0.2_seed0", "layer_lr0.2_seed0"]
+    assert set(done.runs["status"]) == {"done"}
+    assert set(_metrics(tmp_path)["run"]) == set(done.runs["run"])
+
+
+def test_a_finished_force_leaves_only_the_new_results(tmp_path: Path) -> None:
+    analyze(QUICK, out=tmp_path, quiet=True)
+    new = {**QUICK, "train": {**QUICK["train"], "lr": 0.1}}
+    lines: list[str] = []
+    results = analyze(new, out=tmp_path, force=True, log=lines.append)
+    assert "--force: the earlier results (2 run folders) are moved to" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".replac")) == []
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "batch_lr0.1_seed0",
+        "layer_lr0.1_seed0",
+    ]
+    loaded = load_results(tmp_path)
+    assert set(loaded.metrics["lr"]) == {0.1} and set(loaded.runs["lr"]) == {0.1}
+    assert loaded.manifest["config_hash"] == results.manifest["config_hash"]
+    assert loaded.manifest["finished"]
+
+
+def test_a_force_cut_short_while_moving_the_old_results_puts_them_back(tmp_path: Path) -> None:
+    old = analyze(QUICK, out=tmp_path, quiet=True)
+    # killed half way through the move: runs/ and the tables set aside, the manifest not yet
+    (tmp_path / ".replacing").mkdir()
+    for name in ("runs", "results.parquet", "results.csv", "runs.jsonl"):
+        (tmp_path / name).rename(tmp_path / ".replacing" / name)
+    lines: list[str] = []
+    again = analyze(QUICK, out=tmp_path, log=lines.append)
+    assert lines == []  # every run was there: nothing to do
+    assert not (tmp_path / ".replacing").exists()
+    pd.testing.assert_frame_equal(again.metrics, old.metrics, check_exact=True)
+    # and the same with the manifest set aside too: the folder is still taken for results
+    (tmp_path / ".replacing").mkdir()
+    for name in ("runs", "results.parquet", "results.csv", "runs.jsonl", "manifest.json"):
+        (tmp_path / name).rename(tmp_path / ".replacing" / name)
+    other = {**QUICK, "train": {**QUICK["train"], "lr": 0.1}}
+    with pytest.raises(ConfigError, match="holds results of a different config"):
+        analyze(other, out=tmp_path, quiet=True)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(old.runs["run"])
 
 
 KILL_CONFIG = """\
