@@ -13,6 +13,8 @@ Layout of an output directory::
     hessian_nodes.parquet    SLQ nodes and weights of every spectrum
     hessian_density.parquet  smoothed densities on a grid
     runs.jsonl               one line per run: status and timings
+    .replaced/               the results an unfinished ``analyze --force`` replaces
+                             (a results folder of its own; deleted when it finishes)
 
 A run folder appears only once everything in it is written (it is built
 under a temporary name and renamed), so killing the process loses at most
