@@ -35,7 +35,15 @@ from normprobe.plotting.style import parse_formats, style_context
 from normprobe.properties import PropertyTable
 from normprobe.results import Results, load_results
 
-__all__ = ["FIGURES", "FigureSpec", "PlotReport", "model_variant", "figure_name", "plot_results"]
+__all__ = [
+    "FIGURES",
+    "FigureSpec",
+    "PlotReport",
+    "model_variant",
+    "describe_models",
+    "figure_name",
+    "plot_results",
+]
 
 Variant = Literal["mlp", "wrn", "wrn-skip", "transformer", "custom"]
 SUFFIX: dict[str, str] = {
@@ -46,6 +54,14 @@ SUFFIX: dict[str, str] = {
     "custom": "_custom",
 }
 ALL = ("mlp", "wrn", "wrn-skip", "transformer", "custom")
+#: each variant as a config writes it (``model.name``, ``model.options``, ``model.factory``)
+MODEL_WORDS: dict[str, str] = {
+    "mlp": "model mlp",
+    "wrn": "model wrn with options.skip: false",
+    "wrn-skip": "model wrn with options.skip: true",
+    "transformer": "model transformer",
+    "custom": "a model.factory of your own",
+}
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,23 @@ def model_variant(results: Results) -> Variant:
     return "custom"
 
 
+def describe_models(variants: Sequence[str]) -> str:
+    """The models of ``variants`` as a config names them, for messages: a user never
+    writes ``wrn-skip``, but ``model: {name: wrn, options: {skip: true}}``.
+
+    >>> describe_models(["wrn-skip"])
+    'model wrn with options.skip: true'
+    >>> describe_models(["mlp", "wrn", "wrn-skip", "custom"])
+    'model mlp, model wrn or a model.factory of your own'
+    """
+    words = [
+        "model wrn" if v == "wrn" and "wrn-skip" in variants else MODEL_WORDS[v]
+        for v in variants
+        if not (v == "wrn-skip" and "wrn" in variants)
+    ]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 def figure_name(spec: FigureSpec, variant: str) -> str:
     """The file stem of ``spec`` drawn for ``variant`` (e.g. ``fig4_skip``)."""
     if variant in spec.plain_for:
@@ -245,9 +278,10 @@ def plot_results(
         name = figure_name(spec, variant)
         if only is not None and name not in only and spec.base not in only:
             continue
-        if variant not in spec.variants:
-            report.skipped[name] = (
-                f"drawn for {' or '.join(spec.variants)} models; this analysis used {variant}"
+        if variant not in spec.variants:  # by its base name: it has none for these results
+            report.skipped[spec.base] = (
+                f"drawn for {describe_models(spec.variants)}; these results are of "
+                f"{MODEL_WORDS[variant]}"
             )
             continue
         try:
@@ -268,7 +302,22 @@ def plot_results(
             report.skipped[name] = str(err)
         finally:
             plt.close("all")
+    bases = {spec.base for spec in FIGURES}
+    for wanted in only or ():
+        if wanted not in bases and wanted not in report.written and wanted not in report.skipped:
+            report.skipped[wanted] = _named_for_another_model(wanted, variant)
     return report
+
+
+def _named_for_another_model(name: str, variant: str) -> str:
+    """Why ``--only``'s ``name`` (a figure's name for another model, e.g. ``fig4_skip``) was
+    not drawn from results of ``variant``, and the name to ask for instead."""
+    spec, other = next((s, v) for s in FIGURES for v in s.variants if figure_name(s, v) == name)
+    why = f"the name for results of {MODEL_WORDS[other]}; these are of {MODEL_WORDS[variant]}"
+    if variant in spec.variants:
+        name = figure_name(spec, variant)
+        return f"{why}; ask for {name}" + (f" (or {spec.base})" if name != spec.base else "")
+    return f"{why}, which {spec.base} is not drawn for"
 
 
 def describe() -> dict[str, Any]:

@@ -249,7 +249,9 @@ def test_plot_results_names_figures_after_the_model(
         assert [p.suffix for p in paths] == ["." + f for f in formats.split(",")]
         assert all(p.stat().st_size > 0 for p in paths)
     assert len(report.written) + len(report.skipped) == len(FIGURES)
-    assert {figure_name(s, variant) for s in FIGURES} == set(report.written) | set(report.skipped)
+    # a figure not drawn for this model is skipped under its base name (it has no other here)
+    names = {figure_name(s, variant) if variant in s.variants else s.base for s in FIGURES}
+    assert names == set(report.written) | set(report.skipped)
 
 
 def test_missing_metrics_are_skipped_with_the_reason(tmp_path: Path) -> None:
@@ -261,6 +263,30 @@ def test_missing_metrics_are_skipped_with_the_reason(tmp_path: Path) -> None:
     assert "grad_corr" in report.skipped["fig3c"]
     assert "Hessian" in report.skipped["fig4"]
     assert "eigenvalue" in report.skipped["fig6b"]
+
+
+def test_a_figure_for_another_model_is_skipped_in_the_words_of_a_config(tmp_path: Path) -> None:
+    """`wrn-skip` is no name a user writes: the reasons say model wrn with options.skip."""
+    report = plot_results(
+        _synthetic({"name": "wrn", "options": {}}, hessian=False),
+        tmp_path,
+        only=["fig1a", "figT_transformer", "fig2a_skip"],
+    )
+    assert list(report.written) == ["fig2a_skip"]
+    assert report.skipped == {
+        "fig1a": "drawn for model mlp or a model.factory of your own; these results are of "
+        "model wrn with options.skip: true",
+        "figT_transformer": "drawn for model transformer; these results are of model wrn with "
+        "options.skip: true",
+    }
+    report = plot_results(_synthetic(hessian=False), tmp_path, only=["fig2a_skip", "fig3a_mlp"])
+    assert report.skipped == {
+        "fig2a_skip": "the name for results of model wrn with options.skip: true; these are of "
+        "model wrn with options.skip: false; ask for fig2a",
+        "fig3a_mlp": "the name for results of model mlp; these are of model wrn with "
+        "options.skip: false; ask for fig3a",
+    }
+    assert not any("wrn-skip" in reason for reason in report.skipped.values())
 
 
 def _write_results_dir(results: Results, directory: Path) -> None:
