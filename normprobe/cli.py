@@ -14,7 +14,7 @@ from normprobe.data import describe as describe_datasets
 from normprobe.errors import NormprobeError
 from normprobe.models import MODELS
 from normprobe.norms import NORMS
-from normprobe.results import UnclosedRunWarning, check_output_folder, load_results
+from normprobe.results import Results, UnclosedRunWarning, check_output_folder, load_results
 from normprobe.zoo_measures import measure_properties
 
 __all__ = ["main", "build_parser", "add_figures_arguments"]
@@ -53,7 +53,8 @@ through training, 4 Hessian density at step 50, 6a/6b outlier ratio and
 largest eigenvalue); WRN with skips adds _skip, the MLP's training figures
 _mlp. Analyses with variants also give fig5 (accuracy against batch size)
 and the appendix figures figA_renorm, figA_balnorm and figA_regnorm_mean.
-Plotting reads the stored tables only; it never trains or probes.
+Plotting reads the stored tables only; it never trains or probes. With no
+figure to draw, the command says why and exits with 2.
 """
 
 FIGURES_EXAMPLES = """\
@@ -308,9 +309,41 @@ def cmd_plot(args: argparse.Namespace) -> int:
     )
     for line in report.lines():
         print(line)
-    if not report.written:
-        print(f"no figure drawn: the results in {args.results} support none of them")
+    if not report.written:  # a script must not take this for a redrawn folder
+        raise NormprobeError(_nothing_drawn(results, args.results, only))
     return 0
+
+
+def _nothing_drawn(results: Results, source: str, only: list[str] | None) -> str:
+    """Why ``normprobe plot`` drew nothing, and what to do, in one line."""
+    where = repr(str(source))
+    if only:
+        return (
+            f"no figure drawn: the results in {where} support none of the figures --only names "
+            f"({', '.join(only)}; the reason for each is printed above); name others, or leave "
+            "out --only to draw every figure they support"
+        )
+    runs = results.runs
+    statuses = runs["status"].tolist() if "status" in runs else []
+    if not statuses:
+        return (
+            f"no figure drawn: {where} records no runs; run `normprobe analyze` with its "
+            "config, then plot again"
+        )
+    if all(status == "failed" for status in statuses):
+        errors = [str(e) for e in runs.get("error", []) if isinstance(e, str) and e.strip()]
+        first = errors[0].strip().splitlines()[0][:200] if errors else ""
+        return (
+            f"no figure drawn: every run in {where} failed ({len(statuses)} of "
+            f"{len(statuses)}{'; the first: ' + first if first else ''}); fix the cause (each "
+            f"run's error is in {str(Path(source) / 'runs.jsonl')!r}), run `normprobe analyze` "
+            "with its config again (failed runs run again), then plot again"
+        )
+    return (
+        f"no figure drawn: the results in {where} support none of the figures (the reason "
+        "for each is printed above: what it needs measured); measure that in the config, run "
+        "`normprobe analyze` again, then plot again"
+    )
 
 
 def cmd_properties(args: argparse.Namespace) -> int:

@@ -350,3 +350,74 @@ def test_every_group_has_a_quick_and_a_paper_config_that_validate() -> None:
             assert paper.data.name in ("mnist", "cifar10")
         assert paper.train.steps >= quick.train.steps
         assert list(paper.variants) == list(quick.variants)  # the same figure panels
+
+
+# ------------------------------------------------ what `normprobe plot` says it drew
+
+
+def _results_dir(directory: Path, model: dict, config_hash: str, name: str = "a") -> Path:
+    """A results folder of the synthetic tables, its manifest naming the analysis and hash."""
+    results = _synthetic(model, hessian=False)
+    results.manifest["config_hash"] = config_hash
+    results.manifest["config"]["name"] = name
+    _write_results_dir(results, directory)
+    return directory
+
+
+WRN = {"name": "wrn", "options": {"skip": False}}
+MLP = {"name": "mlp", "options": {}}
+
+
+def _one_line_error(code: int, capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("normprobe: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_cli_plot_of_results_whose_every_run_failed_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    res = tmp_path / "res"
+    res.mkdir()
+    (res / "manifest.json").write_text(json.dumps({"config_hash": "h", **_manifest(WRN)}))
+    failed = [
+        {
+            "run": f"{n}_lr0.1_seed0",
+            "normalizer": n,
+            "lr": 0.1,
+            "seed": 0,
+            "status": "failed",
+            "error": "RuntimeError: CUDA out of memory\nTraceback ...",
+        }
+        for n in NORMS
+    ]
+    (res / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in failed))
+    out = tmp_path / "figs"
+    err = _one_line_error(main(["plot", str(res), "--out", str(out)]), capsys)
+    assert (
+        "no figure drawn: every run in" in err and "(3 of 3; the first: RuntimeError: CUDA" in err
+    )
+    assert "runs.jsonl" in err and "normprobe analyze" in err
+    assert not out.exists()  # nothing drawn, no folder left behind
+
+
+def test_cli_plot_with_only_figures_the_results_cannot_support_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    res = _results_dir(tmp_path / "res", WRN, "h")
+    out = tmp_path / "figs"
+    code = main(["plot", str(res), "--out", str(out), "--only", "fig1a,fig4_skip"])
+    printed = capsys.readouterr()
+    assert code == 2, printed.err
+    assert "--only names (fig1a, fig4_skip" in printed.err and "leave out --only" in printed.err
+    # each figure's reason, in the words of a config
+    assert "skipped fig1a: drawn for model mlp or a model.factory of your own" in printed.out
+    assert "skipped fig4_skip: the name for results of model wrn with options.skip: true" in (
+        printed.out
+    )
+    assert "; ask for fig4\n" in printed.out
+    assert not out.exists()
+    # one figure drawn is a success, the others' reasons said
+    assert main(["plot", str(res), "--out", str(out), "--only", "fig1a,fig2a"]) == 0
+    assert "skipped fig1a:" in capsys.readouterr().out
