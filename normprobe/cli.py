@@ -11,7 +11,7 @@ from pathlib import Path
 from normprobe import __version__
 from normprobe.analyze import analyze, summary_line, unsettled_lines
 from normprobe.data import describe as describe_datasets
-from normprobe.errors import NormprobeError
+from normprobe.errors import NormprobeError, listed
 from normprobe.models import MODELS
 from normprobe.norms import NORMS
 from normprobe.results import Results, UnclosedRunWarning, check_output_folder, load_results
@@ -47,14 +47,17 @@ examples:
   normprobe plot runs/quickstart
   normprobe plot runs/quickstart --out paper/figs --format png,pdf
   normprobe plot runs/quickstart --only fig4,fig6a
+  normprobe plot runs/other --out paper/figs --force   replace the figures of other results
 
 Figure names follow Rao & Sohl-Dickstein 2020 (1a/1b MLP at init, 2a/2b WRN at init, 3a-c
 through training, 4 Hessian density at step 50, 6a/6b outlier ratio and
 largest eigenvalue); WRN with skips adds _skip, the MLP's training figures
 _mlp. Analyses with variants also give fig5 (accuracy against batch size)
 and the appendix figures figA_renorm, figA_balnorm and figA_regnorm_mean.
-Plotting reads the stored tables only; it never trains or probes. With no
-figure to draw, the command says why and exits with 2.
+Plotting reads the stored tables only; it never trains or probes. The figure
+folder records which results its figures come from (normprobe-figures.json):
+figures of other results there are refused unless --force, which removes
+them. With no figure to draw, the command says why and exits with 2.
 """
 
 FIGURES_EXAMPLES = """\
@@ -159,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_plot.add_argument(
         "--only", metavar="NAMES", help="comma-separated figure names, e.g. fig4,fig6a"
+    )
+    p_plot.add_argument(
+        "--force",
+        action="store_true",
+        help="draw into a folder that holds figures of other results, removing those "
+        "(only the files its normprobe-figures.json lists, unchanged) once these are drawn",
     )
     p_plot.set_defaults(func=cmd_plot)
 
@@ -293,6 +302,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():  # said below, in the command's own words
         warnings.simplefilter("ignore", UnclosedRunWarning)
         results = load_results(args.results)
+    # the plotting stack (matplotlib, seaborn, scipy.stats) loads with the commands that draw
+    from normprobe.figureset import property_table
+    from normprobe.plotting import check_figure_folder, plot_results, record_figures
+
+    # before anything is drawn: figures of other results there are refused (or, with
+    # --force, removed once these are drawn)
+    replaced = check_figure_folder(out, results, what="--out", force=args.force)
     for run, problem in sorted(results.incomplete.items()):
         print(f"left out {run}: its folder is incomplete ({problem}); rerun `normprobe analyze`")
     for run in results.unclosed:
@@ -300,10 +316,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
             f"read {run} from its part files: its monitor was not closed (still recording, or "
             f"its process died); every measurement completed before is drawn"
         )
-    # the plotting stack (matplotlib, seaborn, scipy.stats) loads with the commands that draw
-    from normprobe.figureset import property_table
-    from normprobe.plotting import plot_results
-
     report = plot_results(
         results, out, formats=args.format, only=only, property_table=property_table(results, only)
     )
@@ -311,6 +323,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
         print(line)
     if not report.written:  # a script must not take this for a redrawn folder
         raise NormprobeError(_nothing_drawn(results, args.results, only))
+    written = [path for paths in report.written.values() for path in paths]
+    removed, kept = record_figures(out, results, written, replaced)
+    if removed:
+        names = [p.name for p in removed]
+        files = f"figure file{'' if len(removed) == 1 else 's'}"
+        print(f"removed {len(removed)} {files} of other results: {listed(names, 6)}")
+    for path in kept:
+        print(
+            f"kept {path}: a figure of other results, changed since normprobe drew it; "
+            "delete it if it is stale"
+        )
     return 0
 
 

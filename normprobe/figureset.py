@@ -4,7 +4,8 @@ Each group is one YAML in ``analyses/``: ``<group>.yaml`` at the quick scale
 (digits, small networks, minutes on a 2-core CPU) and ``<group>.paper.yaml``
 at the paper's scale (MNIST / CIFAR-10, WRN-26-2, 512 Hessian samples).
 The results go to ``runs/figures/<group>`` (finished runs are kept, so a
-second call resumes) and the group's figures to one folder.
+second call resumes) and the group's figures to one folder, which records
+the results each figure was drawn from (:mod:`normprobe.plotting.record`).
 
 This module runs analyses and then draws; :mod:`normprobe.plotting` itself
 only reads stored tables.
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from normprobe.analyze import analyze, summary_line
 from normprobe.errors import NormprobeError
-from normprobe.plotting import FIGURES, plot_results
+from normprobe.plotting import FIGURES, plot_results, record_figures
 from normprobe.properties import PropertiesError, PropertyTable
 from normprobe.results import Results, load_results
 from normprobe.threads import check_threads
@@ -156,6 +157,11 @@ def regenerate(
                 only=group.figures,
                 property_table=property_table(results, group.figures),
             )
+            # the folder holds every group's figures: each group's are recorded with its
+            # results, so `normprobe plot` of other results there is refused
+            written = [path for paths in drawn.written.values() for path in paths]
+            if written:
+                record_figures(out, results, written)
         except NormprobeError as err:
             report.failed[group.name] = str(err)
             log(f"{group.name}: failed: {err}")

@@ -9,6 +9,9 @@
 - :mod:`normprobe.plotting.gallery`: :func:`plot_results`, every figure a
   results directory supports, written to files (``normprobe plot``).
 - :mod:`normprobe.plotting.properties`: the properties table as a heatmap.
+- :mod:`normprobe.plotting.record`: which results a figure folder was drawn
+  from (``normprobe-figures.json``), so that figures of two analyses do not
+  mix in one folder unnoticed.
 
 Everything here reads stored results (:mod:`normprobe.results`) and the
 properties table (:mod:`normprobe.properties`); nothing trains or probes.
@@ -45,6 +48,12 @@ from normprobe.plotting.figures import (
 )
 from normprobe.plotting.gallery import FIGURES, PlotReport, plot_results
 from normprobe.plotting.properties import heatmap, properties_figure, write_properties
+from normprobe.plotting.record import (
+    RECORD_NAME,
+    check_figure_folder,
+    figure_sources,
+    record_figures,
+)
 from normprobe.plotting.style import (
     FORMATS,
     NORM_STYLE,
@@ -93,4 +102,9 @@ __all__ = [
     "FIGURES",
     "PlotReport",
     "plot_results",
+    # the figure folder's record
+    "RECORD_NAME",
+    "figure_sources",
+    "check_figure_folder",
+    "record_figures",
 ]

@@ -256,7 +256,9 @@ def plot_results(
     table to draw as the ``properties`` heatmap (default: judged from
     ``results`` alone, see :func:`normprobe.plotting.properties.properties_figure`;
     the CLI passes :func:`normprobe.measure_properties`, which adds every zoo
-    normalizer and the sequence leaks).
+    normalizer and the sequence leaks). It overwrites same-named files and
+    records nothing; ``normprobe plot`` and ``normprobe figures`` record in
+    ``out`` which results they drew (:mod:`normprobe.plotting.record`).
     """
     if not isinstance(results, Results):
         results = load_results(results)

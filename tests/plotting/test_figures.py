@@ -316,6 +316,7 @@ def test_cli_plot_on_a_directory_with_missing_metrics_skips_instead_of_failing(
         "fig2a.png",
         "fig3a.png",
         "fig3b.png",
+        "normprobe-figures.json",  # which results they were drawn from
         "properties.png",
     ]
 
@@ -421,3 +422,108 @@ def test_cli_plot_with_only_figures_the_results_cannot_support_is_an_error(
     # one figure drawn is a success, the others' reasons said
     assert main(["plot", str(res), "--out", str(out), "--only", "fig1a,fig2a"]) == 0
     assert "skipped fig1a:" in capsys.readouterr().out
+
+
+def test_a_second_analysis_is_not_plotted_among_the_first_ones_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = _results_dir(tmp_path / "first", WRN, "h1", "wrn_init")
+    second = _results_dir(tmp_path / "second", MLP, "h2", "mlp_init")
+    out = tmp_path / "figs"
+    assert main(["plot", str(first), "--out", str(out), "--only", "fig2a,fig2b"]) == 0
+    drawn = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert {"fig2a.png", "fig2b.png"} <= set(drawn)
+    capsys.readouterr()
+
+    err = _one_line_error(main(["plot", str(second), "--out", str(out), "--only", "fig1a"]), capsys)
+    assert (
+        f"drawn from {str(first.resolve())!r} (analysis wrn_init, config hash h1), not from" in err
+    )
+    assert f"{str(second.resolve())!r} (analysis mlp_init, config hash h2)" in err
+    assert "--out" in err and "--force" in err and "2 figure files" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == drawn  # untouched
+
+    # the same results again: the normal redraw
+    assert main(["plot", str(first), "--out", str(out), "--only", "fig2a"]) == 0
+
+    # --force: the first results' figures go once the second's are drawn; nothing else does
+    (out / "notes.txt").write_text("mine\n")
+    (out / "fig2b.png").write_bytes(b"edited by hand")
+    capsys.readouterr()
+    assert main(["plot", str(second), "--out", str(out), "--only", "fig1a", "--force"]) == 0
+    printed = capsys.readouterr().out
+    assert "removed 1 figure file of other results: fig2a.png" in printed
+    assert f"kept {out / 'fig2b.png'}" in printed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "fig1a.png",
+        "fig2b.png",
+        "normprobe-figures.json",
+        "notes.txt",
+    ]
+    record = json.loads((out / "normprobe-figures.json").read_text())
+    assert [
+        (s["results"], s["config_hash"], s["name"], list(s["files"])) for s in record["sources"]
+    ] == [("../second", "h2", "mlp_init", ["fig1a.png"])]
+
+
+def test_results_replaced_by_another_config_are_not_plotted_over_their_old_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    res = _results_dir(tmp_path / "res", WRN, "h1")
+    assert main(["plot", str(res), "--only", "fig2a"]) == 0  # into res/figures
+    manifest = json.loads((res / "manifest.json").read_text())
+    (res / "manifest.json").write_text(json.dumps({**manifest, "config_hash": "h2"}))
+    capsys.readouterr()
+    err = _one_line_error(main(["plot", str(res), "--only", "fig2b"]), capsys)
+    assert "when it held another analysis' results (config hash h1; now h2)" in err
+    assert sorted(p.name for p in (res / "figures").iterdir()) == [
+        "fig2a.png",
+        "normprobe-figures.json",
+    ]
+
+
+def test_figures_no_record_accounts_for_are_left_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    res = _results_dir(tmp_path / "res", WRN, "h")
+    out = tmp_path / "paper"
+    out.mkdir()
+    (out / "fig3a.png").write_bytes(b"drawn before the record, from who knows what")
+    err = _one_line_error(main(["plot", str(res), "--out", str(out), "--only", "fig2a"]), capsys)
+    assert "no record ties to any results (fig3a.png" in err and "delete those files" in err
+    code = main(["plot", str(res), "--out", str(out), "--only", "fig2a", "--force"])
+    assert code == 2 and not (out / "fig2a.png").exists()
+    assert (out / "fig3a.png").read_bytes().startswith(b"drawn before")
+    # the results' own figures folder holds nothing but their figures: drawn there
+    (res / "figures").mkdir()
+    (res / "figures" / "fig3a.png").write_bytes(b"an older normprobe drew this")
+    assert main(["plot", str(res), "--only", "fig2a"]) == 0
+
+
+def test_the_figure_set_records_its_groups_and_keeps_other_results_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from normprobe.figureset import regenerate
+
+    analyses = Path(__file__).resolve().parents[2] / "analyses"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    group = _results_dir(runs / "fig2_wrn_init", WRN, "g")
+    out = tmp_path / "figures"
+    for _ in range(2):  # a second call redraws the same folder
+        report = regenerate(
+            analyses=analyses,
+            runs=runs,
+            out=out,
+            groups=["fig2_wrn_init"],
+            plot_only=True,
+            log=lambda line: None,
+        )
+        assert not report.failed and report.written
+    record = json.loads((out / "normprobe-figures.json").read_text())
+    assert [s["results"] for s in record["sources"]] == ["../runs/fig2_wrn_init"]
+    assert main(["plot", str(group), "--out", str(out), "--only", "fig2a"]) == 0
+    other = _results_dir(tmp_path / "other", MLP, "o")
+    capsys.readouterr()
+    err = _one_line_error(main(["plot", str(other), "--out", str(out), "--only", "fig1a"]), capsys)
+    assert "fig2_wrn_init" in err
