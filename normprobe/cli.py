@@ -7,15 +7,16 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from normprobe import __version__
-from normprobe.analyze import analyze, summary_line, unsettled_lines
-from normprobe.data import describe as describe_datasets
 from normprobe.errors import NormprobeError, listed
-from normprobe.models import MODELS
-from normprobe.norms import NORMS
-from normprobe.results import Results, UnclosedRunWarning, check_output_folder, load_results
-from normprobe.zoo_measures import measure_properties
+
+if TYPE_CHECKING:
+    from normprobe.results import Results
+
+# Each command imports the library it runs (torch, pandas, scipy: about 3 s) when it runs,
+# so that `normprobe --help`, a mistyped command and a wrong argument answer at once.
 
 __all__ = ["main", "build_parser", "add_figures_arguments"]
 
@@ -103,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_an.add_argument("config", help="the analysis YAML file")
     p_an.add_argument("--out", metavar="DIR", help="output folder (default: the config's output)")
-    p_an.add_argument("--force", action="store_true", help="redo every run, discarding old results")
+    p_an.add_argument(
+        "--force",
+        action="store_true",
+        help="redo every run; the old results are kept in OUT/.replaced until the new "
+        "analysis has finished",
+    )
     p_an.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
     p_an.add_argument(
         "--set",
@@ -274,6 +280,8 @@ def _threads_arg(text: str) -> int | str:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from normprobe.analyze import analyze, summary_line, unsettled_lines
+
     results = analyze(
         args.config,
         out=args.out,
@@ -296,6 +304,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from normprobe.results import UnclosedRunWarning, check_output_folder, load_results
+
     out = Path(args.out) if args.out is not None else Path(args.results) / "figures"
     check_output_folder(out, "--out")
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
@@ -370,6 +380,9 @@ def _nothing_drawn(results: Results, source: str, only: list[str] | None) -> str
 
 
 def cmd_properties(args: argparse.Namespace) -> int:
+    from normprobe.results import check_output_folder
+    from normprobe.zoo_measures import measure_properties
+
     out = Path(args.out) if args.out is not None else Path(args.results) / "properties"
     check_output_folder(out, "--out")
     table = measure_properties(args.results)
@@ -403,6 +416,10 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from normprobe.data import describe as describe_datasets
+    from normprobe.models import MODELS
+    from normprobe.norms import NORMS
+
     def first_line(obj: object) -> str:
         return (getattr(obj, "__doc__", "") or "").strip().splitlines()[0] if obj.__doc__ else ""
 
@@ -444,11 +461,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"normprobe: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resumes = (
-            "; finished runs are kept, and the same command resumes from them"
-            if args.command == "analyze"
-            else ""
-        )
+        resumes = ""
+        if args.command == "analyze":
+            resumes = (
+                "; finished runs are kept: run the same command without --force to resume from them"
+                if args.force
+                else "; finished runs are kept, and the same command resumes from them"
+            )
         print(f"normprobe: interrupted{resumes}", file=sys.stderr)
         return 130
 

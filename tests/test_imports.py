@@ -33,6 +33,14 @@ DEFERRED = {
     # for the commands that draw, so `normprobe analyze` starts without it
     ("normprobe.cli", "normprobe.plotting"),
     ("normprobe.cli", "normprobe.figureset"),
+    # and each command the library it runs (torch, pandas, scipy: about 3 s), so that
+    # `normprobe --help` and a wrong argument answer at once (tests/test_startup.py)
+    ("normprobe.cli", "normprobe.analyze"),
+    ("normprobe.cli", "normprobe.data"),
+    ("normprobe.cli", "normprobe.models"),
+    ("normprobe.cli", "normprobe.norms"),
+    ("normprobe.cli", "normprobe.results"),
+    ("normprobe.cli", "normprobe.zoo_measures"),
     # TensorBoard is optional: its writer is loaded only when a monitor is asked to log to it
     ("normprobe.integrations.tensorboard", "torch.utils.tensorboard"),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import subprocess
 import sys
@@ -91,12 +92,17 @@ def test_a_config_override_without_set_is_pointed_to_set(cli_here: Cli) -> None:
 def test_an_interrupted_analysis_says_that_rerunning_resumes(
     cli_here: Cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import normprobe.cli
+    # the module, not the package's function of the same name
+    analyze_module = importlib.import_module("normprobe.analyze")
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(normprobe.cli, "analyze", interrupted)
+    monkeypatch.setattr(analyze_module, "analyze", interrupted)
     result = cli_here("analyze", "analyses/quickstart.yaml")
     assert result.returncode == 130
     assert "interrupted; finished runs are kept, and the same command resumes" in result.stderr
+    # --force starts again: it is the command without --force that resumes
+    result = cli_here("analyze", "analyses/quickstart.yaml", "--force")
+    assert result.returncode == 130
+    assert "run the same command without --force to resume from them" in result.stderr
