@@ -97,7 +97,11 @@ def test_selection_marks_rows_with_their_edge_and_selects_on_the_held_out_split(
 def test_summary_lines_say_what_is_not_settled() -> None:
     results = records_results([_record("layer", 0.01, 0, test=0.2), _record("layer", 0.1, 0)])
     lines = unsettled_lines(results)
-    assert lines[0] == "learning rates selected on test_acc (final value, mean over seeds)"
+    assert lines[0] == (
+        "learning rates selected on test_acc (final value, mean over seeds): the test set "
+        "chose them, so their test scores are optimistic; data.held_out selects on examples "
+        "held out of training instead"
+    )
     assert lines[1].startswith("not settled: layer: best rate 0.1 is the top of the grid")
 
 
