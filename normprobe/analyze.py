@@ -337,7 +337,8 @@ def _refuse_other_config(directory: Path, config: Config, chash: str) -> None:
         f"analysis of a different config {differs}, which was replacing the "
         f"{_folders(_run_count(replaced))} in {str(replaced)!r}; pass --out to write somewhere "
         f"else, or --force to replace them with this config's results (the "
-        f"{_folders(count)} of the interrupted analysis are deleted, those in "
+        f"{_folders(count)} of the interrupted analysis {'is' if count == 1 else 'are'} "
+        f"deleted, those in "
         f"{str(replaced)!r} stay until the new analysis has finished)"
     )
 
