@@ -251,6 +251,8 @@ def _folders(count: int) -> str:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or ``{}`` when it is missing, unreadable or not an object
+    (what the folder's manifest says, read where a missing answer falls back to a default)."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -487,10 +489,7 @@ def _thread_count(
 
 
 def _manifest_threads(directory: Path) -> int | None:
-    try:
-        value = json.loads((directory / "manifest.json").read_text()).get("threads")
-    except (OSError, ValueError, AttributeError):
-        return None
+    value = _read_json(directory / "manifest.json").get("threads")
     return value if isinstance(value, int) else None
 
 
@@ -648,10 +647,7 @@ def _analyze(
 
 def _recorded_extensions(directory: Path) -> list[dict[str, Any]]:
     """The learning rates added to the grid by an earlier ``analyze`` of this folder."""
-    try:
-        value = json.loads((directory / "manifest.json").read_text()).get("lr_extensions")
-    except (OSError, ValueError, AttributeError):
-        return []
+    value = _read_json(directory / "manifest.json").get("lr_extensions")
     if not isinstance(value, list):
         return []
     return [
